@@ -1,0 +1,280 @@
+"""``llmq-stage``: run stages, the whole dev queue, and operator commands."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import typer
+import uvicorn
+
+from cli.consume import consume
+from cli.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedRedis
+from cli.exit_codes import ExitCode
+from cli.stages import STAGES
+from cli.supervisor import Child, Supervisor, child_env, stage_argv
+from pipeline.config import Config, load_config
+from pipeline.errors import ConfigError, ConnectError
+from pipeline.keys import Keys
+from pipeline.logging import reopen_logs, setup_logging
+from pipeline.queues import LevelStatus, level_status
+from pipeline.redis import describe, make_redis, wait_for_redis
+
+log = logging.getLogger("llmq.cli")
+
+app = typer.Typer(
+    name="llmq-stage",
+    help="llmq: a durable priority queue for LLM requests on Redis Streams.\n\n"
+    "Run the whole queue for development with `llmq-stage up`; run one stage per process in production "
+    "with `llmq-stage run <stage>`.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config file. Default: $CONFIG_PATH, else built-in defaults. LLMQ_* variables override it.",
+        show_default=False,
+    ),
+]
+
+
+def _load(path: Path | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        typer.echo(f"error: invalid configuration {exc.source}:", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(ExitCode.CONFIG) from None
+
+
+@app.command(
+    epilog="Examples:\n\n  llmq-stage run ingest --config configs/config.yaml\n\n"
+    "  llmq-stage run dispatch --consumer dispatch-a --port 0"
+)
+def run(
+    stage: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGES)}.", show_default=False)],
+    config: ConfigOption = None,
+    consumer: Annotated[
+        str | None,
+        typer.Option(help="Consumer name in the stage's group. Default: <hostname>-<n>, lowest free n."),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port for /metrics and /health (the API port for ingest). 0 picks a free port."),
+    ] = None,
+    connect_timeout: Annotated[
+        float, typer.Option(help="Seconds to keep retrying Redis at start before exiting with code 4.")
+    ] = 30.0,
+) -> None:
+    """Run one stage in this process until SIGTERM/SIGINT.
+
+    Exit codes: 0 stopped cleanly, 3 invalid config, 4 cannot connect, 5 consumer name taken,
+    130 second signal during shutdown.
+    """
+    spec = STAGES.get(stage)
+    if spec is None:
+        typer.echo(f"error: unknown stage {stage!r}; stages: {', '.join(STAGES)}", err=True)
+        raise typer.Exit(ExitCode.USAGE)
+    cfg = _load(config)
+    handler = setup_logging(cfg.logging, stage=stage)
+    listen_port = spec.default_port(cfg) if port is None else port
+    try:
+        if spec.factory is None:
+            code = asyncio.run(_serve_ingest(cfg, listen_port, handler, connect_timeout))
+        else:
+            code = asyncio.run(
+                consume(
+                    spec.factory,
+                    cfg,
+                    consumer=consumer,
+                    port=listen_port,
+                    log_handler=handler,
+                    connect_timeout_s=connect_timeout,
+                )
+            )
+    except OSError as exc:
+        log.error("cannot start %s: %s", stage, exc)
+        raise typer.Exit(ExitCode.FAILURE) from None
+    raise typer.Exit(code)
+
+
+async def _serve_ingest(cfg: Config, port: int, handler: logging.Handler, connect_timeout_s: float) -> ExitCode:
+    from stages.ingest import create_app
+
+    redis = make_redis(cfg.redis)
+    try:
+        try:
+            await wait_for_redis(redis, cfg.redis, timeout_s=connect_timeout_s)
+        except ConnectError as exc:
+            log.error("%s", exc)
+            return ExitCode.CONNECT
+        api = create_app(cfg, redis=redis, keys=Keys(cfg.redis.key_prefix))
+        server = uvicorn.Server(uvicorn.Config(api, host=cfg.server.host, port=port, log_config=None, access_log=False))
+        # uvicorn owns SIGINT/SIGTERM here and re-raises the signal after its graceful shutdown; with
+        # these no-op handlers in place that re-raise does not kill the process, so it exits 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, reopen_logs, handler)
+        log.info("ingest listening on http://%s:%d (redis %s)", cfg.server.host, port, describe(cfg.redis))
+        await server.serve()
+        if not server.started:
+            return ExitCode.FAILURE
+        log.info("ingest stopped")
+        return ExitCode.OK
+    finally:
+        await redis.aclose()
+
+
+def _parse_scale(values: list[str]) -> dict[str, int]:
+    scale: dict[str, int] = {}
+    for item in values:
+        name, _, count = item.partition("=")
+        if name not in STAGES or not count.isdigit() or int(count) < 0:
+            raise typer.BadParameter(f"{item!r}: expected STAGE=N with STAGE one of {', '.join(STAGES)}")
+        scale[name] = int(count)
+    return scale
+
+
+@app.command(epilog="Examples:\n\n  llmq-stage up\n\n  llmq-stage up --config configs/config.yaml --scale dispatch=4")
+def up(
+    config: ConfigOption = None,
+    scale: Annotated[
+        list[str] | None, typer.Option(help="Processes per stage, e.g. --scale dispatch=4 (repeatable).")
+    ] = None,
+    data_dir: Annotated[
+        Path, typer.Option(help="Where the embedded servers keep their data (survives restarts).")
+    ] = Path(".llmq"),
+) -> None:
+    """Run the whole queue: every stage as its own process under one supervisor.
+
+    With no Redis configured (database.redis or LLMQ_REDIS_URL) an embedded Valkey is started; with no
+    Postgres configured (database.postgres or LLMQ_DATABASE_URL) an embedded PostgreSQL; both on free
+    ports with data under --data-dir. Crashed stages restart with backoff; SIGTERM/Ctrl-C stops all.
+    """
+    cfg = _load(config)
+    counts = {name: 1 for name in STAGES} | _parse_scale(scale or [])
+    setup_logging(cfg.logging, stage="supervisor")
+    env_overrides: dict[str, str] = {}
+    servers: list[EmbeddedRedis | EmbeddedPostgres] = []
+    data_dir = data_dir.resolve()
+    try:
+        if cfg.database.redis is None:
+            redis_server = EmbeddedRedis(data_dir / "valkey")
+            servers.append(redis_server)
+            env_overrides["LLMQ_REDIS_URL"] = redis_server.start()
+            typer.echo(f"embedded Redis (valkey) listening on {env_overrides['LLMQ_REDIS_URL']}", err=True)
+        if cfg.database.postgres is None:
+            pg_server = EmbeddedPostgres(data_dir / "postgres")
+            servers.append(pg_server)
+            env_overrides["LLMQ_DATABASE_URL"] = pg_server.start()
+            typer.echo(f"embedded PostgreSQL listening on {env_overrides['LLMQ_DATABASE_URL']}", err=True)
+    except EmbeddedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        _stop_servers(servers)
+        raise typer.Exit(ExitCode.EMBEDDED) from None
+    if config is not None:
+        env_overrides["CONFIG_PATH"] = str(config.resolve())
+    children = []
+    for name, count in counts.items():
+        for i in range(count):
+            extra = [] if i == 0 else ["--port", "0"]
+            children.append(Child(name=f"{name}-{i + 1}" if count > 1 else name, argv=stage_argv(name, *extra)))
+    supervisor = Supervisor(children, env=child_env(env_overrides), grace_s=cfg.queue.worker.shutdown_grace.seconds)
+
+    def ready() -> None:
+        typer.echo(
+            f"llmq is up: API http://{_display_host(cfg.server.host)}:{cfg.server.port} — "
+            f"{len(children)} stage processes; Ctrl-C to stop",
+            err=True,
+        )
+
+    try:
+        code = asyncio.run(supervisor.run(on_ready=ready))
+    finally:
+        _stop_servers(servers)
+    typer.echo("llmq stopped", err=True)
+    raise typer.Exit(code)
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _stop_servers(servers: list[EmbeddedRedis | EmbeddedPostgres]) -> None:
+    for server in reversed(servers):
+        try:
+            server.stop()
+        except Exception as exc:  # a loop boundary of sorts: stop every server even if one fails
+            log.error("could not stop an embedded server: %s", exc)
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show each level's depth, pending, consumers and oldest message age."""
+    cfg = _load(config)
+
+    async def fetch() -> list[LevelStatus]:
+        redis = make_redis(cfg.redis)
+        try:
+            await wait_for_redis(redis, cfg.redis, timeout_s=5)
+            return await level_status(redis, Keys(cfg.redis.key_prefix), cfg)
+        finally:
+            await redis.aclose()
+
+    try:
+        rows = asyncio.run(fetch())
+    except ConnectError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(ExitCode.CONNECT) from None
+    if as_json:
+        typer.echo(msgspec.json.encode(rows).decode())
+        return
+    header = f"{'LEVEL':<12}{'PRIO':>5}{'DEPTH':>9}{'PENDING':>9}{'CONSUMERS':>11}{'OLDEST':>10}{'MAX':>9}{'SLO':>9}"
+    typer.echo(header)
+    for r in rows:
+        oldest = "-" if r.oldest_age_s is None else f"{r.oldest_age_s:.1f}s"
+        typer.echo(
+            f"{r.level:<12}{r.priority:>5}{r.depth:>9}{r.pending:>9}{r.consumers:>11}"
+            f"{oldest:>10}{r.max_size:>9}{r.max_wait_time_s:>8g}s"
+        )
+
+
+@config_app.command("validate")
+def config_validate(
+    path: Annotated[Path | None, typer.Argument(help="Config file. Default: $CONFIG_PATH.", show_default=False)] = None,
+) -> None:
+    """Check a config file: print every error with its path and exit 3, or a one-line summary and exit 0."""
+    if path is None and not os.environ.get("CONFIG_PATH"):
+        typer.echo("error: give a PATH or set CONFIG_PATH", err=True)
+        raise typer.Exit(ExitCode.USAGE)
+    cfg = _load(path)
+    levels = ", ".join(f"{lv.name}({lv.max_wait_time})" for lv in sorted(cfg.queue.levels, key=lambda x: x.priority))
+    typer.echo(
+        f"ok: {path or os.environ['CONFIG_PATH']}: {len(cfg.queue.levels)} levels [{levels}], "
+        f"{len(cfg.backends)} backends, strategy {cfg.scheduler.strategy}, lb {cfg.loadbalancer.algorithm}"
+    )
+
+
+def main() -> None:
+    app(prog_name="llmq-stage")
+
+
+if __name__ == "__main__":
+    main()

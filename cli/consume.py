@@ -1,0 +1,166 @@
+"""Run one consuming stage as this process: connect, take a consumer name, serve ops, loop, shut down.
+
+Shutdown order: the first SIGTERM/SIGINT stops reading; in-hand batches finish (or stay pending) within
+``queue.worker.shutdown_grace``; the lease is released, pools closed, one summary line logged, exit 0.
+A second signal exits at once (code 130). SIGUSR1 reopens the log file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from cli.exit_codes import ExitCode
+from pipeline.config import Config
+from pipeline.consumer import ConsumerLease
+from pipeline.errors import ConnectError, ConsumerNameTaken
+from pipeline.keys import Keys
+from pipeline.logging import reopen_logs
+from pipeline.ops import OpsServer, ops_app
+from pipeline.redis import CONNECTION_ERRORS, describe, make_redis, wait_for_redis
+from pipeline.stage import Runner, RunnerSettings, Stage
+
+log = logging.getLogger("llmq.cli")
+
+StageFactory = Callable[..., Stage]
+"""Builds a stage from keyword arguments ``config``, ``redis`` and ``keys``."""
+
+
+def runner_settings(config: Config, *, max_in_hand: int | None = None) -> RunnerSettings:
+    w = config.queue.worker
+    return RunnerSettings(
+        batch_size=w.max_batch_size,
+        block_ms=max(1, int(w.process_interval.seconds * 1000)),
+        max_in_hand=max_in_hand or w.max_batch_size,
+        claim_timeout_s=w.claim_timeout.seconds,
+        max_deliveries=w.max_deliveries,
+        grace_s=w.shutdown_grace.seconds,
+    )
+
+
+async def consume(
+    factory: StageFactory,
+    config: Config,
+    *,
+    consumer: str | None,
+    port: int,
+    log_handler: logging.Handler,
+    connect_timeout_s: float,
+) -> ExitCode:
+    redis = make_redis(config.redis)
+    try:
+        try:
+            await wait_for_redis(redis, config.redis, timeout_s=connect_timeout_s)
+        except ConnectError as exc:
+            log.error("%s", exc)
+            return ExitCode.CONNECT
+        keys = Keys(config.redis.key_prefix)
+        stage = factory(config=config, redis=redis, keys=keys)
+        return await _serve(stage, config, redis, keys, consumer, port, log_handler)
+    finally:
+        await redis.aclose()
+
+
+async def _serve(
+    stage: Stage,
+    config: Config,
+    redis: aioredis.Redis,
+    keys: Keys,
+    consumer: str | None,
+    port: int,
+    log_handler: logging.Handler,
+) -> ExitCode:
+    lease = ConsumerLease(
+        redis=redis, keys=keys, group=stage.name, ttl_s=min(config.queue.worker.claim_timeout.seconds, 15.0)
+    )
+    try:
+        name = await lease.acquire(consumer)
+    except ConsumerNameTaken as exc:
+        log.error("%s", exc)
+        return ExitCode.CONSUMER_NAME
+    runner = Runner(stage, redis=redis, keys=keys, consumer=name, settings=runner_settings(config))
+    started = time.monotonic()
+
+    async def health() -> dict[str, Any]:
+        checks: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(redis.ping(), timeout=1.0)
+            checks["redis"] = "ok"
+        except (TimeoutError, *CONNECTION_ERRORS):
+            checks["redis"] = "down"
+        checks.update(await stage.health())
+        status = "down" if checks["redis"] == "down" else "ok"
+        if status == "ok" and any(v != "ok" for v in checks.values()):
+            status = "degraded"
+        return {
+            "status": status,
+            "stage": stage.name,
+            "consumer": name,
+            "checks": checks,
+            "in_hand": len(runner.in_hand),
+            "handled": runner.handled,
+            "uptime_s": round(time.monotonic() - started, 1),
+        }
+
+    ops = OpsServer(ops_app(health, metrics_path=config.metrics.path), host=config.server.host, port=port)
+    ops.start()
+    ctx = {"stage": stage.name, "consumer": name}
+    log.info(
+        "stage started: stream %s, redis %s, ops http://%s:%d",
+        stage.stream,
+        describe(config.redis),
+        config.server.host,
+        ops.port,
+        extra={**ctx, "ops_port": ops.port},
+    )
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_stop_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second %s: exiting now", signal.Signals(signum).name, extra=ctx)
+            os._exit(ExitCode.INTERRUPTED)
+        log.info("%s: stopping, finishing in-hand work", signal.Signals(signum).name, extra=ctx)
+        runner.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop_signal, sig)
+    loop.add_signal_handler(signal.SIGUSR1, reopen_logs, log_handler)
+
+    code = ExitCode.OK
+    await stage.start()
+    run = asyncio.create_task(runner.run(), name="runner")
+    keep = asyncio.create_task(lease.keep(), name="lease")
+    try:
+        done, _ = await asyncio.wait({run, keep}, return_when=asyncio.FIRST_COMPLETED)
+        if keep in done:
+            log.error("%s", keep.exception(), extra=ctx)
+            code = ExitCode.CONSUMER_NAME
+            runner.stop()
+        await run
+    finally:
+        keep.cancel()
+        await stage.close()
+        await ops.stop()
+        try:
+            await lease.release()
+        except CONNECTION_ERRORS:
+            log.warning("could not release the consumer lease; it expires by itself", extra=ctx)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            loop.remove_signal_handler(sig)
+    log.info(
+        "stage stopped: handled %d entries in %.1fs",
+        runner.handled,
+        time.monotonic() - started,
+        extra={**ctx, "handled": runner.handled},
+    )
+    return code

@@ -1,0 +1,1 @@
+"""The runtime every llmq stage shares: config, keys, message model, consumer loop, reclaimer."""

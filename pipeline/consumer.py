@@ -1,0 +1,92 @@
+"""Consumer names: stable across restarts of one replica, unique across replicas and processes.
+
+A name is held through a lease key (SET NX with a TTL, refreshed by a heartbeat). Without an explicit
+name a process takes ``<host>-<n>`` with the lowest free ``n``: a replica that restarts after a clean
+stop gets its old name back (and re-reads its own pending entries); two processes on one host never
+share a name, so neither re-reads the other's in-hand entries. The reclaimer treats a consumer without a
+live lease as dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+import redis.asyncio as aioredis
+
+from pipeline.errors import ConsumerNameTaken
+from pipeline.keys import Keys
+from pipeline.redis import CONNECTION_ERRORS
+
+log = logging.getLogger("llmq.consumer")
+
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+MAX_SLOTS = 1024
+
+
+class ConsumerLease:
+    """Holds one consumer name of one group for as long as this process lives."""
+
+    def __init__(self, *, redis: aioredis.Redis, keys: Keys, group: str, ttl_s: float) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.group = group
+        self.ttl_ms = max(int(ttl_s * 1000), 1000)
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.name = ""
+        self._refresh = redis.register_script(_REFRESH)
+        self._release = redis.register_script(_RELEASE)
+
+    async def acquire(self, name: str | None) -> str:
+        """Take ``name`` (ConsumerNameTaken if a live process holds it) or the lowest free ``<host>-<n>``."""
+        if name:
+            if not await self._take(name):
+                raise ConsumerNameTaken(
+                    f"consumer name {name!r} of group {self.group!r} is held by a live process; "
+                    "pick another --consumer or stop that process"
+                )
+            return name
+        base = socket.gethostname()
+        for n in range(1, MAX_SLOTS + 1):
+            if await self._take(f"{base}-{n}"):
+                return self.name
+        raise ConsumerNameTaken(f"all {MAX_SLOTS} consumer names {base}-N of group {self.group!r} are held")
+
+    async def _take(self, name: str) -> bool:
+        key = self.keys.consumer_lease(self.group, name)
+        if await self.redis.set(key, self.token, nx=True, px=self.ttl_ms):
+            self.name = name
+            return True
+        return False
+
+    async def keep(self) -> None:
+        """Refresh the lease until cancelled; raise ConsumerNameTaken if another process took it over."""
+        key = self.keys.consumer_lease(self.group, self.name)
+        while True:
+            await asyncio.sleep(self.ttl_ms / 3000)
+            try:
+                if await self._refresh(keys=[key], args=[self.token, self.ttl_ms]):
+                    continue
+                if not await self._take(self.name):
+                    raise ConsumerNameTaken(f"consumer name {self.name!r} was taken over by another process")
+                log.warning("consumer lease had expired and was taken again", extra={"consumer": self.name})
+            except CONNECTION_ERRORS as exc:
+                log.warning("cannot refresh consumer lease: %s", exc, extra={"consumer": self.name})
+
+    async def release(self) -> None:
+        if self.name:
+            await self._release(keys=[self.keys.consumer_lease(self.group, self.name)], args=[self.token])

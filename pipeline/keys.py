@@ -1,0 +1,47 @@
+"""Every Redis key of a deployment, built from its prefix.
+
+The default prefix ``{llmq}`` is a Redis Cluster hash tag: all keys of one deployment hash to one
+slot, so MULTI/EXEC hand-offs and Lua scripts that touch several keys work on a cluster too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+
+class Keys:
+    """Key names for one deployment (one prefix)."""
+
+    __slots__ = ("dispatch", "dlq", "done", "prefix", "retry", "retry_due")
+
+    def __init__(self, prefix: str = "{llmq}") -> None:
+        self.prefix = prefix
+        self.dispatch = f"{prefix}:dispatch"
+        self.retry = f"{prefix}:retry"
+        self.retry_due = f"{prefix}:retry:due"
+        self.done = f"{prefix}:done"
+        self.dlq = f"{prefix}:dlq"
+
+    def level(self, name: str) -> str:
+        """The stream of one priority level."""
+        return f"{self.prefix}:q:{name}"
+
+    def msg(self, message_id: str) -> str:
+        """The status hash of one message."""
+        return f"{self.prefix}:msg:{message_id}"
+
+    def idem(self, idempotency_key: str) -> str:
+        """Idempotency record; the client's key is hashed so no client text becomes key syntax."""
+        digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
+        return f"{self.prefix}:idem:{digest}"
+
+    def inflight(self, level: str) -> str:
+        """Sorted set of admitted message ids of one level, scored by lease expiry."""
+        return f"{self.prefix}:inflight:{level}"
+
+    def consumer_lease(self, group: str, consumer: str) -> str:
+        """Liveness lease of a consumer name: held by exactly one live process."""
+        return f"{self.prefix}:consumer:{group}:{consumer}"
+
+    def consumer_lease_pattern(self, group: str) -> str:
+        return f"{self.prefix}:consumer:{group}:*"

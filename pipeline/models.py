@@ -1,0 +1,76 @@
+"""The message every stream carries, its statuses, and the msgpack codec built once for the hot path."""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+import uuid
+from typing import Any
+
+import msgspec
+
+
+class Status(enum.StrEnum):
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    DISPATCHING = "dispatching"
+    COMPLETED = "completed"
+    RETRYING = "retrying"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    DEAD = "dead"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.EXPIRED, Status.CANCELLED, Status.DEAD})
+
+
+class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One LLM request on its way through the pipeline.
+
+    Unknown fields are tolerated (not forbidden) so that a newer stage can add fields while older
+    consumers still read the stream during a rolling upgrade.
+    """
+
+    id: str
+    level: str
+    request: dict[str, Any]
+    """The OpenAI chat-completions body, kept as the client gave it."""
+    session_id: str | None = None
+    tenant: str | None = None
+    idempotency_key: str | None = None
+    enqueued_at: float
+    """Unix time in seconds."""
+    deadline: float | None = None
+    """Unix time in seconds after which the message expires instead of being dispatched."""
+    attempts: int = 0
+    metadata: dict[str, Any] = {}
+
+
+FIELD = b"m"
+"""The single field of every stream entry; its value is the msgpack-encoded payload."""
+
+_encoder = msgspec.msgpack.Encoder()
+_message_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def decode_message(data: bytes) -> Message:
+    return _message_decoder.decode(data)
+
+
+def new_id() -> str:
+    """A UUIDv7: 48 bits of Unix milliseconds then random bits, so ids sort by creation time."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return str(uuid.UUID(int=value))

@@ -1,0 +1,62 @@
+"""The ops endpoints every stage process serves on its own port: ``/metrics`` and ``/health``.
+
+Runs uvicorn inside the stage's event loop without taking over signals: in a stage process the CLI
+owns SIGTERM/SIGINT/SIGUSR1 (the ingest stage is the exception: there uvicorn serves the API itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+HealthCheck = Callable[[], Awaitable[dict[str, Any]]]
+"""Returns a health document with ``status`` "ok", "degraded" or "down"."""
+
+
+def ops_app(health: HealthCheck, *, metrics_path: str = "/metrics") -> Starlette:
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    async def health_route(_: Request) -> Response:
+        doc = await health()
+        return JSONResponse(doc, status_code=503 if doc.get("status") == "down" else 200)
+
+    return Starlette(routes=[Route(metrics_path, metrics), Route("/health", health_route)])
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its signal handlers: the stage process handles signals itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class OpsServer:
+    """Serves the ops app on ``host:port``; port 0 picks a free one (``.port`` tells which)."""
+
+    def __init__(self, app: Starlette, *, host: str, port: int) -> None:
+        self.sock = socket.create_server((host, port), reuse_port=False)
+        self.port: int = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+        self.server = _QuietServer(config)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self._task:
+            await self._task
+        self.sock.close()

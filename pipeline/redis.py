@@ -1,0 +1,66 @@
+"""Redis clients from the config: URL or addr/password/db, TLS with ``rediss://``, retry while starting."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from pipeline.config import RedisConfig
+from pipeline.errors import ConnectError
+
+log = logging.getLogger("llmq.redis")
+
+CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def make_redis(cfg: RedisConfig, *, pool_size: int | None = None) -> aioredis.Redis:
+    """A client with a bounded pool. Replies are bytes: stream payloads are msgpack."""
+    max_connections = pool_size or cfg.pool_size
+    if cfg.url:
+        return aioredis.Redis.from_url(
+            cfg.url, max_connections=max_connections, health_check_interval=30, socket_keepalive=True
+        )
+    host, _, port = cfg.addr.rpartition(":")
+    return aioredis.Redis(
+        host=host or "localhost",
+        port=int(port),
+        db=cfg.db,
+        password=cfg.password or None,
+        max_connections=max_connections,
+        health_check_interval=30,
+        socket_keepalive=True,
+    )
+
+
+def describe(cfg: RedisConfig) -> str:
+    """Where Redis is, for messages and logs, with any password removed."""
+    if not cfg.url:
+        return f"redis://{cfg.addr}/{cfg.db}"
+    parts = urlsplit(cfg.url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+async def wait_for_redis(client: aioredis.Redis, cfg: RedisConfig, *, timeout_s: float) -> None:
+    """PING with exponential backoff until it answers; ConnectError naming the address after ``timeout_s``."""
+    where = describe(cfg)
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(CONNECTION_ERRORS),
+            wait=wait_exponential_jitter(initial=0.1, max=5),
+            stop=stop_after_delay(timeout_s),
+            reraise=True,
+        ):
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    log.warning("redis not answering, retrying", extra={"redis": where})
+                await client.ping()
+    except CONNECTION_ERRORS as exc:
+        raise ConnectError(f"cannot connect to Redis at {where} after {timeout_s:g}s: {exc}") from None

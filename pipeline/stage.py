@@ -1,0 +1,306 @@
+"""The consumer loop every stage shares: read a batch, hand it to the stage, commit what it decided.
+
+A stage implements ``handle(batch)``; it decides per entry and records the decision on the Batch
+(``ack`` or ``forward``), optionally queueing further commands on ``batch.tx``. The runner then commits
+every decision of the batch in one MULTI/EXEC, so each hand-off (XADD next + XACK current) is atomic.
+Entries the stage leaves unsettled (or all of them when ``handle`` raises) stay pending: the runner
+re-reads its own pending entries (id ``0``) before new ones (``>``), after a backoff.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
+
+from pipeline import metrics
+from pipeline.backoff import Backoff
+from pipeline.keys import Keys
+from pipeline.models import FIELD
+from pipeline.reclaim import Reclaimer
+from pipeline.redis import CONNECTION_ERRORS
+from pipeline.streams import Entry, ensure_group, parse_entries
+
+log = logging.getLogger("llmq.stage")
+
+
+@dataclass(slots=True)
+class Batch:
+    """The entries handed to a stage in one call, and what the stage decided for each."""
+
+    entries: list[Entry]
+    tx: Pipeline
+    """A MULTI/EXEC pipeline; commands queued here commit together with the batch's acks."""
+    acked: list[str] = field(default_factory=list)
+
+    def ack(self, entry: Entry) -> None:
+        """The entry is finished; it is acked when the batch commits."""
+        self.acked.append(entry.id)
+
+    def forward(self, entry: Entry, stream: str, payload: bytes) -> None:
+        """Hand the entry to the next stream: XADD there and XACK here, in the batch's transaction."""
+        self.tx.xadd(stream, {FIELD: payload})
+        self.acked.append(entry.id)
+
+
+class Stage(abc.ABC):
+    """A consuming stage: its own decision per batch; the runner owns the loop around it."""
+
+    name: str
+    """Also the consumer group name."""
+    stream: str
+    """The stream the stage consumes."""
+
+    @abc.abstractmethod
+    async def handle(self, batch: Batch) -> None:
+        """Decide for each entry of the batch (``batch.ack`` / ``batch.forward``). Must be idempotent:
+        an entry can be delivered again after its consumer died."""
+
+    async def start(self) -> None:
+        """Open what the stage needs beyond Redis (pools, clients). Called before the first read."""
+
+    async def close(self) -> None:
+        """Release what ``start`` opened. Called after the last batch committed."""
+
+    async def health(self) -> dict[str, str]:
+        """Component checks beyond Redis, e.g. ``{"postgres": "ok"}``; "degraded" or "down" values count."""
+        return {}
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerSettings:
+    batch_size: int
+    block_ms: int
+    max_in_hand: int
+    """Most entries held (read, not yet committed) at once; reads stop when this many are in hand."""
+    claim_timeout_s: float
+    max_deliveries: int
+    grace_s: float
+
+
+class Runner:
+    """Runs one stage as one consumer of its group until ``stop()``."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        *,
+        redis: aioredis.Redis,
+        keys: Keys,
+        consumer: str,
+        settings: RunnerSettings,
+    ) -> None:
+        self.stage = stage
+        self.redis = redis
+        self.keys = keys
+        self.consumer = consumer
+        self.settings = settings
+        self.group = stage.name
+        self.stream = stage.stream
+        self.in_hand: dict[str, float] = {}
+        """Entry id -> monotonic time it was taken; what lease renewal covers."""
+        self.redis_ok = True
+        self.handled = 0
+        self._stopping = asyncio.Event()
+        self._capacity = asyncio.Event()
+        self._capacity.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._read_own_pending = True
+        self._labels = {"stage": stage.name}
+        self.reclaimer = Reclaimer(
+            redis=redis,
+            keys=keys,
+            stream=self.stream,
+            group=self.group,
+            consumer=consumer,
+            claim_timeout_s=settings.claim_timeout_s,
+            max_deliveries=settings.max_deliveries,
+        )
+
+    async def ensure_group(self) -> None:
+        """Create the consumer group (and stream) if missing; an existing group is fine."""
+        await ensure_group(self.redis, self.stream, self.group)
+
+    def stop(self) -> None:
+        """Stop reading; in-hand work finishes (within the grace period) in ``run``."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def run(self) -> None:
+        """Read and handle until stopped, then drain in-hand batches for up to ``grace_s``."""
+        await self.ensure_group()
+        maintenance = asyncio.create_task(self._maintain(), name=f"{self.group}-maintain")
+        backoff = Backoff(initial_s=0.05, max_s=5.0)
+        try:
+            while not self.stopping:
+                try:
+                    await self._read_once()
+                    self.redis_ok = True
+                    backoff.reset()
+                except CONNECTION_ERRORS as exc:
+                    self.redis_ok = False
+                    metrics.STAGE_ERRORS.labels(stage=self.group, kind="redis").inc()
+                    log.warning("redis unavailable: %s", exc, extra=self._ctx())
+                    await self._sleep(backoff.next())
+        finally:
+            maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await maintenance
+            await self._drain()
+
+    async def _read_once(self) -> None:
+        free = self.settings.max_in_hand - len(self.in_hand)
+        if free <= 0:
+            self._capacity.clear()
+            stop = asyncio.create_task(self._stopping.wait())
+            cap = asyncio.create_task(self._capacity.wait())
+            await asyncio.wait({stop, cap}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            cap.cancel()
+            return
+        count = min(self.settings.batch_size, free)
+        if self._read_own_pending:
+            entries = await self._read_pending(count)
+            if entries is None:  # own PEL exhausted: from now on, new entries
+                self._read_own_pending = False
+                return
+        else:
+            entries = await self._read_new(count)
+        if entries:
+            self._start(entries)
+
+    async def _read_new(self, count: int) -> list[Entry]:
+        read = asyncio.create_task(self._xreadgroup(">", count, block=self.settings.block_ms))
+        stop = asyncio.create_task(self._stopping.wait())
+        done, _ = await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if read not in done:
+            # Stopping: an entry delivered to a cancelled read stays in our PEL and is re-read on restart
+            # (or reclaimed), so nothing is lost.
+            read.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *CONNECTION_ERRORS):
+                await read
+            return []
+        reply = read.result()
+        return parse_entries(reply[0][1]) if reply else []
+
+    async def _read_pending(self, count: int) -> list[Entry] | None:
+        """Own pending entries (left by a previous run of this consumer or by a failed batch), not in hand.
+        None when there are none left."""
+        reply = await self._xreadgroup("0", count, block=None)
+        entries = [e for e in parse_entries(reply[0][1]) if e.id not in self.in_hand] if reply else []
+        # Entries trimmed while pending come back with no fields: nothing left to handle, so ack them.
+        gone = [e.id for e in entries if not e.data]
+        if gone:
+            await self.redis.xack(self.stream, self.group, *gone)
+        entries = [e for e in entries if e.data]
+        if not entries:
+            return None
+        return await self.reclaimer.drop_poison(entries)
+
+    async def _xreadgroup(self, start: str, count: int, *, block: int | None) -> Any:
+        return await self.redis.xreadgroup(self.group, self.consumer, {self.stream: start}, count=count, block=block)
+
+    def _start(self, entries: list[Entry]) -> None:
+        now = time.monotonic()
+        for e in entries:
+            self.in_hand[e.id] = now
+        metrics.STAGE_IN_HAND.labels(**self._labels).set(len(self.in_hand))
+        task = asyncio.create_task(self._handle(entries))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, entries: list[Entry]) -> None:
+        started = time.perf_counter()
+        batch = Batch(entries=entries, tx=self.redis.pipeline(transaction=True))
+        try:
+            await self.stage.handle(batch)
+            if batch.acked:
+                batch.tx.xack(self.stream, self.group, *batch.acked)
+            if batch.tx.command_stack:
+                await batch.tx.execute()
+            self.handled += len(batch.acked)
+            metrics.STAGE_ENTRIES.labels(stage=self.group, outcome="acked").inc(len(batch.acked))
+            if len(batch.acked) < len(entries):
+                self._read_own_pending = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A loop boundary: the batch stays pending and is re-read after a pause.
+            kind = "redis" if isinstance(exc, CONNECTION_ERRORS) else "handle"
+            metrics.STAGE_ERRORS.labels(stage=self.group, kind=kind).inc()
+            log.error("batch failed, entries stay pending", exc_info=True, extra=self._ctx(len(entries)))
+            self._read_own_pending = True
+            await self._sleep(1.0)
+        finally:
+            await batch.tx.reset()  # type: ignore[no-untyped-call]
+            for e in entries:
+                self.in_hand.pop(e.id, None)
+            metrics.STAGE_IN_HAND.labels(**self._labels).set(len(self.in_hand))
+            metrics.STAGE_BATCH_SECONDS.labels(**self._labels).observe(time.perf_counter() - started)
+            self._capacity.set()
+
+    async def _maintain(self) -> None:
+        """Renew leases of in-hand entries; reclaim dead consumers' entries; forget dead consumers."""
+        renew_every = self.settings.claim_timeout_s / 3
+        claim_every = max(self.settings.claim_timeout_s / 2, 0.05)
+        next_claim = 0.0
+        while True:
+            await asyncio.sleep(min(renew_every, claim_every))
+            try:
+                now = time.monotonic()
+                old = [eid for eid, t in self.in_hand.items() if now - t >= renew_every]
+                if old:
+                    lost = await self.reclaimer.renew(old)
+                    for eid in old:
+                        if eid not in lost and eid in self.in_hand:
+                            self.in_hand[eid] = now
+                    if lost:
+                        log.warning("lost %d in-hand entries to another consumer", len(lost), extra=self._ctx())
+                if now >= next_claim and not self.stopping:
+                    next_claim = now + claim_every
+                    free = self.settings.max_in_hand - len(self.in_hand)
+                    if free > 0:
+                        claimed = await self.reclaimer.claim(min(free, self.settings.batch_size))
+                        if claimed:
+                            self._start(claimed)
+                    await self.reclaimer.forget_dead_consumers()
+            except CONNECTION_ERRORS as exc:
+                log.warning("maintenance skipped, redis unavailable: %s", exc, extra=self._ctx())
+            except ResponseError:
+                log.error("maintenance failed", exc_info=True, extra=self._ctx())
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        pending = len(self.in_hand)
+        log.info("draining %d in-hand entries", pending, extra=self._ctx())
+        _, late = await asyncio.wait(set(self._tasks), timeout=self.settings.grace_s)
+        for task in late:
+            task.cancel()
+        if late:
+            # Unfinished entries stay in the PEL: this consumer re-reads them on restart, or another
+            # consumer reclaims them after the claim timeout.
+            await asyncio.wait(late)
+            log.warning("grace period over, %d batches left pending", len(late), extra=self._ctx())
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    def _ctx(self, entries: int | None = None) -> dict[str, Any]:
+        ctx: dict[str, Any] = {"stage": self.group, "consumer": self.consumer}
+        if entries is not None:
+            ctx["entries"] = entries
+        return ctx

@@ -1,0 +1,1 @@
+"""The stages: one module each, meeting only through streams and the message hash."""
