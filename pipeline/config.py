@@ -116,6 +116,10 @@ class LevelConfig(_Section, frozen=True):
     """Backpressure threshold for this level; ``queue.default_max_size`` when unset."""
     weight: Positive = 1
     """Share of admissions under the ``weighted`` strategy."""
+    reserved: NonNegative = 0
+    """Backend slots kept free for this level: lower levels may not take them. Size it near the level's
+    usual concurrency (arrival rate × call latency) so its messages start at once even while lower levels
+    fill the backends."""
 
 
 class WorkerConfig(_Section, frozen=True):
@@ -155,6 +159,8 @@ class QueueConfig(_Section, frozen=True):
     default_max_size: NonNegative = 10000
     monitor_interval: Duration = Duration("30s")
     cleanup_interval: Duration = Duration("5m")
+    result_retention: Duration = Duration("24h")
+    """How long a finished message's status hash (with its result) stays in Redis; PostgreSQL keeps it after."""
     enable_metrics: bool = True
     enable_auto_scaling: bool = True
     worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
@@ -350,6 +356,8 @@ def semantic_problems(config: Config) -> list[str]:
                 f"(also queue.levels[{seen_prio[level.priority]}])"
             )
         seen_prio.setdefault(level.priority, i)
+        if level.reserved > level.max_concurrent:
+            problems.append(f"{where}.reserved: {level.reserved} exceeds max_concurrent {level.max_concurrent}")
         if not level.name or not level.name.replace("-", "").replace("_", "").isalnum():
             problems.append(f"{where}.name: {level.name!r} must be letters, digits, '-' or '_'")
     r = q.retry

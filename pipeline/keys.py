@@ -12,13 +12,14 @@ import hashlib
 class Keys:
     """Key names for one deployment (one prefix)."""
 
-    __slots__ = ("dispatch", "dlq", "done", "prefix", "retry", "retry_due")
+    __slots__ = ("dispatch", "dlq", "done", "prefix", "retry", "retry_due", "retry_payloads")
 
     def __init__(self, prefix: str = "{llmq}") -> None:
         self.prefix = prefix
         self.dispatch = f"{prefix}:dispatch"
         self.retry = f"{prefix}:retry"
         self.retry_due = f"{prefix}:retry:due"
+        self.retry_payloads = f"{prefix}:retry:payloads"
         self.done = f"{prefix}:done"
         self.dlq = f"{prefix}:dlq"
 
@@ -38,6 +39,19 @@ class Keys:
     def inflight(self, level: str) -> str:
         """Sorted set of admitted message ids of one level, scored by lease expiry."""
         return f"{self.prefix}:inflight:{level}"
+
+    def backend_slots(self, backend: str) -> str:
+        """Sorted set of calls running on a backend, scored by lease expiry (shared by all dispatchers)."""
+        return f"{self.prefix}:backend:{backend}:slots"
+
+    def backend_window(self, backend: str, kind: str, minute: int) -> str:
+        """Requests (``rpm``) or tokens (``tpm``) sent to a backend in one minute."""
+        return f"{self.prefix}:backend:{backend}:{kind}:{minute}"
+
+    def affinity(self, session_id: str) -> str:
+        """The backend a session is pinned to; the client's id is hashed like idempotency keys."""
+        digest = hashlib.sha256(session_id.encode()).hexdigest()
+        return f"{self.prefix}:affinity:{digest}"
 
     def consumer_lease(self, group: str, consumer: str) -> str:
         """Liveness lease of a consumer name: held by exactly one live process."""

@@ -15,7 +15,12 @@ import msgspec
 from pipeline.config import LoggingConfig
 
 # Attributes every LogRecord has; anything else was passed with ``extra=`` and goes into the line.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",  # uvicorn's ANSI-coloured duplicate of msg
+}
 _json = msgspec.json.Encoder()
 
 

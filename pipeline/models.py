@@ -49,7 +49,28 @@ class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
     deadline: float | None = None
     """Unix time in seconds after which the message expires instead of being dispatched."""
     attempts: int = 0
+    """Backend calls made so far."""
     metadata: dict[str, Any] = {}
+    errors: list[str] = []
+    """One line per failed attempt, oldest first."""
+    retry_after: float | None = None
+    """Seconds a backend asked to wait (Retry-After) after the last failed attempt."""
+
+
+class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A terminal result, carried by the ``done`` stream to the archive (upserted by message id)."""
+
+    message: Message
+    status: Status
+    backend: str | None = None
+    response: dict[str, Any] | None = None
+    """The backend's response body, unchanged."""
+    error: str | None = None
+    scheduled_at: float | None = None
+    started_at: float | None = None
+    finished_at: float
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 FIELD = b"m"
@@ -57,6 +78,7 @@ FIELD = b"m"
 
 _encoder = msgspec.msgpack.Encoder()
 _message_decoder = msgspec.msgpack.Decoder(Message)
+_outcome_decoder = msgspec.msgpack.Decoder(Outcome)
 
 
 def encode(obj: Any) -> bytes:
@@ -65,6 +87,10 @@ def encode(obj: Any) -> bytes:
 
 def decode_message(data: bytes) -> Message:
     return _message_decoder.decode(data)
+
+
+def decode_outcome(data: bytes) -> Outcome:
+    return _outcome_decoder.decode(data)
 
 
 def new_id() -> str:

@@ -48,7 +48,7 @@ class OpsServer:
     def __init__(self, app: Starlette, *, host: str, port: int) -> None:
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.port: int = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", log_level="warning")
         self.server = _QuietServer(config)
         self._task: asyncio.Task[None] | None = None
 

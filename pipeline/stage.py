@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -32,23 +33,66 @@ from pipeline.streams import Entry, ensure_group, parse_entries
 log = logging.getLogger("llmq.stage")
 
 
-@dataclass(slots=True)
 class Batch:
-    """The entries handed to a stage in one call, and what the stage decided for each."""
+    """The entries handed to a stage in one call, and what the stage decided for each.
 
-    entries: list[Entry]
-    tx: Pipeline
-    """A MULTI/EXEC pipeline; commands queued here commit together with the batch's acks."""
-    acked: list[str] = field(default_factory=list)
+    Decisions (``ack``, ``forward`` and any command queued on ``tx``) commit together in one MULTI/EXEC:
+    when ``handle`` returns, or earlier at each ``await batch.commit()``, which lets a stage that handles
+    entries concurrently (dispatch) or over time (schedule) commit each as it finishes.
+    """
+
+    __slots__ = ("_on_commit", "_redis", "_settled", "acked", "entries", "group", "stream", "tx")
+
+    def __init__(
+        self,
+        entries: list[Entry],
+        *,
+        redis: aioredis.Redis,
+        stream: str,
+        group: str,
+        on_commit: Callable[[list[str]], None],
+    ) -> None:
+        self.entries = entries
+        self.stream = stream
+        self.group = group
+        self._redis = redis
+        self._on_commit = on_commit
+        self.tx: Pipeline = redis.pipeline(transaction=True)
+        """A MULTI/EXEC pipeline; commands queued here commit together with the acks."""
+        self.acked: list[str] = []
+        self._settled: list[str] = []
 
     def ack(self, entry: Entry) -> None:
-        """The entry is finished; it is acked when the batch commits."""
+        """The entry is finished; it is acked at the next commit."""
         self.acked.append(entry.id)
 
     def forward(self, entry: Entry, stream: str, payload: bytes) -> None:
-        """Hand the entry to the next stream: XADD there and XACK here, in the batch's transaction."""
+        """Hand the entry to the next stream: XADD there and XACK here, in the same transaction."""
         self.tx.xadd(stream, {FIELD: payload})
         self.acked.append(entry.id)
+
+    def settled(self, entry: Entry) -> None:
+        """The entry was already acked by a script of the stage, atomically with its hand-off."""
+        self._settled.append(entry.id)
+
+    async def commit(self) -> int:
+        """Execute what was decided so far; return how many entries it acked.
+
+        The transaction is swapped out before executing, so other coroutines of the same stage may keep
+        queueing decisions meanwhile. On a Redis error nothing of it is applied and the entries stay
+        pending (redelivered later), so every decision must be safe to make twice.
+        """
+        tx, acked, settled = self.tx, self.acked, self._settled
+        self.tx, self.acked, self._settled = self._redis.pipeline(transaction=True), [], []
+        if acked:
+            tx.xack(self.stream, self.group, *acked)
+        if tx.command_stack:
+            await tx.execute()
+        self._on_commit(acked + settled)
+        return len(acked) + len(settled)
+
+    async def discard(self) -> None:
+        await self.tx.reset()  # type: ignore[no-untyped-call]
 
 
 class Stage(abc.ABC):
@@ -73,6 +117,9 @@ class Stage(abc.ABC):
     async def health(self) -> dict[str, str]:
         """Component checks beyond Redis, e.g. ``{"postgres": "ok"}``; "degraded" or "down" values count."""
         return {}
+
+    max_in_hand: int | None = None
+    """Most entries this stage holds at once (read, not committed); the runner's setting when None."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +152,7 @@ class Runner:
         self.settings = settings
         self.group = stage.name
         self.stream = stage.stream
+        self.max_in_hand = stage.max_in_hand or settings.max_in_hand
         self.in_hand: dict[str, float] = {}
         """Entry id -> monotonic time it was taken; what lease renewal covers."""
         self.redis_ok = True
@@ -160,7 +208,7 @@ class Runner:
             await self._drain()
 
     async def _read_once(self) -> None:
-        free = self.settings.max_in_hand - len(self.in_hand)
+        free = self.max_in_hand - len(self.in_hand)
         if free <= 0:
             self._capacity.clear()
             stop = asyncio.create_task(self._stopping.wait())
@@ -223,33 +271,36 @@ class Runner:
 
     async def _handle(self, entries: list[Entry]) -> None:
         started = time.perf_counter()
-        batch = Batch(entries=entries, tx=self.redis.pipeline(transaction=True))
+        batch = Batch(entries, redis=self.redis, stream=self.stream, group=self.group, on_commit=self._committed)
         try:
             await self.stage.handle(batch)
-            if batch.acked:
-                batch.tx.xack(self.stream, self.group, *batch.acked)
-            if batch.tx.command_stack:
-                await batch.tx.execute()
-            self.handled += len(batch.acked)
-            metrics.STAGE_ENTRIES.labels(stage=self.group, outcome="acked").inc(len(batch.acked))
-            if len(batch.acked) < len(entries):
-                self._read_own_pending = True
+            await batch.commit()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # A loop boundary: the batch stays pending and is re-read after a pause.
+            # A loop boundary: what was not committed stays pending and is re-read after a pause.
             kind = "redis" if isinstance(exc, CONNECTION_ERRORS) else "handle"
             metrics.STAGE_ERRORS.labels(stage=self.group, kind=kind).inc()
             log.error("batch failed, entries stay pending", exc_info=True, extra=self._ctx(len(entries)))
             self._read_own_pending = True
             await self._sleep(1.0)
         finally:
-            await batch.tx.reset()  # type: ignore[no-untyped-call]
-            for e in entries:
-                self.in_hand.pop(e.id, None)
+            await batch.discard()
+            if any(e.id in self.in_hand for e in entries):
+                self._read_own_pending = True  # some were left unsettled: re-read them
+                for e in entries:
+                    self.in_hand.pop(e.id, None)
+                self._capacity.set()
             metrics.STAGE_IN_HAND.labels(**self._labels).set(len(self.in_hand))
             metrics.STAGE_BATCH_SECONDS.labels(**self._labels).observe(time.perf_counter() - started)
-            self._capacity.set()
+
+    def _committed(self, entry_ids: list[str]) -> None:
+        for eid in entry_ids:
+            self.in_hand.pop(eid, None)
+        self.handled += len(entry_ids)
+        metrics.STAGE_ENTRIES.labels(stage=self.group, outcome="acked").inc(len(entry_ids))
+        metrics.STAGE_IN_HAND.labels(**self._labels).set(len(self.in_hand))
+        self._capacity.set()
 
     async def _maintain(self) -> None:
         """Renew leases of in-hand entries; reclaim dead consumers' entries; forget dead consumers."""
@@ -270,7 +321,7 @@ class Runner:
                         log.warning("lost %d in-hand entries to another consumer", len(lost), extra=self._ctx())
                 if now >= next_claim and not self.stopping:
                     next_claim = now + claim_every
-                    free = self.settings.max_in_hand - len(self.in_hand)
+                    free = self.max_in_hand - len(self.in_hand)
                     if free > 0:
                         claimed = await self.reclaimer.claim(min(free, self.settings.batch_size))
                         if claimed:

@@ -1,0 +1,68 @@
+"""Per-backend limits shared by every dispatcher process: concurrent calls, requests and tokens per minute.
+
+A call takes a slot in ``backend:<name>:slots`` (a sorted set scored by lease expiry, so a crashed
+dispatcher's slots free themselves) and, when the backend has ``rpm``/``tpm``, adds to the current
+minute's counters — all in one script, so no two dispatchers can both take the last slot. The token
+estimate is corrected with the response's ``usage`` afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis.asyncio as aioredis
+
+from pipeline.keys import Keys
+
+# KEYS: slots, rpm counter, tpm counter. ARGV: now, lease expiry, member, max_concurrent, rpm (0 = none),
+# tpm (0 = none), estimated tokens. Returns 1 when the slot was taken, 0 at a limit.
+_ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+  return 1
+end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
+local rpm, tpm, est = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+if rpm > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= rpm then return 0 end
+if tpm > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') + est > tpm then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+if rpm > 0 then redis.call('INCR', KEYS[2]); redis.call('EXPIRE', KEYS[2], 120) end
+if tpm > 0 then redis.call('INCRBY', KEYS[3], est); redis.call('EXPIRE', KEYS[3], 120) end
+return 1
+"""
+
+
+class BackendLimits:
+    def __init__(self, *, redis: aioredis.Redis, keys: Keys, lease_s: float) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.lease_s = lease_s
+        self._acquire = redis.register_script(_ACQUIRE)
+
+    def _window(self, backend: str, kind: str, now: float) -> str:
+        return self.keys.backend_window(backend, kind, int(now // 60))
+
+    async def acquire(
+        self, backend: str, member: str, *, max_concurrent: int, rpm: int | None, tpm: int | None, tokens: int
+    ) -> bool:
+        now = time.time()
+        keys = [self.keys.backend_slots(backend), self._window(backend, "rpm", now), self._window(backend, "tpm", now)]
+        args: list[str | float | int] = [now, now + self.lease_s, member, max_concurrent, rpm or 0, tpm or 0, tokens]
+        return bool(await self._acquire(keys=keys, args=args))
+
+    async def release(self, backend: str, member: str, *, tpm: int | None, estimated: int, used: int | None) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(self.keys.backend_slots(backend), member)
+        if tpm and used is not None and used != estimated:
+            key = self._window(backend, "tpm", time.time())
+            pipe.incrby(key, used - estimated)
+            pipe.expire(key, 120)
+        await pipe.execute()
+
+    async def inflight(self, backends: list[str]) -> dict[str, int]:
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        for name in backends:
+            pipe.zcount(self.keys.backend_slots(name), now, "+inf")
+        return {name: int(n) for name, n in zip(backends, await pipe.execute(), strict=True)}

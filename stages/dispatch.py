@@ -1,0 +1,302 @@
+"""dispatch: send each admitted message to an OpenAI-compatible backend and record the outcome.
+
+Up to ``queue.worker.max_concurrent`` calls per process, each backend's ``max_concurrent`` and rpm/tpm
+across all processes (``pipeline.limits``), only backends that serve the requested model, balanced by
+``loadbalancer.algorithm`` with optional session affinity, a circuit per backend and health probes.
+Outcomes: success -> ``done`` (completed); timeout, connection error, 408/409/429/5xx -> ``retry``; other
+4xx -> ``done`` (failed). Each entry commits as soon as its call ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import Any
+
+import httpx
+import msgspec
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Gauge, Histogram
+
+from pipeline.balance import BackendView, Balancer, Circuit
+from pipeline.config import BackendConfig, Config
+from pipeline.keys import Keys
+from pipeline.limits import BackendLimits
+from pipeline.models import FIELD, Message, Outcome, Status, decode_message, encode
+from pipeline.outcomes import record_outcome
+from pipeline.stage import Batch, Stage
+from pipeline.streams import Entry
+
+log = logging.getLogger("llmq.dispatch")
+
+DISPATCHED = Counter("llmq_dispatch_total", "Backend calls by outcome", ["backend", "outcome"])
+DURATION = Histogram(
+    "llmq_dispatch_duration_seconds",
+    "Backend call duration",
+    ["backend"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+BACKEND_UP = Gauge("llmq_backend_up", "1 when the backend's circuit is closed", ["backend"])
+BACKEND_INFLIGHT = Gauge("llmq_backend_inflight", "Calls this process has running on the backend", ["backend"])
+TOKENS = Counter("llmq_tokens_total", "Tokens reported by backends", ["backend", "kind"])
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
+WAIT_FOR_SLOT_S = 0.01
+_json = msgspec.json.Encoder()
+
+
+class CallResult(msgspec.Struct, kw_only=True):
+    status: Status
+    backend: str
+    response: dict[str, Any] | None = None
+    error: str | None = None
+    retry_after: float | None = None
+
+
+def estimate_tokens(request: dict[str, Any]) -> int:
+    """Prompt characters / 4 plus the requested completion budget (256 when unset)."""
+    chars = 0
+    for m in request.get("messages") or []:
+        if isinstance(m, dict):
+            chars += len(str(m.get("content", "")))
+    budget = request.get("max_completion_tokens") or request.get("max_tokens") or 256
+    return chars // 4 + (int(budget) if isinstance(budget, int | float) else 256)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class Dispatch(Stage):
+    def __init__(self, *, config: Config, redis: aioredis.Redis, keys: Keys) -> None:
+        self.name = "dispatch"
+        self.stream = keys.dispatch
+        self.config = config
+        self.redis = redis
+        self.keys = keys
+        self.max_in_hand: int = config.queue.worker.max_concurrent
+        self.backends = {b.name: b for b in config.backends}
+        lb = config.loadbalancer
+        self.circuits = {b.name: Circuit(max_failures=lb.max_failures) for b in config.backends}
+        self.balancer = Balancer(lb.algorithm)
+        self.timeout_s = config.scheduler.timeout.seconds
+        self.limits = BackendLimits(redis=redis, keys=keys, lease_s=self.timeout_s + 5)
+        self.retention_s = config.queue.result_retention.seconds
+        self.local_inflight = dict.fromkeys(self.backends, 0)
+        self.http: httpx.AsyncClient | None = None
+        self._probe: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s)),
+            limits=httpx.Limits(max_connections=self.max_in_hand * 2, max_keepalive_connections=self.max_in_hand),
+        )
+        for name in self.backends:
+            BACKEND_UP.labels(backend=name).set(1)
+        self._probe = asyncio.create_task(self._probe_loop(), name="health-probe")
+
+    async def close(self) -> None:
+        if self._probe:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        if self.http:
+            await self.http.aclose()
+
+    async def health(self) -> dict[str, str]:
+        if not self.backends:
+            return {"backends": "down"}
+        now = time.time()
+        usable = sum(c.usable(now) for c in self.circuits.values())
+        return {"backends": "ok" if usable == len(self.circuits) else "degraded" if usable else "down"}
+
+    async def handle(self, batch: Batch) -> None:
+        """Idempotent on redelivery: a message whose status is already terminal is not sent again."""
+        await asyncio.gather(*(self._one(batch, entry) for entry in batch.entries))
+
+    async def _one(self, batch: Batch, entry: Entry) -> None:
+        msg = decode_message(entry.data)
+        raw: bytes | None = await self.redis.hget(self.keys.msg(msg.id), "status")  # type: ignore[assignment]
+        status = Status(raw.decode()) if raw else None
+        if status is Status.CANCELLED:
+            self._finish(batch, entry, Outcome(message=msg, status=Status.CANCELLED, finished_at=time.time()))
+        elif status is not None and status.terminal:
+            batch.tx.zrem(self.keys.inflight(msg.level), msg.id)
+            batch.ack(entry)  # a redelivery of a finished message: nothing to send
+        else:
+            started = time.time()
+            msg.attempts += 1
+            await self.redis.hset(
+                self.keys.msg(msg.id), mapping={"status": Status.DISPATCHING.value, "started_at": started}
+            )
+            result = await self._call(msg)
+            self._record(batch, entry, msg, result, started)
+        await batch.commit()
+
+    async def _call(self, msg: Message) -> CallResult:
+        model = msg.request.get("model")
+        tokens = estimate_tokens(msg.request)
+        if not any(not b.models or model in b.models for b in self.backends.values()):
+            return CallResult(status=Status.FAILED, backend="-", error=f"no backend serves model {model!r}")
+        while True:
+            eligible = self._eligible(model)
+            if not eligible:
+                return CallResult(status=Status.RETRYING, backend="-", error=f"every backend for {model!r} is down")
+            for name in await self._preference(eligible, msg.session_id):
+                backend = self.backends[name]
+                if await self.limits.acquire(
+                    name, msg.id, max_concurrent=backend.max_concurrent, rpm=backend.rpm, tpm=backend.tpm, tokens=tokens
+                ):
+                    return await self._send(backend, msg, tokens)
+            await asyncio.sleep(WAIT_FOR_SLOT_S)  # every usable backend is at its limit
+
+    def _eligible(self, model: object) -> list[BackendConfig]:
+        now = time.time()
+        return [
+            b
+            for b in self.backends.values()
+            if self.circuits[b.name].usable(now) and (not b.models or model in b.models)
+        ]
+
+    async def _preference(self, eligible: list[BackendConfig], session_id: str | None) -> list[str]:
+        inflight = await self.limits.inflight([b.name for b in eligible])
+        order = self.balancer.order([BackendView(b.name, b.weight, inflight[b.name]) for b in eligible])
+        lb = self.config.loadbalancer
+        if session_id and lb.enable_session_affinity:
+            key = self.keys.affinity(session_id)
+            pinned: bytes | None = await self.redis.get(key)  # type: ignore[assignment]
+            name = pinned.decode() if pinned else None
+            if name not in order:  # new session, or its backend is down: pin to the first choice
+                name = order[0]
+            await self.redis.set(key, name, ex=max(1, int(lb.session_timeout.seconds)))
+            order = [name, *(n for n in order if n != name)]
+        return order
+
+    async def _send(self, backend: BackendConfig, msg: Message, tokens: int) -> CallResult:
+        assert self.http is not None
+        headers = {"X-LLMQ-Message-Id": msg.id}
+        if backend.api_key_env and os.environ.get(backend.api_key_env):
+            headers["Authorization"] = f"Bearer {os.environ[backend.api_key_env]}"
+        self.local_inflight[backend.name] += 1
+        BACKEND_INFLIGHT.labels(backend=backend.name).set(self.local_inflight[backend.name])
+        started = time.perf_counter()
+        used: int | None = None
+        try:
+            response = await self.http.post(
+                backend.url.rstrip("/") + "/chat/completions", content=_json.encode(msg.request), headers=headers
+            )
+            result = self._classify(backend.name, response)
+            if result.response is not None:
+                used = self._count_tokens(backend.name, result.response)
+        except httpx.TimeoutException:
+            result = CallResult(
+                status=Status.RETRYING, backend=backend.name, error=f"timeout after {self.timeout_s:g}s"
+            )
+        except httpx.HTTPError as exc:
+            result = CallResult(status=Status.RETRYING, backend=backend.name, error=f"connection error: {exc!r}")
+        finally:
+            self.local_inflight[backend.name] -= 1
+            BACKEND_INFLIGHT.labels(backend=backend.name).set(self.local_inflight[backend.name])
+            DURATION.labels(backend=backend.name).observe(time.perf_counter() - started)
+            await self.limits.release(backend.name, msg.id, tpm=backend.tpm, estimated=tokens, used=used)
+        self._update_circuit(backend.name, result)
+        DISPATCHED.labels(backend=backend.name, outcome=result.status.value).inc()
+        return result
+
+    def _classify(self, name: str, response: httpx.Response) -> CallResult:
+        if response.is_success:
+            try:
+                body = response.json()
+            except ValueError:
+                return CallResult(status=Status.RETRYING, backend=name, error="backend answered invalid JSON")
+            return CallResult(status=Status.COMPLETED, backend=name, response=body)
+        detail = response.text[:500]
+        error = f"backend {name} answered {response.status_code}: {detail}"
+        if response.status_code in RETRYABLE_STATUS:
+            return CallResult(status=Status.RETRYING, backend=name, error=error, retry_after=_retry_after(response))
+        return CallResult(status=Status.FAILED, backend=name, error=error)
+
+    def _count_tokens(self, name: str, body: dict[str, Any]) -> int | None:
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if not isinstance(usage, dict):
+            return None
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int):
+            TOKENS.labels(backend=name, kind="prompt").inc(prompt)
+        if isinstance(completion, int):
+            TOKENS.labels(backend=name, kind="completion").inc(completion)
+        total = usage.get("total_tokens")
+        return total if isinstance(total, int) else None
+
+    def _update_circuit(self, name: str, result: CallResult) -> None:
+        circuit = self.circuits[name]
+        if result.status is Status.COMPLETED or result.status is Status.FAILED:
+            circuit.success()  # a 4xx is the request's fault, not the backend's
+        elif result.retry_after is not None:
+            circuit.cool(time.time() + result.retry_after)
+        elif circuit.failure():
+            BACKEND_UP.labels(backend=name).set(0)
+            log.warning("backend %s taken out after %d consecutive failures", name, circuit.failures)
+
+    def _record(self, batch: Batch, entry: Entry, msg: Message, result: CallResult, started: float) -> None:
+        now = time.time()
+        if result.status is Status.RETRYING:
+            msg.errors = [*msg.errors, f"attempt {msg.attempts}: {result.error}"]
+            msg.retry_after = result.retry_after
+            batch.tx.xadd(self.keys.retry, {FIELD: encode(msg)})
+            batch.tx.hset(
+                self.keys.msg(msg.id),
+                mapping={"status": Status.RETRYING.value, "attempts": msg.attempts, "error": result.error or ""},
+            )
+            batch.tx.zrem(self.keys.inflight(msg.level), msg.id)
+            batch.ack(entry)
+            return
+        usage = (result.response or {}).get("usage")
+        usage = usage if isinstance(usage, dict) else {}
+        outcome = Outcome(
+            message=msg,
+            status=result.status,
+            backend=result.backend,
+            response=result.response,
+            error=result.error,
+            started_at=started,
+            finished_at=now,
+            prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
+            completion_tokens=_int_or_none(usage.get("completion_tokens")),
+        )
+        self._finish(batch, entry, outcome)
+
+    def _finish(self, batch: Batch, entry: Entry, outcome: Outcome) -> None:
+        record_outcome(batch.tx, self.keys, outcome, retention_s=self.retention_s)
+        batch.ack(entry)
+
+    async def _probe_loop(self) -> None:
+        interval = self.config.loadbalancer.health_check_interval.seconds
+        while True:
+            await asyncio.sleep(interval)
+            for name, circuit in self.circuits.items():
+                if not circuit.open:
+                    continue
+                healthy = await self._probe_one(self.backends[name])
+                if circuit.probe(healthy):
+                    BACKEND_UP.labels(backend=name).set(1)
+                    log.info("backend %s probed healthy: back in (half-open)", name)
+
+    async def _probe_one(self, backend: BackendConfig) -> bool:
+        assert self.http is not None
+        try:
+            response = await self.http.get(backend.url.rstrip("/") + "/models", timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return response.is_success

@@ -1,0 +1,304 @@
+"""schedule: admit messages from the level streams to the dispatch stream, in priority order, only as many
+as the backends can start now.
+
+One intake per level reads that level's stream alone (group ``schedule``), so a batch read from ``low``
+never rides ahead of ``realtime``. Intakes hand their messages to one Arbiter per process, which picks the
+next messages with ``pipeline.admission.select`` and admits them with one Lua script per level run: the
+script re-checks the limits against in-flight leases (a sorted set per level scored by lease expiry, so a
+crashed dispatcher's slots free themselves) and does the hand-off — ZADD in-flight, XADD dispatch, XACK
+level, status "scheduled" — atomically. Several scheduler processes therefore never over-admit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Gauge, Histogram
+
+from pipeline.admission import LevelView, select
+from pipeline.config import Config, LevelConfig
+from pipeline.keys import Keys
+from pipeline.models import Message, Outcome, Status, decode_message
+from pipeline.outcomes import record_outcome
+from pipeline.redis import CONNECTION_ERRORS
+from pipeline.stage import Batch, Stage
+from pipeline.streams import Entry
+
+log = logging.getLogger("llmq.schedule")
+
+GROUP = "schedule"
+POLL_S = 0.005
+"""How often a waiting arbiter re-reads the in-flight counts (slots free up when dispatch finishes)."""
+
+QUEUE_WAIT = Histogram(
+    "llmq_queue_wait_seconds",
+    "Time from enqueue to admission for dispatch",
+    ["level"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+SLO_VIOLATIONS = Counter("llmq_slo_violations_total", "Admissions later than the level's max_wait_time", ["level"])
+INFLIGHT = Gauge("llmq_inflight", "Admitted messages not yet finished", ["level"])
+SCHEDULED = Counter("llmq_scheduled_total", "Messages admitted for dispatch", ["level"])
+DROPPED = Counter("llmq_not_dispatched_total", "Messages ended before dispatch", ["level", "status"])
+
+# KEYS: in-flight sets of all levels (n), then this level's in-flight set, dispatch stream, level stream,
+# then the status hash of each candidate. ARGV: now, lease expiry, group, level max, capacity, floor, n,
+# then (message id, entry id, payload) per candidate. Returns how many were admitted (a prefix).
+_ADMIT = """
+local now, exp, group = ARGV[1], ARGV[2], ARGV[3]
+local lmax, cap, floor, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local total = 0
+for i = 1, n do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  total = total + redis.call('ZCARD', KEYS[i])
+end
+local mine = redis.call('ZCARD', KEYS[n + 1])
+local admitted, a, m = 0, 8, n + 4
+while a <= #ARGV do
+  if mine >= lmax or total >= cap - floor then break end
+  redis.call('ZADD', KEYS[n + 1], exp, ARGV[a])
+  redis.call('XADD', KEYS[n + 2], '*', 'm', ARGV[a + 2])
+  redis.call('XACK', KEYS[n + 3], group, ARGV[a + 1])
+  if redis.call('HGET', KEYS[m], 'status') ~= 'cancelled' then
+    redis.call('HSET', KEYS[m], 'status', 'scheduled', 'scheduled_at', now)
+  end
+  mine, total, admitted = mine + 1, total + 1, admitted + 1
+  a, m = a + 3, m + 1
+end
+return admitted
+"""
+
+
+@dataclass(slots=True)
+class Candidate:
+    entry: Entry
+    message: Message
+    decided: asyncio.Future[Status] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    """SCHEDULED once admitted (acked by the script), EXPIRED when its deadline passed while waiting."""
+
+
+def capacity(config: Config) -> int:
+    """In-flight slots of the whole deployment: what the backends can run at once."""
+    if config.backends:
+        return sum(b.max_concurrent for b in config.backends)
+    return config.queue.worker.max_concurrent
+
+
+class Arbiter:
+    """Orders the waiting messages of every level of this process and admits them as slots free up."""
+
+    def __init__(self, config: Config, *, redis: aioredis.Redis, keys: Keys) -> None:
+        self.config = config
+        self.redis = redis
+        self.keys = keys
+        self.levels = sorted(config.queue.levels, key=lambda lv: lv.priority)
+        self.capacity = capacity(config)
+        self.lease_s = config.scheduler.timeout.seconds + config.queue.worker.claim_timeout.seconds
+        self.waiting: dict[str, deque[Candidate]] = {lv.name: deque() for lv in self.levels}
+        self._wake = asyncio.Event()
+        self._wrr: dict[str, int] = {}
+        self._admit = redis.register_script(_ADMIT)
+        self._task: asyncio.Task[None] | None = None
+
+    def offer(self, level: str, candidates: list[Candidate]) -> None:
+        self.waiting[level].extend(candidates)
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="arbiter")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for queue in self.waiting.values():
+            for cand in queue:
+                if not cand.decided.done():
+                    cand.decided.cancel()  # stays pending in its stream; re-read on restart or reclaimed
+            queue.clear()
+
+    async def _run(self) -> None:
+        idle_s = self.config.scheduler.check_interval.seconds
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=POLL_S if self._has_waiting() else idle_s)
+            self._wake.clear()
+            try:
+                await self._round()
+            except CONNECTION_ERRORS as exc:
+                log.warning("admission paused, redis unavailable: %s", exc)
+                await asyncio.sleep(0.5)
+
+    def _has_waiting(self) -> bool:
+        return any(self.waiting.values())
+
+    async def _round(self) -> None:
+        now = time.time()
+        self._expire(now)
+        pipe = self.redis.pipeline(transaction=False)
+        for lv in self.levels:
+            pipe.zcount(self.keys.inflight(lv.name), now, "+inf")
+        inflight = dict(zip((lv.name for lv in self.levels), map(int, await pipe.execute()), strict=True))
+        for name, count in inflight.items():
+            INFLIGHT.labels(level=name).set(count)
+        if not self._has_waiting():
+            return
+        views = [_view(lv, inflight[lv.name]) for lv in self.levels]
+        heads = {name: [c.message.enqueued_at for c in q] for name, q in self.waiting.items()}
+        free_total = self.capacity - sum(inflight.values())
+        order = select(heads, views, free_total, now, self.config.scheduler.strategy, self._wrr)
+        reserved = {v.name: v.reserved_unused for v in views}
+        by_name = {lv.name: lv for lv in self.levels}
+        for level, count in _runs(order):
+            cfg = by_name[level]
+            floor = sum(reserved[h.name] for h in self.levels if h.priority < cfg.priority)
+            batch = [self.waiting[level][i] for i in range(count)]
+            admitted = await self._admit_run(cfg, batch, now, floor)
+            reserved[level] = max(0, reserved[level] - admitted)
+            for _ in range(admitted):
+                cand = self.waiting[level].popleft()
+                self._admitted(cand, now)
+            if admitted < count:
+                break  # the limits moved under us (another scheduler admitted): recount next round
+
+    async def _admit_run(self, lv: LevelConfig, batch: list[Candidate], now: float, floor: int) -> int:
+        keys = [self.keys.inflight(x.name) for x in self.levels]
+        keys += [self.keys.inflight(lv.name), self.keys.dispatch, self.keys.level(lv.name)]
+        keys += [self.keys.msg(c.message.id) for c in batch]
+        args: list[str | bytes | float | int] = [
+            now,
+            now + self.lease_s,
+            GROUP,
+            lv.max_concurrent,
+            self.capacity,
+            floor,
+            len(self.levels),
+        ]
+        for c in batch:
+            args += [c.message.id, c.entry.id, c.entry.data]
+        return int(await self._admit(keys=keys, args=args))
+
+    def _admitted(self, cand: Candidate, now: float) -> None:
+        level = cand.message.level
+        wait = now - cand.message.enqueued_at
+        QUEUE_WAIT.labels(level=level).observe(wait)
+        SCHEDULED.labels(level=level).inc()
+        lv = self.config.queue.level(level)
+        if lv is not None and wait > lv.max_wait_time.seconds:
+            SLO_VIOLATIONS.labels(level=level).inc()
+        if not cand.decided.done():
+            cand.decided.set_result(Status.SCHEDULED)
+
+    def _expire(self, now: float) -> None:
+        """Messages whose deadline passed while they waited are decided EXPIRED (never dispatched)."""
+        for name, queue in self.waiting.items():
+            expired = [c for c in queue if c.message.deadline is not None and c.message.deadline < now]
+            if not expired:
+                continue
+            for c in expired:
+                c.decided.set_result(Status.EXPIRED)
+            self.waiting[name] = deque(c for c in queue if not c.decided.done())
+
+
+def _view(lv: LevelConfig, inflight: int) -> LevelView:
+    return LevelView(
+        name=lv.name,
+        priority=lv.priority,
+        max_wait_s=lv.max_wait_time.seconds,
+        weight=lv.weight,
+        free=lv.max_concurrent - inflight,
+        reserved_unused=max(0, lv.reserved - inflight),
+    )
+
+
+def _runs(order: list[str]) -> list[tuple[str, int]]:
+    """["a", "a", "b", "a"] -> [("a", 2), ("b", 1), ("a", 1)]: one admission script per run."""
+    runs: list[tuple[str, int]] = []
+    for name in order:
+        if runs and runs[-1][0] == name:
+            runs[-1] = (name, runs[-1][1] + 1)
+        else:
+            runs.append((name, 1))
+    return runs
+
+
+class LevelIntake(Stage):
+    """Reads one level's stream and waits for the arbiter to admit each message."""
+
+    def __init__(self, level: LevelConfig, *, config: Config, redis: aioredis.Redis, keys: Keys, arbiter: Arbiter):
+        self.name = GROUP
+        self.stream = keys.level(level.name)
+        self.level = level
+        self.redis = redis
+        self.keys = keys
+        self.arbiter = arbiter
+        self.retention_s = config.queue.result_retention.seconds
+        self.max_in_hand = level.max_concurrent + config.queue.worker.max_batch_size
+
+    async def handle(self, batch: Batch) -> None:
+        """Idempotent: admission is keyed by message id (a redelivered message re-takes its own slot), and an
+        expired or cancelled message is recorded once more with the same outcome."""
+        now = time.time()
+        messages = [decode_message(e.data) for e in batch.entries]
+        pipe = self.redis.pipeline(transaction=False)
+        for m in messages:
+            pipe.hget(self.keys.msg(m.id), "status")
+        statuses = await pipe.execute()
+        waiting: list[Candidate] = []
+        for entry, msg, status in zip(batch.entries, messages, statuses, strict=True):
+            if status == Status.CANCELLED.value.encode():
+                self._end(batch, entry, msg, Status.CANCELLED, now)
+            elif msg.deadline is not None and msg.deadline < now:
+                self._end(batch, entry, msg, Status.EXPIRED, now)
+            else:
+                waiting.append(Candidate(entry, msg))
+        if batch.acked:
+            await batch.commit()
+        if not waiting:
+            return
+        self.arbiter.offer(self.level.name, waiting)
+        pending = {c.decided: c for c in waiting}
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                cand = pending.pop(fut)
+                if fut.cancelled():
+                    continue  # shutting down: left pending
+                if fut.result() is Status.SCHEDULED:
+                    batch.settled(cand.entry)
+                else:
+                    self._end(batch, cand.entry, cand.message, fut.result(), time.time())
+            await batch.commit()
+
+    def _end(self, batch: Batch, entry: Entry, msg: Message, status: Status, now: float) -> None:
+        DROPPED.labels(level=msg.level, status=status.value).inc()
+        record_outcome(
+            batch.tx, self.keys, Outcome(message=msg, status=status, finished_at=now), retention_s=self.retention_s
+        )
+        batch.ack(entry)
+
+
+class _OwningIntake(LevelIntake):
+    """The first intake of a process starts and stops the shared arbiter."""
+
+    async def start(self) -> None:
+        self.arbiter.start()
+
+    async def close(self) -> None:
+        await self.arbiter.close()
+
+
+def make_stages(*, config: Config, redis: aioredis.Redis, keys: Keys) -> list[Stage]:
+    arbiter = Arbiter(config, redis=redis, keys=keys)
+    levels = sorted(config.queue.levels, key=lambda lv: lv.priority)
+    return [
+        (_OwningIntake if i == 0 else LevelIntake)(lv, config=config, redis=redis, keys=keys, arbiter=arbiter)
+        for i, lv in enumerate(levels)
+    ]
