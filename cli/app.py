@@ -229,7 +229,9 @@ def up(
         # No backend configured: a mock one, so a new user sees messages complete.
         mock_url = f"http://127.0.0.1:{mock_port}/v1"
         env_overrides["LLMQ_BACKENDS"] = f'[{{name: mock, url: "{mock_url}", max_concurrent: 64}}]'
-        children.append(Child(name="mock-backend", argv=stage_argv("mock-backend", "--port", str(mock_port), "--latency-ms", "200")))
+        children.append(
+            Child(name="mock-backend", argv=stage_argv("mock-backend", "--port", str(mock_port), "--latency-ms", "200"))
+        )
         typer.echo(f"no backend configured: mock backend on {mock_url}", err=True)
     for name, count in counts.items():
         for i in range(count):

@@ -114,6 +114,10 @@ class Stage(abc.ABC):
     async def close(self) -> None:
         """Release what ``start`` opened. Called after the last batch committed."""
 
+    def on_stop(self) -> None:
+        """Shutdown began: a stage whose ``handle`` waits (for capacity, say) should give entries back now
+        (leave them unsettled) instead of holding them through the grace period."""
+
     async def health(self) -> dict[str, str]:
         """Component checks beyond Redis, e.g. ``{"postgres": "ok"}``; "degraded" or "down" values count."""
         return {}
@@ -179,7 +183,9 @@ class Runner:
 
     def stop(self) -> None:
         """Stop reading; in-hand work finishes (within the grace period) in ``run``."""
-        self._stopping.set()
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self.stage.on_stop()
 
     @property
     def stopping(self) -> bool:

@@ -175,12 +175,17 @@ class Dispatch(Stage):
         lb = self.config.loadbalancer
         if session_id and lb.enable_session_affinity:
             key = self.keys.affinity(session_id)
-            pinned: bytes | None = await self.redis.get(key)  # type: ignore[assignment]
-            name = pinned.decode() if pinned else None
-            if name not in order:  # new session, or its backend is down: pin to the first choice
+            ttl = max(1, int(lb.session_timeout.seconds))
+            # Pin atomically (SET NX GET), so concurrent first messages of a session agree on one backend.
+            previous: bytes | None = await self.redis.set(key, order[0], nx=True, get=True, ex=ttl)  # type: ignore[assignment]
+            name = previous.decode() if previous else order[0]
+            if name not in order:  # its backend is down or cannot take this model: re-pin
                 name = order[0]
-            await self.redis.set(key, name, ex=max(1, int(lb.session_timeout.seconds)))
-            order = [name, *(n for n in order if n != name)]
+                await self.redis.set(key, name, ex=ttl)
+            elif previous:
+                await self.redis.expire(key, ttl)
+            # Hard affinity: while its backend is up, a session waits for a slot there (its KV cache).
+            order = [name]
         return order
 
     async def _send(self, backend: BackendConfig, msg: Message, tokens: int) -> CallResult:

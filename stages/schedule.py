@@ -118,6 +118,10 @@ class Arbiter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self.give_back()
+
+    def give_back(self) -> None:
+        """Stop admitting: every waiting message stays pending in its stream (re-read on restart)."""
         for queue in self.waiting.values():
             for cand in queue:
                 if not cand.decided.done():
@@ -276,6 +280,9 @@ class LevelIntake(Stage):
                 else:
                     self._end(batch, cand.entry, cand.message, fut.result(), time.time())
             await batch.commit()
+
+    def on_stop(self) -> None:
+        self.arbiter.give_back()
 
     def _end(self, batch: Batch, entry: Entry, msg: Message, status: Status, now: float) -> None:
         DROPPED.labels(level=msg.level, status=status.value).inc()

@@ -1,0 +1,151 @@
+"""Pure decisions, no servers: admission order, load-balancer choice, circuits, retry backoff."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from pipeline.admission import LevelView, select
+from pipeline.backoff import retry_delay
+from pipeline.balance import BackendView, Balancer, Circuit
+from stages.dispatch import estimate_tokens
+from stages.retry import reason_of
+
+NOW = 1000.0
+
+
+def levels(
+    free: int = 10, reserved: dict[str, int] | None = None, weights: dict[str, int] | None = None
+) -> list[LevelView]:
+    spec = [("realtime", 1, 0.1), ("high", 2, 5.0), ("normal", 3, 30.0), ("low", 4, 120.0)]
+    reserved = reserved or {}
+    weights = weights or {}
+    return [LevelView(name, prio, wait, weights.get(name, 1), free, reserved.get(name, 0)) for name, prio, wait in spec]
+
+
+def fresh(n: int) -> list[float]:
+    return [NOW - 0.01] * n
+
+
+def test_priority_based_serves_higher_levels_first() -> None:
+    heads = {"low": fresh(5), "realtime": fresh(2), "high": fresh(2)}
+    assert select(heads, levels(), 6, NOW, "priority_based") == ["realtime"] * 2 + ["high"] * 2 + ["low"] * 2
+
+
+def test_aging_serves_an_overdue_low_message_ahead_of_fresh_high_ones() -> None:
+    heads = {"high": fresh(3), "low": [NOW - 121.0, NOW - 1.0]}
+    assert select(heads, levels(), 2, NOW, "priority_based") == ["low", "high"]
+
+
+def test_among_overdue_messages_higher_priority_wins() -> None:
+    heads = {"high": [NOW - 6.0], "low": [NOW - 200.0]}
+    assert select(heads, levels(), 1, NOW, "priority_based") == ["high"]
+
+
+def test_a_level_never_exceeds_its_free_slots_nor_the_total() -> None:
+    views = [v if v.name != "realtime" else LevelView("realtime", 1, 0.1, 1, 1, 0) for v in levels()]
+    order = select({"realtime": fresh(5), "low": fresh(50)}, views, 4, NOW, "priority_based")
+    assert order == ["realtime", "low", "low", "low"]
+
+
+def test_reserved_slots_are_kept_for_higher_levels() -> None:
+    # 4 free slots, 2 reserved for realtime which has nothing waiting: low may take only 2
+    order = select({"low": fresh(10)}, levels(reserved={"realtime": 2}), 4, NOW, "priority_based")
+    assert order == ["low", "low"]
+    # and realtime itself may use them
+    assert (
+        select({"realtime": fresh(3)}, levels(reserved={"realtime": 2}), 4, NOW, "priority_based") == ["realtime"] * 3
+    )
+
+
+def test_weighted_shares_follow_the_weights() -> None:
+    state: dict[str, int] = {}
+    heads = {"high": fresh(1000), "low": fresh(1000)}
+    order = select(heads, levels(free=1000, weights={"high": 3, "low": 1}), 400, NOW, "weighted", state)
+    counts = Counter(order)
+    assert counts == {"high": 300, "low": 100}
+    assert order[:4].count("low") == 1  # smooth: low is interleaved, not starved until the end
+
+
+def test_deadline_serves_the_earliest_due_first() -> None:
+    # normal enqueued 29.9 s ago is due in 0.1 s; realtime enqueued now is due in 0.1 s too but later
+    heads = {"normal": [NOW - 29.95], "realtime": [NOW], "low": [NOW - 1]}
+    assert select(heads, levels(), 3, NOW, "deadline") == ["normal", "realtime", "low"]
+
+
+def test_nothing_waiting_or_no_capacity_selects_nothing() -> None:
+    assert select({}, levels(), 10, NOW, "priority_based") == []
+    assert select({"low": fresh(3)}, levels(), 0, NOW, "priority_based") == []
+
+
+def test_round_robin_rotates() -> None:
+    lb = Balancer("round_robin")
+    backends = [BackendView(n, 1, 0) for n in "abc"]
+    firsts = [lb.order(backends)[0] for _ in range(6)]
+    assert firsts == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_least_connections_prefers_the_idle_backend() -> None:
+    lb = Balancer("least_connections")
+    assert lb.order([BackendView("busy", 1, 5), BackendView("idle", 1, 0), BackendView("some", 1, 2)]) == [
+        "idle",
+        "some",
+        "busy",
+    ]
+    # in-flight is weighed by capacity share
+    assert lb.order([BackendView("big", 4, 4), BackendView("small", 1, 2)])[0] == "big"
+
+
+def test_weighted_balancing_follows_weights() -> None:
+    lb = Balancer("weighted")
+    backends = [BackendView("a", 3, 0), BackendView("b", 1, 0)]
+    assert Counter(lb.order(backends)[0] for _ in range(400)) == {"a": 300, "b": 100}
+
+
+def test_circuit_opens_after_max_failures_and_probes_back_half_open() -> None:
+    c = Circuit(max_failures=3)
+    assert [c.failure() for _ in range(3)] == [False, False, True]
+    assert not c.usable(NOW)
+    assert c.probe(healthy=False) is False and not c.usable(NOW)
+    assert c.probe(healthy=True) is True and c.usable(NOW)
+    assert c.failure() is True  # half-open: one more failure opens it again
+    c.success()
+    assert c.usable(NOW) and c.failures == 0
+
+
+def test_retry_after_cools_a_backend_until_then() -> None:
+    c = Circuit(max_failures=3)
+    c.cool(NOW + 5)
+    assert not c.usable(NOW + 4.9) and c.usable(NOW + 5)
+
+
+@pytest.mark.parametrize(("attempt", "expected"), [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (7, 60.0), (20, 60.0)])
+def test_backoff_follows_the_seed_schedule(attempt: int, expected: float) -> None:
+    # initial 1s, factor 2, max 60s; rand=0 gives the undiminished delay, rand=1 the most jitter
+    kwargs = {"initial_s": 1.0, "factor": 2.0, "max_s": 60.0}
+    assert retry_delay(attempt, rand=0.0, **kwargs) == pytest.approx(expected)
+    assert retry_delay(attempt, rand=1.0, **kwargs) == pytest.approx(expected * 0.8)
+
+
+def test_retry_after_is_honoured_when_longer() -> None:
+    assert retry_delay(1, initial_s=1, factor=2, max_s=60, retry_after_s=10, rand=0.0) == 10
+    assert retry_delay(3, initial_s=1, factor=2, max_s=60, retry_after_s=0.5, rand=0.0) == 4
+
+
+def test_token_estimate_counts_prompt_and_budget() -> None:
+    assert estimate_tokens({"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 50}) == 150
+    assert estimate_tokens({"messages": []}) == 256
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        ("timeout after 30s", "timeout"),
+        ("connection error: ConnectError()", "connection"),
+        ("backend a answered 503: busy", "http_503"),
+        ("every backend for 'm' is down", "no_backend"),
+    ],
+)
+def test_retry_reasons(error: str, reason: str) -> None:
+    assert reason_of(error) == reason

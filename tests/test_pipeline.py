@@ -1,0 +1,244 @@
+"""schedule + dispatch + retry end to end on real Redis, with mock backends over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import redis.asyncio as aioredis
+
+from pipeline.keys import Keys
+from pipeline.models import FIELD, decode_outcome
+from stages.mock_backend import MockSettings
+from tests.conftest import eventually
+from tests.harness import Harness
+
+
+async def test_messages_complete_with_the_backend_response(redis: aioredis.Redis, keys: Keys) -> None:
+    async with Harness(redis, keys, backends={"a": MockSettings(latency_ms=5)}) as h:
+        ids = [await h.submit("normal") for _ in range(20)]
+        statuses = await h.wait_terminal(ids)
+    assert {s["status"] for s in statuses.values()} == {"completed"}
+    result = msgspec.json.decode(statuses[ids[0]]["result"])
+    assert result["choices"][0]["message"]["content"] == "mock reply from a"
+    assert result["usage"]["total_tokens"] > 0
+    done = [decode_outcome(f[FIELD]) for _, f in await redis.xrange(keys.done)]
+    assert sorted(o.message.id for o in done) == sorted(ids)
+    assert all(o.backend == "a" and o.response is not None and o.prompt_tokens for o in done)
+    assert await redis.zcard(keys.inflight("normal")) == 0  # slots released
+
+
+async def test_realtime_is_admitted_within_its_slo_behind_a_flood_of_low(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given backends kept busy by 1000 queued low messages (4 slots, 300 ms calls)
+    env = {
+        "LLMQ_QUEUE__LEVELS": "[{name: realtime, priority: 1, max_wait_time: 100ms, max_concurrent: 4, reserved: 1},"
+        " {name: low, priority: 4, max_wait_time: 2s, max_concurrent: 4}]",
+    }
+    backends = {"a": MockSettings(latency_ms=300)}
+    async with Harness(redis, keys, backends=backends, env=env, backend_config={"a": {"max_concurrent": 4}}) as h:
+        low_ids = [await h.submit("low") for _ in range(1000)]
+        await eventually(lambda: _inflight_is(redis, keys, "low", 3), what="low fills the unreserved slots")
+        # When realtime messages arrive one by one
+        rt_ids = []
+        for _ in range(10):
+            rt_ids.append(await h.submit("realtime"))
+            await asyncio.sleep(0.35)
+        statuses = await h.wait_terminal(rt_ids)
+        low_done = sum([(await h.status(i)).get("status") == "completed" for i in low_ids[:50]])
+        peak = h.mocks["a"].peak
+    # Then each realtime message was admitted within its 100 ms max_wait_time
+    waits = [float(s["scheduled_at"]) - float(s["enqueued_at"]) for s in statuses.values()]
+    assert max(waits) <= 0.1, waits
+    assert {s["status"] for s in statuses.values()} == {"completed"}
+    # and low kept flowing, without the backend ever running more than its 4 slots
+    assert low_done > 0
+    assert peak <= 4
+
+
+async def _inflight_is(redis: aioredis.Redis, keys: Keys, level: str, n: int) -> bool:
+    return int(await redis.zcount(keys.inflight(level), time.time(), "+inf")) >= n
+
+
+async def test_aging_lets_low_through_under_a_stream_of_high(redis: aioredis.Redis, keys: Keys) -> None:
+    env = {
+        "LLMQ_QUEUE__LEVELS": "[{name: high, priority: 2, max_wait_time: 5s, max_concurrent: 2},"
+        " {name: low, priority: 4, max_wait_time: 300ms, max_concurrent: 2}]",
+    }
+    backends = {"a": MockSettings(latency_ms=50)}
+    async with Harness(redis, keys, backends=backends, env=env, backend_config={"a": {"max_concurrent": 2}}) as h:
+        low = await h.submit("low")
+        highs = [await h.submit("high") for _ in range(60)]  # 60 × 50 ms on 2 slots: 1.5 s of high work
+        status = (await h.wait_terminal([low], within=10))[low]
+        high_statuses = await h.wait_terminal(highs, within=20)
+    last_high_start = max(float(s["scheduled_at"]) for s in high_statuses.values())
+    # low started after waiting about its max_wait_time, long before the high backlog was through
+    assert float(status["scheduled_at"]) < last_high_start - 0.5
+    assert float(status["scheduled_at"]) - float(status["enqueued_at"]) < 1.0
+
+
+async def test_level_and_backend_concurrency_limits_hold(redis: aioredis.Redis, keys: Keys) -> None:
+    env = {"LLMQ_QUEUE__LEVELS": "[{name: normal, priority: 3, max_wait_time: 30s, max_concurrent: 5}]"}
+    backends = {"a": MockSettings(latency_ms=100), "b": MockSettings(latency_ms=100)}
+    config = {"a": {"max_concurrent": 2}, "b": {"max_concurrent": 10}}
+    async with Harness(redis, keys, backends=backends, env=env, backend_config=config) as h:
+        ids = [await h.submit("normal") for _ in range(60)]
+        await h.wait_terminal(ids)
+        peaks = {name: m.peak for name, m in h.mocks.items()}
+    assert peaks["a"] <= 2
+    assert peaks["a"] + peaks["b"] <= 5 + 1  # level max 5 (peaks are per backend, sampled apart)
+    assert peaks["b"] <= 5
+
+
+async def test_round_robin_spreads_evenly(redis: aioredis.Redis, keys: Keys) -> None:
+    backends = {n: MockSettings(latency_ms=1) for n in ("a", "b", "c")}
+    env = {"LLMQ_QUEUE__WORKER__MAX_CONCURRENT": "1"}
+    async with Harness(redis, keys, backends=backends, env=env) as h:
+        ids = [await h.submit() for _ in range(30)]
+        await h.wait_terminal(ids)
+        calls = {n: m.calls for n, m in h.mocks.items()}
+    assert calls == {"a": 10, "b": 10, "c": 10}
+
+
+async def test_least_connections_prefers_idle_backends(redis: aioredis.Redis, keys: Keys) -> None:
+    backends = {"slow": MockSettings(latency_ms=500), "fast": MockSettings(latency_ms=5)}
+    env = {"LLMQ_LOADBALANCER__ALGORITHM": "least_connections"}
+    async with Harness(redis, keys, backends=backends, env=env) as h:
+        ids = [await h.submit() for _ in range(40)]
+        await h.wait_terminal(ids)
+        calls = {n: m.calls for n, m in h.mocks.items()}
+    assert calls["fast"] > 3 * calls["slow"], calls
+
+
+async def test_session_affinity_pins_a_session_to_one_backend(redis: aioredis.Redis, keys: Keys) -> None:
+    backends = {n: MockSettings(latency_ms=1) for n in ("a", "b", "c")}
+    async with Harness(redis, keys, backends=backends) as h:
+        ids = [await h.submit(session_id="chat-42") for _ in range(12)]
+        statuses = await h.wait_terminal(ids)
+        others = [await h.submit(session_id=f"s{i}") for i in range(12)]
+        other_statuses = await h.wait_terminal(others)
+    assert {s["backend"] for s in statuses.values()} == {statuses[ids[0]]["backend"]}
+    assert len({s["backend"] for s in other_statuses.values()}) > 1
+
+
+async def test_a_failing_backend_is_taken_out_and_comes_back(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given three backends of which one fails every call
+    backends = {
+        "good1": MockSettings(latency_ms=5),
+        "good2": MockSettings(latency_ms=5),
+        "bad": MockSettings(fail_rate=1.0, latency_ms=5),
+    }
+    env = {
+        "LLMQ_LOADBALANCER__MAX_FAILURES": "2",
+        "LLMQ_LOADBALANCER__HEALTH_CHECK_INTERVAL": "3s",
+        "LLMQ_QUEUE__RETRY__MAX_RETRIES": "5",
+    }
+    async with Harness(redis, keys, backends=backends, env=env) as h:
+        ids = [await h.submit() for _ in range(60)]
+        statuses = await h.wait_terminal(ids)
+        # Then it is taken out: no message failed, and new traffic avoids it
+        assert 'llmq_backend_up{backend="bad"} 0.0' in await _metrics(h)
+        bad_calls = h.mocks["bad"].calls
+        more = [await h.submit() for _ in range(30)]
+        await h.wait_terminal(more)
+        assert h.mocks["bad"].calls <= bad_calls + 1  # at most one half-open trial after a probe
+        # When it recovers, the health probe brings it back and it gets traffic again
+        h.mocks["bad"].settings = MockSettings(latency_ms=5)
+        await eventually(lambda: _backend_up(h, "bad"), within=8, what="bad probed back in")
+        before = h.mocks["bad"].calls
+        again = [await h.submit() for _ in range(30)]
+        await h.wait_terminal(again)
+        calls_after = h.mocks["bad"].calls
+    assert {s["status"] for s in statuses.values()} == {"completed"}
+    assert calls_after >= before + 5
+
+
+async def _metrics(_: Harness) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest().decode()
+
+
+async def _backend_up(h: Harness, name: str) -> bool:
+    return f'llmq_backend_up{{backend="{name}"}} 1.0' in await _metrics(h)
+
+
+async def test_expired_and_cancelled_messages_are_never_sent(redis: aioredis.Redis, keys: Keys) -> None:
+    env = {"LLMQ_QUEUE__LEVELS": "[{name: normal, priority: 3, max_wait_time: 30s, max_concurrent: 1}]"}
+    backends = {"a": MockSettings(latency_ms=400)}
+    async with Harness(redis, keys, backends=backends, env=env, backend_config={"a": {"max_concurrent": 1}}) as h:
+        blocker = await h.submit()
+        expiring = await h.submit(deadline_ms=100)
+        cancelled = await h.submit()
+        await redis.hset(keys.msg(cancelled), "status", "cancelled")  # what DELETE /messages/{id} does
+        statuses = await h.wait_terminal([blocker, expiring, cancelled])
+        sent = dict(h.mocks["a"].by_message)
+    assert statuses[expiring]["status"] == "expired"
+    assert statuses[cancelled]["status"] == "cancelled"
+    assert statuses[blocker]["status"] == "completed"
+    assert set(sent) == {blocker}
+    done = {
+        decode_outcome(f[FIELD]).message.id: decode_outcome(f[FIELD]).status for _, f in await redis.xrange(keys.done)
+    }
+    assert done == {blocker: "completed", expiring: "expired", cancelled: "cancelled"}
+
+
+async def test_client_errors_fail_without_retry(redis: aioredis.Redis, keys: Keys) -> None:
+    backends = {"a": MockSettings(fail_rate=1.0, fail_status=400)}
+    async with Harness(redis, keys, backends=backends) as h:
+        [mid] = [await h.submit()]
+        status = (await h.wait_terminal([mid]))[mid]
+        calls = h.mocks["a"].calls
+    assert status["status"] == "failed" and "answered 400" in status["error"]
+    assert calls == 1
+
+
+async def test_an_unknown_model_fails_at_once(redis: aioredis.Redis, keys: Keys) -> None:
+    async with Harness(redis, keys, backends={"a": MockSettings()}, backend_config={"a": {"models": ["llama"]}}) as h:
+        mid = await h.submit()  # asks for model "m"
+        status = (await h.wait_terminal([mid]))[mid]
+    assert status["status"] == "failed" and "no backend serves model 'm'" in status["error"]
+
+
+async def test_failures_are_retried_on_the_backoff_then_dead_lettered(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a backend that always answers 503, 2 retries with 100 ms initial backoff, factor 3
+    env = {
+        "LLMQ_QUEUE__RETRY__MAX_RETRIES": "2",
+        "LLMQ_QUEUE__RETRY__INITIAL_BACKOFF": "100ms",
+        "LLMQ_QUEUE__RETRY__FACTOR": "3",
+        "LLMQ_QUEUE__RETRY__MAX_BACKOFF": "5s",
+        "LLMQ_LOADBALANCER__MAX_FAILURES": "100",
+    }
+    async with Harness(
+        redis, keys, backends={"a": MockSettings(fail_rate=1.0, fail_status=503, latency_ms=1)}, env=env
+    ) as h:
+        started = time.time()
+        mid = await h.submit()
+        status = (await h.wait_terminal([mid], within=15))[mid]
+        elapsed = time.time() - started
+        calls = h.mocks["a"].calls
+    # Then it was tried 1 + 2 times, waiting about 0.1 s then 0.3 s (less up to 20 % jitter)
+    assert calls == 3
+    assert 0.32 <= elapsed < 2.0, elapsed
+    assert status["status"] == "dead" and status["attempts"] == "3"
+    [(_, dead)] = await redis.xrange(keys.dlq)
+    errors = msgspec.json.decode(dead[b"errors"])
+    assert len(errors) == 3 and all("answered 503" in e for e in errors)
+    assert dead[b"message_id"].decode() == mid
+    assert dead[b"reason"] == b"failed 3 attempts (max_retries 2)"
+
+
+async def test_429_retry_after_is_honoured(redis: aioredis.Redis, keys: Keys) -> None:
+    backend = MockSettings(fail_rate=1.0, fail_status=429, retry_after_s=0.6, latency_ms=1)
+    async with Harness(redis, keys, backends={"a": backend}) as h:
+        mid = await h.submit()
+        await eventually(lambda: _calls_at_least(h, 1), what="first call")
+        first = time.time()
+        h.mocks["a"].settings = MockSettings(latency_ms=1)
+        status = (await h.wait_terminal([mid]))[mid]
+    assert status["status"] == "completed"
+    assert float(status["finished_at"]) - first >= 0.55  # not the 50 ms initial backoff
+
+
+async def _calls_at_least(h: Harness, n: int) -> bool:
+    return h.mocks["a"].calls >= n
