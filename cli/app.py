@@ -13,13 +13,17 @@ import msgspec
 import typer
 import uvicorn
 
+from cli.common import ConfigOption, load_or_exit
 from cli.consume import consume
+from cli.dlq import dlq_app
 from cli.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedRedis
 from cli.exit_codes import ExitCode
-from cli.stages import MOCK_BACKEND_PORT, STAGES
+from cli.stages import MOCK_BACKEND_PORT, STAGES, postgres_of
 from cli.supervisor import Child, Supervisor, child_env, stage_argv
-from pipeline.config import Config, load_config
-from pipeline.errors import ConfigError, ConnectError
+from pipeline.config import Config
+from pipeline.db import describe as describe_postgres
+from pipeline.db import migrate, wait_for_postgres
+from pipeline.errors import ConnectError
 from pipeline.keys import Keys
 from pipeline.logging import reopen_logs, setup_logging
 from pipeline.queues import LevelStatus, level_status
@@ -40,26 +44,9 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="YAML config file. Default: $CONFIG_PATH, else built-in defaults. LLMQ_* variables override it.",
-        show_default=False,
-    ),
-]
-
-
-def _load(path: Path | None) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        typer.echo(f"error: invalid configuration {exc.source}:", err=True)
-        for problem in exc.problems:
-            typer.echo(f"  {problem}", err=True)
-        raise typer.Exit(ExitCode.CONFIG) from None
+db_app = typer.Typer(help="PostgreSQL schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(dlq_app, name="dlq")
 
 
 @app.command(
@@ -100,7 +87,7 @@ def run(
     if spec is None:
         typer.echo(f"error: unknown stage {stage!r}; stages: {', '.join(STAGES)}", err=True)
         raise typer.Exit(ExitCode.USAGE)
-    cfg = _load(config)
+    cfg = load_or_exit(config)
     handler = setup_logging(cfg.logging, stage=stage)
     listen_port = spec.default_port(cfg) if port is None else port
     try:
@@ -116,6 +103,8 @@ def run(
             code = asyncio.run(_serve_mock(cfg, listen_port, settings, handler))
         elif spec.factory is None:
             code = asyncio.run(_serve_ingest(cfg, listen_port, handler, connect_timeout))
+        elif spec.needs_postgres and not _postgres_answers(cfg, connect_timeout):
+            code = ExitCode.CONNECT
         else:
             code = asyncio.run(
                 consume(
@@ -131,6 +120,15 @@ def run(
         log.error("cannot start %s: %s", stage, exc)
         raise typer.Exit(ExitCode.FAILURE) from None
     raise typer.Exit(code)
+
+
+def _postgres_answers(cfg: Config, timeout_s: float) -> bool:
+    try:
+        asyncio.run(wait_for_postgres(postgres_of(cfg), timeout_s=timeout_s))
+    except ConnectError as exc:
+        log.error("%s", exc)
+        return False
+    return True
 
 
 async def _serve_ingest(cfg: Config, port: int, handler: logging.Handler, connect_timeout_s: float) -> ExitCode:
@@ -201,7 +199,7 @@ def up(
     Postgres configured (database.postgres or LLMQ_DATABASE_URL) an embedded PostgreSQL; both on free
     ports with data under --data-dir. Crashed stages restart with backoff; SIGTERM/Ctrl-C stops all.
     """
-    cfg = _load(config)
+    cfg = load_or_exit(config)
     counts = {name: 1 for name, spec in STAGES.items() if spec.in_up} | _parse_scale(scale or [])
     setup_logging(cfg.logging, stage="supervisor")
     env_overrides: dict[str, str] = {}
@@ -272,7 +270,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Show each level's depth, pending, consumers and oldest message age."""
-    cfg = _load(config)
+    cfg = load_or_exit(config)
 
     async def fetch() -> list[LevelStatus]:
         redis = make_redis(cfg.redis)
@@ -308,12 +306,37 @@ def config_validate(
     if path is None and not os.environ.get("CONFIG_PATH"):
         typer.echo("error: give a PATH or set CONFIG_PATH", err=True)
         raise typer.Exit(ExitCode.USAGE)
-    cfg = _load(path)
+    cfg = load_or_exit(path)
     levels = ", ".join(f"{lv.name}({lv.max_wait_time})" for lv in sorted(cfg.queue.levels, key=lambda x: x.priority))
     typer.echo(
         f"ok: {path or os.environ['CONFIG_PATH']}: {len(cfg.queue.levels)} levels [{levels}], "
         f"{len(cfg.backends)} backends, strategy {cfg.scheduler.strategy}, lb {cfg.loadbalancer.algorithm}"
     )
+
+
+@db_app.command("migrate")
+def db_migrate(
+    config: ConfigOption = None,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to keep retrying PostgreSQL.")] = 30.0,
+) -> None:
+    """Apply the schema migrations not yet applied (safe to run from several replicas at once, and again)."""
+    cfg = load_or_exit(config)
+    pg = postgres_of(cfg)
+
+    async def run_migrations() -> list[int]:
+        await wait_for_postgres(pg, timeout_s=connect_timeout)
+        return await migrate(pg.conninfo)
+
+    try:
+        applied = asyncio.run(run_migrations())
+    except ConnectError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(ExitCode.CONNECT) from None
+    where = describe_postgres(pg)
+    if applied:
+        typer.echo(f"applied migrations {', '.join(f'{v:04d}' for v in applied)} to {where}")
+    else:
+        typer.echo(f"schema of {where} is up to date")
 
 
 def main() -> None:

@@ -4,14 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cli.consume import StageFactory
-from pipeline.config import Config
+from pipeline.config import Config, PostgresConfig
+from pipeline.db import make_pool
+from stages.archive import Archive
 from stages.dispatch import Dispatch
 from stages.retry import Retry
 from stages.schedule import make_stages as make_schedule
 
 MOCK_BACKEND_PORT = 8090
+
+
+def postgres_of(config: Config) -> PostgresConfig:
+    """The configured PostgreSQL, or the seed's defaults (localhost:5432, llm_queue)."""
+    return config.database.postgres or PostgresConfig()
+
+
+def make_archive(*, config: Config, **clients: Any) -> Archive:
+    pg = postgres_of(config)
+    return Archive(config=config, pool=make_pool(pg), conninfo=pg.conninfo, **clients)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +37,7 @@ class StageSpec:
     """Builds the consuming stage; None for the HTTP servers (ingest, mock-backend)."""
     in_up: bool = True
     """Whether ``llmq-stage up`` runs it (the mock backend only when no backend is configured)."""
+    needs_postgres: bool = False
 
 
 STAGES: dict[str, StageSpec] = {
@@ -51,6 +65,13 @@ STAGES: dict[str, StageSpec] = {
             summary="backs off failed messages and dead-letters exhausted ones (ops port metrics.port + 2)",
             default_port=lambda c: c.metrics.port + 2,
             factory=Retry,
+        ),
+        StageSpec(
+            name="archive",
+            summary="writes outcomes to PostgreSQL and trims acked stream entries (ops port metrics.port + 3)",
+            default_port=lambda c: c.metrics.port + 3,
+            factory=make_archive,
+            needs_postgres=True,
         ),
         StageSpec(
             name="mock-backend",

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+import psycopg
 import yaml
+from psycopg.conninfo import conninfo_to_dict
 
 from pipeline.durations import parse_duration
 from pipeline.errors import ConfigError
@@ -65,6 +67,8 @@ class PostgresConfig(_Section, frozen=True):
     dbname: str = "llm_queue"
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
     dsn: str | None = None
+    store_bodies: bool = True
+    """Archive each request and response body (jsonb); switch off to keep only metadata."""
 
     @property
     def conninfo(self) -> str:
@@ -383,8 +387,11 @@ def semantic_problems(config: Config) -> list[str]:
     if redis and not redis.url and ":" not in redis.addr:
         problems.append(f"database.redis.addr: {redis.addr!r} must be host:port")
     pg = config.database.postgres
-    if pg and pg.dsn and not pg.dsn.startswith(("postgresql://", "postgres://")):
-        problems.append("database.postgres.dsn: must start with postgresql:// or postgres://")
+    if pg and pg.dsn:
+        try:
+            conninfo_to_dict(pg.dsn)
+        except psycopg.ProgrammingError:
+            problems.append("database.postgres.dsn: not a PostgreSQL URI or key=value connection string")
     if not config.metrics.path.startswith("/"):
         problems.append(f"metrics.path: {config.metrics.path!r} must start with '/'")
     return problems

@@ -1,11 +1,11 @@
-"""Durations in the seed's string form ("100ms", "30s", "5m", "1h30m"), parsed once into seconds."""
+"""Durations in the seed's string form ("100ms", "30s", "5m", "1h30m", "7d"), parsed once into seconds."""
 
 from __future__ import annotations
 
 import re
 
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
 
 def parse_duration(text: str) -> float:

@@ -22,3 +22,7 @@ class ConnectError(LlmqError):
 
 class ConsumerNameTaken(LlmqError):
     """Another live process holds the consumer name this process asked for."""
+
+
+class GiveBack(LlmqError):
+    """Raised by a stage to leave its batch pending without an error, e.g. when shutting down mid-retry."""

@@ -55,6 +55,8 @@ class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One line per failed attempt, oldest first."""
     retry_after: float | None = None
     """Seconds a backend asked to wait (Retry-After) after the last failed attempt."""
+    history: list[str] = []
+    """Operator actions on the message (dead-letter replays), oldest first."""
 
 
 class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):

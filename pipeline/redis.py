@@ -54,7 +54,7 @@ async def wait_for_redis(client: aioredis.Redis, cfg: RedisConfig, *, timeout_s:
     try:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(CONNECTION_ERRORS),
-            wait=wait_exponential_jitter(initial=0.1, max=5),
+            wait=wait_exponential_jitter(multiplier=0.1, max=5, jitter=0.1),
             stop=stop_after_delay(timeout_s),
             reraise=True,
         ):

