@@ -22,7 +22,7 @@ from cli.stages import MOCK_BACKEND_PORT, STAGES, postgres_of
 from cli.supervisor import Child, Supervisor, child_env, stage_argv
 from pipeline.config import Config
 from pipeline.db import describe as describe_postgres
-from pipeline.db import migrate, wait_for_postgres
+from pipeline.db import make_pool, migrate, wait_for_postgres
 from pipeline.errors import ConnectError
 from pipeline.keys import Keys
 from pipeline.logging import reopen_logs, setup_logging
@@ -141,7 +141,9 @@ async def _serve_ingest(cfg: Config, port: int, handler: logging.Handler, connec
         except ConnectError as exc:
             log.error("%s", exc)
             return ExitCode.CONNECT
-        api = create_app(cfg, redis=redis, keys=Keys(cfg.redis.key_prefix))
+        # The archive (status of messages whose Redis hash expired) and a health check, when configured.
+        pool = make_pool(cfg.database.postgres, max_size=2) if cfg.database.postgres else None
+        api = create_app(cfg, redis=redis, keys=Keys(cfg.redis.key_prefix), pool=pool)
         server = uvicorn.Server(uvicorn.Config(api, host=cfg.server.host, port=port, log_config=None, access_log=False))
         # uvicorn owns SIGINT/SIGTERM here and re-raises the signal after its graceful shutdown; with
         # these no-op handlers in place that re-raise does not kill the process, so it exits 0.

@@ -54,7 +54,13 @@ class ServerConfig(_Section, frozen=True):
     port: Port = 8080
     mode: Literal["development", "production"] = "development"
     max_body_bytes: Positive = 1_048_576
-    """Largest accepted request body in bytes (413 above it)."""
+    """Largest accepted request body in bytes (413 above it); a batch body may be four times larger."""
+    max_batch: Positive = 1000
+    """Most messages in one ``POST /api/v1/messages/batch``."""
+    max_poll_wait: Duration = Duration("60s")
+    """Longest ``GET /api/v1/messages/{id}?wait=`` may hold a request open."""
+    sync_timeout: Duration = Duration("120s")
+    """How long ``POST /v1/chat/completions`` waits for the result before answering 504 with the message id."""
 
 
 class PostgresConfig(_Section, frozen=True):

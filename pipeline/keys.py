@@ -12,7 +12,7 @@ import hashlib
 class Keys:
     """Key names for one deployment (one prefix)."""
 
-    __slots__ = ("dispatch", "dlq", "done", "prefix", "retry", "retry_due", "retry_payloads")
+    __slots__ = ("dispatch", "dlq", "done", "finished", "prefix", "retry", "retry_due", "retry_payloads")
 
     def __init__(self, prefix: str = "{llmq}") -> None:
         self.prefix = prefix
@@ -22,6 +22,8 @@ class Keys:
         self.retry_payloads = f"{prefix}:retry:payloads"
         self.done = f"{prefix}:done"
         self.dlq = f"{prefix}:dlq"
+        self.finished = f"{prefix}:finished"
+        """Pub/Sub channel: the id of every message that reached a terminal status."""
 
     def level(self, name: str) -> str:
         """The stream of one priority level."""

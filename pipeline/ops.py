@@ -45,10 +45,12 @@ class _QuietServer(uvicorn.Server):
 class OpsServer:
     """Serves the ops app on ``host:port``; port 0 picks a free one (``.port`` tells which)."""
 
-    def __init__(self, app: Starlette, *, host: str, port: int) -> None:
+    def __init__(self, app: Starlette, *, host: str, port: int, lifespan: bool = False) -> None:
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.port: int = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", log_level="warning")
+        config = uvicorn.Config(
+            app, log_config=None, access_log=False, lifespan="on" if lifespan else "off", log_level="warning"
+        )
         self.server = _QuietServer(config)
         self._task: asyncio.Task[None] | None = None
 

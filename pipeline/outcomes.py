@@ -1,8 +1,8 @@
 """Recording a message's terminal outcome: one place, used by every stage that ends a message.
 
 Queued on the caller's transaction so the outcome commits atomically with the entry's ack: the ``done``
-entry (for the archive), the status hash (for clients, with a retention TTL), and the release of the
-message's in-flight slot.
+entry (for the archive), the status hash (for clients, with a retention TTL), the release of the
+message's in-flight slot, and a notice on the ``finished`` channel for clients waiting on it.
 """
 
 from __future__ import annotations
@@ -37,3 +37,4 @@ def record_outcome(tx: Pipeline, keys: Keys, outcome: Outcome, *, retention_s: f
     tx.hset(keys.msg(msg.id), mapping=fields)
     tx.expire(keys.msg(msg.id), max(1, int(retention_s)))
     tx.zrem(keys.inflight(msg.level), msg.id)
+    tx.publish(keys.finished, msg.id)

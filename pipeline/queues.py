@@ -30,6 +30,8 @@ class LevelStatus(msgspec.Struct, kw_only=True):
     pending: int
     """Delivered to a scheduler, not yet acked."""
     consumers: int
+    inflight: int
+    """Admitted for dispatch and not finished."""
     oldest_age_s: float | None
     """Age of the oldest message not yet acked; None when the level is empty."""
     max_size: int
@@ -47,11 +49,12 @@ async def level_status(redis: aioredis.Redis, keys: Keys, config: Config) -> lis
         pipe.xlen(stream)
         pipe.xinfo_groups(stream)
         pipe.xrange(stream, count=1)
+        pipe.zcount(keys.inflight(level.name), time.time(), "+inf")
     replies = await pipe.execute(raise_on_error=False)
     now_ms = time.time() * 1000
     out = []
     for i, level in enumerate(config.queue.levels):
-        length, groups, first = replies[3 * i : 3 * i + 3]
+        length, groups, first, inflight = replies[4 * i : 4 * i + 4]
         if isinstance(groups, ResponseError):  # no such stream yet
             groups = []
         group = next((g for g in groups if as_str(g["name"]) == SCHEDULE_GROUP), None)
@@ -70,6 +73,7 @@ async def level_status(redis: aioredis.Redis, keys: Keys, config: Config) -> lis
                 depth=depth,
                 pending=pending,
                 consumers=consumers,
+                inflight=int(inflight),
                 oldest_age_s=None if oldest is None else round(max(0.0, now_ms - _entry_ms(oldest)) / 1000, 3),
                 max_size=config.queue.max_size(level),
                 max_wait_time_s=level.max_wait_time.seconds,

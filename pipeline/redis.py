@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -18,23 +19,27 @@ log = logging.getLogger("llmq.redis")
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
+POOL_WAIT_S = 10.0
+"""How long a command waits for a free pooled connection before failing (a burst queues, not errors)."""
+
+
 def make_redis(cfg: RedisConfig, *, pool_size: int | None = None) -> aioredis.Redis:
-    """A client with a bounded pool. Replies are bytes: stream payloads are msgpack."""
-    max_connections = pool_size or cfg.pool_size
+    """A client whose bounded pool makes callers wait for a free connection instead of failing with "Too
+    many connections" (redis-py's default pool). Replies are bytes: stream payloads are msgpack."""
+    options: dict[str, Any] = {
+        "max_connections": pool_size or cfg.pool_size,
+        "timeout": POOL_WAIT_S,
+        "health_check_interval": 30,
+        "socket_keepalive": True,
+    }
     if cfg.url:
-        return aioredis.Redis.from_url(
-            cfg.url, max_connections=max_connections, health_check_interval=30, socket_keepalive=True
+        pool = aioredis.BlockingConnectionPool.from_url(cfg.url, **options)
+    else:
+        host, _, port = cfg.addr.rpartition(":")
+        pool = aioredis.BlockingConnectionPool(
+            host=host or "localhost", port=int(port), db=cfg.db, password=cfg.password or None, **options
         )
-    host, _, port = cfg.addr.rpartition(":")
-    return aioredis.Redis(
-        host=host or "localhost",
-        port=int(port),
-        db=cfg.db,
-        password=cfg.password or None,
-        max_connections=max_connections,
-        health_check_interval=30,
-        socket_keepalive=True,
-    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def describe(cfg: RedisConfig) -> str:

@@ -1,73 +1,107 @@
 """ingest: the HTTP API through which requests enter the queue (Starlette on uvicorn).
 
-Each accepted message is XADDed to its level stream and its status hash written in one MULTI/EXEC, so a
-message is either fully queued or not at all. uvicorn owns signals here; the Redis client is injected.
+Submissions go through ``pipeline.submit`` (backpressure, idempotency, XADD and status hash in one atomic
+script). Status reads long-poll on the ``finished`` channel, and fall back to the PostgreSQL archive once
+the status hash has expired. ``/v1/chat/completions`` is an OpenAI-compatible facade: it queues the body
+at the requested priority, waits for the result and returns the backend's response unchanged. uvicorn
+owns signals here; clients are injected.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
+import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
+import psycopg
 import redis.asyncio as aioredis
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from pipeline import api
 from pipeline.config import Config
+from pipeline.dlq import DeadLetters
 from pipeline.keys import Keys
-from pipeline.models import FIELD, Message, Status, encode, new_id
+from pipeline.models import Message, Status, encode, new_id
+from pipeline.notify import Waiter
 from pipeline.queues import level_status
 from pipeline.redis import CONNECTION_ERRORS
+from pipeline.submit import Submitted, Submitter, Verdict, new_message
 
 HTTP_REQUESTS = Counter("http_requests_total", "HTTP requests", ["method", "path", "status"])
 HTTP_DURATION = Histogram("http_request_duration_seconds", "HTTP request duration", ["method", "path"])
 INGESTED = Counter("llmq_messages_ingested_total", "Messages accepted into a level stream", ["level"])
 REJECTED = Counter("llmq_rejected_total", "Requests rejected, by reason", ["reason"])
+QUEUE_DEPTH = Gauge("queue_depth", "Messages waiting for admission in a level (lag + pending)", ["level"])
 
-PUBLIC_PATHS = frozenset({"/api/v1/health", "/metrics", "/api/v1/metrics"})
-
-
-class SubmitBody(msgspec.Struct, forbid_unknown_fields=True):
-    """``POST /api/v1/messages``."""
-
-    request: dict[str, Any]
-    """An OpenAI chat-completions body, kept as given."""
-    level: str = "normal"
-    session_id: str | None = msgspec.field(default=None)
-    tenant: str | None = None
-    idempotency_key: str | None = None
-    deadline_ms: int | None = msgspec.field(default=None)
-    """Milliseconds from now after which the message expires instead of being dispatched."""
-    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
-
-
-_submit_decoder = msgspec.json.Decoder(SubmitBody)
+PUBLIC_PATHS = frozenset({"/api/v1/health", "/metrics", "/api/v1/metrics", "/openapi.json", "/docs"})
+REASONS = {
+    400: "malformed",
+    401: "auth",
+    404: "not_found",
+    409: "conflict",
+    413: "too_large",
+    415: "media_type",
+    422: "invalid",
+    429: "backpressure",
+    503: "unavailable",
+    504: "timeout",
+}
+STREAM_UNSUPPORTED = (
+    "stream=true is not supported: llmq queues the request and returns the whole completion; send stream=false"
+)
+DEPTH_EVERY_S = 5.0
 _json = msgspec.json.Encoder()
+_submit_decoder = msgspec.json.Decoder(api.SubmitBody)
+_any_decoder = msgspec.json.Decoder()
+_answered = re.compile(r"answered (\d{3}):")
 
 
-def _json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def respond(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(_json.encode(doc), status_code=status, media_type="application/json", headers=headers)
 
 
-def _error(status: int, message: str, field: str | None = None) -> Response:
-    doc: dict[str, Any] = {"error": message}
-    if field:
-        doc["field"] = field
-    REJECTED.labels(reason=str(status)).inc()
-    return _json_response(doc, status)
+def reject(status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> Response:
+    REJECTED.labels(reason=REASONS.get(status, str(status))).inc()
+    return respond(api.ApiError(error=message, field=field), status, headers)
+
+
+def openai_error(
+    status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error"
+) -> Response:
+    REJECTED.labels(reason=REASONS.get(status, str(status))).inc()
+    return respond({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+
+class BadInput(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+def _field_of(exc: msgspec.ValidationError) -> tuple[str, str | None]:
+    text = str(exc)
+    if " - at `$" in text:
+        message, _, where = text.rpartition(" - at `$")
+        return message, where.rstrip("`").lstrip(".") or None
+    return text, None
 
 
 class ApiKeyMiddleware:
-    """401 unless ``Authorization: Bearer <key>`` or ``X-API-Key`` matches a configured key
-    (constant-time comparison; keys are never logged)."""
+    """401 unless ``Authorization: Bearer <key>`` or ``X-API-Key`` matches a configured key (constant-time
+    comparison against every key; keys are never logged)."""
 
     def __init__(self, app: ASGIApp, keys: list[str]) -> None:
         self.app = app
@@ -80,26 +114,404 @@ class ApiKeyMiddleware:
         headers = dict(scope["headers"])
         given = headers.get(b"x-api-key", b"")
         auth = headers.get(b"authorization", b"")
-        if auth.lower().startswith(b"bearer "):
+        if auth[:7].lower() == b"bearer ":
             given = auth[7:].strip()
-        # Compare against every key so the time taken does not tell which key nearly matched.
         ok = False
         for key in self.keys:
             ok |= hmac.compare_digest(given, key)
         if not ok:
-            response = _error(401, "missing or invalid API key")
-            response.headers["WWW-Authenticate"] = "Bearer"
-            await response(scope, receive, send)
+            await reject(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})(
+                scope, receive, send
+            )
             return
         await self.app(scope, receive, send)
 
 
-def _metered(path: str, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    """Counts and times requests by route template (never the raw path, which holds ids)."""
+class IngestApi:
+    def __init__(
+        self, config: Config, *, redis: aioredis.Redis, keys: Keys, pool: AsyncConnectionPool | None = None
+    ) -> None:
+        self.config = config
+        self.redis = redis
+        self.keys = keys
+        self.pool = pool
+        self.levels = [lv.name for lv in config.queue.levels]
+        self.submitter = Submitter(config, redis=redis, keys=keys)
+        self.waiter = Waiter(redis=redis, keys=keys)
+        self.dead = DeadLetters(redis=redis, keys=keys, levels=self.levels)
+        self.max_body = config.server.max_body_bytes
+
+    # --- input ---------------------------------------------------------------------------------------
+
+    async def _body(self, request: Request, *, limit: int) -> bytes:
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise BadInput(415, "content type must be application/json")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise BadInput(413, f"body of {declared} bytes is over the limit of {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadInput(413, f"body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _message(self, sub: api.SubmitBody, where: str = "") -> tuple[Message, bytes]:
+        """The message and its encoding; BadInput naming the field when it cannot be queued."""
+        if sub.level not in self.levels:
+            raise BadInput(422, f"unknown level {sub.level!r}; valid levels: {', '.join(self.levels)}", f"{where}level")
+        messages = sub.request.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadInput(
+                422, "request.messages must be a non-empty list of chat messages", f"{where}request.messages"
+            )
+        for i, item in enumerate(messages):
+            if not isinstance(item, dict):
+                raise BadInput(422, "each chat message must be an object", f"{where}request.messages[{i}]")
+        msg = new_message(
+            message_id=new_id(),
+            level=sub.level,
+            request=sub.request,
+            session_id=sub.session_id,
+            tenant=sub.tenant,
+            idempotency_key=sub.idempotency_key,
+            deadline_ms=sub.deadline_ms,
+            metadata=sub.metadata,
+        )
+        return msg, _encode(msg, where)
+
+    # --- messages ------------------------------------------------------------------------------------
+
+    def _accepted(self, msg: Message, result: Submitted) -> tuple[int, api.Accepted]:
+        if result.verdict is Verdict.DUPLICATE:
+            return 200, api.Accepted(id=result.message_id or "", status="duplicate", level=msg.level)
+        INGESTED.labels(level=msg.level).inc()
+        return 202, api.Accepted(id=msg.id, status=Status.QUEUED.value, level=msg.level, position=result.depth)
+
+    async def submit(self, request: Request) -> Response:
+        body = await self._body(request, limit=self.max_body)
+        try:
+            sub = _submit_decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            message, field = _field_of(exc)
+            raise BadInput(422, message, field) from None
+        except msgspec.DecodeError as exc:
+            raise BadInput(400, f"malformed JSON: {exc}") from None
+        msg, payload = self._message(sub)
+        result = await self.submitter.submit(msg, payload)
+        if result.verdict is Verdict.FULL:
+            return reject(429, f"level {msg.level!r} is full ({result.depth} waiting)", headers={"Retry-After": "1"})
+        if result.verdict is Verdict.DUPLICATE:
+            existing = await self._view(result.message_id or "")
+            doc = api.Accepted(
+                id=result.message_id or "", status=existing.status if existing else "queued", level=msg.level
+            )
+            return respond(doc, 200)
+        code, doc = self._accepted(msg, result)
+        return respond(doc, code)
+
+    async def submit_batch(self, request: Request) -> Response:
+        body = await self._body(request, limit=self.max_body * 4)
+        try:
+            items = _any_decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise BadInput(400, f"malformed JSON: {exc}") from None
+        if not isinstance(items, list):
+            raise BadInput(422, "the body must be a JSON array of messages")
+        if len(items) > self.config.server.max_batch:
+            raise BadInput(413, f"{len(items)} messages; a batch holds at most {self.config.server.max_batch}")
+        results: list[api.BatchItem | None] = [None] * len(items)
+        valid: list[tuple[int, tuple[Message, bytes]]] = []
+        for i, item in enumerate(items):
+            try:
+                sub = msgspec.convert(item, api.SubmitBody)
+                valid.append((i, self._message(sub, f"[{i}].")))
+            except msgspec.ValidationError as exc:
+                message, field = _field_of(exc)
+                results[i] = api.BatchItem(
+                    index=i, status_code=422, error=message, field=f"[{i}].{field}" if field else f"[{i}]"
+                )
+            except BadInput as exc:
+                results[i] = api.BatchItem(index=i, status_code=exc.status, error=exc.message, field=exc.field)
+        outcomes = await self.submitter.submit_many([item for _, item in valid])
+        for (i, (msg, _)), result in zip(valid, outcomes, strict=True):
+            if result.verdict is Verdict.FULL:
+                REJECTED.labels(reason="backpressure").inc()
+                results[i] = api.BatchItem(
+                    index=i, status_code=429, error=f"level {msg.level!r} is full", level=msg.level
+                )
+                continue
+            code, doc = self._accepted(msg, result)
+            results[i] = api.BatchItem(index=i, status_code=code, id=doc.id, status=doc.status, level=msg.level)
+        return respond(results)
+
+    async def _view(self, message_id: str) -> api.MessageView | None:
+        fields: Any = await self.redis.hgetall(self.keys.msg(message_id))
+        if fields:
+            doc = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+            result = _any_decoder.decode(doc["result"]) if "result" in doc else None
+            floats = ("enqueued_at", "scheduled_at", "started_at", "finished_at", "retry_at")
+            return api.MessageView(
+                id=message_id,
+                status=doc.get("status", "unknown"),
+                level=doc.get("level"),
+                attempts=int(doc.get("attempts", 0)),
+                backend=doc.get("backend"),
+                result=result,
+                error=doc.get("error") or None,
+                **{f: float(doc[f]) for f in floats if doc.get(f)},
+            )
+        return await self._archived(message_id)
+
+    async def _archived(self, message_id: str) -> api.MessageView | None:
+        if self.pool is None:
+            return None
+        try:
+            async with self.pool.connection(timeout=2) as conn:
+                cur = await conn.execute(
+                    "SELECT status, level, attempts, backend, extract(epoch FROM enqueued_at),"
+                    " extract(epoch FROM started_at), extract(epoch FROM finished_at), response, error"
+                    " FROM messages WHERE id::text = %s",
+                    (message_id,),
+                )
+                row = await cur.fetchone()
+        except (psycopg.Error, OSError, TimeoutError):
+            return None
+        if row is None:
+            return None
+        status, level, attempts, backend, enq, started, finished, response, error = row
+        return api.MessageView(
+            id=message_id,
+            status=status,
+            level=level,
+            attempts=attempts,
+            backend=backend,
+            enqueued_at=float(enq),
+            started_at=float(started) if started else None,
+            finished_at=float(finished),
+            result=response,
+            error=error,
+        )
+
+    async def get_message(self, request: Request) -> Response:
+        message_id = request.path_params["id"]
+        wait = request.query_params.get("wait")
+        wait_s = 0.0
+        if wait is not None:
+            try:
+                wait_s = float(wait)
+            except ValueError:
+                raise BadInput(422, f"wait must be a number of seconds, got {wait!r}", "wait") from None
+            max_wait = self.config.server.max_poll_wait.seconds
+            if not 0 <= wait_s <= max_wait:
+                raise BadInput(422, f"wait must be between 0 and {max_wait:g} seconds", "wait")
+        if not _valid_id(message_id):
+            raise BadInput(404, "no such message")
+        view = await self._view(message_id)
+        if view is None:
+            raise BadInput(404, "no such message")
+        if wait_s and not Status(view.status).terminal:
+            await self.waiter.wait(message_id, lambda: self._terminal(message_id), wait_s)
+            view = await self._view(message_id) or view
+        return respond(view)
+
+    async def _terminal(self, message_id: str) -> bool:
+        raw: Any = await self.redis.hget(self.keys.msg(message_id), "status")
+        return raw is None or Status(raw.decode()).terminal
+
+    async def message(self, request: Request) -> Response:
+        """One route for both methods, so a 405 lists every allowed method."""
+        return await (self.cancel(request) if request.method == "DELETE" else self.get_message(request))
+
+    async def cancel(self, request: Request) -> Response:
+        message_id = request.path_params["id"]
+        if not _valid_id(message_id):
+            raise BadInput(404, "no such message")
+        status = await self.submitter.cancel(message_id)
+        if status is None:
+            raise BadInput(404, "no such message")
+        if status != Status.CANCELLED.value:
+            return respond(api.ApiError(error=f"cannot cancel a message that is {status}", status=status), 409)
+        return respond(api.MessageView(id=message_id, status=status))
+
+    # --- OpenAI-compatible facade --------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        try:
+            body = await self._body(request, limit=self.max_body)
+            doc = _any_decoder.decode(body)
+        except BadInput as exc:
+            return openai_error(exc.status, exc.message)
+        except msgspec.DecodeError as exc:
+            return openai_error(400, f"malformed JSON: {exc}")
+        if not isinstance(doc, dict) or not isinstance(doc.get("messages"), list) or not doc["messages"]:
+            return openai_error(400, "messages must be a non-empty array", param="messages")
+        if doc.get("stream"):
+            return openai_error(400, STREAM_UNSUPPORTED, param="stream")
+        model = doc.get("model")
+        backends = self.config.backends
+        if backends and not any(not b.models or model in b.models for b in backends):
+            return openai_error(404, f"no backend serves model {model!r}", param="model", kind="model_not_found")
+        body_priority = doc.pop("priority", None)  # llmq's field, not the backend's
+        level = request.headers.get("x-llmq-priority") or body_priority or "normal"
+        if level not in self.levels:
+            return openai_error(400, f"unknown priority {level!r}; levels: {', '.join(self.levels)}", param="priority")
+        msg = new_message(
+            message_id=new_id(),
+            level=level,
+            request=doc,
+            session_id=request.headers.get("x-llmq-session-id"),
+            tenant=request.headers.get("x-llmq-tenant"),
+            idempotency_key=request.headers.get("idempotency-key"),
+        )
+        try:
+            payload = _encode(msg)
+        except BadInput as exc:
+            return openai_error(400, exc.message)
+        result = await self.submitter.submit(msg, payload)
+        if result.verdict is Verdict.FULL:
+            return openai_error(429, f"priority level {level!r} is full; retry later", kind="rate_limit_error")
+        message_id = result.message_id or msg.id
+        if result.verdict is Verdict.QUEUED:
+            INGESTED.labels(level=level).inc()
+        headers = {"X-LLMQ-Message-Id": message_id}
+        finished = await self.waiter.wait(
+            message_id, lambda: self._terminal(message_id), self.config.server.sync_timeout.seconds
+        )
+        view = await self._view(message_id)
+        if not finished or view is None:
+            response = openai_error(
+                504,
+                f"no result within {self.config.server.sync_timeout}; poll GET /api/v1/messages/{message_id}",
+                kind="timeout",
+            )
+        elif view.status == Status.COMPLETED.value and view.result is not None:
+            return Response(_json.encode(view.result), media_type="application/json", headers=headers)
+        else:
+            response = _failure(view)
+        response.headers.update(headers)
+        return response
+
+    async def models(self, _: Request) -> Response:
+        seen: dict[str, str] = {}
+        for b in self.config.backends:
+            for m in b.models:
+                seen.setdefault(m, b.name)
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": owner} for m, owner in seen.items()]
+        return respond({"object": "list", "data": data})
+
+    # --- operations ----------------------------------------------------------------------------------
+
+    async def health(self, _: Request) -> Response:
+        checks = {"redis": "ok"}
+        try:
+            await asyncio.wait_for(self.redis.ping(), timeout=2)
+        except (TimeoutError, *CONNECTION_ERRORS):
+            checks["redis"] = "down"
+        if self.pool is not None:
+            try:
+                async with self.pool.connection(timeout=2) as conn:
+                    await conn.execute("SELECT 1")
+                checks["postgres"] = "ok"
+            except (psycopg.Error, OSError, TimeoutError):
+                checks["postgres"] = "down"
+        status = "down" if checks["redis"] == "down" else "degraded" if "down" in checks.values() else "ok"
+        return respond(api.Health(status=status, checks=checks), 503 if status == "down" else 200)
+
+    async def queues_status(self, _: Request) -> Response:
+        statuses = await level_status(self.redis, self.keys, self.config)
+        for s in statuses:
+            QUEUE_DEPTH.labels(level=s.level).set(s.depth)
+        return respond({"levels": statuses})
+
+    async def metrics(self, _: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    async def dlq_list(self, request: Request) -> Response:
+        limit = request.query_params.get("limit", "50")
+        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+            raise BadInput(422, "limit must be an integer from 1 to 1000", "limit")
+        return respond([dl.summary() for dl in await self.dead.list(limit=int(limit))])
+
+    async def dlq_show(self, request: Request) -> Response:
+        dl = await self.dead.find(request.path_params["id"])
+        if dl is None:
+            raise BadInput(404, "no such dead letter")
+        return respond(dl.summary() | {"request": dl.message.request if dl.message else None})
+
+    async def dlq_replay(self, request: Request) -> Response:
+        dl = await self.dead.find(request.path_params["id"])
+        if dl is None:
+            raise BadInput(404, "no such dead letter (already replayed?)")
+        level = request.query_params.get("level")
+        if level is not None and level not in self.levels:
+            raise BadInput(422, f"unknown level {level!r}; valid levels: {', '.join(self.levels)}", "level")
+        replayed = await self.dead.replay(dl, level=level)
+        if not replayed:
+            raise BadInput(409, "already replayed")
+        return respond({"replayed": dl.entry_id, "message_id": dl.message_id})
+
+    async def openapi_json(self, _: Request) -> Response:
+        doc = api.openapi(
+            title="llmq",
+            version="0.1.0",
+            levels=self.levels,
+            secured=bool(self.config.api_keys),
+            max_wait_s=self.config.server.max_poll_wait.seconds,
+        )
+        return respond(doc)
+
+    async def docs(self, _: Request) -> Response:
+        return HTMLResponse(_DOCS)
+
+    async def refresh_depth(self) -> None:
+        """Keeps ``queue_depth`` current for Prometheus even when nobody asks for the status."""
+        while True:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                for s in await level_status(self.redis, self.keys, self.config):
+                    QUEUE_DEPTH.labels(level=s.level).set(s.depth)
+            await asyncio.sleep(min(DEPTH_EVERY_S, self.config.queue.monitor_interval.seconds))
+
+
+def _encode(msg: Message, where: str = "") -> bytes:
+    try:
+        return encode(msg)
+    except (OverflowError, msgspec.EncodeError) as exc:
+        raise BadInput(
+            422, f"a value cannot be stored: {exc} (integers must fit in 64 bits)", f"{where}request"
+        ) from None
+
+
+def _valid_id(message_id: str) -> bool:
+    return 0 < len(message_id) <= 64 and all(c.isalnum() or c == "-" for c in message_id)
+
+
+def _failure(view: api.MessageView) -> Response:
+    """An ended-without-result message as an OpenAI error; a backend's own 4xx keeps its status."""
+    error = view.error or view.status
+    match = _answered.search(error)
+    if view.status == Status.FAILED.value and match and 400 <= int(match.group(1)) < 500:
+        return openai_error(int(match.group(1)), error)
+    if view.status == Status.EXPIRED.value:
+        return openai_error(504, "the request expired before a backend was free", kind="timeout")
+    if view.status == Status.CANCELLED.value:
+        return openai_error(409, "the request was cancelled", kind="cancelled")
+    return openai_error(502, f"the request {view.status}: {error}", kind="api_error")
+
+
+def _handled(path: str, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Bad input becomes a 4xx naming the field, a Redis outage a 503; requests are counted and timed by
+    route template (never the raw path, which holds ids)."""
 
     async def wrapped(request: Request) -> Response:
         started = time.perf_counter()
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except BadInput as exc:
+            response = reject(exc.status, exc.message, exc.field)
+        except CONNECTION_ERRORS:
+            response = reject(503, "queue storage unavailable; retry later", headers={"Retry-After": "1"})
         HTTP_REQUESTS.labels(request.method, path, str(response.status_code)).inc()
         HTTP_DURATION.labels(request.method, path).observe(time.perf_counter() - started)
         return response
@@ -107,99 +519,66 @@ def _metered(path: str, handler: Callable[[Request], Awaitable[Response]]) -> Ca
     return wrapped
 
 
-def create_app(config: Config, *, redis: aioredis.Redis, keys: Keys) -> Starlette:
-    levels = {lv.name: lv for lv in config.queue.levels}
-    max_body = config.server.max_body_bytes
-    msg_ttl_s = 7 * 24 * 3600
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    HTTP_REQUESTS.labels(request.method, "<unmatched>", str(exc.status_code)).inc()
+    return respond(api.ApiError(error=str(exc.detail)), exc.status_code, dict(exc.headers or {}))
 
-    async def submit(request: Request) -> Response:
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-            return _error(415, "content type must be application/json")
-        body = await request.body()
-        if len(body) > max_body:
-            return _error(413, f"body is {len(body)} bytes; the limit is {max_body}")
-        try:
-            sub = _submit_decoder.decode(body)
-        except msgspec.ValidationError as exc:
-            text = str(exc)
-            field = text.rsplit(" - at `$.", 1)[1].rstrip("`") if " - at `$." in text else None
-            return _error(422, text.split(" - at ")[0], field)
-        except msgspec.DecodeError as exc:
-            return _error(400, f"malformed JSON: {exc}")
-        if sub.level not in levels:
-            return _error(422, f"unknown level {sub.level!r}; valid levels: {', '.join(levels)}", "level")
-        if not isinstance(sub.request.get("messages"), list):
-            return _error(422, "request.messages must be a list of chat messages", "request.messages")
-        if sub.deadline_ms is not None and sub.deadline_ms <= 0:
-            return _error(422, "deadline_ms must be a positive number of milliseconds", "deadline_ms")
-        now = time.time()
-        msg = Message(
-            id=new_id(),
-            level=sub.level,
-            request=sub.request,
-            session_id=sub.session_id,
-            tenant=sub.tenant,
-            idempotency_key=sub.idempotency_key,
-            enqueued_at=now,
-            deadline=None if sub.deadline_ms is None else now + sub.deadline_ms / 1000,
-            metadata=sub.metadata,
-        )
-        tx = redis.pipeline(transaction=True)
-        tx.xadd(keys.level(msg.level), {FIELD: encode(msg)})
-        tx.hset(
-            keys.msg(msg.id),
-            mapping={"status": Status.QUEUED.value, "level": msg.level, "attempts": 0, "enqueued_at": now},
-        )
-        tx.expire(keys.msg(msg.id), msg_ttl_s)
-        try:
-            await tx.execute()
-        except CONNECTION_ERRORS:
-            return _error(503, "queue storage unavailable; retry later")
-        INGESTED.labels(level=msg.level).inc()
-        return _json_response({"id": msg.id, "status": Status.QUEUED.value, "level": msg.level}, 202)
 
-    async def get_message(request: Request) -> Response:
-        message_id = request.path_params["id"]
-        if len(message_id) > 64 or not all(c.isalnum() or c == "-" for c in message_id):
-            return _error(404, "no such message")
-        try:
-            fields: Any = await redis.hgetall(keys.msg(message_id))
-        except CONNECTION_ERRORS:
-            return _error(503, "queue storage unavailable; retry later")
-        if not fields:
-            return _error(404, "no such message")
-        doc: dict[str, Any] = {"id": message_id}
-        for k, v in fields.items():
-            doc[k.decode()] = v.decode(errors="replace")
-        doc["attempts"] = int(doc.get("attempts", 0))
-        return _json_response(doc)
+async def _server_error(request: Request, exc: Exception) -> Response:
+    HTTP_REQUESTS.labels(request.method, "<error>", "500").inc()
+    return respond(api.ApiError(error="internal error; see the server log"), 500)
 
-    async def health(_: Request) -> Response:
-        try:
-            await redis.ping()
-            return _json_response({"status": "ok", "checks": {"redis": "ok"}})
-        except CONNECTION_ERRORS:
-            return _json_response({"status": "down", "checks": {"redis": "down"}}, 503)
 
-    async def queues_status(_: Request) -> Response:
-        try:
-            statuses = await level_status(redis, keys, config)
-        except CONNECTION_ERRORS:
-            return _error(503, "queue storage unavailable; retry later")
-        return _json_response({"levels": statuses})
-
-    async def metrics(_: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
+def create_app(
+    config: Config, *, redis: aioredis.Redis, keys: Keys, pool: AsyncConnectionPool | None = None
+) -> Starlette:
+    ingest = IngestApi(config, redis=redis, keys=keys, pool=pool)
     routes = [
-        ("/api/v1/messages", submit, ["POST"]),
-        ("/api/v1/messages/{id}", get_message, ["GET"]),
-        ("/api/v1/health", health, ["GET"]),
-        ("/api/v1/queues/status", queues_status, ["GET"]),
-        (config.metrics.path, metrics, ["GET"]),
-        ("/api/v1/metrics", metrics, ["GET"]),
+        ("/api/v1/messages", ingest.submit, ["POST"]),
+        ("/api/v1/messages/batch", ingest.submit_batch, ["POST"]),
+        ("/api/v1/messages/{id}", ingest.message, ["GET", "DELETE"]),
+        ("/v1/chat/completions", ingest.chat_completions, ["POST"]),
+        ("/v1/models", ingest.models, ["GET"]),
+        ("/api/v1/health", ingest.health, ["GET"]),
+        ("/api/v1/queues/status", ingest.queues_status, ["GET"]),
+        ("/api/v1/dlq", ingest.dlq_list, ["GET"]),
+        ("/api/v1/dlq/{id}", ingest.dlq_show, ["GET"]),
+        ("/api/v1/dlq/{id}/replay", ingest.dlq_replay, ["POST"]),
+        (config.metrics.path, ingest.metrics, ["GET"]),
+        ("/api/v1/metrics", ingest.metrics, ["GET"]),
+        ("/openapi.json", ingest.openapi_json, ["GET"]),
+        ("/docs", ingest.docs, ["GET"]),
     ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        ingest.waiter.start()
+        depth = asyncio.create_task(ingest.refresh_depth())
+        if pool is not None:
+            await pool.open(wait=False)
+        try:
+            yield
+        finally:
+            depth.cancel()
+            await ingest.waiter.close()
+            if pool is not None:
+                await pool.close()
+
     return Starlette(
-        routes=[Route(path, _metered(path, fn), methods=methods) for path, fn, methods in routes],
+        routes=[Route(path, _handled(path, fn), methods=methods) for path, fn, methods in routes],
         middleware=[Middleware(ApiKeyMiddleware, keys=list(config.api_keys))],
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        lifespan=lifespan,
     )
+
+
+_DOCS = """<!doctype html>
+<html><head><title>llmq API</title><meta charset="utf-8">
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<body><div id="ui"></div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+<noscript>The API description is at <a href="/openapi.json">/openapi.json</a>.</noscript>
+</body></html>
+"""

@@ -45,7 +45,9 @@ for _, member in ipairs(due) do
   local stream = streams[level]
   if payload and stream then
     redis.call('XADD', stream, '*', 'm', payload)
-    redis.call('HSET', ARGV[3] .. id, 'status', 'queued')
+    if redis.call('HGET', ARGV[3] .. id, 'status') ~= 'cancelled' then
+      redis.call('HSET', ARGV[3] .. id, 'status', 'queued')
+    end
     moved = moved + 1
   end
   redis.call('ZREM', KEYS[1], member)

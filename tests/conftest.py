@@ -16,7 +16,9 @@ import pytest
 import redis.asyncio as aioredis
 from psycopg.conninfo import make_conninfo
 
+from pipeline.config import RedisConfig
 from pipeline.keys import Keys
+from pipeline.redis import make_redis
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +83,7 @@ def keys(prefix: str) -> Keys:
 
 @pytest.fixture
 async def redis(redis_url: str, prefix: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
+    client = make_redis(RedisConfig(url=redis_url), pool_size=200)
     try:
         yield client
     finally:

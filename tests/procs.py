@@ -49,6 +49,13 @@ class Proc:
             time.sleep(0.02)
         raise AssertionError(f"no log line {msg_prefix!r} within {timeout}s:\n{self.text()}")
 
+    def wait_for_log_text(self, text: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.text():
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the log (exit {self.popen.poll()}):\n{self.text()}")
+            time.sleep(0.02)
+
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 

@@ -79,7 +79,8 @@ logging: {format: xml}
 """,
     )
     assert problems == [
-        "server.colour: unknown field (expected one of: host, max_body_bytes, mode, port)",
+        "server.colour: unknown field "
+        "(expected one of: host, max_batch, max_body_bytes, max_poll_wait, mode, port, sync_timeout)",
         "server.port: 99999 must be <= 65535",
         'queue.levels[1].max_wait_time: invalid duration "5 sec" (write it like "100ms", "30s", "5m")',
         'queue.levels[2].priority: expected an integer, got str "4"',

@@ -2,30 +2,43 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import redis.asyncio as aioredis
+from psycopg.types.json import Jsonb
 
 from pipeline.config import load_config
 from pipeline.keys import Keys
-from pipeline.models import FIELD, decode_message
+from pipeline.models import FIELD, decode_message, new_id
 from stages.ingest import create_app
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
 
 
-async def client_for(redis: aioredis.Redis, keys: Keys, env: dict[str, str] | None = None) -> httpx.AsyncClient:
+@contextlib.asynccontextmanager
+async def client_for(
+    redis: aioredis.Redis, keys: Keys, env: dict[str, str] | None = None, pool: Any = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The ingest app with its lifespan running (as under uvicorn), called in-process."""
     config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix, **(env or {})})
-    app = create_app(config, redis=redis, keys=keys)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    app = create_app(config, redis=redis, keys=keys, pool=pool)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
+        yield client
 
 
 @pytest.fixture
 async def http(redis: aioredis.Redis, keys: Keys) -> AsyncIterator[httpx.AsyncClient]:
-    async with await client_for(redis, keys) as client:
+    async with client_for(redis, keys) as client:
         yield client
 
 
@@ -89,7 +102,7 @@ async def test_unknown_level_lists_the_valid_ones(http: httpx.AsyncClient) -> No
 
 
 async def test_oversize_body_gets_413(redis: aioredis.Redis, keys: Keys) -> None:
-    async with await client_for(redis, keys, {"LLMQ_SERVER__MAX_BODY_BYTES": "100"}) as http:
+    async with client_for(redis, keys, {"LLMQ_SERVER__MAX_BODY_BYTES": "100"}) as http:
         big = {"request": {"messages": [{"role": "user", "content": "x" * 200}]}}
         assert (await http.post("/api/v1/messages", json=big)).status_code == 413
 
@@ -100,7 +113,7 @@ async def test_unknown_or_malformed_ids_are_404(http: httpx.AsyncClient) -> None
 
 
 async def test_api_keys_are_required_when_configured(redis: aioredis.Redis, keys: Keys) -> None:
-    async with await client_for(redis, keys, {"LLMQ_API_KEYS": "k-one,k-two"}) as http:
+    async with client_for(redis, keys, {"LLMQ_API_KEYS": "k-one,k-two"}) as http:
         assert (await http.post("/api/v1/messages", json={"request": CHAT})).status_code == 401
         wrong = {"Authorization": "Bearer k-three"}
         assert (await http.post("/api/v1/messages", json={"request": CHAT}, headers=wrong)).status_code == 401
@@ -123,9 +136,171 @@ async def test_health_and_metrics(http: httpx.AsyncClient) -> None:
 
 async def test_health_is_503_when_redis_is_down(keys: Keys) -> None:
     dead = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
-    async with await client_for(dead, keys) as http:
+    async with client_for(dead, keys) as http:
         response = await http.get("/api/v1/health")
         assert response.status_code == 503 and response.json()["status"] == "down"
         submit = await http.post("/api/v1/messages", json={"request": CHAT})
         assert submit.status_code == 503
     await dead.aclose()
+
+
+# --- batch, idempotency, backpressure ------------------------------------------------------------
+
+
+async def test_batch_accepts_valid_items_and_names_bad_ones(
+    http: httpx.AsyncClient, redis: aioredis.Redis, keys: Keys
+) -> None:
+    items = [
+        {"level": "high", "request": CHAT},
+        {"level": "nope", "request": CHAT},
+        {"request": {"messages": "hi"}},
+        {"request": CHAT, "deadline_ms": "soon"},
+        {"level": "low", "request": CHAT},
+    ]
+    response = await http.post("/api/v1/messages/batch", json=items)
+    assert response.status_code == 200
+    results = response.json()
+    assert [r["status_code"] for r in results] == [202, 422, 422, 422, 202]
+    assert [r.get("field") for r in results[1:4]] == ["[1].level", "[2].request.messages", "[3].deadline_ms"]
+    assert await redis.xlen(keys.level("high")) == 1 and await redis.xlen(keys.level("low")) == 1
+
+
+async def test_batch_limits(redis: aioredis.Redis, keys: Keys) -> None:
+    async with client_for(redis, keys, {"LLMQ_SERVER__MAX_BATCH": "3"}) as http:
+        assert (await http.post("/api/v1/messages/batch", json=[{"request": CHAT}] * 4)).status_code == 413
+        assert (await http.post("/api/v1/messages/batch", json={"request": CHAT})).status_code == 422
+
+
+async def test_idempotent_duplicates_make_one_message_even_concurrently(
+    http: httpx.AsyncClient, redis: aioredis.Redis, keys: Keys
+) -> None:
+    body = {"request": CHAT, "idempotency_key": "order-7"}
+    responses = await asyncio.gather(*(http.post("/api/v1/messages", json=body) for _ in range(200)))
+    codes = sorted(r.status_code for r in responses)
+    ids = {r.json()["id"] for r in responses}
+    assert codes.count(202) == 1 and codes.count(200) == 199
+    assert len(ids) == 1
+    assert await redis.xlen(keys.level("normal")) == 1
+
+
+async def test_a_full_level_answers_429_and_writes_nothing(redis: aioredis.Redis, keys: Keys) -> None:
+    async with client_for(redis, keys, {"LLMQ_QUEUE__DEFAULT_MAX_SIZE": "3"}) as http:
+        for _ in range(3):
+            assert (await http.post("/api/v1/messages", json={"request": CHAT})).status_code == 202
+        full = await http.post("/api/v1/messages", json={"request": CHAT})
+        other = await http.post("/api/v1/messages", json={"level": "high", "request": CHAT})
+    assert full.status_code == 429 and full.headers["Retry-After"] == "1"
+    assert "level 'normal' is full" in full.json()["error"]
+    assert await redis.xlen(keys.level("normal")) == 3
+    assert other.status_code == 202  # other levels are unaffected
+
+
+async def test_depth_counts_what_waits_not_what_was_acked(redis: aioredis.Redis, keys: Keys) -> None:
+    # acked entries that are not trimmed yet do not count against the level's size
+    async with client_for(redis, keys, {"LLMQ_QUEUE__DEFAULT_MAX_SIZE": "2"}) as http:
+        for _ in range(2):
+            await http.post("/api/v1/messages", json={"request": CHAT})
+        stream = keys.level("normal")
+        await redis.xgroup_create(stream, "schedule", id="0")
+        read: Any = await redis.xreadgroup("schedule", "s", {stream: ">"}, count=2)
+        await redis.xack(stream, "schedule", *(eid for eid, _ in read[0][1]))
+        assert (await http.post("/api/v1/messages", json={"request": CHAT})).status_code == 202
+
+
+# --- status, long poll, cancel, archive fallback ------------------------------------------------------
+
+
+async def test_long_poll_returns_when_the_message_finishes(
+    http: httpx.AsyncClient, redis: aioredis.Redis, keys: Keys
+) -> None:
+    mid = (await http.post("/api/v1/messages", json={"request": CHAT})).json()["id"]
+
+    async def finish_later() -> None:
+        await asyncio.sleep(0.3)
+        await redis.hset(keys.msg(mid), mapping={"status": "completed", "result": '{"ok": true}'})
+        await redis.publish(keys.finished, mid)
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(finish_later())
+        started = time.monotonic()
+        response = await http.get(f"/api/v1/messages/{mid}", params={"wait": "5"})
+        waited = time.monotonic() - started
+    assert response.json()["status"] == "completed" and response.json()["result"] == {"ok": True}
+    assert 0.25 <= waited < 2
+
+
+async def test_long_poll_times_out_with_the_current_status(http: httpx.AsyncClient) -> None:
+    mid = (await http.post("/api/v1/messages", json={"request": CHAT})).json()["id"]
+    started = time.monotonic()
+    response = await http.get(f"/api/v1/messages/{mid}", params={"wait": "0.3"})
+    assert response.json()["status"] == "queued" and time.monotonic() - started >= 0.3
+    assert (await http.get(f"/api/v1/messages/{mid}", params={"wait": "x"})).status_code == 422
+    assert (await http.get(f"/api/v1/messages/{mid}", params={"wait": "9999"})).json()["field"] == "wait"
+
+
+async def test_cancel_a_queued_message(http: httpx.AsyncClient, redis: aioredis.Redis, keys: Keys) -> None:
+    mid = (await http.post("/api/v1/messages", json={"request": CHAT})).json()["id"]
+    response = await http.delete(f"/api/v1/messages/{mid}")
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    await redis.hset(keys.msg(mid), "status", "dispatching")
+    conflict = await http.delete(f"/api/v1/messages/{mid}")
+    assert conflict.status_code == 409 and conflict.json()["status"] == "dispatching"
+    assert (await http.delete("/api/v1/messages/01a2-nope")).status_code == 404
+    not_allowed = await http.put(f"/api/v1/messages/{mid}")
+    assert not_allowed.status_code == 405 and set(not_allowed.headers["allow"].split(", ")) >= {"GET", "DELETE"}
+
+
+async def test_status_falls_back_to_the_archive(redis: aioredis.Redis, keys: Keys, database_url: str) -> None:
+    from pipeline.config import PostgresConfig
+    from pipeline.db import make_pool, migrate
+
+    await migrate(database_url)
+    mid = new_id()
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO messages (id, level, status, attempts, response, enqueued_at, finished_at, backend)"
+            " VALUES (%s, 'low', 'completed', 1, %s, now() - interval '1 day', now(), 'a')",
+            (mid, Jsonb({"choices": []})),
+        )
+    pool = make_pool(PostgresConfig(dsn=database_url))
+    config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix})
+    app = create_app(config, redis=redis, keys=keys, pool=pool)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http,
+    ):
+        doc = (await http.get(f"/api/v1/messages/{mid}")).json()
+        health = (await http.get("/api/v1/health")).json()
+    assert doc["status"] == "completed" and doc["result"] == {"choices": []} and doc["backend"] == "a"
+    assert health == {"status": "ok", "checks": {"redis": "ok", "postgres": "ok"}}
+
+
+async def test_values_that_cannot_be_stored_are_422(http: httpx.AsyncClient, redis: aioredis.Redis, keys: Keys) -> None:
+    body = b'{"request": {"messages": [{"role": "user", "content": "x"}], "seed": 123456789012345678901234567890}}'
+    response = await http.post("/api/v1/messages", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["field"] == "request"
+    nested = {"request": {"messages": [[None]]}}
+    assert (await http.post("/api/v1/messages", json=nested)).json()["field"] == "request.messages[0]"
+    assert await redis.keys(f"{keys.prefix}*") == []
+
+
+async def test_queue_status_and_depth_metric(http: httpx.AsyncClient) -> None:
+    for _ in range(3):
+        await http.post("/api/v1/messages", json={"level": "high", "request": CHAT})
+    levels = {lv["level"]: lv for lv in (await http.get("/api/v1/queues/status")).json()["levels"]}
+    assert levels["high"]["depth"] == 3 and levels["high"]["inflight"] == 0
+    assert levels["realtime"]["max_wait_time_s"] == 0.1 and levels["high"]["max_size"] == 10000
+    assert 'queue_depth{level="high"} 3.0' in (await http.get("/metrics")).text
+
+
+async def test_openapi_describes_the_api(http: httpx.AsyncClient) -> None:
+    doc = (await http.get("/openapi.json")).json()
+    assert doc["openapi"].startswith("3.1")
+    assert {"/api/v1/messages", "/api/v1/messages/batch", "/api/v1/messages/{id}"} <= set(doc["paths"])
+    assert doc["components"]["schemas"]["SubmitBody"]["properties"]["level"]["enum"] == [
+        "realtime",
+        "high",
+        "normal",
+        "low",
+    ]
+    assert "swagger-ui" in (await http.get("/docs")).text

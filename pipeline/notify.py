@@ -1,0 +1,90 @@
+"""Waiting for messages to finish without polling Redis: one Pub/Sub subscription per process.
+
+Every stage that ends a message publishes its id on the ``finished`` channel (in the same transaction as
+the outcome). A Waiter subscribes once and wakes only the requests waiting for that id, so a thousand
+long-polls cost one Redis connection, not a thousand BLPOPs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+
+from pipeline.backoff import Backoff
+from pipeline.keys import Keys
+from pipeline.redis import CONNECTION_ERRORS
+from pipeline.streams import as_str
+
+log = logging.getLogger("llmq.notify")
+CLOSE_TIMEOUT_S = 2.0
+
+
+class Waiter:
+    def __init__(self, *, redis: aioredis.Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._waiting: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="finished-listener")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            done, _ = await asyncio.wait({self._task}, timeout=CLOSE_TIMEOUT_S)
+            if not done:
+                log.warning("finished-notice listener did not stop within %gs", CLOSE_TIMEOUT_S)
+
+    async def wait(self, message_id: str, is_done: Callable[[], Awaitable[bool]], timeout_s: float) -> bool:
+        """Return True once ``is_done()`` holds, False after ``timeout_s``. ``is_done`` is checked after
+        subscribing, so a message finishing in between is not missed; notices only trigger re-checks."""
+        event = asyncio.Event()
+        self._waiting[message_id].add(event)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), timeout=min(timeout_s, 2.0))
+            while True:
+                if await is_done():
+                    return True
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                # A notice wakes us; without the subscription (Redis restarting) re-check every second.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout=min(remaining, 1.0))
+                event.clear()
+        finally:
+            waiters = self._waiting.get(message_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiting[message_id]
+
+    async def _listen(self) -> None:
+        backoff = Backoff(initial_s=0.1, max_s=5.0)
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.finished)
+                self._subscribed.set()
+                backoff.reset()
+                async for notice in pubsub.listen():
+                    for event in self._waiting.get(as_str(notice["data"]), ()):
+                        event.set()
+            except CONNECTION_ERRORS as exc:
+                self._subscribed.clear()
+                log.warning("finished-notice subscription lost, re-subscribing: %s", exc)
+                await asyncio.sleep(backoff.next())
+            finally:
+                # Bounded: closing a connection whose read was just cancelled must not hold up shutdown.
+                with contextlib.suppress(TimeoutError, *CONNECTION_ERRORS):
+                    await asyncio.wait_for(pubsub.aclose(), timeout=CLOSE_TIMEOUT_S)  # type: ignore[no-untyped-call]
