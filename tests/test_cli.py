@@ -103,9 +103,10 @@ async def test_up_runs_the_queue_on_embedded_servers_and_stops_cleanly(tmp_path:
     port = free_port()
     env["LLMQ_SERVER__PORT"] = str(port)
     env["LLMQ_SERVER__HOST"] = "127.0.0.1"
+    env["LLMQ_METRICS__PORT"] = str(free_port())  # schedule; dispatch, retry, archive take the next ports
     data_dir = tmp_path / "data"
     # When `llmq-stage up` starts
-    proc = llmq_stage(env, "up", "--data-dir", str(data_dir))
+    proc = llmq_stage(env, "up", "--data-dir", str(data_dir), "--mock-port", str(free_port()))
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
 
@@ -123,10 +124,15 @@ async def test_up_runs_the_queue_on_embedded_servers_and_stops_cleanly(tmp_path:
                 "/api/v1/messages",
                 json={"level": "high", "request": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}},
             )
-        assert health["status"] == "ok"
-        assert created.status_code == 202, created.text
+            assert created.status_code == 202, created.text
+            # and the message goes through every stage to the mock backend
+            done = await http.get(f"/api/v1/messages/{created.json()['id']}", params={"wait": "30"})
+        assert health["status"] == "ok" and health["checks"] == {"redis": "ok", "postgres": "ok"}
+        assert done.json()["status"] == "completed", done.text
+        assert done.json()["result"]["choices"][0]["message"]["content"] == "mock reply from mock"
         assert "embedded Redis (valkey) listening on redis://127.0.0.1:" in proc.text()
         assert "embedded PostgreSQL listening on postgresql://" in proc.text()
+        assert "no backend configured: mock backend on http://127.0.0.1:" in proc.text()
         assert _servers_under(data_dir), "embedded servers should run while up runs"
         # When it receives SIGTERM
         proc.signal(signal.SIGTERM)
