@@ -13,6 +13,7 @@ import msgspec
 import typer
 import uvicorn
 
+from cli import loop
 from cli.common import ConfigOption, load_or_exit
 from cli.consume import consume
 from cli.dlq import dlq_app
@@ -100,13 +101,13 @@ def run(
                 retry_after_s=retry_after,
                 max_concurrent=max_concurrent,
             )
-            code = asyncio.run(_serve_mock(cfg, listen_port, settings, handler))
+            code = loop.run(_serve_mock(cfg, listen_port, settings, handler))
         elif spec.factory is None:
-            code = asyncio.run(_serve_ingest(cfg, listen_port, handler, connect_timeout))
+            code = loop.run(_serve_ingest(cfg, listen_port, handler, connect_timeout))
         elif spec.needs_postgres and not _postgres_answers(cfg, connect_timeout):
             code = ExitCode.CONNECT
         else:
-            code = asyncio.run(
+            code = loop.run(
                 consume(
                     spec.factory,
                     cfg,

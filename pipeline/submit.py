@@ -84,6 +84,7 @@ class Submitter:
         self.keys = keys
         self._script = redis.register_script(_SUBMIT)
         self._cancel = redis.register_script(_CANCEL)
+        self._max_size = {lv.name: config.queue.max_size(lv) for lv in config.queue.levels}
 
     async def cancel(self, message_id: str) -> str | None:
         """Cancel a message not yet dispatched (queued, scheduled or retrying); return its status after."""
@@ -91,8 +92,9 @@ class Submitter:
         return as_str(status) if status else None
 
     async def submit(self, msg: Message, payload: bytes | None = None) -> Submitted:
-        [result] = await self.submit_many([(msg, payload or encode(msg))])
-        return result
+        # One EVALSHA; a pipeline would first send SCRIPT EXISTS, a second round trip per request.
+        keys, args = self._call(msg, payload or encode(msg))
+        return _verdict(await self._script(keys=keys, args=args))
 
     async def submit_many(self, messages: list[tuple[Message, bytes]]) -> list[Submitted]:
         """Each (message, its encoding) atomically, in its own script call; all in one round trip."""
@@ -105,8 +107,6 @@ class Submitter:
         return [_verdict(reply) for reply in await pipe.execute()]
 
     def _call(self, msg: Message, payload: bytes) -> tuple[list[str], list[str | bytes | int | float]]:
-        level = self.config.queue.level(msg.level)
-        assert level is not None, "callers validate the level"
         idem = msg.idempotency_key
         keys = [self.keys.level(msg.level), self.keys.msg(msg.id), self.keys.idem(idem) if idem else self.keys.idem("")]
         args: list[str | bytes | int | float] = [
@@ -114,7 +114,7 @@ class Submitter:
             msg.id,
             msg.level,
             msg.enqueued_at,
-            self.config.queue.max_size(level),
+            self._max_size[msg.level],  # callers validate the level
             HASH_TTL_S,
             IDEMPOTENCY_TTL_S,
             "1" if idem else "0",

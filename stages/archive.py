@@ -16,6 +16,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import psycopg
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
@@ -66,8 +67,15 @@ COLUMNS = (
 )
 _COLS = ", ".join(COLUMNS)
 _UPDATE = ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS if c != "id")
+_json = msgspec.json.Encoder()
 BACKLOG_EVERY_S = 5.0
+IN_FLIGHT_BATCHES = 3
 DB_ERRORS = (psycopg.OperationalError, psycopg.errors.AdminShutdown, PoolTimeout)
+
+
+def _dumps(obj: Any) -> bytes:
+    """msgspec instead of the stdlib json module psycopg uses by default: several times faster."""
+    return _json.encode(obj)
 
 
 def _ts(seconds: float | None) -> datetime | None:
@@ -88,8 +96,8 @@ def row_of(o: Outcome, *, store_bodies: bool) -> tuple[Any, ...]:
         o.backend,
         model if isinstance(model, str) else None,
         m.attempts,
-        Jsonb(m.request) if store_bodies else None,
-        Jsonb(o.response) if store_bodies and o.response is not None else None,
+        Jsonb(m.request, dumps=_dumps) if store_bodies else None,
+        Jsonb(o.response, dumps=_dumps) if store_bodies and o.response is not None else None,
         o.error,
         o.prompt_tokens,
         o.completion_tokens,
@@ -115,6 +123,8 @@ class Archive(Stage):
         pg = config.database.postgres
         self.store_bodies = pg.store_bodies if pg else True
         self.db_ok = True
+        # A few batches in flight (one per pooled connection) so decoding the next overlaps the write.
+        self.max_in_hand = config.queue.worker.max_batch_size * IN_FLIGHT_BATCHES
         self._stopping = asyncio.Event()
         self._cleanup: asyncio.Task[None] | None = None
 
@@ -144,7 +154,8 @@ class Archive(Stage):
         for entry in batch.entries:
             outcome = decode_outcome(entry.data)
             latest[outcome.message.id] = outcome  # one row per id per statement
-        rows = [row_of(o, store_bodies=self.store_bodies) for o in latest.values()]
+        # Sorted by id, so concurrent batches lock conflicting rows in the same order (no deadlock).
+        rows = [row_of(latest[i], store_bodies=self.store_bodies) for i in sorted(latest)]
         started = time.perf_counter()
         async for attempt in self._retrying():
             with attempt:

