@@ -146,8 +146,14 @@ async def overload(url: str, seconds: float, latency_ms: int, slots: int, reserv
     warm = started + 2
     pipe = redis.pipeline(transaction=False)
     for mid, _ in sent:
-        pipe.hmget(keys.msg(mid), "enqueued_at", "scheduled_at", "finished_at", "status")
-    for (_, level), (enq, sched, fin, status) in zip(sent, await pipe.execute(), strict=True):
+        pipe.hmget(keys.msg(mid), "enqueued_at", "scheduled_at", "finished_at", "status", "error", "attempts")
+    errors: dict[str, int] = {}
+    retried = 0
+    for (_, level), (enq, sched, fin, status, error, attempts) in zip(sent, await pipe.execute(), strict=True):
+        if error:
+            text = error.decode()[:120]
+            errors[text] = errors.get(text, 0) + 1
+        retried += int(attempts or 0) > 1
         if sched is None:
             unadmitted[level] += 1
         else:
@@ -163,6 +169,8 @@ async def overload(url: str, seconds: float, latency_ms: int, slots: int, reserv
         "seconds": seconds,
         "sent": len(sent),
         "goodput_fraction": completed_in_window / ((ended - warm) * capacity_per_s),
+        "messages_retried": retried,
+        "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5]),
         "queue_wait_s": {
             level: {
                 "admitted": len(w),

@@ -12,7 +12,7 @@ import hashlib
 class Keys:
     """Key names for one deployment (one prefix)."""
 
-    __slots__ = ("dispatch", "dlq", "done", "finished", "prefix", "retry", "retry_due", "retry_payloads")
+    __slots__ = ("dispatch", "dlq", "done", "finished", "prefix", "retry", "retry_due", "retry_payloads", "slots")
 
     def __init__(self, prefix: str = "{llmq}") -> None:
         self.prefix = prefix
@@ -24,6 +24,8 @@ class Keys:
         self.dlq = f"{prefix}:dlq"
         self.finished = f"{prefix}:finished"
         """Pub/Sub channel: the id of every message that reached a terminal status."""
+        self.slots = f"{prefix}:slots"
+        """Pub/Sub channel: an in-flight slot was released without the message finishing (retry)."""
 
     def level(self, name: str) -> str:
         """The stream of one priority level."""

@@ -1,8 +1,9 @@
-"""Waiting for messages to finish without polling Redis: one Pub/Sub subscription per process.
+"""Notices over Redis Pub/Sub instead of polling: one subscription per process.
 
 Every stage that ends a message publishes its id on the ``finished`` channel (in the same transaction as
-the outcome). A Waiter subscribes once and wakes only the requests waiting for that id, so a thousand
-long-polls cost one Redis connection, not a thousand BLPOPs.
+the outcome); releasing an in-flight slot otherwise publishes on ``slots``. A Waiter wakes only the
+requests waiting for that id, so a thousand long-polls cost one Redis connection, not a thousand BLPOPs;
+the scheduler's arbiter wakes on either channel to admit the next message at once.
 """
 
 from __future__ import annotations
@@ -24,23 +25,61 @@ log = logging.getLogger("llmq.notify")
 CLOSE_TIMEOUT_S = 2.0
 
 
-class Waiter:
-    def __init__(self, *, redis: aioredis.Redis, keys: Keys) -> None:
+class Listener:
+    """Calls ``on_message(channel, data)`` for every message on ``channels``; re-subscribes with backoff
+    when the connection drops. ``subscribed`` is set while the subscription is live."""
+
+    def __init__(self, *, redis: aioredis.Redis, channels: list[str], on_message: Callable[[str, str], None]) -> None:
         self.redis = redis
-        self.keys = keys
-        self._waiting: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self.channels = channels
+        self.on_message = on_message
+        self.subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._subscribed = asyncio.Event()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._listen(), name="finished-listener")
+        self._task = asyncio.create_task(self._listen(), name="listener")
 
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
             done, _ = await asyncio.wait({self._task}, timeout=CLOSE_TIMEOUT_S)
             if not done:
-                log.warning("finished-notice listener did not stop within %gs", CLOSE_TIMEOUT_S)
+                log.warning("listener of %s did not stop within %gs", self.channels, CLOSE_TIMEOUT_S)
+
+    async def _listen(self) -> None:
+        backoff = Backoff(initial_s=0.1, max_s=5.0)
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(*self.channels)
+                self.subscribed.set()
+                backoff.reset()
+                async for notice in pubsub.listen():
+                    self.on_message(as_str(notice["channel"]), as_str(notice["data"]))
+            except CONNECTION_ERRORS as exc:
+                self.subscribed.clear()
+                log.warning("subscription to %s lost, re-subscribing: %s", self.channels, exc)
+                await asyncio.sleep(backoff.next())
+            finally:
+                # Bounded: closing a connection whose read was just cancelled must not hold up shutdown.
+                with contextlib.suppress(TimeoutError, *CONNECTION_ERRORS):
+                    await asyncio.wait_for(pubsub.aclose(), timeout=CLOSE_TIMEOUT_S)  # type: ignore[no-untyped-call]
+
+
+class Waiter:
+    def __init__(self, *, redis: aioredis.Redis, keys: Keys) -> None:
+        self._waiting: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._listener = Listener(redis=redis, channels=[keys.finished], on_message=self._notice)
+
+    def start(self) -> None:
+        self._listener.start()
+
+    async def close(self) -> None:
+        await self._listener.close()
+
+    def _notice(self, _: str, message_id: str) -> None:
+        for event in self._waiting.get(message_id, ()):
+            event.set()
 
     async def wait(self, message_id: str, is_done: Callable[[], Awaitable[bool]], timeout_s: float) -> bool:
         """Return True once ``is_done()`` holds, False after ``timeout_s``. ``is_done`` is checked after
@@ -51,7 +90,7 @@ class Waiter:
         deadline = loop.time() + timeout_s
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._subscribed.wait(), timeout=min(timeout_s, 2.0))
+                await asyncio.wait_for(self._listener.subscribed.wait(), timeout=min(timeout_s, 2.0))
             while True:
                 if await is_done():
                     return True
@@ -68,23 +107,3 @@ class Waiter:
                 waiters.discard(event)
                 if not waiters:
                     del self._waiting[message_id]
-
-    async def _listen(self) -> None:
-        backoff = Backoff(initial_s=0.1, max_s=5.0)
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.keys.finished)
-                self._subscribed.set()
-                backoff.reset()
-                async for notice in pubsub.listen():
-                    for event in self._waiting.get(as_str(notice["data"]), ()):
-                        event.set()
-            except CONNECTION_ERRORS as exc:
-                self._subscribed.clear()
-                log.warning("finished-notice subscription lost, re-subscribing: %s", exc)
-                await asyncio.sleep(backoff.next())
-            finally:
-                # Bounded: closing a connection whose read was just cancelled must not hold up shutdown.
-                with contextlib.suppress(TimeoutError, *CONNECTION_ERRORS):
-                    await asyncio.wait_for(pubsub.aclose(), timeout=CLOSE_TIMEOUT_S)  # type: ignore[no-untyped-call]

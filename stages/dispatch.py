@@ -265,6 +265,7 @@ class Dispatch(Stage):
                 mapping={"status": Status.RETRYING.value, "attempts": msg.attempts, "error": result.error or ""},
             )
             batch.tx.zrem(self.keys.inflight(msg.level), msg.id)
+            batch.tx.publish(self.keys.slots, msg.level)
             batch.ack(entry)
             return
         usage = (result.response or {}).get("usage")

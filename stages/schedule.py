@@ -25,6 +25,7 @@ from pipeline.admission import LevelView, select
 from pipeline.config import Config, LevelConfig
 from pipeline.keys import Keys
 from pipeline.models import Message, Outcome, Status, decode_message
+from pipeline.notify import Listener
 from pipeline.outcomes import record_outcome
 from pipeline.redis import CONNECTION_ERRORS
 from pipeline.stage import Batch, Stage
@@ -33,8 +34,9 @@ from pipeline.streams import Entry
 log = logging.getLogger("llmq.schedule")
 
 GROUP = "schedule"
-POLL_S = 0.005
-"""How often a waiting arbiter re-reads the in-flight counts (slots free up when dispatch finishes)."""
+POLL_S = 0.05
+"""While messages wait, how often the arbiter re-reads the in-flight counts even without a notice (a
+missed notice, an expired lease). Normally it wakes on the ``finished``/``slots`` notice of a freed slot."""
 
 QUEUE_WAIT = Histogram(
     "llmq_queue_wait_seconds",
@@ -105,12 +107,18 @@ class Arbiter:
         self._wrr: dict[str, int] = {}
         self._admit = redis.register_script(_ADMIT)
         self._task: asyncio.Task[None] | None = None
+        self._freed = Listener(redis=redis, channels=[keys.finished, keys.slots], on_message=self._slot_freed)
+
+    def _slot_freed(self, _channel: str, _data: str) -> None:
+        if self._has_waiting():
+            self._wake.set()
 
     def offer(self, level: str, candidates: list[Candidate]) -> None:
         self.waiting[level].extend(candidates)
         self._wake.set()
 
     def start(self) -> None:
+        self._freed.start()
         self._task = asyncio.create_task(self._run(), name="arbiter")
 
     async def close(self) -> None:
@@ -118,6 +126,7 @@ class Arbiter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self._freed.close()
         self.give_back()
 
     def give_back(self) -> None:
