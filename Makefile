@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint fmt clean
+.PHONY: up test lint fmt bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ lint: $(STAMP)  ## ruff + mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+bench: $(STAMP)  ## every benchmark on this machine (about 8 minutes); JSON in benchmarks/out/
+	$(BIN)/python -m benchmarks.runtime_throughput --n 50000 --rounds 2
+	$(BIN)/python -m benchmarks.pipeline_bench --idle-n 300 --seconds 20 --reserved 2
+	$(BIN)/python -m benchmarks.archive_bench --n 30000 --rounds 2
+	@command -v wrk >/dev/null || { echo "wrk missing (apt-get install wrk): skipping benchmarks/ingest_http.py"; exit 0; }; \
+	  $(BIN)/python -m benchmarks.ingest_http --seconds 8 --rounds 2
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .
