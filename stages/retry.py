@@ -9,7 +9,6 @@ ZREM, HDEL, status "queued"), so a crash between steps neither loses nor duplica
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -17,6 +16,7 @@ import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
+from pipeline import tasks
 from pipeline.backoff import retry_delay
 from pipeline.config import Config
 from pipeline.keys import Keys
@@ -86,10 +86,7 @@ class Retry(Stage):
         self._timer = asyncio.create_task(self._timer_loop(), name="retry-timer")
 
     async def close(self) -> None:
-        if self._timer:
-            self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
+        await tasks.cancel(self._timer)
 
     async def handle(self, batch: Batch) -> None:
         """Idempotent: the due set is keyed by level and message id, so a redelivered entry re-schedules the

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
+from pipeline import tasks
 from pipeline.admission import LevelView, select
 from pipeline.config import Config, LevelConfig
 from pipeline.keys import Keys
@@ -122,10 +123,7 @@ class Arbiter:
         self._task = asyncio.create_task(self._run(), name="arbiter")
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks.cancel(self._task)
         await self._freed.close()
         self.give_back()
 

