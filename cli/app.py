@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 import typer
@@ -145,7 +145,7 @@ async def _serve_ingest(cfg: Config, port: int, handler: logging.Handler, connec
         # The archive (status of messages whose Redis hash expired) and a health check, when configured.
         pool = make_pool(cfg.database.postgres, max_size=2) if cfg.database.postgres else None
         api = create_app(cfg, redis=redis, keys=Keys(cfg.redis.key_prefix), pool=pool)
-        server = uvicorn.Server(uvicorn.Config(api, host=cfg.server.host, port=port, log_config=None, access_log=False))
+        server = uvicorn.Server(_http_config(api, cfg, port))
         # uvicorn owns SIGINT/SIGTERM here and re-raises the signal after its graceful shutdown; with
         # these no-op handlers in place that re-raise does not kill the process, so it exits 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -161,10 +161,21 @@ async def _serve_ingest(cfg: Config, port: int, handler: logging.Handler, connec
         await redis.aclose()
 
 
-async def _serve_mock(cfg: Config, port: int, settings: MockSettings, handler: logging.Handler) -> ExitCode:
-    server = uvicorn.Server(
-        uvicorn.Config(MockBackend(settings).app(), host=cfg.server.host, port=port, log_config=None, access_log=False)
+def _http_config(app: Any, cfg: Config, port: int) -> uvicorn.Config:
+    """uvicorn settings of the HTTP stages. Shutdown is bounded by the grace period: left alone, uvicorn
+    waits for every open client connection to close."""
+    return uvicorn.Config(
+        app,
+        host=cfg.server.host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, round(cfg.queue.worker.shutdown_grace.seconds)),
     )
+
+
+async def _serve_mock(cfg: Config, port: int, settings: MockSettings, handler: logging.Handler) -> ExitCode:
+    server = uvicorn.Server(_http_config(MockBackend(settings).app(), cfg, port))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)  # see _serve_ingest
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, reopen_logs, handler)

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+GRACEFUL_SHUTDOWN_S = 2
 HealthCheck = Callable[[], Awaitable[dict[str, Any]]]
 """Returns a health document with ``status`` "ok", "degraded" or "down"."""
 
@@ -49,7 +50,13 @@ class OpsServer:
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.port: int = self.sock.getsockname()[1]
         config = uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="on" if lifespan else "off", log_level="warning"
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="on" if lifespan else "off",
+            log_level="warning",
+            # uvicorn otherwise waits without limit for open connections to close on shutdown.
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
         self.server = _QuietServer(config)
         self._task: asyncio.Task[None] | None = None

@@ -52,6 +52,7 @@ async def test_the_openai_sdk_works_unchanged(api_url: str) -> None:
         model="m", messages=[{"role": "user", "content": "x"}], extra_body={"priority": "realtime"}
     )
     assert again.choices[0].finish_reason == "stop"
+    await client.close()
 
 
 async def test_the_sdk_gets_openai_shaped_errors(api_url: str) -> None:
@@ -67,6 +68,8 @@ async def test_the_sdk_gets_openai_shaped_errors(api_url: str) -> None:
         await wrong_key.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.NotFoundError, match="no backend serves model 'gpt-9'"):
         await client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+    await client.close()
+    await wrong_key.close()
 
 
 @pytest.mark.timeout(300)
