@@ -90,6 +90,9 @@ def run(
         raise typer.Exit(ExitCode.USAGE)
     cfg = load_or_exit(config)
     handler = setup_logging(cfg.logging, stage=stage)
+    # SIGUSR1's default action kills the process; reopen logs instead from the very start (the event
+    # loop installs its own handler for the same once it runs).
+    signal.signal(signal.SIGUSR1, lambda *_: reopen_logs(handler))
     listen_port = spec.default_port(cfg) if port is None else port
     try:
         if stage == "mock-backend":

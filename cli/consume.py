@@ -117,14 +117,6 @@ async def _serve(
     ops = OpsServer(ops_app(health, metrics_path=config.metrics.path), host=config.server.host, port=port)
     ops.start()
     ctx = {"stage": group, "consumer": name}
-    log.info(
-        "stage started: stream %s, redis %s, ops http://%s:%d",
-        ", ".join(st.stream for st in stages),
-        describe(config.redis),
-        config.server.host,
-        ops.port,
-        extra={**ctx, "ops_port": ops.port},
-    )
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
@@ -141,6 +133,15 @@ async def _serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop_signal, sig)
     loop.add_signal_handler(signal.SIGUSR1, reopen_logs, log_handler)
+    # Announced only once every signal has its handler: "started" means safe to signal.
+    log.info(
+        "stage started: stream %s, redis %s, ops http://%s:%d",
+        ", ".join(st.stream for st in stages),
+        describe(config.redis),
+        config.server.host,
+        ops.port,
+        extra={**ctx, "ops_port": ops.port},
+    )
 
     code = ExitCode.OK
     for st in stages:
