@@ -167,7 +167,11 @@ class Dispatch(Stage):
         ]
 
     async def _preference(self, eligible: list[BackendConfig], session_id: str | None) -> list[str]:
-        inflight = await self.limits.inflight([b.name for b in eligible])
+        # Only least_connections looks at in-flight counts: spare the others that round trip per call.
+        if self.balancer.algorithm == "least_connections":
+            inflight = await self.limits.inflight([b.name for b in eligible])
+        else:
+            inflight = dict.fromkeys((b.name for b in eligible), 0)
         order = self.balancer.order([BackendView(b.name, b.weight, inflight[b.name]) for b in eligible])
         lb = self.config.loadbalancer
         if session_id and lb.enable_session_affinity:

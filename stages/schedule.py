@@ -101,6 +101,7 @@ class Arbiter:
         self.redis = redis
         self.keys = keys
         self.levels = sorted(config.queue.levels, key=lambda lv: lv.priority)
+        self.by_name = {lv.name: lv for lv in self.levels}
         self.capacity = capacity(config)
         self.lease_s = config.scheduler.timeout.seconds + config.queue.worker.claim_timeout.seconds
         self.waiting: dict[str, deque[Candidate]] = {lv.name: deque() for lv in self.levels}
@@ -166,9 +167,8 @@ class Arbiter:
         free_total = self.capacity - sum(inflight.values())
         order = select(heads, views, free_total, now, self.config.scheduler.strategy, self._wrr)
         reserved = {v.name: v.reserved_unused for v in views}
-        by_name = {lv.name: lv for lv in self.levels}
         for level, count in _runs(order):
-            cfg = by_name[level]
+            cfg = self.by_name[level]
             floor = sum(reserved[h.name] for h in self.levels if h.priority < cfg.priority)
             batch = [self.waiting[level][i] for i in range(count)]
             admitted = await self._admit_run(cfg, batch, now, floor)
@@ -201,7 +201,7 @@ class Arbiter:
         wait = now - cand.message.enqueued_at
         QUEUE_WAIT.labels(level=level).observe(wait)
         SCHEDULED.labels(level=level).inc()
-        lv = self.config.queue.level(level)
+        lv = self.by_name.get(level)
         if lv is not None and wait > lv.max_wait_time.seconds:
             SLO_VIOLATIONS.labels(level=level).inc()
         if not cand.decided.done():
