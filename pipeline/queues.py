@@ -8,6 +8,7 @@ whole stream is waiting.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -38,6 +39,13 @@ class LevelStatus(msgspec.Struct, kw_only=True):
     max_wait_time_s: float
 
 
+def group_depth(group: Mapping[str, Any], length: int) -> int:
+    """Entries a consumer group has not acked: pending + lag. Redis cannot compute lag after deletions in
+    the group's range (trims); then the whole stream length counts, erring high rather than low."""
+    lag = group.get("lag")
+    return int(group["pending"]) + (int(lag) if lag is not None else int(length))
+
+
 def _entry_ms(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
@@ -63,8 +71,7 @@ async def level_status(redis: aioredis.Redis, keys: Keys, config: Config) -> lis
             oldest = as_str(first[0][0]) if first else None
         else:
             pending, consumers = int(group["pending"]), int(group["consumers"])
-            lag = group.get("lag")
-            depth = pending + (int(lag) if lag is not None else int(length))
+            depth = group_depth(group, length)
             oldest = await _oldest_unacked(redis, keys.level(level.name), group, pending)
         out.append(
             LevelStatus(

@@ -31,8 +31,10 @@ from pipeline.db import migrate
 from pipeline.errors import GiveBack
 from pipeline.keys import Keys
 from pipeline.models import Outcome, decode_outcome
+from pipeline.queues import group_depth
 from pipeline.redis import CONNECTION_ERRORS
 from pipeline.stage import Batch, Stage
+from pipeline.streams import as_str
 from pipeline.trim import trim_acked
 
 log = logging.getLogger("llmq.archive")
@@ -214,15 +216,16 @@ class Archive(Stage):
             await asyncio.sleep(min(BACKLOG_EVERY_S, interval))
 
     async def _update_backlog(self) -> None:
-        try:
-            groups: Any = await self.redis.xinfo_groups(self.stream)
-        except ResponseError:  # no done stream yet: nothing to archive
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xinfo_groups(self.stream)
+        pipe.xlen(self.stream)
+        groups, length = await pipe.execute(raise_on_error=False)
+        if isinstance(groups, ResponseError):  # no done stream yet: nothing to archive
             BACKLOG.set(0)
             return
         for g in groups:
-            if g["name"] in (b"archive", "archive"):
-                lag = g.get("lag")
-                BACKLOG.set(int(g["pending"]) + (int(lag) if lag is not None else 0))
+            if as_str(g["name"]) == self.name:
+                BACKLOG.set(group_depth(g, length))
 
     async def cleanup(self) -> dict[str, int]:
         """Trim every stream of the pipeline below what all its groups acked (the DLQ is kept)."""
