@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from cli.embedded import EmbeddedPostgres, EmbeddedRedis
 
@@ -73,6 +75,15 @@ def stages(env: dict[str, str], *argvs: list[str]) -> Iterator[list[subprocess.P
             except subprocess.TimeoutExpired:
                 p.kill()
         log.close()
+
+
+def write_result(name: str, doc: dict[str, Any]) -> Path:
+    """Save one run's figures as benchmarks/out/<name>-<unix time>.json."""
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    path = out / f"{name}-{int(time.time())}.json"
+    path.write_text(json.dumps(doc, indent=2))
+    return path
 
 
 def pct(values: list[float], q: float) -> float:

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import redis.asyncio as aioredis
 
-from benchmarks._procs import postgres_url, redis_url
+from benchmarks._procs import postgres_url, redis_url, write_result
 from cli.consume import runner_settings
 from cli.stages import make_archive
 from pipeline.config import load_config
@@ -122,10 +120,8 @@ async def main() -> None:
     best = {k: max(v) for k, v in results.items()}
     ratio = best["archive"] / best["raw_copy"]
     print(f"best: raw COPY {best['raw_copy']:,.0f} rows/s, archive {best['archive']:,.0f} rows/s, ratio {ratio:.2f}")
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
     doc = {"benchmark": "archive", "n": args.n, "batch": args.batch, "results": results, "ratio": ratio}
-    (out / f"archive-{int(time.time())}.json").write_text(json.dumps(doc, indent=2))
+    write_result("archive", doc)
 
 
 if __name__ == "__main__":

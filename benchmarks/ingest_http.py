@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks._procs import ROOT, free_port, redis_url, stages
+from benchmarks._procs import ROOT, free_port, redis_url, stages, write_result
 
 BODY = {"level": "normal", "request": {"model": "m", "messages": [{"role": "user", "content": "x" * 200}]}}
 
@@ -122,10 +122,8 @@ async def main() -> None:
     best = {k: max(r["rps"] for r in v) for k, v in results.items()}
     ratio = best["llmq"] / best["bare"]
     print(f"best: bare {best['bare']:,.0f} req/s, llmq {best['llmq']:,.0f} req/s, ratio {ratio:.2f}")
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
     doc = {"benchmark": "ingest_http", "results": results, "best": best, "ratio": ratio, "batch_msgs_per_s": batch_rate}
-    (out / f"ingest_http-{int(time.time())}.json").write_text(json.dumps(doc, indent=2))
+    write_result("ingest_http", doc)
 
 
 if __name__ == "__main__":

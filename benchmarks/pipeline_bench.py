@@ -20,13 +20,12 @@ import json
 import random
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import redis.asyncio as aioredis
 
-from benchmarks._procs import free_port, pct, postgres_url, redis_url, stages
+from benchmarks._procs import free_port, pct, postgres_url, redis_url, stages, write_result
 from pipeline.config import load_config
 from pipeline.keys import Keys
 from pipeline.models import encode, new_id
@@ -209,10 +208,8 @@ async def main() -> None:
         print(f"overload: 2x capacity for {args.seconds:g}s ...", flush=True)
         load = await overload(url, args.seconds, args.latency_ms, args.slots, args.reserved)
         print(json.dumps(load, indent=2), flush=True)
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
     doc = {"benchmark": "pipeline", "idle": idle, "overload": load, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
-    (out / f"pipeline-{int(time.time())}.json").write_text(json.dumps(doc, indent=2))
+    write_result("pipeline", doc)
 
 
 if __name__ == "__main__":

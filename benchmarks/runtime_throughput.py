@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from benchmarks._procs import write_result
 from pipeline.keys import Keys
 from pipeline.models import FIELD
 from pipeline.stage import Batch, Runner, RunnerSettings, Stage
@@ -159,8 +158,6 @@ async def main() -> None:
     best = {k: max(v) for k, v in results.items()}
     ratio = best["llmq"] / best["ceiling"]
     print(f"best: ceiling {best['ceiling']:,.0f} msgs/s, llmq runtime {best['llmq']:,.0f} msgs/s, ratio {ratio:.2f}")
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
     doc = {
         "benchmark": "runtime_throughput",
         "n": args.n,
@@ -173,7 +170,7 @@ async def main() -> None:
         "ratio": ratio,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    (out / f"runtime_throughput-{int(time.time())}.json").write_text(json.dumps(doc, indent=2))
+    write_result("runtime_throughput", doc)
 
 
 if __name__ == "__main__":
