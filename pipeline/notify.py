@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
+from pipeline import tasks
 from pipeline.backoff import Backoff
 from pipeline.keys import Keys
 from pipeline.redis import CONNECTION_ERRORS
@@ -89,8 +90,7 @@ class Waiter:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._listener.subscribed.wait(), timeout=min(timeout_s, 2.0))
+            await tasks.wait_event(self._listener.subscribed, min(timeout_s, 2.0))
             while True:
                 if await is_done():
                     return True
@@ -98,8 +98,7 @@ class Waiter:
                 if remaining <= 0:
                     return False
                 # A notice wakes us; without the subscription (Redis restarting) re-check every second.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout=min(remaining, 1.0))
+                await tasks.wait_event(event, min(remaining, 1.0))
                 event.clear()
         finally:
             waiters = self._waiting.get(message_id)

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from pipeline import metrics
+from pipeline import metrics, tasks
 from pipeline.backoff import Backoff
 from pipeline.errors import GiveBack
 from pipeline.keys import Keys
@@ -356,8 +356,7 @@ class Runner:
             log.warning("grace period over, %d batches left pending", len(late), extra=self._ctx())
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        await tasks.wait_event(self._stopping, seconds)
 
     def _ctx(self, entries: int | None = None) -> dict[str, Any]:
         ctx: dict[str, Any] = {"stage": self.group, "consumer": self.consumer}

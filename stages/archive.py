@@ -10,7 +10,6 @@ Every ``queue.cleanup_interval`` the stage trims what every group has acked from
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -190,9 +189,7 @@ class Archive(Stage):
             )
 
         async def wait_unless_stopping(seconds: float) -> None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
-            if self._stopping.is_set():
+            if await tasks.wait_event(self._stopping, seconds):
                 raise GiveBack  # the batch stays pending and is re-read after the restart
 
         return AsyncRetrying(

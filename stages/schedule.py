@@ -12,7 +12,6 @@ level, status "scheduled" — atomically. Several scheduler processes therefore 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -139,8 +138,7 @@ class Arbiter:
     async def _run(self) -> None:
         idle_s = self.config.scheduler.check_interval.seconds
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=POLL_S if self._has_waiting() else idle_s)
+            await tasks.wait_event(self._wake, POLL_S if self._has_waiting() else idle_s)
             self._wake.clear()
             try:
                 await self._round()

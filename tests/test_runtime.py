@@ -13,6 +13,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from pipeline import tasks
 from pipeline.keys import Keys
 from pipeline.models import FIELD
 from pipeline.stage import Runner, RunnerSettings
@@ -345,3 +346,24 @@ async def test_consumer_names_are_unique_and_reused_after_release(
         await a.release()
         c = ConsumerLease(redis=redis, keys=keys, group="work", ttl_s=10)
         assert await c.acquire(None) == first  # a restarted replica gets its name back
+
+
+async def test_a_loop_waiting_on_an_event_stops_when_cancelled_as_the_event_fires() -> None:
+    """The race that hung test teardowns: on Python 3.11 ``asyncio.wait_for`` swallowed a cancel that
+    arrived just as the event was set, so the arbiter's loop outlived ``cancel()``."""
+    event = asyncio.Event()
+
+    async def loop() -> None:
+        while True:
+            await tasks.wait_event(event, 0.1)
+            event.clear()
+
+    for _ in range(20):
+        task = asyncio.create_task(loop())
+        await asyncio.sleep(0.005)
+        event.set()
+        await asyncio.sleep(0)  # the event's waiter completes; the loop has not resumed yet
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+        assert done and task.cancelled()
+    assert not await tasks.wait_event(asyncio.Event(), 0.01)
