@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -154,8 +155,17 @@ async def _serve_ingest(cfg: Config, port: int, handler: logging.Handler, connec
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, reopen_logs, handler)
+        # Bound before "listening" is logged, so the line is true when it appears (and names the port
+        # that --port 0 picked).
+        family = socket.AF_INET6 if ":" in cfg.server.host else socket.AF_INET
+        try:
+            sock = socket.create_server((cfg.server.host, port), family=family)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", cfg.server.host, port, exc)
+            return ExitCode.FAILURE
+        port = sock.getsockname()[1]
         log.info("ingest listening on http://%s:%d (redis %s)", cfg.server.host, port, describe(cfg.redis))
-        await server.serve()
+        await server.serve(sockets=[sock])
         if not server.started:
             return ExitCode.FAILURE
         log.info("ingest stopped")
