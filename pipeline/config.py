@@ -255,7 +255,7 @@ _NAMED_ENV = {
     "LLMQ_API_KEYS": ("api_keys",),
 }
 _ENV_PREFIX = "LLMQ_"
-_NOT_CONFIG_ENV = {"LLMQ_TEST_REDIS_URL", "LLMQ_TEST_DATABASE_URL", "LLMQ_HOME"}
+_NOT_CONFIG_ENV = {"LLMQ_TEST_REDIS_URL", "LLMQ_TEST_DATABASE_URL", "LLMQ_TEST_REQUIRE_OPS_TOOLS", "LLMQ_HOME"}
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:

