@@ -5,14 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
+
+log = logging.getLogger("llmq.tasks")
+RECANCEL_S = 1.0
 
 
 async def cancel(task: asyncio.Task[Any] | None) -> None:
-    """Cancel the task (if any) and wait until it has finished unwinding."""
+    """Cancel the task (if any) and wait until it has finished unwinding.
+
+    Cancels again every second until it has: a cancellation can be lost inside a library (redis-py may
+    turn a cancelled read into a ConnectionError, which a loop then treats as a Redis outage and goes
+    on), and waiting on such a task once would wait forever.
+    """
     if task is None:
         return
-    task.cancel()
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=RECANCEL_S)
+        if not task.done():
+            log.warning("task %s went on after cancel(); cancelling again", task.get_name())
     with contextlib.suppress(asyncio.CancelledError):
         await task
 

@@ -367,3 +367,28 @@ async def test_a_loop_waiting_on_an_event_stops_when_cancelled_as_the_event_fire
         done, _ = await asyncio.wait({task}, timeout=1.0)
         assert done and task.cancelled()
     assert not await tasks.wait_event(asyncio.Event(), 0.01)
+
+
+async def test_a_task_that_swallows_a_cancellation_is_cancelled_again() -> None:
+    """What redis-py can do: a cancelled read surfaces as a ConnectionError, and a loop that retries on
+    connection errors would go on forever after a single cancel()."""
+    swallowed = 0
+
+    async def loop() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if swallowed == 0:
+                    swallowed += 1
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                    continue
+                raise
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0.05)
+    stopping = asyncio.create_task(tasks.cancel(task))
+    done, _ = await asyncio.wait({stopping}, timeout=5)
+    assert done, "cancel() waited on a task that went on"
+    assert task.cancelled() and swallowed == 1
