@@ -92,7 +92,7 @@ class Reclaimer:
             "reclaimed %d entries idle over %dms",
             len(claimed),
             self.claim_timeout_ms,
-            extra={"stage": self.group, "consumer": self.consumer},
+            extra={"stage": self.group, "consumer": self.consumer, "entries": len(claimed)},
         )
         return await self.drop_poison(claimed)
 

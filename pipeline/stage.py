@@ -262,6 +262,7 @@ class Runner:
         entries = [e for e in entries if e.data]
         if not entries:
             return None
+        log.info("re-reading %d own pending entries", len(entries), extra=self._ctx(len(entries)))
         return await self.reclaimer.drop_poison(entries)
 
     async def _xreadgroup(self, start: str, count: int, *, block: int | None) -> Any:
