@@ -68,6 +68,18 @@ class Proc:
             self.popen.wait(timeout=10)
 
 
+def stop_all(procs: list[Proc], timeout: float = 30) -> None:
+    """SIGTERM every process still running, wait for each to exit, SIGKILL any that does not."""
+    for proc in procs:
+        if proc.popen.poll() is None:
+            proc.signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            proc.kill()
+
+
 def worker(env: dict[str, str], stream: str, *, group: str = "work", consumer: str | None = None) -> Proc:
     argv = [sys.executable, "-m", "tests.worker", "--stream", stream, "--group", group]
     if consumer:

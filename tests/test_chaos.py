@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 import time
 
 import httpx
@@ -20,7 +19,7 @@ import redis.asyncio as aioredis
 from pipeline.keys import Keys
 from tests.conftest import eventually, free_port
 from tests.harness import CHAT
-from tests.procs import Proc, llmq_stage
+from tests.procs import Proc, llmq_stage, stop_all
 
 MESSAGES = 3000
 KILLS = 10
@@ -125,14 +124,7 @@ async def test_random_sigkills_lose_nothing_and_duplicate_only_taken_over_calls(
             await eventually(settled, within=30, interval=0.2, what="every group to ack everything")
             stats = (await http.get(f"http://127.0.0.1:{mock_port}/stats")).json()
     finally:
-        for proc in every:
-            if proc.popen.poll() is None:
-                proc.signal(signal.SIGTERM)
-        for proc in every:
-            try:
-                proc.wait(timeout=30)
-            finally:
-                proc.kill()
+        stop_all(every)
     # Duplicate backend calls happen only for dispatch entries taken over from a killed dispatcher
     assert stats["messages"] >= completed
     # and thousands of backend calls did not write a log line each

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import time
 
 import httpx
@@ -15,7 +14,7 @@ from pipeline.keys import Keys
 from pipeline.submit import Submitter, new_message
 from tests.conftest import eventually, free_port
 from tests.harness import CHAT
-from tests.procs import Proc, llmq_stage
+from tests.procs import Proc, llmq_stage, stop_all
 
 
 @pytest.mark.timeout(120)
@@ -70,13 +69,7 @@ async def test_a_dispatcher_killed_mid_call_is_redelivered_and_archived_once(
 
         await eventually(archived, within=20, what="one archived row")
     finally:
-        for p in procs:
-            p.signal(signal.SIGTERM) if p.popen.poll() is None else None
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            finally:
-                p.kill()
+        stop_all(procs, timeout=20)
     # The killed call is the only duplicate the backend saw
     assert stats["calls"] == 2 and stats["duplicates"] == 1
     assert recovery_s < 15

@@ -34,7 +34,7 @@ from pipeline.keys import Keys
 from pipeline.models import FIELD
 from tests.conftest import free_port
 from tests.harness import CHAT
-from tests.procs import ROOT, Proc, llmq_stage
+from tests.procs import ROOT, Proc, llmq_stage, stop_all
 
 OPS = ROOT / "ops"
 PROMETHEUS = OPS / "prometheus"
@@ -114,8 +114,9 @@ def test_compose_keeps_the_queue_safe_and_every_stage_checked() -> None:
         redis_cmd = services["redis"]["command"]
         assert "--maxmemory-policy noeviction" in redis_cmd and "--appendonly yes" in redis_cmd
         assert "--requirepass" in redis_cmd
+    config = load_config(None, env={})
     for stage in ("ingest", "schedule", "dispatch", "retry", "archive"):
-        port = 8080 if stage == "ingest" else 8081 + ["schedule", "dispatch", "retry", "archive"].index(stage)
+        port = STAGES[stage].default_port(config)
         path = "/api/v1/health" if stage == "ingest" else "/health"
         assert base[stage]["healthcheck"]["test"][-1] == f"http://localhost:{port}{path}"
         assert prod[stage]["restart"] == "always"
@@ -289,10 +290,7 @@ async def test_every_metric_in_the_alerts_and_the_dashboard_is_exported_by_a_run
                 assert page.status_code == 200, stage
                 exported |= exported_names(page.text)
     finally:
-        for proc in procs:
-            proc.signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait()
+        stop_all(procs)
     used = set().union(*map(metric_names, _alert_exprs() + _dashboard_exprs()))
     external = used & set(EXTERNAL)
     assert used - external <= exported, f"not exported by any stage: {sorted(used - external - exported)}"
@@ -436,7 +434,8 @@ def _wait_for_text(proc: Proc, path: Path, text: str, timeout: float = 20) -> No
 
 def test_shell_scripts_pass_shellcheck() -> None:
     shellcheck = tool("shellcheck")
-    result = run(shellcheck, *map(str, sorted(SCRIPTS.glob("*.sh"))))
+    # -x follows `source` into ops/scripts/_redis_auth.sh (its path is given from the repo root)
+    result = run(shellcheck, "-x", *map(str, sorted(SCRIPTS.glob("*.sh"))), cwd=ROOT)
     assert result.returncode == 0, result.stdout
 
 

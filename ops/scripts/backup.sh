@@ -27,12 +27,8 @@ redis_cli="${REDIS_CLI:-redis-cli}"
 stamp="$(date -u +%Y%m%d_%H%M%S)"
 mkdir -p "$dir"
 
-# redis://user:password@host → REDISCLI_AUTH=password, and the URL without it.
-redis_url="$LLMQ_REDIS_URL"
-if [[ "$redis_url" =~ ^(rediss?://)([^:@/]*):([^@/]*)@(.*)$ ]]; then
-  export REDISCLI_AUTH="${BASH_REMATCH[3]}"
-  redis_url="${BASH_REMATCH[1]}${BASH_REMATCH[2]:+${BASH_REMATCH[2]}@}${BASH_REMATCH[4]}"
-fi
+# shellcheck source=ops/scripts/_redis_auth.sh
+source "$(dirname "$0")/_redis_auth.sh"
 
 # Each file is written under a .partial name and renamed when complete: a backup that is there is whole.
 echo "$(date -u +%FT%TZ) postgres backup -> $dir/postgres_$stamp.dump"

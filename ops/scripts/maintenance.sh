@@ -23,11 +23,8 @@ psql="${PG_BINDIR:+$PG_BINDIR/}psql"
 failed=0
 fail() { echo "FAIL: $*"; failed=1; }
 
-redis_url="${LLMQ_REDIS_URL:-}"
-if [[ "$redis_url" =~ ^(rediss?://)([^:@/]*):([^@/]*)@(.*)$ ]]; then
-  export REDISCLI_AUTH="${BASH_REMATCH[3]}"
-  redis_url="${BASH_REMATCH[1]}${BASH_REMATCH[2]:+${BASH_REMATCH[2]}@}${BASH_REMATCH[4]}"
-fi
+# shellcheck source=ops/scripts/_redis_auth.sh
+source "$(dirname "$0")/_redis_auth.sh"
 rcli() { "${REDIS_CLI:-redis-cli}" -u "$redis_url" --no-auth-warning "$@"; }
 
 echo "== disk ($data_dir)"
