@@ -2,25 +2,22 @@
 
 Submissions go through ``pipeline.submit`` (backpressure, idempotency, XADD and status hash in one atomic
 script). Status reads long-poll on the ``finished`` channel, and fall back to the PostgreSQL archive once
-the status hash has expired. ``/v1/chat/completions`` is an OpenAI-compatible facade: it queues the body
-at the requested priority, waits for the result and returns the backend's response unchanged. uvicorn
-owns signals here; clients are injected.
+the status hash has expired. The OpenAI-compatible routes are in ``stages.openai_facade``; how requests
+are read and answered (bodies, errors naming the field, API keys, per-route counters) in
+``stages.api_http``. uvicorn owns signals here; clients are injected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import re
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 import psycopg
 import redis.asyncio as aioredis
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,103 +25,37 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pipeline import api
 from pipeline.config import Config
 from pipeline.dlq import DeadLetters
 from pipeline.keys import Keys
-from pipeline.models import Message, Status, encode, new_id
+from pipeline.models import Message, Status, new_id
 from pipeline.notify import Waiter
 from pipeline.queues import level_status
 from pipeline.redis import CONNECTION_ERRORS
 from pipeline.submit import Submitted, Submitter, Verdict, new_message
+from stages.api_http import (
+    INGESTED,
+    REJECTED,
+    ApiKeyMiddleware,
+    BadInput,
+    encode_message,
+    field_of,
+    handled,
+    http_error,
+    read_body,
+    reject,
+    respond,
+    server_error,
+)
+from stages.openai_facade import OpenAIFacade
 
-HTTP_REQUESTS = Counter("http_requests_total", "HTTP requests", ["method", "path", "status"])
-HTTP_DURATION = Histogram("http_request_duration_seconds", "HTTP request duration", ["method", "path"])
-INGESTED = Counter("llmq_messages_ingested_total", "Messages accepted into a level stream", ["level"])
-REJECTED = Counter("llmq_rejected_total", "Requests rejected, by reason", ["reason"])
 QUEUE_DEPTH = Gauge("queue_depth", "Messages waiting for admission in a level (lag + pending)", ["level"])
 
-PUBLIC_PATHS = frozenset({"/api/v1/health", "/metrics", "/api/v1/metrics", "/openapi.json", "/docs"})
-REASONS = {
-    400: "malformed",
-    401: "auth",
-    404: "not_found",
-    409: "conflict",
-    413: "too_large",
-    415: "media_type",
-    422: "invalid",
-    429: "backpressure",
-    503: "unavailable",
-    504: "timeout",
-}
-STREAM_UNSUPPORTED = (
-    "stream=true is not supported: llmq queues the request and returns the whole completion; send stream=false"
-)
 DEPTH_EVERY_S = 5.0
-_json = msgspec.json.Encoder()
 _submit_decoder = msgspec.json.Decoder(api.SubmitBody)
 _any_decoder = msgspec.json.Decoder()
-_answered = re.compile(r"answered (\d{3}):")
-
-
-def respond(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(_json.encode(doc), status_code=status, media_type="application/json", headers=headers)
-
-
-def reject(status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> Response:
-    REJECTED.labels(reason=REASONS.get(status, str(status))).inc()
-    return respond(api.ApiError(error=message, field=field), status, headers)
-
-
-def openai_error(
-    status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error"
-) -> Response:
-    REJECTED.labels(reason=REASONS.get(status, str(status))).inc()
-    return respond({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
-
-
-class BadInput(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.field = status, message, field
-
-
-def _field_of(exc: msgspec.ValidationError) -> tuple[str, str | None]:
-    text = str(exc)
-    if " - at `$" in text:
-        message, _, where = text.rpartition(" - at `$")
-        return message, where.rstrip("`").lstrip(".") or None
-    return text, None
-
-
-class ApiKeyMiddleware:
-    """401 unless ``Authorization: Bearer <key>`` or ``X-API-Key`` matches a configured key (constant-time
-    comparison against every key; keys are never logged)."""
-
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
-        self.app = app
-        self.keys = [k.encode() for k in keys]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in PUBLIC_PATHS:
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        given = headers.get(b"x-api-key", b"")
-        auth = headers.get(b"authorization", b"")
-        if auth[:7].lower() == b"bearer ":
-            given = auth[7:].strip()
-        ok = False
-        for key in self.keys:
-            ok |= hmac.compare_digest(given, key)
-        if not ok:
-            await reject(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})(
-                scope, receive, send
-            )
-            return
-        await self.app(scope, receive, send)
 
 
 class IngestApi:
@@ -142,20 +73,6 @@ class IngestApi:
         self.max_body = config.server.max_body_bytes
 
     # --- input ---------------------------------------------------------------------------------------
-
-    async def _body(self, request: Request, *, limit: int) -> bytes:
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-            raise BadInput(415, "content type must be application/json")
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise BadInput(413, f"body of {declared} bytes is over the limit of {limit}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BadInput(413, f"body is over the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def _message(self, sub: api.SubmitBody, where: str = "") -> tuple[Message, bytes]:
         """The message and its encoding; BadInput naming the field when it cannot be queued."""
@@ -179,7 +96,7 @@ class IngestApi:
             deadline_ms=sub.deadline_ms,
             metadata=sub.metadata,
         )
-        return msg, _encode(msg, where)
+        return msg, encode_message(msg, where)
 
     # --- messages ------------------------------------------------------------------------------------
 
@@ -190,11 +107,11 @@ class IngestApi:
         return 202, api.Accepted(id=msg.id, status=Status.QUEUED.value, level=msg.level, position=result.depth)
 
     async def submit(self, request: Request) -> Response:
-        body = await self._body(request, limit=self.max_body)
+        body = await read_body(request, limit=self.max_body)
         try:
             sub = _submit_decoder.decode(body)
         except msgspec.ValidationError as exc:
-            message, field = _field_of(exc)
+            message, field = field_of(exc)
             raise BadInput(422, message, field) from None
         except msgspec.DecodeError as exc:
             raise BadInput(400, f"malformed JSON: {exc}") from None
@@ -203,7 +120,7 @@ class IngestApi:
         if result.verdict is Verdict.FULL:
             return reject(429, f"level {msg.level!r} is full ({result.depth} waiting)", headers={"Retry-After": "1"})
         if result.verdict is Verdict.DUPLICATE:
-            existing = await self._view(result.message_id or "")
+            existing = await self.view(result.message_id or "")
             doc = api.Accepted(
                 id=result.message_id or "", status=existing.status if existing else "queued", level=msg.level
             )
@@ -212,7 +129,7 @@ class IngestApi:
         return respond(doc, code)
 
     async def submit_batch(self, request: Request) -> Response:
-        body = await self._body(request, limit=self.max_body * 4)
+        body = await read_body(request, limit=self.max_body * 4)
         try:
             items = _any_decoder.decode(body)
         except msgspec.DecodeError as exc:
@@ -228,7 +145,7 @@ class IngestApi:
                 sub = msgspec.convert(item, api.SubmitBody)
                 valid.append((i, self._message(sub, f"[{i}].")))
             except msgspec.ValidationError as exc:
-                message, field = _field_of(exc)
+                message, field = field_of(exc)
                 results[i] = api.BatchItem(
                     index=i, status_code=422, error=message, field=f"[{i}].{field}" if field else f"[{i}]"
                 )
@@ -246,7 +163,7 @@ class IngestApi:
             results[i] = api.BatchItem(index=i, status_code=code, id=doc.id, status=doc.status, level=msg.level)
         return respond(results)
 
-    async def _view(self, message_id: str) -> api.MessageView | None:
+    async def view(self, message_id: str) -> api.MessageView | None:
         fields: Any = await self.redis.hgetall(self.keys.msg(message_id))
         if fields:
             doc = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
@@ -308,15 +225,15 @@ class IngestApi:
                 raise BadInput(422, f"wait must be between 0 and {max_wait:g} seconds", "wait")
         if not _valid_id(message_id):
             raise BadInput(404, "no such message")
-        view = await self._view(message_id)
+        view = await self.view(message_id)
         if view is None:
             raise BadInput(404, "no such message")
         if wait_s and not Status(view.status).terminal:
-            await self.waiter.wait(message_id, lambda: self._terminal(message_id), wait_s)
-            view = await self._view(message_id) or view
+            await self.waiter.wait(message_id, lambda: self.terminal(message_id), wait_s)
+            view = await self.view(message_id) or view
         return respond(view)
 
-    async def _terminal(self, message_id: str) -> bool:
+    async def terminal(self, message_id: str) -> bool:
         raw: Any = await self.redis.hget(self.keys.msg(message_id), "status")
         return raw is None or Status(raw.decode()).terminal
 
@@ -334,72 +251,6 @@ class IngestApi:
         if status != Status.CANCELLED.value:
             return respond(api.ApiError(error=f"cannot cancel a message that is {status}", status=status), 409)
         return respond(api.MessageView(id=message_id, status=status))
-
-    # --- OpenAI-compatible facade --------------------------------------------------------------------
-
-    async def chat_completions(self, request: Request) -> Response:
-        try:
-            body = await self._body(request, limit=self.max_body)
-            doc = _any_decoder.decode(body)
-        except BadInput as exc:
-            return openai_error(exc.status, exc.message)
-        except msgspec.DecodeError as exc:
-            return openai_error(400, f"malformed JSON: {exc}")
-        if not isinstance(doc, dict) or not isinstance(doc.get("messages"), list) or not doc["messages"]:
-            return openai_error(400, "messages must be a non-empty array", param="messages")
-        if doc.get("stream"):
-            return openai_error(400, STREAM_UNSUPPORTED, param="stream")
-        model = doc.get("model")
-        backends = self.config.backends
-        if backends and not any(not b.models or model in b.models for b in backends):
-            return openai_error(404, f"no backend serves model {model!r}", param="model", kind="model_not_found")
-        body_priority = doc.pop("priority", None)  # llmq's field, not the backend's
-        level = request.headers.get("x-llmq-priority") or body_priority or "normal"
-        if level not in self.levels:
-            return openai_error(400, f"unknown priority {level!r}; levels: {', '.join(self.levels)}", param="priority")
-        msg = new_message(
-            message_id=new_id(),
-            level=level,
-            request=doc,
-            session_id=request.headers.get("x-llmq-session-id"),
-            tenant=request.headers.get("x-llmq-tenant"),
-            idempotency_key=request.headers.get("idempotency-key"),
-        )
-        try:
-            payload = _encode(msg)
-        except BadInput as exc:
-            return openai_error(400, exc.message)
-        result = await self.submitter.submit(msg, payload)
-        if result.verdict is Verdict.FULL:
-            return openai_error(429, f"priority level {level!r} is full; retry later", kind="rate_limit_error")
-        message_id = result.message_id or msg.id
-        if result.verdict is Verdict.QUEUED:
-            INGESTED.labels(level=level).inc()
-        headers = {"X-LLMQ-Message-Id": message_id}
-        finished = await self.waiter.wait(
-            message_id, lambda: self._terminal(message_id), self.config.server.sync_timeout.seconds
-        )
-        view = await self._view(message_id)
-        if not finished or view is None:
-            response = openai_error(
-                504,
-                f"no result within {self.config.server.sync_timeout}; poll GET /api/v1/messages/{message_id}",
-                kind="timeout",
-            )
-        elif view.status == Status.COMPLETED.value and view.result is not None:
-            return Response(_json.encode(view.result), media_type="application/json", headers=headers)
-        else:
-            response = _failure(view)
-        response.headers.update(headers)
-        return response
-
-    async def models(self, _: Request) -> Response:
-        seen: dict[str, str] = {}
-        for b in self.config.backends:
-            for m in b.models:
-                seen.setdefault(m, b.name)
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": owner} for m, owner in seen.items()]
-        return respond({"object": "list", "data": data})
 
     # --- operations ----------------------------------------------------------------------------------
 
@@ -474,72 +325,21 @@ class IngestApi:
             await asyncio.sleep(min(DEPTH_EVERY_S, self.config.queue.monitor_interval.seconds))
 
 
-def _encode(msg: Message, where: str = "") -> bytes:
-    try:
-        return encode(msg)
-    except (OverflowError, msgspec.EncodeError) as exc:
-        raise BadInput(
-            422, f"a value cannot be stored: {exc} (integers must fit in 64 bits)", f"{where}request"
-        ) from None
-
-
 def _valid_id(message_id: str) -> bool:
     return 0 < len(message_id) <= 64 and all(c.isalnum() or c == "-" for c in message_id)
-
-
-def _failure(view: api.MessageView) -> Response:
-    """An ended-without-result message as an OpenAI error; a backend's own 4xx keeps its status."""
-    error = view.error or view.status
-    match = _answered.search(error)
-    if view.status == Status.FAILED.value and match and 400 <= int(match.group(1)) < 500:
-        return openai_error(int(match.group(1)), error)
-    if view.status == Status.EXPIRED.value:
-        return openai_error(504, "the request expired before a backend was free", kind="timeout")
-    if view.status == Status.CANCELLED.value:
-        return openai_error(409, "the request was cancelled", kind="cancelled")
-    return openai_error(502, f"the request {view.status}: {error}", kind="api_error")
-
-
-def _handled(path: str, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    """Bad input becomes a 4xx naming the field, a Redis outage a 503; requests are counted and timed by
-    route template (never the raw path, which holds ids)."""
-
-    async def wrapped(request: Request) -> Response:
-        started = time.perf_counter()
-        try:
-            response = await handler(request)
-        except BadInput as exc:
-            response = reject(exc.status, exc.message, exc.field)
-        except CONNECTION_ERRORS:
-            response = reject(503, "queue storage unavailable; retry later", headers={"Retry-After": "1"})
-        HTTP_REQUESTS.labels(request.method, path, str(response.status_code)).inc()
-        HTTP_DURATION.labels(request.method, path).observe(time.perf_counter() - started)
-        return response
-
-    return wrapped
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    HTTP_REQUESTS.labels(request.method, "<unmatched>", str(exc.status_code)).inc()
-    return respond(api.ApiError(error=str(exc.detail)), exc.status_code, dict(exc.headers or {}))
-
-
-async def _server_error(request: Request, exc: Exception) -> Response:
-    HTTP_REQUESTS.labels(request.method, "<error>", "500").inc()
-    return respond(api.ApiError(error="internal error; see the server log"), 500)
 
 
 def create_app(
     config: Config, *, redis: aioredis.Redis, keys: Keys, pool: AsyncConnectionPool | None = None
 ) -> Starlette:
     ingest = IngestApi(config, redis=redis, keys=keys, pool=pool)
+    openai = OpenAIFacade(ingest)
     routes = [
         ("/api/v1/messages", ingest.submit, ["POST"]),
         ("/api/v1/messages/batch", ingest.submit_batch, ["POST"]),
         ("/api/v1/messages/{id}", ingest.message, ["GET", "DELETE"]),
-        ("/v1/chat/completions", ingest.chat_completions, ["POST"]),
-        ("/v1/models", ingest.models, ["GET"]),
+        ("/v1/chat/completions", openai.chat_completions, ["POST"]),
+        ("/v1/models", openai.models, ["GET"]),
         ("/api/v1/health", ingest.health, ["GET"]),
         ("/api/v1/queues/status", ingest.queues_status, ["GET"]),
         ("/api/v1/dlq", ingest.dlq_list, ["GET"]),
@@ -566,9 +366,9 @@ def create_app(
                 await pool.close()
 
     return Starlette(
-        routes=[Route(path, _handled(path, fn), methods=methods) for path, fn, methods in routes],
+        routes=[Route(path, handled(path, fn), methods=methods) for path, fn, methods in routes],
         middleware=[Middleware(ApiKeyMiddleware, keys=list(config.api_keys))],
-        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
 

@@ -1,0 +1,155 @@
+"""How the ingest API reads requests and answers them: JSON bodies within a size limit, errors that name
+the field (llmq's shape and OpenAI's), API keys compared in constant time, and counters per route
+template. Route handlers raise ``BadInput``; ``handled`` turns it into the 4xx it describes."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from prometheus_client import Counter, Histogram
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pipeline import api
+from pipeline.models import Message, encode
+from pipeline.redis import CONNECTION_ERRORS
+
+HTTP_REQUESTS = Counter("http_requests_total", "HTTP requests", ["method", "path", "status"])
+HTTP_DURATION = Histogram("http_request_duration_seconds", "HTTP request duration", ["method", "path"])
+INGESTED = Counter("llmq_messages_ingested_total", "Messages accepted into a level stream", ["level"])
+REJECTED = Counter("llmq_rejected_total", "Requests rejected, by reason", ["reason"])
+
+PUBLIC_PATHS = frozenset({"/api/v1/health", "/metrics", "/api/v1/metrics", "/openapi.json", "/docs"})
+REASONS = {
+    400: "malformed",
+    401: "auth",
+    404: "not_found",
+    409: "conflict",
+    413: "too_large",
+    415: "media_type",
+    422: "invalid",
+    429: "backpressure",
+    503: "unavailable",
+    504: "timeout",
+}
+_json = msgspec.json.Encoder()
+
+
+def respond(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_json.encode(doc), status_code=status, media_type="application/json", headers=headers)
+
+
+def reject(status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> Response:
+    REJECTED.labels(reason=REASONS.get(status, str(status))).inc()
+    return respond(api.ApiError(error=message, field=field), status, headers)
+
+
+def openai_error(
+    status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error"
+) -> Response:
+    REJECTED.labels(reason=REASONS.get(status, str(status))).inc()
+    return respond({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+
+class BadInput(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+def field_of(exc: msgspec.ValidationError) -> tuple[str, str | None]:
+    text = str(exc)
+    if " - at `$" in text:
+        message, _, where = text.rpartition(" - at `$")
+        return message, where.rstrip("`").lstrip(".") or None
+    return text, None
+
+
+class ApiKeyMiddleware:
+    """401 unless ``Authorization: Bearer <key>`` or ``X-API-Key`` matches a configured key (constant-time
+    comparison against every key; keys are never logged)."""
+
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-api-key", b"")
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
+            given = auth[7:].strip()
+        ok = False
+        for key in self.keys:
+            ok |= hmac.compare_digest(given, key)
+        if not ok:
+            await reject(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})(
+                scope, receive, send
+            )
+            return
+        await self.app(scope, receive, send)
+
+
+async def read_body(request: Request, *, limit: int) -> bytes:
+    """The JSON body, read up to ``limit`` bytes; BadInput (415, 413) otherwise."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise BadInput(415, "content type must be application/json")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BadInput(413, f"body of {declared} bytes is over the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadInput(413, f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def encode_message(msg: Message, where: str = "") -> bytes:
+    """The stored form of ``msg``; BadInput 422 naming the field when a value cannot be stored."""
+    try:
+        return encode(msg)
+    except (OverflowError, msgspec.EncodeError) as exc:
+        raise BadInput(
+            422, f"a value cannot be stored: {exc} (integers must fit in 64 bits)", f"{where}request"
+        ) from None
+
+
+def handled(path: str, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Bad input becomes a 4xx naming the field, a Redis outage a 503; requests are counted and timed by
+    route template (never the raw path, which holds ids)."""
+
+    async def wrapped(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            response = await handler(request)
+        except BadInput as exc:
+            response = reject(exc.status, exc.message, exc.field)
+        except CONNECTION_ERRORS:
+            response = reject(503, "queue storage unavailable; retry later", headers={"Retry-After": "1"})
+        HTTP_REQUESTS.labels(request.method, path, str(response.status_code)).inc()
+        HTTP_DURATION.labels(request.method, path).observe(time.perf_counter() - started)
+        return response
+
+    return wrapped
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    HTTP_REQUESTS.labels(request.method, "<unmatched>", str(exc.status_code)).inc()
+    return respond(api.ApiError(error=str(exc.detail)), exc.status_code, dict(exc.headers or {}))
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    HTTP_REQUESTS.labels(request.method, "<error>", "500").inc()
+    return respond(api.ApiError(error="internal error; see the server log"), 500)
