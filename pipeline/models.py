@@ -55,6 +55,8 @@ class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One line per failed attempt, oldest first."""
     retry_after: float | None = None
     """Seconds a backend asked to wait (Retry-After) after the last failed attempt."""
+    failed_backend: str | None = None
+    """The backend of the last failed attempt: the next attempt tries every other usable one first."""
     history: list[str] = []
     """Operator actions on the message (dead-letter replays), oldest first."""
 

@@ -150,7 +150,7 @@ class Dispatch(Stage):
             eligible = self._eligible(model)
             if not eligible:
                 return CallResult(status=Status.RETRYING, backend="-", error=f"every backend for {model!r} is down")
-            for name in await self._preference(eligible, msg.session_id):
+            for name in await self._preference(eligible, msg):
                 backend = self.backends[name]
                 if await self.limits.acquire(
                     name, msg.id, max_concurrent=backend.max_concurrent, rpm=backend.rpm, tpm=backend.tpm, tokens=tokens
@@ -166,21 +166,26 @@ class Dispatch(Stage):
             if self.circuits[b.name].usable(now) and (not b.models or model in b.models)
         ]
 
-    async def _preference(self, eligible: list[BackendConfig], session_id: str | None) -> list[str]:
+    async def _preference(self, eligible: list[BackendConfig], msg: Message) -> list[str]:
         # Only least_connections looks at in-flight counts: spare the others that round trip per call.
         if self.balancer.algorithm == "least_connections":
             inflight = await self.limits.inflight([b.name for b in eligible])
         else:
             inflight = dict.fromkeys((b.name for b in eligible), 0)
         order = self.balancer.order([BackendView(b.name, b.weight, inflight[b.name]) for b in eligible])
+        if msg.failed_backend in order and len(order) > 1:
+            # Retry elsewhere: a backend that just failed or hung on this message is the last resort.
+            order.remove(msg.failed_backend)
+            order.append(msg.failed_backend)
         lb = self.config.loadbalancer
-        if session_id and lb.enable_session_affinity:
-            key = self.keys.affinity(session_id)
+        if msg.session_id and lb.enable_session_affinity:
+            key = self.keys.affinity(msg.session_id)
             ttl = max(1, int(lb.session_timeout.seconds))
             # Pin atomically (SET NX GET), so concurrent first messages of a session agree on one backend.
             previous: bytes | None = await self.redis.set(key, order[0], nx=True, get=True, ex=ttl)  # type: ignore[assignment]
             name = previous.decode() if previous else order[0]
-            if name not in order:  # its backend is down or cannot take this model: re-pin
+            if name not in order or (name == msg.failed_backend and len(order) > 1):
+                # its backend is down, cannot take this model, or just failed this message: re-pin
                 name = order[0]
                 await self.redis.set(key, name, ex=ttl)
             elif previous:
@@ -260,6 +265,7 @@ class Dispatch(Stage):
         if result.status is Status.RETRYING:
             msg.errors = [*msg.errors, f"attempt {msg.attempts}: {result.error}"]
             msg.retry_after = result.retry_after
+            msg.failed_backend = result.backend if result.backend in self.backends else None
             batch.tx.xadd(self.keys.retry, {FIELD: encode(msg)})
             batch.tx.hset(
                 self.keys.msg(msg.id),

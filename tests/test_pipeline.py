@@ -153,6 +153,29 @@ async def test_a_failing_backend_is_taken_out_and_comes_back(redis: aioredis.Red
     assert calls_after >= before + 5
 
 
+async def test_a_hanging_backend_times_out_and_the_retry_goes_elsewhere(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given three backends of which one never answers, and a circuit that will not open on its own
+    backends = {
+        "a": MockSettings(latency_ms=5),
+        "b": MockSettings(latency_ms=5),
+        "hang": MockSettings(latency_ms=60_000),
+    }
+    env = {"LLMQ_SCHEDULER__TIMEOUT": "500ms", "LLMQ_LOADBALANCER__MAX_FAILURES": "1000"}
+    async with Harness(redis, keys, backends=backends, env=env) as h:
+        # When messages arrive, half of them in sessions (pinned to one backend)
+        ids = [await h.submit() for _ in range(15)]
+        ids += [await h.submit(session_id=f"s{i}") for i in range(15)]
+        statuses = await h.wait_terminal(ids)
+        hung = h.mocks["hang"].by_message
+    # Then every call to the hanging backend timed out, and each such message completed on another one
+    assert {s["status"] for s in statuses.values()} == {"completed"}
+    assert len(hung) >= 5, hung
+    assert max(hung.values()) == 1, hung
+    for message_id in hung:
+        assert statuses[message_id]["attempts"] == "2"
+        assert statuses[message_id]["backend"] in {"a", "b"}
+
+
 async def _metrics(_: Harness) -> str:
     from prometheus_client import generate_latest
 
