@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,9 +24,10 @@ from cli.supervisor import Child, Supervisor, child_env, stage_argv
 from pipeline.config import Config
 from pipeline.db import describe as describe_postgres
 from pipeline.db import make_pool, migrate, wait_for_postgres
-from pipeline.errors import ConnectError
+from pipeline.errors import ConnectError, ListenError
 from pipeline.keys import Keys
 from pipeline.logging import reopen_logs, setup_logging
+from pipeline.ops import listen
 from pipeline.queues import LevelStatus, level_status
 from pipeline.redis import describe, make_redis, wait_for_redis
 from stages.mock_backend import MockBackend, MockSettings
@@ -83,7 +83,7 @@ def run(
     """Run one stage in this process until SIGTERM/SIGINT.
 
     Exit codes: 0 stopped cleanly, 3 invalid config, 4 cannot connect, 5 consumer name taken,
-    130 second signal during shutdown.
+    7 port in use, 130 second signal during shutdown.
     """
     spec = STAGES.get(stage)
     if spec is None:
@@ -121,6 +121,9 @@ def run(
                     connect_timeout_s=connect_timeout,
                 )
             )
+    except ListenError as exc:
+        log.error("%s", exc)
+        raise typer.Exit(ExitCode.LISTEN) from None
     except OSError as exc:
         log.error("cannot start %s: %s", stage, exc)
         raise typer.Exit(ExitCode.FAILURE) from None
@@ -157,12 +160,7 @@ async def _serve_ingest(cfg: Config, port: int, handler: logging.Handler, connec
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, reopen_logs, handler)
         # Bound before "listening" is logged, so the line is true when it appears (and names the port
         # that --port 0 picked).
-        family = socket.AF_INET6 if ":" in cfg.server.host else socket.AF_INET
-        try:
-            sock = socket.create_server((cfg.server.host, port), family=family)
-        except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", cfg.server.host, port, exc)
-            return ExitCode.FAILURE
+        sock = listen(cfg.server.host, port)
         port = sock.getsockname()[1]
         log.info("ingest listening on http://%s:%d (redis %s)", cfg.server.host, port, describe(cfg.redis))
         await server.serve(sockets=[sock])
@@ -192,8 +190,9 @@ async def _serve_mock(cfg: Config, port: int, settings: MockSettings, handler: l
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)  # see _serve_ingest
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, reopen_logs, handler)
-    log.info("mock backend listening on http://%s:%d/v1", cfg.server.host, port)
-    await server.serve()
+    sock = listen(cfg.server.host, port)
+    log.info("mock backend listening on http://%s:%d/v1", cfg.server.host, sock.getsockname()[1])
+    await server.serve(sockets=[sock])
     return ExitCode.OK if server.started else ExitCode.FAILURE
 
 

@@ -19,5 +19,7 @@ class ExitCode(enum.IntEnum):
     """The consumer name is held by another live process."""
     EMBEDDED = 6
     """An embedded server could not be started (is the ``embedded`` extra installed?)."""
+    LISTEN = 7
+    """The stage's port could not be bound (already in use, or not permitted)."""
     INTERRUPTED = 130
     """A second SIGINT/SIGTERM arrived during shutdown: exited at once."""

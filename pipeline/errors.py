@@ -20,6 +20,10 @@ class ConnectError(LlmqError):
     """A server (Redis, Postgres) could not be reached within the allowed time."""
 
 
+class ListenError(LlmqError):
+    """A stage's port could not be bound (already in use, or not permitted)."""
+
+
 class ConsumerNameTaken(LlmqError):
     """Another live process holds the consumer name this process asked for."""
 

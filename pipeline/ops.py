@@ -19,6 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pipeline.errors import ListenError
+
 GRACEFUL_SHUTDOWN_S = 2
 HealthCheck = Callable[[], Awaitable[dict[str, Any]]]
 """Returns a health document with ``status`` "ok", "degraded" or "down"."""
@@ -43,11 +45,21 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket (IPv6 when ``host`` is an IPv6 address); port 0 picks a free one.
+    ListenError naming the address when the port is taken or not permitted."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 class OpsServer:
     """Serves the ops app on ``host:port``; port 0 picks a free one (``.port`` tells which)."""
 
     def __init__(self, app: Starlette, *, host: str, port: int, lifespan: bool = False) -> None:
-        self.sock = socket.create_server((host, port), reuse_port=False)
+        self.sock = listen(host, port)
         self.port: int = self.sock.getsockname()[1]
         config = uvicorn.Config(
             app,

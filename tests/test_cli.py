@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import psutil
 import pytest
 import redis.asyncio as aioredis
 
+from cli.stages import STAGES
 from pipeline.keys import Keys
 from tests.conftest import eventually, free_port
 from tests.procs import ROOT, llmq_stage
@@ -25,23 +27,74 @@ def cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.Comp
     )
 
 
-def test_run_with_unreachable_redis_names_the_address_and_exits_4(stage_env: dict[str, str]) -> None:
-    env = {**stage_env, "LLMQ_REDIS_URL": f"redis://:hunter2@127.0.0.1:{free_port()}/0", "LLMQ_LOGGING__FORMAT": "text"}
-    result = cli("run", "ingest", "--connect-timeout", "1", env=env)
-    assert result.returncode == 4, result.stderr + result.stdout
+REDIS_STAGES = [name for name in STAGES if name != "mock-backend"]
+
+
+def errors_of(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """The error lines a stage printed (text log format), after checking it printed no traceback."""
     output = result.stdout + result.stderr
-    assert "cannot connect to Redis at redis://127.0.0.1:" in output
-    assert "hunter2" not in output  # no secrets in logs
-    assert "Traceback" not in output
+    assert "Traceback" not in output, output
+    return [line for line in output.splitlines() if " ERROR " in line]
 
 
-def test_run_with_a_bad_config_exits_3(stage_env: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", REDIS_STAGES)
+def test_run_with_unreachable_redis_names_the_address_and_exits_4(
+    stage: str, stage_env: dict[str, str], postgres_admin_url: str
+) -> None:
+    env = {
+        **stage_env,
+        "LLMQ_REDIS_URL": f"redis://:hunter2@127.0.0.1:{free_port()}/0",
+        "LLMQ_DATABASE_URL": postgres_admin_url,  # archive checks PostgreSQL first
+        "LLMQ_LOGGING__FORMAT": "text",
+    }
+    result = cli("run", stage, "--connect-timeout", "1", env=env)
+    assert result.returncode == 4, result.stderr + result.stdout
+    [error] = errors_of(result)
+    assert "cannot connect to Redis at redis://127.0.0.1:" in error
+    assert "hunter2" not in result.stdout + result.stderr  # no secrets in logs
+
+
+def test_archive_with_unreachable_postgres_names_it_and_exits_4(stage_env: dict[str, str]) -> None:
+    env = {
+        **stage_env,
+        "LLMQ_DATABASE_URL": f"postgresql://llmq:hunter2@127.0.0.1:{free_port()}/llmq",
+        "LLMQ_LOGGING__FORMAT": "text",
+    }
+    result = cli("run", "archive", "--connect-timeout", "1", env=env)
+    assert result.returncode == 4, result.stderr + result.stdout
+    [error] = errors_of(result)
+    assert "cannot connect to PostgreSQL at postgresql://llmq@127.0.0.1:" in error
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_run_with_a_bad_config_exits_3(stage: str, stage_env: dict[str, str], tmp_path: Path) -> None:
     bad = tmp_path / "c.yaml"
-    bad.write_text("scheduler: {strategy: fifo}\n")
-    result = cli("run", "ingest", "--config", str(bad), env=stage_env)
+    bad.write_text("scheduler: {strategy: fifo}\ndatabase: {redis: {pool_size: -1}}\n")
+    result = cli("run", stage, "--config", str(bad), env=stage_env)
     assert result.returncode == 3
+    assert "Traceback" not in result.stdout + result.stderr
     assert f"invalid configuration {bad}" in result.stderr
     assert 'scheduler.strategy: unknown value "fifo"' in result.stderr
+    assert "database.redis.pool_size" in result.stderr
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_run_on_a_port_in_use_names_it_and_exits_7(
+    stage: str, stage_env: dict[str, str], postgres_admin_url: str
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = {
+            **stage_env,
+            "LLMQ_DATABASE_URL": postgres_admin_url,
+            "LLMQ_SERVER__HOST": "127.0.0.1",
+            "LLMQ_LOGGING__FORMAT": "text",
+        }
+        result = cli("run", stage, "--port", str(port), env=env)
+    assert result.returncode == 7, result.stderr + result.stdout
+    [error] = errors_of(result)
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in error
 
 
 def test_run_an_unknown_stage_exits_2(stage_env: dict[str, str]) -> None:
