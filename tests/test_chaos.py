@@ -20,6 +20,7 @@ from pipeline.keys import Keys
 from tests.conftest import eventually, free_port
 from tests.harness import CHAT
 from tests.procs import Proc, llmq_stage, stop_all
+from tests.settle import LEVELS, archived_rows, describe_streams, groups_settled
 
 MESSAGES = 3000
 KILLS = 10
@@ -62,9 +63,8 @@ async def test_random_sigkills_lose_nothing_and_duplicate_only_taken_over_calls(
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=30) as http:
             # When thousands of messages go in
             ids: list[str] = []
-            levels = ["realtime", "high", "normal", "low"]
             for _ in range(0, MESSAGES, 500):
-                items = [{"level": rng.choice(levels), "request": CHAT} for _ in range(500)]
+                items = [{"level": rng.choice(LEVELS), "request": CHAT} for _ in range(500)]
                 results = (await http.post("/api/v1/messages/batch", json=items)).json()
                 assert all(r["status_code"] == 202 for r in results), results[:3]
                 ids += [r["id"] for r in results]
@@ -82,22 +82,12 @@ async def test_random_sigkills_lose_nothing_and_duplicate_only_taken_over_calls(
             # Then every message is archived exactly once with a terminal status (the archive writes only
             # outcomes), and every completed one with its backend response
             async def all_archived() -> bool:
-                async with await psycopg.AsyncConnection.connect(database_url) as conn:
-                    try:
-                        cur = await conn.execute("SELECT count(*) FROM messages")
-                    except psycopg.errors.UndefinedTable:
-                        return False
-                    row = await cur.fetchone()
-                    return row is not None and row[0] == MESSAGES
+                return await archived_rows(database_url) == MESSAGES
 
             try:
                 await eventually(all_archived, within=150, interval=0.5, what=f"{MESSAGES} archived rows")
             except BaseException:
-                async with await psycopg.AsyncConnection.connect(database_url) as conn:
-                    cur = await conn.execute("SELECT status, count(*) FROM messages GROUP BY status")
-                    print("DIAG rows", await cur.fetchall())
-                for stream in [*(keys.level(lv) for lv in levels), keys.dispatch, keys.retry, keys.done]:
-                    print("DIAG", stream, await redis.xlen(stream), await redis.xinfo_groups(stream))
+                print(await describe_streams(redis, keys, database_url))
                 raise
             recovery_s = time.monotonic() - started
             async with await psycopg.AsyncConnection.connect(database_url) as conn:
@@ -113,15 +103,9 @@ async def test_random_sigkills_lose_nothing_and_duplicate_only_taken_over_calls(
             assert set(by_status) <= {"completed", "dead"}, by_status
 
             # and nothing is left pending or undelivered in any group
-            async def settled() -> bool:
-                for stream in [*(keys.level(lv) for lv in ("realtime", "high", "normal", "low")), keys.dispatch,
-                               keys.retry, keys.done]:  # fmt: skip
-                    for group in await redis.xinfo_groups(stream):
-                        if group["pending"] or group["lag"]:
-                            return False
-                return True
-
-            await eventually(settled, within=30, interval=0.2, what="every group to ack everything")
+            await eventually(
+                lambda: groups_settled(redis, keys), within=30, interval=0.2, what="every group to ack everything"
+            )
             stats = (await http.get(f"http://127.0.0.1:{mock_port}/stats")).json()
     finally:
         stop_all(every)
