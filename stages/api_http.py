@@ -7,7 +7,7 @@ from __future__ import annotations
 import hmac
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from prometheus_client import Counter, Histogram
@@ -19,6 +19,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pipeline import api
 from pipeline.models import Message, encode
 from pipeline.redis import CONNECTION_ERRORS
+
+T = TypeVar("T")
 
 HTTP_REQUESTS = Counter("http_requests_total", "HTTP requests", ["method", "path", "status"])
 HTTP_DURATION = Histogram("http_request_duration_seconds", "HTTP request duration", ["method", "path"])
@@ -115,10 +117,28 @@ async def read_body(request: Request, *, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def decode_json(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """``body`` decoded; BadInput 400 when it is not JSON (or nests too deeply), 422 naming the field when
+    it does not match the decoder's type."""
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        message, field = field_of(exc)
+        raise BadInput(422, message, field) from None
+    except msgspec.DecodeError as exc:
+        raise BadInput(400, f"malformed JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise BadInput(400, f"malformed JSON: invalid UTF-8 at byte {exc.start}") from None
+    except RecursionError:
+        raise BadInput(400, "malformed JSON: nested too deeply") from None
+
+
 def encode_message(msg: Message, where: str = "") -> bytes:
     """The stored form of ``msg``; BadInput 422 naming the field when a value cannot be stored."""
     try:
         return encode(msg)
+    except RecursionError:
+        raise BadInput(422, "a value cannot be stored: nested too deeply", f"{where}request") from None
     except (OverflowError, msgspec.EncodeError) as exc:
         raise BadInput(
             422, f"a value cannot be stored: {exc} (integers must fit in 64 bits)", f"{where}request"

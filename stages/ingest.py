@@ -40,6 +40,7 @@ from stages.api_http import (
     REJECTED,
     ApiKeyMiddleware,
     BadInput,
+    decode_json,
     encode_message,
     field_of,
     handled,
@@ -108,13 +109,7 @@ class IngestApi:
 
     async def submit(self, request: Request) -> Response:
         body = await read_body(request, limit=self.max_body)
-        try:
-            sub = _submit_decoder.decode(body)
-        except msgspec.ValidationError as exc:
-            message, field = field_of(exc)
-            raise BadInput(422, message, field) from None
-        except msgspec.DecodeError as exc:
-            raise BadInput(400, f"malformed JSON: {exc}") from None
+        sub = decode_json(_submit_decoder, body)
         msg, payload = self._message(sub)
         result = await self.submitter.submit(msg, payload)
         if result.verdict is Verdict.FULL:
@@ -130,10 +125,7 @@ class IngestApi:
 
     async def submit_batch(self, request: Request) -> Response:
         body = await read_body(request, limit=self.max_body * 4)
-        try:
-            items = _any_decoder.decode(body)
-        except msgspec.DecodeError as exc:
-            raise BadInput(400, f"malformed JSON: {exc}") from None
+        items = decode_json(_any_decoder, body)
         if not isinstance(items, list):
             raise BadInput(422, "the body must be a JSON array of messages")
         if len(items) > self.config.server.max_batch:

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from pipeline import api
 from pipeline.models import Status, new_id
 from pipeline.submit import Verdict, new_message
-from stages.api_http import INGESTED, BadInput, encode_message, openai_error, read_body, respond
+from stages.api_http import INGESTED, BadInput, decode_json, encode_message, openai_error, read_body, respond
 
 if TYPE_CHECKING:
     from stages.ingest import IngestApi
@@ -34,11 +34,9 @@ class OpenAIFacade:
     async def chat_completions(self, request: Request) -> Response:
         try:
             body = await read_body(request, limit=self.ingest.max_body)
-            doc = _any_decoder.decode(body)
+            doc = decode_json(_any_decoder, body)
         except BadInput as exc:
             return openai_error(exc.status, exc.message)
-        except msgspec.DecodeError as exc:
-            return openai_error(400, f"malformed JSON: {exc}")
         if not isinstance(doc, dict) or not isinstance(doc.get("messages"), list) or not doc["messages"]:
             return openai_error(400, "messages must be a non-empty array", param="messages")
         if doc.get("stream"):

@@ -171,18 +171,6 @@ async def test_batch_limits(redis: aioredis.Redis, keys: Keys) -> None:
         assert (await http.post("/api/v1/messages/batch", json={"request": CHAT})).status_code == 422
 
 
-async def test_idempotent_duplicates_make_one_message_even_concurrently(
-    http: httpx.AsyncClient, redis: aioredis.Redis, keys: Keys
-) -> None:
-    body = {"request": CHAT, "idempotency_key": "order-7"}
-    responses = await asyncio.gather(*(http.post("/api/v1/messages", json=body) for _ in range(200)))
-    codes = sorted(r.status_code for r in responses)
-    ids = {r.json()["id"] for r in responses}
-    assert codes.count(202) == 1 and codes.count(200) == 199
-    assert len(ids) == 1
-    assert await redis.xlen(keys.level("normal")) == 1
-
-
 async def test_a_full_level_answers_429_and_writes_nothing(redis: aioredis.Redis, keys: Keys) -> None:
     async with client_for(redis, keys, {"LLMQ_QUEUE__DEFAULT_MAX_SIZE": "3"}) as http:
         for _ in range(3):
