@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint fmt bench clean
+.PHONY: up test lint fmt bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench: $(STAMP)  ## every benchmark on this machine (about 8 minutes); JSON in b
 	$(BIN)/python -m benchmarks.archive_bench --n 30000 --rounds 2
 	@command -v wrk >/dev/null || { echo "wrk missing (apt-get install wrk): skipping benchmarks/ingest_http.py"; exit 0; }; \
 	  $(BIN)/python -m benchmarks.ingest_http --seconds 8 --rounds 2
+
+soak: $(STAMP)  ## the chaos test, longer: 20,000 messages, 120 SIGKILLs over a minute (about 3 minutes)
+	CHAOS_MESSAGES=20000 CHAOS_KILLS=120 $(BIN)/pytest tests/test_chaos.py -s -q
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

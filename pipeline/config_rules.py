@@ -55,8 +55,11 @@ def semantic_problems(config: Config) -> list[str]:
         if backend.name in backend_names:
             problems.append(f"backends[{i}].name: duplicate backend name {backend.name!r}")
         backend_names.setdefault(backend.name, i)
-        if not backend.url.startswith(("http://", "https://")):
-            problems.append(f"backends[{i}].url: {backend.url!r} must start with http:// or https://")
+        if not backend.url.startswith(("http://", "https://", "echo://")):
+            problems.append(
+                f"backends[{i}].url: {backend.url!r} must start with http://, https:// or echo:// "
+                "(an in-process echo backend, for measuring the queue itself)"
+            )
     redis = config.database.redis
     if redis and redis.url and not redis.url.startswith(("redis://", "rediss://", "unix://")):
         problems.append(f"database.redis.url: scheme must be redis://, rediss:// or unix://, got {redis.url!r}")

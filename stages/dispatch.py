@@ -29,6 +29,7 @@ from pipeline.models import FIELD, Message, Outcome, Status, decode_message, enc
 from pipeline.outcomes import record_outcome
 from pipeline.stage import Batch, Stage
 from pipeline.streams import Entry
+from stages.mock_backend import ECHO_SCHEME, echo_transport
 
 log = logging.getLogger("llmq.dispatch")
 
@@ -101,6 +102,7 @@ class Dispatch(Stage):
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s)),
             limits=httpx.Limits(max_connections=self.max_in_hand * 2, max_keepalive_connections=self.max_in_hand),
+            mounts={ECHO_SCHEME: echo_transport()},
         )
         for name in self.backends:
             BACKEND_UP.labels(backend=name).set(1)

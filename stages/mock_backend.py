@@ -5,6 +5,9 @@ it can fail a fraction of calls with a chosen status (and Retry-After), and answ
 concurrency limit. ``GET /stats`` counts calls (per ``X-LLMQ-Message-Id``, to find duplicates) and the
 highest concurrency seen; ``POST /admin/config`` changes the behaviour at run time (tests use it to make a
 backend fail and recover). Not a stand-in for Redis or Postgres: those are always real servers.
+
+The same app answers ``echo://`` backend URLs inside the dispatch process, with no latency and no
+network: a backend kind for measuring the queue itself.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
+import httpx
 import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -147,3 +151,11 @@ class MockBackend:
                 Route("/admin/config", self.configure, methods=["POST"]),
             ]
         )
+
+
+ECHO_SCHEME = "echo://"
+
+
+def echo_transport() -> httpx.AsyncBaseTransport:
+    """The in-process backend behind ``echo://`` URLs: the mock's answers, at once, without network."""
+    return httpx.ASGITransport(app=MockBackend(MockSettings(latency_ms=0), name="echo").app())

@@ -118,7 +118,8 @@ backends:
         "queue.retry.factor: 0.5 must be >= 1",
         "queue.worker.claim_timeout: 1s must exceed process_interval 2s",
         "backends[1].name: duplicate backend name 'x'",
-        "backends[1].url: 'ftp://y' must start with http:// or https://",
+        "backends[1].url: 'ftp://y' must start with http://, https:// or echo:// "
+        "(an in-process echo backend, for measuring the queue itself)",
         "database.redis.url: scheme must be redis://, rediss:// or unix://, got 'http://redis:6379'",
     ]
 

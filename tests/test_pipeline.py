@@ -29,6 +29,17 @@ async def test_messages_complete_with_the_backend_response(redis: aioredis.Redis
     assert await redis.zcard(keys.inflight("normal")) == 0  # slots released
 
 
+async def test_an_echo_backend_answers_inside_the_dispatcher(redis: aioredis.Redis, keys: Keys) -> None:
+    env = {"LLMQ_BACKENDS": '[{name: echo, url: "echo://local/v1"}]'}
+    async with Harness(redis, keys, backends={}, env=env) as h:
+        ids = [await h.submit("normal") for _ in range(10)]
+        statuses = await h.wait_terminal(ids)
+    assert {s["status"] for s in statuses.values()} == {"completed"}
+    assert {s["backend"] for s in statuses.values()} == {"echo"}
+    result = msgspec.json.decode(statuses[ids[0]]["result"])
+    assert result["choices"][0]["message"]["content"] == "mock reply from echo"
+
+
 async def test_realtime_is_admitted_within_its_slo_behind_a_flood_of_low(redis: aioredis.Redis, keys: Keys) -> None:
     # Given backends kept busy by 1000 queued low messages (4 slots, 300 ms calls)
     env = {
