@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib.metadata
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -77,12 +80,37 @@ def stages(env: dict[str, str], *argvs: list[str]) -> Iterator[list[subprocess.P
         log.close()
 
 
+async def poll_until(check: Callable[[], Awaitable[bool]], *, timeout_s: float, what: str) -> None:
+    """Await ``check()`` every 20 ms until it is true; RuntimeError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout_s:g}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on: cores, Python and the versions of the parts that matter."""
+    versions = {}
+    for package in ("redis", "hiredis", "msgspec", "starlette", "uvicorn", "psycopg", "httpx"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return {
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "packages": versions,
+    }
+
+
 def write_result(name: str, doc: dict[str, Any]) -> Path:
     """Save one run's figures as benchmarks/out/<name>-<unix time>.json."""
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     path = out / f"{name}-{int(time.time())}.json"
-    path.write_text(json.dumps(doc, indent=2))
+    path.write_text(json.dumps({**doc, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2))
     return path
 
 

@@ -25,7 +25,8 @@ from typing import Any
 import psycopg
 import redis.asyncio as aioredis
 
-from benchmarks._procs import free_port, pct, postgres_url, redis_url, stages, write_result
+from benchmarks._procs import free_port, machine, pct, postgres_url, redis_url, stages, write_result
+from benchmarks.plots import plot_waits
 from pipeline.config import load_config
 from pipeline.keys import Keys
 from pipeline.models import encode, new_id
@@ -140,6 +141,7 @@ async def overload(url: str, seconds: float, latency_ms: int, slots: int, reserv
         ended = time.time()
         await asyncio.sleep(latency_ms / 1000 * 2)
     waits: dict[str, list[float]] = {level: [] for level, _ in MIX}
+    series: dict[str, list[tuple[float, float]]] = {level: [] for level, _ in MIX}
     unadmitted = dict.fromkeys(waits, 0)
     completed_in_window = 0
     warm = started + 2
@@ -157,10 +159,12 @@ async def overload(url: str, seconds: float, latency_ms: int, slots: int, reserv
             unadmitted[level] += 1
         else:
             waits[level].append(float(sched) - float(enq))
+            series[level].append((float(enq) - started, float(sched) - float(enq)))
         if status == b"completed" and fin is not None and warm <= float(fin) <= ended:
             completed_in_window += 1
     await _clean(redis, prefix)
     slo = {lv.name: lv.max_wait_time.seconds for lv in config.queue.levels}
+    plot_waits(series, slo)
     return {
         "capacity_msgs_per_s": capacity_per_s,
         "realtime_reserved_slots": reserved,
@@ -208,7 +212,7 @@ async def main() -> None:
         print(f"overload: 2x capacity for {args.seconds:g}s ...", flush=True)
         load = await overload(url, args.seconds, args.latency_ms, args.slots, args.reserved)
         print(json.dumps(load, indent=2), flush=True)
-    doc = {"benchmark": "pipeline", "idle": idle, "overload": load, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    doc = {"benchmark": "pipeline", "idle": idle, "overload": load, "machine": machine()}
     write_result("pipeline", doc)
 
 

@@ -43,6 +43,7 @@ def runner_settings(config: Config, *, max_in_hand: int | None = None) -> Runner
         claim_timeout_s=w.claim_timeout.seconds,
         max_deliveries=w.max_deliveries,
         grace_s=w.shutdown_grace.seconds,
+        result_retention_s=config.queue.result_retention.seconds,
     )
 
 

@@ -2,7 +2,9 @@
 
 - ``claim``: XAUTOCLAIM entries idle past the claim timeout (their consumer died or stalled).
 - ``drop_poison``: an entry delivered more than ``max_deliveries`` times goes to the dead-letter stream
-  with its reason and is acked in the same transaction, so it can never crash consumers in a loop.
+  with its reason and is acked in the same transaction, so it can never crash consumers in a loop. A
+  poison message's end is recorded like any other (status "dead", a ``done`` entry for the archive), so
+  it is on record and replayable with ``llmq-stage dlq replay``.
 - ``renew``: the owner of a slow entry resets its idle time (XCLAIM … JUSTID, which does not count a
   delivery) so XAUTOCLAIM never steals live work; only entries it still owns (checked atomically).
 - ``forget_dead_consumers``: XGROUP DELCONSUMER orphans pending entries, so only consumers with
@@ -14,11 +16,14 @@ from __future__ import annotations
 import logging
 import time
 
+import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from pipeline import metrics
 from pipeline.keys import Keys
-from pipeline.models import FIELD
+from pipeline.models import FIELD, Outcome, Status, decode_message
+from pipeline.outcomes import record_outcome
 from pipeline.streams import Entry, as_str, parse_entries
 
 log = logging.getLogger("llmq.reclaim")
@@ -51,6 +56,7 @@ class Reclaimer:
         consumer: str,
         claim_timeout_s: float,
         max_deliveries: int,
+        result_retention_s: float,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -59,6 +65,7 @@ class Reclaimer:
         self.consumer = consumer
         self.claim_timeout_ms = int(claim_timeout_s * 1000)
         self.max_deliveries = max_deliveries
+        self.result_retention_s = result_retention_s
         self._renew = redis.register_script(_RENEW)
 
     async def claim(self, count: int) -> list[Entry]:
@@ -115,11 +122,12 @@ class Reclaimer:
         if poison:
             tx = self.redis.pipeline(transaction=True)
             for e, deliveries in poison:
+                reason = f"delivered {deliveries} times (max_deliveries {self.max_deliveries})"
                 tx.xadd(
                     self.keys.dlq,
                     {
                         FIELD: e.data,
-                        b"reason": f"delivered {deliveries} times (max_deliveries {self.max_deliveries})",
+                        b"reason": reason,
                         b"stream": self.stream,
                         b"group": self.group,
                         b"entry_id": e.id,
@@ -127,6 +135,8 @@ class Reclaimer:
                         b"at": f"{time.time():.3f}",
                     },
                 )
+                if self.stream != self.keys.done:  # the archive's own input holds outcomes, not messages
+                    self._record_dead(tx, e, reason)
             tx.xack(self.stream, self.group, *(e.id for e, _ in poison))
             await tx.execute()
             metrics.POISON.labels(stage=self.group).inc(len(poison))
@@ -136,6 +146,14 @@ class Reclaimer:
                 extra={"stage": self.group, "entry_ids": [e.id for e, _ in poison]},
             )
         return keep
+
+    def _record_dead(self, tx: Pipeline, entry: Entry, reason: str) -> None:
+        try:
+            msg = decode_message(entry.data)
+        except msgspec.DecodeError:  # not a message at all: the dead letter is its only record
+            return
+        outcome = Outcome(message=msg, status=Status.DEAD, error=f"poison: {reason}", finished_at=time.time())
+        record_outcome(tx, self.keys, outcome, retention_s=self.result_retention_s)
 
     async def renew(self, entry_ids: list[str]) -> set[str]:
         """Reset the idle time of entries this consumer still owns; return the ids it no longer owns."""

@@ -136,6 +136,8 @@ class RunnerSettings:
     claim_timeout_s: float
     max_deliveries: int
     grace_s: float
+    result_retention_s: float = 24 * 3600
+    """How long the status of a message dead-lettered as poison stays readable (queue.result_retention)."""
 
 
 class Runner:
@@ -176,6 +178,7 @@ class Runner:
             consumer=consumer,
             claim_timeout_s=settings.claim_timeout_s,
             max_deliveries=settings.max_deliveries,
+            result_retention_s=settings.result_retention_s,
         )
 
     async def ensure_group(self) -> None:

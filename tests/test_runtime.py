@@ -15,8 +15,9 @@ import redis.asyncio as aioredis
 
 from pipeline import tasks
 from pipeline.keys import Keys
-from pipeline.models import FIELD
+from pipeline.models import FIELD, Status, decode_outcome, new_id
 from pipeline.stage import Runner, RunnerSettings
+from pipeline.submit import new_message
 from tests.conftest import eventually
 from tests.procs import worker
 from tests.worker import RecordingStage
@@ -124,6 +125,24 @@ async def test_poison_entry_is_dead_lettered_with_reason(redis: aioredis.Redis, 
     assert fields[b"stream"].decode() == stream
     assert await ids(redis, f"{stream}:handled") == ["good"]
     assert await pending_count(redis, stream) == 0
+
+
+async def test_a_poison_message_ends_on_record_as_dead(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a message whose handling always fails
+    stream = keys.level("normal")
+    msg = new_message(message_id=new_id(), level="normal", request={"messages": []})
+    await add_jobs(redis, stream, [{**msgspec.to_builtins(msg), "fail": True}])
+    runner = make_runner(redis, keys, stream, "c1", batch_size=1, max_in_hand=1, max_deliveries=2)
+    # When it is dead-lettered as poison
+    async with running(runner):
+        await eventually(lambda: _xlen_is(redis, keys.done, 1), within=20, what="an outcome")
+    # Then its end is recorded like any other: status dead, and an outcome for the archive
+    [(_, fields)] = await redis.xrange(keys.done)
+    outcome = decode_outcome(fields[FIELD])
+    assert outcome.status is Status.DEAD and outcome.message.id == msg.id
+    assert outcome.error == "poison: delivered 3 times (max_deliveries 2)"
+    assert await redis.hget(keys.msg(msg.id), "status") == b"dead"
+    assert await redis.xlen(keys.dlq) == 1
 
 
 async def _xlen_is(redis: aioredis.Redis, stream: str, n: int) -> bool:

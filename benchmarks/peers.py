@@ -1,0 +1,88 @@
+"""Dramatiq and Celery (Redis broker) on the same Redis: enqueue N no-op jobs with each library's own API
+while its workers (2 processes, as many as there are cores) drain them; jobs per second from the first
+send to the last job done."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from benchmarks._procs import ROOT, poll_until
+
+WORKERS = {
+    "dramatiq": ["-m", "dramatiq", "benchmarks.peer_jobs", "--processes", "2", "--threads", "8"],
+    "celery": [
+        "-m", "celery", "-A", "benchmarks.peer_jobs", "worker", "--concurrency", "2", "--pool", "prefork",
+        "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING",
+    ],
+}  # fmt: skip
+
+
+@contextmanager
+def workers(kind: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """The library's own worker command, in its own process group (stopped with SIGTERM, then SIGKILL)."""
+    argv = [sys.executable, *WORKERS[kind]]
+    if kind == "celery":
+        argv += ["--queues", env["PEER_QUEUE"]]
+    with tempfile.NamedTemporaryFile(prefix=f"llmq-bench-{kind}-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if proc.returncode not in (0, -signal.SIGTERM):
+        print(f"  {kind} workers exited with {proc.returncode}; log: {log.name}", flush=True)
+
+
+async def peer(kind: str, url: str, n: int) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:8]
+    counter = f"peer:{tag}:done"
+    env = {**os.environ, "PEER_KIND": kind, "PEER_REDIS_URL": url, "PEER_COUNTER": counter, "PEER_QUEUE": f"p{tag}"}
+    r = aioredis.Redis.from_url(url)
+
+    def done(count: int) -> Any:
+        async def check() -> bool:
+            return int(await r.get(counter) or 0) >= count
+
+        return check
+
+    try:
+        with workers(kind, env):
+            await _enqueue(env, 1)  # warm-up: the workers are up once it is done
+            await poll_until(done(1), timeout_s=60, what=f"{kind} workers to start")
+            await r.delete(counter)
+            first_sent, last_sent = await _enqueue(env, n)
+            await poll_until(done(n), timeout_s=600, what=f"{kind} to finish {n} jobs")
+            finished = time.time()
+    finally:
+        await r.delete(counter)
+        await r.aclose()
+    return {"n": n, "jobs_per_s": n / (finished - first_sent), "enqueue_per_s": n / (last_sent - first_sent)}
+
+
+async def _enqueue(env: dict[str, str], n: int) -> tuple[float, float]:
+    """Runs ``python -m benchmarks.peer_jobs N``; the Unix times of its first and last send."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.peer_jobs", str(n), env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"enqueueing {n} jobs failed with exit code {proc.returncode}")
+    first, last = out.split()
+    return float(first), float(last)
