@@ -1,6 +1,6 @@
 """End to end: HTTP batch ingest → schedule → dispatch → archive, until the last row is committed in
-PostgreSQL, beside the hand-written ceiling (producer → stream → mover → stream → sink) measured in the
-same run on the same Redis.
+PostgreSQL, beside the hand-written ceiling (producer → stream → mover → stream → sink) and beside
+Dramatiq and Celery draining as many no-op jobs, all measured in the same run on the same Redis.
 
 Every stage runs as its own process (ingest, schedule, dispatch, retry, archive). Two backend kinds:
 ``echo`` answers inside the dispatcher (no network: the figure is the queue's own), ``mock`` is the
@@ -25,12 +25,14 @@ import psycopg
 import redis.asyncio as aioredis
 
 from benchmarks._procs import free_port, machine, poll_until, postgres_url, redis_url, stages, write_result
+from benchmarks.peers import peer
 from benchmarks.runtime_throughput import ceiling_with_producer
 from pipeline.keys import Keys
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 200}], "max_tokens": 16}
 BATCH = 1000
 TARGET_RATIO = 0.25
+TARGET_PEER_MULTIPLE = 5.0
 
 
 async def hand_written_ceiling(url: str, n: int) -> float:
@@ -125,7 +127,22 @@ async def run(url: str, dsn: str, n: int) -> dict[str, Any]:
         ratio = runs[backend]["msgs_per_s"] / ceiling
         runs[backend]["ratio_to_ceiling"] = ratio
         print(f"  llmq ({backend}) {runs[backend]['msgs_per_s']:,.0f} msgs/s = {ratio:.2f}x the ceiling", flush=True)
-    return {"ceiling_msgs_per_s": ceiling, "target_ratio": TARGET_RATIO, "runs": runs}
+    peers = {}
+    for kind in ("dramatiq", "celery"):
+        print(f"peers: {kind}, {n} no-op jobs ...", flush=True)
+        peers[kind] = await peer(kind, url, n)
+        print(f"  {kind} {peers[kind]['jobs_per_s']:,.0f} jobs/s", flush=True)
+    best_peer = max(p["jobs_per_s"] for p in peers.values())
+    multiple = runs["echo"]["msgs_per_s"] / best_peer
+    print(f"  llmq (echo) end to end = {multiple:.2f}x the best peer", flush=True)
+    return {
+        "ceiling_msgs_per_s": ceiling,
+        "target_ratio": TARGET_RATIO,
+        "runs": runs,
+        "peers": peers,
+        "llmq_over_best_peer": multiple,
+        "target_peer_multiple": TARGET_PEER_MULTIPLE,
+    }
 
 
 async def main() -> None:
@@ -136,7 +153,7 @@ async def main() -> None:
     args = parser.parse_args()
     with redis_url(args.redis_url) as url, postgres_url(args.database_url) as dsn:
         doc = {"benchmark": "e2e", **await run(url, dsn, args.n), "machine": machine()}
-    print(json.dumps(doc["runs"], indent=2))
+    print(json.dumps({k: doc[k] for k in ("runs", "peers")}, indent=2))
     write_result("e2e", doc)
 
 

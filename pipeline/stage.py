@@ -42,7 +42,7 @@ class Batch:
     entries concurrently (dispatch) or over time (schedule) commit each as it finishes.
     """
 
-    __slots__ = ("_on_commit", "_redis", "_settled", "acked", "entries", "group", "stream", "tx")
+    __slots__ = ("_committing", "_on_commit", "_redis", "_settled", "acked", "entries", "group", "stream", "tx")
 
     def __init__(
         self,
@@ -62,6 +62,7 @@ class Batch:
         """A MULTI/EXEC pipeline; commands queued here commit together with the acks."""
         self.acked: list[str] = []
         self._settled: list[str] = []
+        self._committing = asyncio.Lock()
 
     def ack(self, entry: Entry) -> None:
         """The entry is finished; it is acked at the next commit."""
@@ -76,21 +77,24 @@ class Batch:
         """The entry was already acked by a script of the stage, atomically with its hand-off."""
         self._settled.append(entry.id)
 
-    async def commit(self) -> int:
-        """Execute what was decided so far; return how many entries it acked.
+    async def commit(self) -> None:
+        """Execute what was decided so far.
 
-        The transaction is swapped out before executing, so other coroutines of the same stage may keep
-        queueing decisions meanwhile. On a Redis error nothing of it is applied and the entries stay
-        pending (redelivered later), so every decision must be safe to make twice.
+        Group commit: the transaction is swapped out before executing, so other coroutines of the same
+        stage keep queueing decisions meanwhile, and those that call ``commit`` during an execute wait
+        for it, then the first of them commits everything queued by all of them in one MULTI/EXEC. On a
+        Redis error nothing of that transaction is applied and its entries stay pending (the runner
+        re-reads what was not committed), so every decision must be safe to make twice.
         """
-        tx, acked, settled = self.tx, self.acked, self._settled
-        self.tx, self.acked, self._settled = self._redis.pipeline(transaction=True), [], []
-        if acked:
-            tx.xack(self.stream, self.group, *acked)
-        if tx.command_stack:
-            await tx.execute()
-        self._on_commit(acked + settled)
-        return len(acked) + len(settled)
+        async with self._committing:
+            tx, acked, settled = self.tx, self.acked, self._settled
+            self.tx, self.acked, self._settled = self._redis.pipeline(transaction=True), [], []
+            if acked:
+                tx.xack(self.stream, self.group, *acked)
+            if tx.command_stack:
+                await tx.execute()
+            if acked or settled:
+                self._on_commit(acked + settled)
 
     async def discard(self) -> None:
         await self.tx.reset()  # type: ignore[no-untyped-call]

@@ -29,7 +29,7 @@ from pipeline.models import FIELD, Message, Outcome, Status, decode_message, enc
 from pipeline.outcomes import record_outcome
 from pipeline.stage import Batch, Stage
 from pipeline.streams import Entry
-from stages.mock_backend import ECHO_SCHEME, echo_transport
+from stages.mock_backend import ECHO_SCHEME, completion
 
 log = logging.getLogger("llmq.dispatch")
 
@@ -102,7 +102,6 @@ class Dispatch(Stage):
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s)),
             limits=httpx.Limits(max_connections=self.max_in_hand * 2, max_keepalive_connections=self.max_in_hand),
-            mounts={ECHO_SCHEME: echo_transport()},
         )
         for name in self.backends:
             BACKEND_UP.labels(backend=name).set(1)
@@ -206,10 +205,14 @@ class Dispatch(Stage):
         started = time.perf_counter()
         used: int | None = None
         try:
-            response = await self.http.post(
-                backend.url.rstrip("/") + "/chat/completions", content=_json.encode(msg.request), headers=headers
-            )
-            result = self._classify(backend.name, response)
+            if backend.url.startswith(ECHO_SCHEME):
+                body = completion(msg.request, name=backend.name, default_model="echo")
+                result = CallResult(status=Status.COMPLETED, backend=backend.name, response=body)
+            else:
+                response = await self.http.post(
+                    backend.url.rstrip("/") + "/chat/completions", content=_json.encode(msg.request), headers=headers
+                )
+                result = self._classify(backend.name, response)
             if result.response is not None:
                 used = self._count_tokens(backend.name, result.response)
         except httpx.TimeoutException:
@@ -310,6 +313,8 @@ class Dispatch(Stage):
 
     async def _probe_one(self, backend: BackendConfig) -> bool:
         assert self.http is not None
+        if backend.url.startswith(ECHO_SCHEME):
+            return True
         try:
             response = await self.http.get(backend.url.rstrip("/") + "/models", timeout=5.0)
         except httpx.HTTPError:

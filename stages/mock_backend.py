@@ -6,8 +6,8 @@ concurrency limit. ``GET /stats`` counts calls (per ``X-LLMQ-Message-Id``, to fi
 highest concurrency seen; ``POST /admin/config`` changes the behaviour at run time (tests use it to make a
 backend fail and recover). Not a stand-in for Redis or Postgres: those are always real servers.
 
-The same app answers ``echo://`` backend URLs inside the dispatch process, with no latency and no
-network: a backend kind for measuring the queue itself.
+Its ``completion`` also answers ``echo://`` backend URLs inside the dispatch process, with no latency,
+no HTTP and no network: a backend kind for measuring the queue itself.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import uuid
 from collections import Counter
 from typing import Any
 
-import httpx
 import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -84,32 +83,7 @@ class MockBackend:
                 )
         finally:
             self.current -= 1
-        return _response(self._completion(body))
-
-    def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
-        prompt_chars = sum(len(str(m.get("content", ""))) for m in body["messages"] if isinstance(m, dict))
-        prompt_tokens = max(1, prompt_chars // 4)
-        completion_tokens = min(int(body.get("max_tokens") or 16), 16)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.get("model") or self.settings.models[0],
-            "system_fingerprint": f"mock-{self.name}",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": f"mock reply from {self.name}"},
-                    "finish_reason": "stop",
-                    "logprobs": None,
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
+        return _response(completion(body, name=self.name, default_model=self.settings.models[0]))
 
     async def models(self, _: Request) -> Response:
         data = [
@@ -153,9 +127,39 @@ class MockBackend:
         )
 
 
+def completion(body: dict[str, Any], *, name: str, default_model: str) -> dict[str, Any]:
+    """A chat completion answering ``body``, with ``usage`` counted from its messages (about 4 characters
+    per token) and at most 16 completion tokens."""
+    messages = body.get("messages")
+    prompt_chars = (
+        sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
+        if isinstance(messages, list)
+        else 0
+    )
+    prompt_tokens = max(1, prompt_chars // 4)
+    budget = body.get("max_tokens")
+    completion_tokens = min(budget, 16) if isinstance(budget, int) and budget > 0 else 16
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model") or default_model,
+        "system_fingerprint": f"mock-{name}",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": f"mock reply from {name}"},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
 ECHO_SCHEME = "echo://"
-
-
-def echo_transport() -> httpx.AsyncBaseTransport:
-    """The in-process backend behind ``echo://`` URLs: the mock's answers, at once, without network."""
-    return httpx.ASGITransport(app=MockBackend(MockSettings(latency_ms=0), name="echo").app())
+"""Backend URLs with this scheme are answered inside the dispatcher with ``completion``: no HTTP at all."""
