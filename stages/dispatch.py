@@ -45,6 +45,17 @@ BACKEND_INFLIGHT = Gauge("llmq_backend_inflight", "Calls this process has runnin
 TOKENS = Counter("llmq_tokens_total", "Tokens reported by backends", ["backend", "kind"])
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
+# KEYS[1] the message's status hash; ARGV[1] now. Marks the message dispatching unless it already ended
+# (terminal or cancelled), in one round trip; returns the status it had.
+_BEGIN = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'cancelled' or status == 'completed' or status == 'failed' or status == 'expired'
+   or status == 'dead' then
+  return status
+end
+redis.call('HSET', KEYS[1], 'status', 'dispatching', 'started_at', ARGV[1])
+return status
+"""
 WAIT_FOR_SLOT_S = 0.01
 _json = msgspec.json.Encoder()
 
@@ -97,6 +108,7 @@ class Dispatch(Stage):
         self.local_inflight = dict.fromkeys(self.backends, 0)
         self.http: httpx.AsyncClient | None = None
         self._probe: asyncio.Task[None] | None = None
+        self._begin = redis.register_script(_BEGIN)
 
     async def start(self) -> None:
         self.http = httpx.AsyncClient(
@@ -125,7 +137,8 @@ class Dispatch(Stage):
 
     async def _one(self, batch: Batch, entry: Entry) -> None:
         msg = decode_message(entry.data)
-        raw: bytes | None = await self.redis.hget(self.keys.msg(msg.id), "status")  # type: ignore[assignment]
+        started = time.time()
+        raw: bytes | None = await self._begin(keys=[self.keys.msg(msg.id)], args=[started])
         status = Status(raw.decode()) if raw else None
         if status is Status.CANCELLED:
             self._finish(batch, entry, Outcome(message=msg, status=Status.CANCELLED, finished_at=time.time()))
@@ -133,11 +146,7 @@ class Dispatch(Stage):
             batch.tx.zrem(self.keys.inflight(msg.level), msg.id)
             batch.ack(entry)  # a redelivery of a finished message: nothing to send
         else:
-            started = time.time()
             msg.attempts += 1
-            await self.redis.hset(
-                self.keys.msg(msg.id), mapping={"status": Status.DISPATCHING.value, "started_at": started}
-            )
             result = await self._call(msg)
             self._record(batch, entry, msg, result, started)
         await batch.commit()
