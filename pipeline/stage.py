@@ -173,6 +173,7 @@ class Runner:
         self._capacity.set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._read_own_pending = True
+        self._min_read = max(1, min(settings.batch_size, self.max_in_hand) // 4)
         self._labels = {"stage": stage.name}
         self.reclaimer = Reclaimer(
             redis=redis,
@@ -223,7 +224,9 @@ class Runner:
 
     async def _read_once(self) -> None:
         free = self.max_in_hand - len(self.in_hand)
-        if free <= 0:
+        if free <= 0 or (self.in_hand and free < self._min_read):
+            # Under load, wait until a quarter batch is free: reading one entry per freed slot would make
+            # the read loop, one round trip per XREADGROUP, the bottleneck of the stage.
             self._capacity.clear()
             stop = asyncio.create_task(self._stopping.wait())
             cap = asyncio.create_task(self._capacity.wait())
