@@ -31,7 +31,8 @@ WORKERS = {
 
 @contextmanager
 def workers(kind: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """The library's own worker command, in its own process group (stopped with SIGTERM, then SIGKILL)."""
+    """The library's own worker command, in its own process group: SIGTERM to its main process, then
+    SIGKILL to the whole group if it has not stopped within 30 s."""
     argv = [sys.executable, *WORKERS[kind]]
     if kind == "celery":
         argv += ["--queues", env["PEER_QUEUE"]]
@@ -40,7 +41,7 @@ def workers(kind: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]
         try:
             yield proc
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)  # the main process stops its own worker processes
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
