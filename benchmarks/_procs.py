@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from cli.embedded import EmbeddedPostgres, EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +89,14 @@ async def poll_until(check: Callable[[], Awaitable[bool]], *, timeout_s: float, 
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out after {timeout_s:g}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def drop_prefix(redis: aioredis.Redis, prefix: str) -> None:
+    """Delete every key of one run's prefix, then close the client."""
+    found = [k async for k in redis.scan_iter(match=f"{prefix}*", count=1000)]
+    for i in range(0, len(found), 1000):
+        await redis.delete(*found[i : i + 1000])
+    await redis.aclose()
 
 
 def machine() -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 
-from benchmarks._procs import free_port, machine, redis_url, stages, write_result
+from benchmarks._procs import drop_prefix, free_port, machine, redis_url, stages, write_result
 from benchmarks.plots import plot_scaling
 from pipeline.config import load_config
 from pipeline.keys import Keys
@@ -69,15 +69,8 @@ async def _finished_at(url: str, prefix: str, ids: list[str]) -> list[float]:
     for mid in ids:
         pipe.hmget(keys.msg(mid), "status", "finished_at")
     done = [float(fin) for status, fin in await pipe.execute() if status == b"completed" and fin]
-    await _clean(redis, prefix)
+    await drop_prefix(redis, prefix)
     return done
-
-
-async def _clean(redis: aioredis.Redis, prefix: str) -> None:
-    found = [k async for k in redis.scan_iter(match=f"{prefix}*", count=1000)]
-    for i in range(0, len(found), 1000):
-        await redis.delete(*found[i : i + 1000])
-    await redis.aclose()
 
 
 async def scaling(url: str, processes: int, window_s: float) -> dict[str, Any]:
@@ -129,7 +122,7 @@ async def recovery(url: str, n: int = 100) -> dict[str, Any]:
                 await asyncio.sleep(0.05)
             recovered_s = time.monotonic() - killed
             stats = (await http.get(f"http://127.0.0.1:{mock}/stats")).json()
-    await _clean(redis, prefix)
+    await drop_prefix(redis, prefix)
     return {
         "messages": n,
         "in_flight_on_the_killed_dispatcher": in_hand[0],

@@ -24,7 +24,7 @@ import httpx
 import psycopg
 import redis.asyncio as aioredis
 
-from benchmarks._procs import free_port, machine, poll_until, postgres_url, redis_url, stages, write_result
+from benchmarks._procs import drop_prefix, free_port, machine, poll_until, postgres_url, redis_url, stages, write_result
 from benchmarks.peers import peer
 from benchmarks.runtime_throughput import ceiling_with_producer
 from pipeline.keys import Keys
@@ -93,7 +93,7 @@ async def end_to_end(url: str, dsn: str, n: int, backend: str) -> dict[str, Any]
             await poll_until(all_archived, timeout_s=600, what=f"{n} archived rows")
             elapsed = time.perf_counter() - started
     r = aioredis.Redis.from_url(url)
-    await _clean(r, prefix)
+    await drop_prefix(r, prefix)
     return {"backend": backend, "n": n, "msgs_per_s": n / elapsed, "seconds": elapsed, "ingest_seconds": accepted_s}
 
 
@@ -107,13 +107,6 @@ async def _wait_up(http: httpx.AsyncClient) -> None:
             pass
         await asyncio.sleep(0.1)
     raise RuntimeError("ingest did not come up within 30 s")
-
-
-async def _clean(r: aioredis.Redis, prefix: str) -> None:
-    found = [k async for k in r.scan_iter(match=f"{prefix}*", count=1000)]
-    for i in range(0, len(found), 1000):
-        await r.delete(*found[i : i + 1000])
-    await r.aclose()
 
 
 async def run(url: str, dsn: str, n: int) -> dict[str, Any]:

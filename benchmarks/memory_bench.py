@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from benchmarks._procs import machine, redis_url, write_result
+from benchmarks._procs import drop_prefix, machine, redis_url, write_result
 from pipeline.config import load_config
 from pipeline.keys import Keys
 from pipeline.models import encode, new_id
@@ -60,10 +60,7 @@ async def run(url: str, n: int) -> dict[str, Any]:
         "status_hash": await redis.memory_usage(keys.msg(sample.id)),
         "idempotency_record": await redis.memory_usage(keys.idem(sample.idempotency_key or "")),
     }
-    found = [k async for k in redis.scan_iter(match=f"{prefix}*", count=1000)]
-    for i in range(0, len(found), 1000):
-        await redis.delete(*found[i : i + 1000])
-    await redis.aclose()
+    await drop_prefix(redis, prefix)
     return {
         "n": n,
         "request_json_bytes": len(msgspec.json.encode(REQUEST)),

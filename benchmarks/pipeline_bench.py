@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 import redis.asyncio as aioredis
 
-from benchmarks._procs import free_port, machine, pct, postgres_url, redis_url, stages, write_result
+from benchmarks._procs import drop_prefix, free_port, machine, pct, postgres_url, redis_url, stages, write_result
 from benchmarks.plots import plot_waits
 from pipeline.config import load_config
 from pipeline.keys import Keys
@@ -82,7 +82,7 @@ async def idle_latency(url: str, dsn: str, n: int) -> dict[str, Any]:
         )
         archived = [float(r[0]) for r in await cur.fetchall()]
         await conn.execute("DELETE FROM messages WHERE id = ANY(%s)", ([uuid.UUID(i) for i in ids],))
-    await _clean(redis, prefix)
+    await drop_prefix(redis, prefix)
     return {
         "n": len(ids),
         "to_dispatch_start_ms": {"p50": pct(start, 0.5), "p99": pct(start, 0.99)},
@@ -162,7 +162,7 @@ async def overload(url: str, seconds: float, latency_ms: int, slots: int, reserv
             series[level].append((float(enq) - started, float(sched) - float(enq)))
         if status == b"completed" and fin is not None and warm <= float(fin) <= ended:
             completed_in_window += 1
-    await _clean(redis, prefix)
+    await drop_prefix(redis, prefix)
     slo = {lv.name: lv.max_wait_time.seconds for lv in config.queue.levels}
     plot_waits(series, slo)
     return {
@@ -186,13 +186,6 @@ async def overload(url: str, seconds: float, latency_ms: int, slots: int, reserv
             for level, w in waits.items()
         },
     }
-
-
-async def _clean(redis: aioredis.Redis, prefix: str) -> None:
-    batch = [k async for k in redis.scan_iter(match=f"{prefix}*", count=1000)]
-    for i in range(0, len(batch), 1000):
-        await redis.delete(*batch[i : i + 1000])
-    await redis.aclose()
 
 
 async def main() -> None:

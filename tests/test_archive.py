@@ -30,6 +30,7 @@ from stages.mock_backend import MockSettings
 from tests.conftest import eventually
 from tests.harness import CHAT, Harness
 from tests.procs import ROOT, llmq_stage
+from tests.settle import archived_rows
 
 
 def outcome(i: int, status: Status = Status.COMPLETED) -> Outcome:
@@ -62,17 +63,6 @@ async def push(redis: aioredis.Redis, keys: Keys, outcomes: list[Outcome]) -> No
     await pipe.execute()
 
 
-async def rows(dsn: str) -> int:
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        try:
-            cur = await conn.execute("SELECT count(*), count(DISTINCT id) FROM messages")
-        except psycopg.errors.UndefinedTable:
-            return 0
-        total, distinct = await cur.fetchone()  # type: ignore[misc]
-        assert total == distinct
-        return int(total)
-
-
 def archive_runner(redis: aioredis.Redis, keys: Keys, dsn: str, **env: str) -> tuple[Runner, Any]:
     config = load_config(None, env={"LLMQ_DATABASE_URL": dsn, "LLMQ_KEY_PREFIX": keys.prefix, **env})
     stage = make_archive(config=config, redis=redis, keys=keys)
@@ -92,7 +82,7 @@ async def test_outcomes_become_rows_once_each(redis: aioredis.Redis, keys: Keys,
         # and redelivering the same outcomes upserts the same rows
         await push(redis, keys, outcomes[:50])
         await eventually(lambda: _pending_zero_and_read(redis, keys, 300), what="redelivery handled")
-        assert await rows(database_url) == 250
+        assert await archived_rows(database_url) == 250
     finally:
         runner.stop()
         await task
@@ -112,7 +102,7 @@ async def test_outcomes_become_rows_once_each(redis: aioredis.Redis, keys: Keys,
 
 
 async def _rows_are(dsn: str, n: int) -> bool:
-    return await rows(dsn) == n
+    return await archived_rows(dsn) == n
 
 
 async def _pending_zero_and_read(redis: aioredis.Redis, keys: Keys, n: int) -> bool:
@@ -165,7 +155,7 @@ async def test_sigkilled_archiver_loses_and_duplicates_nothing(
         # When it is SIGKILLed part-way through
         await eventually(lambda: _rows_at_least(database_url, 1), within=60, what="archiving started")
         first.kill()
-        assert await rows(database_url) < n
+        assert await archived_rows(database_url) < n
         # Then a new archiver finishes the job: every outcome exactly once
         second = llmq_stage(env, "run", "archive", "--port", "0")
         try:
@@ -179,7 +169,7 @@ async def test_sigkilled_archiver_loses_and_duplicates_nothing(
 
 
 async def _rows_at_least(dsn: str, n: int) -> bool:
-    return await rows(dsn) >= n
+    return await archived_rows(dsn) >= n
 
 
 @pytest.mark.timeout(120)
