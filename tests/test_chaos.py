@@ -1,4 +1,5 @@
-"""Chaos: the whole pipeline as processes while a driver SIGKILLs and restarts stage processes at random.
+"""Chaos: the whole pipeline as processes while a driver SIGKILLs and restarts stage processes at random,
+the ingest included (the client resends a batch the ingest died on; idempotency keys keep one message each).
 
 Nothing may be lost: every message ends in PostgreSQL exactly once, completed with its backend response,
 and no entry is left pending in any group. Duplicate backend calls are allowed (at-least-once), but only
@@ -28,7 +29,12 @@ MESSAGES = int(os.environ.get("CHAOS_MESSAGES", "3000"))
 KILLS = int(os.environ.get("CHAOS_KILLS", "10"))
 KILL_EVERY_S = 0.5
 BATCH = 500
-KILLABLE = ("schedule", "dispatch", "dispatch", "retry", "archive")
+KILLABLE = ("ingest", "schedule", "dispatch", "dispatch", "retry", "archive")
+
+
+def start(env: dict[str, str], stage: str) -> Proc:
+    """A stage process: ingest on the API port of ``env``, the others with an ops port of their own."""
+    return llmq_stage(env, "run", "ingest") if stage == "ingest" else llmq_stage(env, "run", stage, "--port", "0")
 
 
 def taken_over(procs: list[Proc], stage: str) -> int:
@@ -56,28 +62,46 @@ async def test_random_sigkills_lose_nothing_and_duplicate_only_taken_over_calls(
         "LLMQ_BACKENDS": f'[{{name: mock, url: "http://127.0.0.1:{mock_port}/v1", max_concurrent: 32}}]',
     }
     mock = llmq_stage(env, "run", "mock-backend", "--port", str(mock_port), "--latency-ms", "20")
-    ingest = llmq_stage(env, "run", "ingest")
-    running: list[Proc] = [llmq_stage(env, "run", stage, "--port", "0") for stage in KILLABLE]
-    every: list[Proc] = [mock, ingest, *running]
+    running: list[Proc] = [start(env, stage) for stage in KILLABLE]
+    every: list[Proc] = [mock, *running]
     rng = random.Random(7)
-    kills = 0
+    kills = resent = 0
     try:
-        for proc in running:
-            proc.wait_for_log("stage started", timeout=30)
-        ingest.wait_for_log_text("ingest listening", timeout=30)
+        for stage, proc in zip(KILLABLE, running, strict=True):
+            if stage == "ingest":
+                proc.wait_for_log_text("ingest listening", timeout=30)
+            else:
+                proc.wait_for_log("stage started", timeout=30)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=30) as http:
-            # When thousands of messages go in, in batches spread over the whole run
+            # When thousands of messages go in, in batches spread over the whole run, each message with an
+            # idempotency key so that a client can resend a batch the ingest died on
             ids: list[str] = []
+
+            async def submit(items: list[dict[str, object]]) -> list[dict[str, object]]:
+                nonlocal resent
+                for _ in range(300):
+                    try:
+                        response = await http.post("/api/v1/messages/batch", json=items)
+                        if response.status_code == 200:
+                            results: list[dict[str, object]] = response.json()
+                            return results
+                    except httpx.TransportError:
+                        pass
+                    resent += 1
+                    await asyncio.sleep(0.1)
+                raise AssertionError("the ingest did not come back within 30 s")
 
             async def submit_all() -> None:
                 pause = KILLS * KILL_EVERY_S / max(1, MESSAGES // BATCH)
                 for first in range(0, MESSAGES, BATCH):
-                    items = [
-                        {"level": rng.choice(LEVELS), "request": CHAT} for _ in range(min(BATCH, MESSAGES - first))
+                    items: list[dict[str, object]] = [
+                        {"level": rng.choice(LEVELS), "request": CHAT, "idempotency_key": f"chaos-{first + i}"}
+                        for i in range(min(BATCH, MESSAGES - first))
                     ]
-                    results = (await http.post("/api/v1/messages/batch", json=items)).json()
-                    assert all(r["status_code"] == 202 for r in results), results[:3]
-                    ids.extend(r["id"] for r in results)
+                    results = await submit(items)
+                    # accepted now, or already accepted before the ingest died (a duplicate, same id)
+                    assert all(r["status_code"] in (200, 202) for r in results), results[:3]
+                    ids.extend(str(r["id"]) for r in results)
                     await asyncio.sleep(pause)
 
             # and a driver SIGKILLs a random stage process every 0.5 s and starts a new one in its place
@@ -88,12 +112,13 @@ async def test_random_sigkills_lose_nothing_and_duplicate_only_taken_over_calls(
                     slot = rng.randrange(len(running))
                     running[slot].kill()
                     kills += 1
-                    running[slot] = llmq_stage(env, "run", KILLABLE[slot], "--port", "0")
+                    running[slot] = start(env, KILLABLE[slot])
                     every.append(running[slot])
 
             started = time.monotonic()
             await asyncio.gather(submit_all(), kill_some())
             last_kill = time.monotonic()
+            assert len(ids) == len(set(ids)) == MESSAGES  # one message per key, resent or not
 
             # Then every message is archived exactly once with a terminal status (the archive writes only
             # outcomes), and every completed one with its backend response
@@ -133,7 +158,8 @@ async def test_random_sigkills_lose_nothing_and_duplicate_only_taken_over_calls(
     assert not any("HTTP Request:" in proc.text() for proc in every)
     assert stats["duplicates"] <= taken_over(every, "dispatch"), (stats, taken_over(every, "dispatch"))
     print(
-        f"chaos: {MESSAGES} messages ({by_status}), {kills} SIGKILLs, {stats['duplicates']} duplicate backend calls "
+        f"chaos: {MESSAGES} messages ({by_status}), {kills} SIGKILLs, {resent} batch posts resent, "
+        f"{stats['duplicates']} duplicate backend calls "
         f"({taken_over(every, 'dispatch')} dispatch entries taken over), 0 lost; all archived {run_s:.1f}s after "
         f"the first kill, {recovery_s:.1f}s after the last"
     )
