@@ -166,15 +166,23 @@ class Archive(Stage):
             batch.ack(entry)
 
     async def _write(self, rows: list[tuple[Any, ...]]) -> None:
-        async with self.pool.connection() as conn, conn.transaction():
-            await conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS archive_in ({_temp_columns()}) ON COMMIT DELETE ROWS")
-            async with conn.cursor().copy(f"COPY archive_in ({_COLS}) FROM STDIN") as copy:
-                for row in rows:
-                    await copy.write_row(row)
-            await conn.execute(
-                f"INSERT INTO messages ({_COLS}) SELECT {_COLS} FROM archive_in "
-                f"ON CONFLICT (id) DO UPDATE SET {_UPDATE}, archived_at = now()"
-            )
+        """COPY the rows straight into ``messages``: one write per row. When an id is there already (a
+        redelivered batch, a replayed dead letter), that transaction rolls back and the batch is upserted
+        through a temporary table instead."""
+        async with self.pool.connection() as conn:
+            try:
+                async with conn.transaction():
+                    await _copy(conn, "messages", rows)
+            except psycopg.errors.UniqueViolation:
+                async with conn.transaction():
+                    await conn.execute(
+                        f"CREATE TEMP TABLE IF NOT EXISTS archive_in ({_temp_columns()}) ON COMMIT DELETE ROWS"
+                    )
+                    await _copy(conn, "archive_in", rows)
+                    await conn.execute(
+                        f"INSERT INTO messages ({_COLS}) SELECT {_COLS} FROM archive_in "
+                        f"ON CONFLICT (id) DO UPDATE SET {_UPDATE}, archived_at = now()"
+                    )
         if not self.db_ok:
             log.info("postgres is back; archiving resumed")
         self.db_ok = True
@@ -235,6 +243,12 @@ class Archive(Stage):
                 TRIMMED.labels(stream=stream.rsplit(":", 1)[-1]).inc(n)
                 trimmed[stream] = n
         return trimmed
+
+
+async def _copy(conn: psycopg.AsyncConnection[Any], table: str, rows: list[tuple[Any, ...]]) -> None:
+    async with conn.cursor().copy(f"COPY {table} ({_COLS}) FROM STDIN") as copy:
+        for row in rows:
+            await copy.write_row(row)
 
 
 def _temp_columns() -> str:
