@@ -91,7 +91,9 @@ async def idle_latency(url: str, dsn: str, n: int) -> dict[str, Any]:
     }
 
 
-async def overload(url: str, seconds: float, latency_ms: int, slots: int, reserved: int) -> dict[str, Any]:
+async def overload(
+    url: str, seconds: float, latency_ms: int, slots: int, reserved: int, jitter_ms: int = 0
+) -> dict[str, Any]:
     prefix = "{load" + uuid.uuid4().hex[:6] + "}"
     ports = [free_port() for _ in range(3)]
     backends = ", ".join(
@@ -111,7 +113,10 @@ async def overload(url: str, seconds: float, latency_ms: int, slots: int, reserv
             f" {{name: low, priority: 4, max_wait_time: 120s, max_concurrent: {capacity_slots}}}]"
         ),
     }
-    argvs = [["run", "mock-backend", "--port", str(p), "--latency-ms", str(latency_ms)] for p in ports]
+    argvs = [
+        ["run", "mock-backend", "--port", str(p), "--latency-ms", str(latency_ms), "--jitter-ms", str(jitter_ms)]
+        for p in ports
+    ]
     argvs += [["run", "schedule", "--port", "0"], ["run", "dispatch", "--port", "0"], ["run", "retry", "--port", "0"]]
     redis = aioredis.Redis.from_url(url)
     keys = Keys(prefix)
@@ -168,6 +173,7 @@ async def overload(url: str, seconds: float, latency_ms: int, slots: int, reserv
     return {
         "capacity_msgs_per_s": capacity_per_s,
         "realtime_reserved_slots": reserved,
+        "latency_jitter_ms": jitter_ms,
         "offered_msgs_per_s": offered_per_s,
         "seconds": seconds,
         "sent": len(sent),
@@ -196,14 +202,15 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--latency-ms", type=int, default=200)
     parser.add_argument("--slots", type=int, default=4, help="concurrent calls per mock backend (3 backends)")
-    parser.add_argument("--reserved", type=int, default=4, help="slots reserved for realtime")
+    parser.add_argument("--reserved", type=int, default=1, help="slots reserved for realtime")
+    parser.add_argument("--jitter-ms", type=int, default=0, help="backend latency is uniform in latency ± jitter")
     args = parser.parse_args()
     with redis_url(args.redis_url) as url, postgres_url(args.database_url) as dsn:
         print("idle latency ...", flush=True)
         idle = await idle_latency(url, dsn, args.idle_n)
         print(json.dumps(idle, indent=2), flush=True)
         print(f"overload: 2x capacity for {args.seconds:g}s ...", flush=True)
-        load = await overload(url, args.seconds, args.latency_ms, args.slots, args.reserved)
+        load = await overload(url, args.seconds, args.latency_ms, args.slots, args.reserved, args.jitter_ms)
         print(json.dumps(load, indent=2), flush=True)
     doc = {"benchmark": "pipeline", "idle": idle, "overload": load, "machine": machine()}
     write_result("pipeline", doc)
