@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from pipeline.echo import ECHO_SCHEME
+
 if TYPE_CHECKING:
     from pipeline.config import Config
 
@@ -55,7 +57,7 @@ def semantic_problems(config: Config) -> list[str]:
         if backend.name in backend_names:
             problems.append(f"backends[{i}].name: duplicate backend name {backend.name!r}")
         backend_names.setdefault(backend.name, i)
-        if not backend.url.startswith(("http://", "https://", "echo://")):
+        if not backend.url.startswith(("http://", "https://", ECHO_SCHEME)):
             problems.append(
                 f"backends[{i}].url: {backend.url!r} must start with http://, https:// or echo:// "
                 "(an in-process echo backend, for measuring the queue itself)"

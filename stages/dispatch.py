@@ -23,13 +23,13 @@ from prometheus_client import Counter, Gauge, Histogram
 from pipeline import tasks
 from pipeline.balance import BackendView, Balancer, Circuit
 from pipeline.config import BackendConfig, Config
+from pipeline.echo import ECHO_SCHEME, completion
 from pipeline.keys import Keys
 from pipeline.limits import BackendLimits
 from pipeline.models import FIELD, Message, Outcome, Status, decode_message, encode
 from pipeline.outcomes import record_outcome
 from pipeline.stage import Batch, Stage
 from pipeline.streams import Entry
-from stages.mock_backend import ECHO_SCHEME, completion
 
 log = logging.getLogger("llmq.dispatch")
 
@@ -46,16 +46,17 @@ TOKENS = Counter("llmq_tokens_total", "Tokens reported by backends", ["backend",
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
 # KEYS[1] the message's status hash; ARGV[1] now. Marks the message dispatching unless it already ended
-# (terminal or cancelled), in one round trip; returns the status it had.
-_BEGIN = """
+# (a terminal status, cancelled included), in one round trip; returns the status it had.
+_BEGIN = (
+    "local ended = {"
+    + ", ".join(f"['{s.value}'] = true" for s in Status if s.terminal)
+    + """}
 local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'cancelled' or status == 'completed' or status == 'failed' or status == 'expired'
-   or status == 'dead' then
-  return status
-end
+if status and ended[status] then return status end
 redis.call('HSET', KEYS[1], 'status', 'dispatching', 'started_at', ARGV[1])
 return status
 """
+)
 WAIT_FOR_SLOT_S = 0.01
 _json = msgspec.json.Encoder()
 

@@ -6,8 +6,7 @@ concurrency limit. ``GET /stats`` counts calls (per ``X-LLMQ-Message-Id``, to fi
 highest concurrency seen; ``POST /admin/config`` changes the behaviour at run time (tests use it to make a
 backend fail and recover). Not a stand-in for Redis or Postgres: those are always real servers.
 
-Its ``completion`` also answers ``echo://`` backend URLs inside the dispatch process, with no latency,
-no HTTP and no network: a backend kind for measuring the queue itself.
+Its answers are ``pipeline.echo.completion``, which the dispatcher also gives for ``echo://`` backend URLs.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import uuid
 from collections import Counter
 from typing import Any
 
@@ -24,6 +22,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from pipeline.echo import completion
 
 
 class MockSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -125,41 +125,3 @@ class MockBackend:
                 Route("/admin/config", self.configure, methods=["POST"]),
             ]
         )
-
-
-def completion(body: dict[str, Any], *, name: str, default_model: str) -> dict[str, Any]:
-    """A chat completion answering ``body``, with ``usage`` counted from its messages (about 4 characters
-    per token) and at most 16 completion tokens."""
-    messages = body.get("messages")
-    prompt_chars = (
-        sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
-        if isinstance(messages, list)
-        else 0
-    )
-    prompt_tokens = max(1, prompt_chars // 4)
-    budget = body.get("max_tokens")
-    completion_tokens = min(budget, 16) if isinstance(budget, int) and budget > 0 else 16
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": body.get("model") or default_model,
-        "system_fingerprint": f"mock-{name}",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": f"mock reply from {name}"},
-                "finish_reason": "stop",
-                "logprobs": None,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-    }
-
-
-ECHO_SCHEME = "echo://"
-"""Backend URLs with this scheme are answered inside the dispatcher with ``completion``: no HTTP at all."""
