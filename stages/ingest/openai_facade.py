@@ -15,10 +15,10 @@ from starlette.responses import Response
 from pipeline import api
 from pipeline.models import Status, new_id
 from pipeline.submit import Verdict, new_message
-from stages.api_http import INGESTED, BadInput, decode_json, encode_message, openai_error, read_body, respond
+from stages.ingest.http_api import INGESTED, BadInput, decode_json, encode_message, openai_error, read_body, respond
 
 if TYPE_CHECKING:
-    from stages.ingest import IngestApi
+    from stages.ingest.app import IngestApi
 
 STREAM_UNSUPPORTED = (
     "stream=true is not supported: llmq queues the request and returns the whole completion; send stream=false"

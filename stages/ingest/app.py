@@ -2,9 +2,9 @@
 
 Submissions go through ``pipeline.submit`` (backpressure, idempotency, XADD and status hash in one atomic
 script). Status reads long-poll on the ``finished`` channel, and fall back to the PostgreSQL archive once
-the status hash has expired. The OpenAI-compatible routes are in ``stages.openai_facade``; how requests
-are read and answered (bodies, errors naming the field, API keys, per-route counters) in
-``stages.api_http``. uvicorn owns signals here; clients are injected.
+the status hash has expired. The OpenAI-compatible routes are in ``stages.ingest.openai_facade``; how
+requests are read and answered (bodies, errors naming the field, API keys, per-route counters) in
+``stages.ingest.http_api``. uvicorn owns signals here; clients are injected.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pipeline.notify import Waiter
 from pipeline.queues import level_status
 from pipeline.redis import CONNECTION_ERRORS
 from pipeline.submit import Submitted, Submitter, Verdict, new_message
-from stages.api_http import (
+from stages.ingest.http_api import (
     INGESTED,
     REJECTED,
     ApiKeyMiddleware,
@@ -50,7 +50,7 @@ from stages.api_http import (
     respond,
     server_error,
 )
-from stages.openai_facade import OpenAIFacade
+from stages.ingest.openai_facade import OpenAIFacade
 
 QUEUE_DEPTH = Gauge("queue_depth", "Messages waiting for admission in a level (lag + pending)", ["level"])
 
