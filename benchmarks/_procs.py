@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import redis.asyncio as aioredis
 
 from cli.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -97,6 +98,20 @@ async def drop_prefix(redis: aioredis.Redis, prefix: str) -> None:
     for i in range(0, len(found), 1000):
         await redis.delete(*found[i : i + 1000])
     await redis.aclose()
+
+
+async def wait_up(url: str, timeout_s: float = 30) -> None:
+    """Until ``url`` answers at all (a server that just started); RuntimeError after ``timeout_s``."""
+    async with httpx.AsyncClient() as client:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                await client.get(url)
+                return
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{url} did not come up within {timeout_s:g}s") from None
+                await asyncio.sleep(0.05)
 
 
 def machine() -> dict[str, Any]:

@@ -24,7 +24,17 @@ import httpx
 import psycopg
 import redis.asyncio as aioredis
 
-from benchmarks._procs import drop_prefix, free_port, machine, poll_until, postgres_url, redis_url, stages, write_result
+from benchmarks._procs import (
+    drop_prefix,
+    free_port,
+    machine,
+    poll_until,
+    postgres_url,
+    redis_url,
+    stages,
+    wait_up,
+    write_result,
+)
 from benchmarks.peers import peer
 from benchmarks.runtime_throughput import ceiling_with_producer
 from pipeline.keys import Keys
@@ -78,7 +88,7 @@ async def end_to_end(url: str, dsn: str, n: int, backend: str) -> dict[str, Any]
         argvs.append(["run", "mock-backend", "--port", str(mock), "--latency-ms", "0"])
     with stages(env, *argvs):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api}", timeout=60) as http:
-            await _wait_up(http)
+            await wait_up(f"http://127.0.0.1:{api}/api/v1/health")
             before = await archived(dsn)
             items = [{"level": "normal", "request": CHAT}] * BATCH
             started = time.perf_counter()
@@ -95,18 +105,6 @@ async def end_to_end(url: str, dsn: str, n: int, backend: str) -> dict[str, Any]
     r = aioredis.Redis.from_url(url)
     await drop_prefix(r, prefix)
     return {"backend": backend, "n": n, "msgs_per_s": n / elapsed, "seconds": elapsed, "ingest_seconds": accepted_s}
-
-
-async def _wait_up(http: httpx.AsyncClient) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if (await http.get("/api/v1/health")).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        await asyncio.sleep(0.1)
-    raise RuntimeError("ingest did not come up within 30 s")
 
 
 async def run(url: str, dsn: str, n: int) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks._procs import ROOT, free_port, redis_url, stages, write_result
+from benchmarks._procs import ROOT, free_port, redis_url, stages, wait_up, write_result
 
 BODY = {"level": "normal", "request": {"model": "m", "messages": [{"role": "user", "content": "x" * 200}]}}
 
@@ -59,17 +59,6 @@ def wrk(url: str, seconds: float, connections: int) -> dict[str, float]:
         "non_2xx": float(non2xx.group(1)) if non2xx else 0.0,
         "p99_ms": float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan"),
     }
-
-
-async def wait_up(url: str) -> None:
-    async with httpx.AsyncClient() as client:
-        for _ in range(200):
-            try:
-                await client.get(url)
-                return
-            except httpx.TransportError:
-                await asyncio.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up")
 
 
 async def batches(base: str, n_batches: int, size: int) -> float:
