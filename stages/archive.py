@@ -1,7 +1,8 @@
 """archive: write every terminal outcome to PostgreSQL, and keep the streams trimmed.
 
-Each batch of ``done`` entries becomes one transaction: COPY into a temporary table, then INSERT … ON
-CONFLICT (id) DO UPDATE into ``messages``. Entries are acked only after the commit, so a crash redelivers
+Each batch of ``done`` entries becomes one transaction: a COPY straight into ``messages`` (rows
+formatted by ``pipeline.archive_rows``), or, when an id is there already, a COPY into a temporary table
+and INSERT … ON CONFLICT (id) DO UPDATE. Entries are acked only after the commit, so a crash redelivers
 them and the upsert makes the rows come out the same. While PostgreSQL is down or refuses, the batch is
 retried with backoff (nothing acked, health "degraded", ``llmq_archive_backlog`` growing) until it lands.
 Every ``queue.cleanup_interval`` the stage trims what every group has acked from every stream.
@@ -10,21 +11,20 @@ Every ``queue.cleanup_interval`` the stage trims what every group has acked from
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
-from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
 import psycopg
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from redis.exceptions import ResponseError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from pipeline import tasks
+from pipeline.archive_rows import COLUMNS, copy_rows
 from pipeline.config import Config
 from pipeline.db import migrate
 from pipeline.errors import GiveBack
@@ -47,68 +47,11 @@ BATCH_SECONDS = Histogram(
 BACKLOG = Gauge("llmq_archive_backlog", "Outcomes in the done stream not yet archived (lag + pending)")
 TRIMMED = Counter("llmq_trimmed_total", "Stream entries trimmed after every group acked them", ["stream"])
 
-COLUMNS = (
-    "id",
-    "level",
-    "status",
-    "tenant",
-    "session_id",
-    "backend",
-    "model",
-    "attempts",
-    "request",
-    "response",
-    "error",
-    "prompt_tokens",
-    "completion_tokens",
-    "enqueued_at",
-    "started_at",
-    "finished_at",
-    "queue_wait_ms",
-    "latency_ms",
-)
 _COLS = ", ".join(COLUMNS)
 _UPDATE = ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS if c != "id")
-_json = msgspec.json.Encoder()
 BACKLOG_EVERY_S = 5.0
 IN_FLIGHT_BATCHES = 3
 DB_ERRORS = (psycopg.OperationalError, psycopg.errors.AdminShutdown, PoolTimeout)
-
-
-def _dumps(obj: Any) -> bytes:
-    """msgspec instead of the stdlib json module psycopg uses by default: several times faster."""
-    return _json.encode(obj)
-
-
-def _ts(seconds: float | None) -> datetime | None:
-    return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
-
-
-def row_of(o: Outcome, *, store_bodies: bool) -> tuple[Any, ...]:
-    m = o.message
-    model = m.request.get("model")
-    wait_ms = None if o.started_at is None else (o.started_at - m.enqueued_at) * 1000
-    latency_ms = None if o.started_at is None else (o.finished_at - o.started_at) * 1000
-    return (
-        m.id,
-        m.level,
-        o.status.value,
-        m.tenant,
-        m.session_id,
-        o.backend,
-        model if isinstance(model, str) else None,
-        m.attempts,
-        Jsonb(m.request, dumps=_dumps) if store_bodies else None,
-        Jsonb(o.response, dumps=_dumps) if store_bodies and o.response is not None else None,
-        o.error,
-        o.prompt_tokens,
-        o.completion_tokens,
-        _ts(m.enqueued_at),
-        _ts(o.started_at),
-        _ts(o.finished_at),
-        wait_ms,
-        latency_ms,
-    )
 
 
 class Archive(Stage):
@@ -154,18 +97,18 @@ class Archive(Stage):
             outcome = decode_outcome(entry.data)
             latest[outcome.message.id] = outcome  # one row per id per statement
         # Sorted by id, so concurrent batches lock conflicting rows in the same order (no deadlock).
-        rows = [row_of(latest[i], store_bodies=self.store_bodies) for i in sorted(latest)]
+        rows = copy_rows([latest[i] for i in sorted(latest)], store_bodies=self.store_bodies)
         started = time.perf_counter()
         async for attempt in self._retrying():
             with attempt:
                 await self._write(rows)
         BATCH_SECONDS.observe(time.perf_counter() - started)
-        for o in latest.values():
-            ARCHIVED.labels(status=o.status.value).inc()
+        for status, n in collections.Counter(o.status for o in latest.values()).items():
+            ARCHIVED.labels(status=status.value).inc(n)
         for entry in batch.entries:
             batch.ack(entry)
 
-    async def _write(self, rows: list[tuple[Any, ...]]) -> None:
+    async def _write(self, rows: bytes) -> None:
         """COPY the rows straight into ``messages``: one write per row. When an id is there already (a
         redelivered batch, a replayed dead letter), that transaction rolls back and the batch is upserted
         through a temporary table instead."""
@@ -176,7 +119,8 @@ class Archive(Stage):
             except psycopg.errors.UniqueViolation:
                 async with conn.transaction():
                     await conn.execute(
-                        f"CREATE TEMP TABLE IF NOT EXISTS archive_in ({_temp_columns()}) ON COMMIT DELETE ROWS"
+                        "CREATE TEMP TABLE IF NOT EXISTS archive_in (LIKE messages INCLUDING DEFAULTS)"
+                        " ON COMMIT DELETE ROWS"
                     )
                     await _copy(conn, "archive_in", rows)
                     await conn.execute(
@@ -245,24 +189,6 @@ class Archive(Stage):
         return trimmed
 
 
-async def _copy(conn: psycopg.AsyncConnection[Any], table: str, rows: list[tuple[Any, ...]]) -> None:
+async def _copy(conn: psycopg.AsyncConnection[Any], table: str, rows: bytes) -> None:
     async with conn.cursor().copy(f"COPY {table} ({_COLS}) FROM STDIN") as copy:
-        for row in rows:
-            await copy.write_row(row)
-
-
-def _temp_columns() -> str:
-    types = {
-        "id": "uuid",
-        "attempts": "integer",
-        "request": "jsonb",
-        "response": "jsonb",
-        "prompt_tokens": "integer",
-        "completion_tokens": "integer",
-        "enqueued_at": "timestamptz",
-        "started_at": "timestamptz",
-        "finished_at": "timestamptz",
-        "queue_wait_ms": "double precision",
-        "latency_ms": "double precision",
-    }
-    return ", ".join(f"{c} {types.get(c, 'text')}" for c in COLUMNS)
+        await copy.write(rows)

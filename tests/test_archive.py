@@ -125,6 +125,45 @@ async def test_bodies_can_be_left_out(redis: aioredis.Redis, keys: Keys, databas
     assert row == (None, None, 10)
 
 
+HOSTILE = 'tab\t newline\n return\r backslash\\ quote" nul\x00 escaped \\u0000 é 漢 🎉 \\N'
+
+
+async def test_any_text_survives_the_copy_format(redis: aioredis.Redis, keys: Keys, database_url: str) -> None:
+    # Given an outcome whose every text field carries COPY's special characters, a NUL and non-ASCII text
+    o = outcome(1, Status.FAILED)
+    o.message.tenant, o.message.session_id, o.error = HOSTILE, HOSTILE[::-1], HOSTILE
+    o.message.request["messages"][0]["content"] = HOSTILE
+    o.message.request["model"] = HOSTILE
+    o.response = {"detail": HOSTILE, "nested": [HOSTILE, {"k\t": 1.5}]}
+    o.started_at = None
+    await push(redis, keys, [o])
+    runner, stage = archive_runner(redis, keys, database_url)
+    await stage.start()
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: _rows_are(database_url, 1), what="1 row")
+    finally:
+        runner.stop()
+        await task
+        await stage.close()
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute(
+            "SELECT tenant, session_id, error, model, request, response, enqueued_at, started_at, finished_at,"
+            " queue_wait_ms FROM messages"
+        )
+        row = await cur.fetchone()
+    # Then the row holds the same text, with the NUL (which PostgreSQL cannot store) as U+FFFD
+    stored = HOSTILE.replace("\x00", "\ufffd")
+    assert row is not None
+    assert row[:4] == (stored, stored[::-1], stored, stored)
+    assert row[4]["messages"][0]["content"] == stored
+    assert row[5] == {"detail": stored, "nested": [stored, {"k\t": 1.5}]}
+    # and the timestamps to the microsecond
+    assert row[6].timestamp() == pytest.approx(o.message.enqueued_at, abs=1e-6)
+    assert row[7] is None and row[9] is None
+    assert row[8].timestamp() == pytest.approx(o.finished_at, abs=1e-6)
+
+
 async def test_migrations_are_idempotent_and_safe_concurrently(database_url: str) -> None:
     results = await asyncio.gather(*(migrate(database_url) for _ in range(4)))
     assert sorted(v for r in results for v in r) == [1]
