@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from pipeline.errors import ConsumerNameTaken
 from pipeline.keys import Keys
+from pipeline.lua import Lua
 from pipeline.redis import CONNECTION_ERRORS
 
 log = logging.getLogger("llmq.consumer")
@@ -48,8 +49,8 @@ class ConsumerLease:
         self.ttl_ms = max(int(ttl_s * 1000), 1000)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self.name = ""
-        self._refresh = redis.register_script(_REFRESH)
-        self._release = redis.register_script(_RELEASE)
+        self._refresh = Lua(redis, _REFRESH)
+        self._release = Lua(redis, _RELEASE)
 
     async def acquire(self, name: str | None) -> str:
         """Take ``name`` (ConsumerNameTaken if a live process holds it) or the lowest free ``<host>-<n>``."""
@@ -79,7 +80,7 @@ class ConsumerLease:
         while True:
             await asyncio.sleep(self.ttl_ms / 3000)
             try:
-                if await self._refresh(keys=[key], args=[self.token, self.ttl_ms]):
+                if await self._refresh([key], [self.token, self.ttl_ms]):
                     continue
                 if not await self._take(self.name):
                     raise ConsumerNameTaken(f"consumer name {self.name!r} was taken over by another process")
@@ -89,4 +90,4 @@ class ConsumerLease:
 
     async def release(self) -> None:
         if self.name:
-            await self._release(keys=[self.keys.consumer_lease(self.group, self.name)], args=[self.token])
+            await self._release([self.keys.consumer_lease(self.group, self.name)], [self.token])

@@ -16,6 +16,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from pipeline.keys import Keys
+from pipeline.lua import Lua
 from pipeline.models import FIELD, Message, Status, decode_message, decode_outcome, encode
 from pipeline.streams import as_str
 
@@ -91,7 +92,7 @@ class DeadLetters:
         self.redis = redis
         self.keys = keys
         self.levels = levels
-        self._replay = redis.register_script(_REPLAY)
+        self._replay = Lua(redis, _REPLAY)
 
     async def list(self, *, limit: int = 50, since: float | None = None) -> list[DeadLetter]:
         start = f"{int(since * 1000)}-0" if since else "-"
@@ -140,7 +141,7 @@ class DeadLetters:
             # an outcome the archive could not take: back to done as it was
             keys = [self.keys.dlq, self.keys.done, self.keys.dlq]
             args = [dl.entry_id, dl.payload, "", now]
-        return bool(await self._replay(keys=keys, args=args))
+        return bool(await self._replay(keys, args))
 
     async def purge(self, *, older_than_s: float) -> int:
         cutoff = int((time.time() - older_than_s) * 1000)

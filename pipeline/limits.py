@@ -13,6 +13,7 @@ import time
 import redis.asyncio as aioredis
 
 from pipeline.keys import Keys
+from pipeline.lua import Lua
 
 # KEYS: slots, rpm counter, tpm counter. ARGV: now, lease expiry, member, max_concurrent, rpm (0 = none),
 # tpm (0 = none), estimated tokens. Returns 1 when the slot was taken, 0 at a limit.
@@ -38,7 +39,7 @@ class BackendLimits:
         self.redis = redis
         self.keys = keys
         self.lease_s = lease_s
-        self._acquire = redis.register_script(_ACQUIRE)
+        self._acquire = Lua(redis, _ACQUIRE)
 
     def _window(self, backend: str, kind: str, now: float) -> str:
         return self.keys.backend_window(backend, kind, int(now // 60))
@@ -49,7 +50,7 @@ class BackendLimits:
         now = time.time()
         keys = [self.keys.backend_slots(backend), self._window(backend, "rpm", now), self._window(backend, "tpm", now)]
         args: list[str | float | int] = [now, now + self.lease_s, member, max_concurrent, rpm or 0, tpm or 0, tokens]
-        return bool(await self._acquire(keys=keys, args=args))
+        return bool(await self._acquire(keys, args))
 
     async def release(self, backend: str, member: str, *, tpm: int | None, estimated: int, used: int | None) -> None:
         pipe = self.redis.pipeline(transaction=False)

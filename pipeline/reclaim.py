@@ -22,6 +22,7 @@ from redis.asyncio.client import Pipeline
 
 from pipeline import metrics
 from pipeline.keys import Keys
+from pipeline.lua import Lua
 from pipeline.models import FIELD, Outcome, Status, decode_message
 from pipeline.outcomes import record_outcome
 from pipeline.streams import Entry, as_str, parse_entries
@@ -66,7 +67,7 @@ class Reclaimer:
         self.claim_timeout_ms = int(claim_timeout_s * 1000)
         self.max_deliveries = max_deliveries
         self.result_retention_s = result_retention_s
-        self._renew = redis.register_script(_RENEW)
+        self._renew = Lua(redis, _RENEW)
 
     async def claim(self, count: int) -> list[Entry]:
         """Claim up to ``count`` entries idle past the claim timeout; poison ones are dead-lettered."""
@@ -157,7 +158,7 @@ class Reclaimer:
 
     async def renew(self, entry_ids: list[str]) -> set[str]:
         """Reset the idle time of entries this consumer still owns; return the ids it no longer owns."""
-        lost = await self._renew(keys=[self.stream], args=[self.group, self.consumer, *entry_ids])
+        lost = await self._renew([self.stream], [self.group, self.consumer, *entry_ids])
         lost_ids = {as_str(x) for x in lost}
         if lost_ids:
             metrics.LEASES_LOST.labels(stage=self.group).inc(len(lost_ids))

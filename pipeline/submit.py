@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from pipeline.config import Config
 from pipeline.keys import Keys
+from pipeline.lua import Lua
 from pipeline.models import Message, encode
 from pipeline.streams import as_str
 
@@ -82,19 +83,19 @@ class Submitter:
         self.config = config
         self.redis = redis
         self.keys = keys
-        self._script = redis.register_script(_SUBMIT)
-        self._cancel = redis.register_script(_CANCEL)
+        self._script = Lua(redis, _SUBMIT)
+        self._cancel = Lua(redis, _CANCEL)
         self._max_size = {lv.name: config.queue.max_size(lv) for lv in config.queue.levels}
 
     async def cancel(self, message_id: str) -> str | None:
         """Cancel a message not yet dispatched (queued, scheduled or retrying); return its status after."""
-        status = await self._cancel(keys=[self.keys.msg(message_id)], args=[time.time(), self.keys.finished])
+        status = await self._cancel([self.keys.msg(message_id)], [time.time(), self.keys.finished])
         return as_str(status) if status else None
 
     async def submit(self, msg: Message, payload: bytes | None = None) -> Submitted:
         # One EVALSHA; a pipeline would first send SCRIPT EXISTS, a second round trip per request.
         keys, args = self._call(msg, payload or encode(msg))
-        return _verdict(await self._script(keys=keys, args=args))
+        return _verdict(await self._script(keys, args))
 
     async def submit_many(self, messages: list[tuple[Message, bytes]]) -> list[Submitted]:
         """Each (message, its encoding) atomically, in its own script call; all in one round trip."""
@@ -103,7 +104,7 @@ class Submitter:
         pipe = self.redis.pipeline(transaction=False)
         for msg, payload in messages:
             keys, args = self._call(msg, payload)
-            await self._script(keys=keys, args=args, client=pipe)
+            await self._script.queue(pipe, keys, args)
         return [_verdict(reply) for reply in await pipe.execute()]
 
     def _call(self, msg: Message, payload: bytes) -> tuple[list[str], list[str | bytes | int | float]]:

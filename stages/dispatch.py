@@ -26,6 +26,7 @@ from pipeline.config import BackendConfig, Config
 from pipeline.echo import ECHO_SCHEME, completion
 from pipeline.keys import Keys
 from pipeline.limits import BackendLimits
+from pipeline.lua import Lua
 from pipeline.models import FIELD, Message, Outcome, Status, decode_message, encode
 from pipeline.outcomes import record_outcome
 from pipeline.stage import Batch, Stage
@@ -109,7 +110,7 @@ class Dispatch(Stage):
         self.local_inflight = dict.fromkeys(self.backends, 0)
         self.http: httpx.AsyncClient | None = None
         self._probe: asyncio.Task[None] | None = None
-        self._begin = redis.register_script(_BEGIN)
+        self._begin = Lua(redis, _BEGIN)
 
     async def start(self) -> None:
         self.http = httpx.AsyncClient(
@@ -139,7 +140,7 @@ class Dispatch(Stage):
     async def _one(self, batch: Batch, entry: Entry) -> None:
         msg = decode_message(entry.data)
         started = time.time()
-        raw: bytes | None = await self._begin(keys=[self.keys.msg(msg.id)], args=[started])
+        raw: bytes | None = await self._begin([self.keys.msg(msg.id)], [started])
         status = Status(raw.decode()) if raw else None
         if status is Status.CANCELLED:
             self._finish(batch, entry, Outcome(message=msg, status=Status.CANCELLED, finished_at=time.time()))

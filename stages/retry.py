@@ -20,6 +20,7 @@ from pipeline import tasks
 from pipeline.backoff import retry_delay
 from pipeline.config import Config
 from pipeline.keys import Keys
+from pipeline.lua import Lua
 from pipeline.models import FIELD, Message, Outcome, Status, decode_message
 from pipeline.outcomes import record_outcome
 from pipeline.redis import CONNECTION_ERRORS
@@ -79,7 +80,7 @@ class Retry(Stage):
         self.keys = keys
         self.levels = [lv.name for lv in config.queue.levels]
         self.retention_s = config.queue.result_retention.seconds
-        self._move = redis.register_script(_MOVE_DUE)
+        self._move = Lua(redis, _MOVE_DUE)
         self._timer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -138,7 +139,7 @@ class Retry(Stage):
     async def move_due(self, now: float | None = None, limit: int = 500) -> int:
         keys = [self.keys.retry_due, self.keys.retry_payloads, *(self.keys.level(n) for n in self.levels)]
         args: list[str | float | int] = [now or time.time(), limit, self.keys.msg(""), *self.levels]
-        return int(await self._move(keys=keys, args=args))
+        return int(await self._move(keys, args))
 
     async def _timer_loop(self) -> None:
         while True:

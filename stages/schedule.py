@@ -24,6 +24,7 @@ from pipeline import tasks
 from pipeline.admission import LevelView, select
 from pipeline.config import Config, LevelConfig
 from pipeline.keys import Keys
+from pipeline.lua import Lua
 from pipeline.models import Message, Outcome, Status, decode_message
 from pipeline.notify import Listener
 from pipeline.outcomes import record_outcome
@@ -106,7 +107,7 @@ class Arbiter:
         self.waiting: dict[str, deque[Candidate]] = {lv.name: deque() for lv in self.levels}
         self._wake = asyncio.Event()
         self._wrr: dict[str, int] = {}
-        self._admit = redis.register_script(_ADMIT)
+        self._admit = Lua(redis, _ADMIT)
         self._task: asyncio.Task[None] | None = None
         self._freed = Listener(redis=redis, channels=[keys.finished, keys.slots], on_message=self._slot_freed)
 
@@ -192,7 +193,7 @@ class Arbiter:
         ]
         for c in batch:
             args += [c.message.id, c.entry.id, c.entry.data]
-        return int(await self._admit(keys=keys, args=args))
+        return int(await self._admit(keys, args))
 
     def _admitted(self, cand: Candidate, now: float) -> None:
         level = cand.message.level
