@@ -259,7 +259,10 @@ async def test_status_falls_back_to_the_archive(redis: aioredis.Redis, keys: Key
     ):
         doc = (await http.get(f"/api/v1/messages/{mid}")).json()
         health = (await http.get("/api/v1/health")).json()
+        # an id in neither place, well-formed or not, is a 404
+        missing = [(await http.get(f"/api/v1/messages/{i}")).status_code for i in (new_id(), "not-a-uuid", "1'--")]
     assert doc["status"] == "completed" and doc["result"] == {"choices": []} and doc["backend"] == "a"
+    assert missing == [404, 404, 404]
     assert health == {"status": "ok", "checks": {"redis": "ok", "postgres": "ok"}}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -174,6 +175,10 @@ class IngestApi:
         return await self._archived(message_id)
 
     async def _archived(self, message_id: str) -> api.MessageView | None:
+        try:
+            key = uuid.UUID(message_id)  # the primary key's type: compared as text, no index would serve
+        except ValueError:
+            return None
         if self.pool is None:
             return None
         try:
@@ -181,8 +186,8 @@ class IngestApi:
                 cur = await conn.execute(
                     "SELECT status, level, attempts, backend, extract(epoch FROM enqueued_at),"
                     " extract(epoch FROM started_at), extract(epoch FROM finished_at), response, error"
-                    " FROM messages WHERE id::text = %s",
-                    (message_id,),
+                    " FROM messages WHERE id = %s",
+                    (key,),
                 )
                 row = await cur.fetchone()
         except (psycopg.Error, OSError, TimeoutError):
