@@ -24,6 +24,7 @@ from pipeline import tasks
 from pipeline.balance import BackendView, Balancer, Circuit
 from pipeline.config import BackendConfig, Config
 from pipeline.echo import ECHO_SCHEME, completion
+from pipeline.http_pool import ShardedClient
 from pipeline.keys import Keys
 from pipeline.limits import BackendLimits
 from pipeline.lua import Lua
@@ -108,14 +109,13 @@ class Dispatch(Stage):
         self.limits = BackendLimits(redis=redis, keys=keys, lease_s=self.timeout_s + 5)
         self.retention_s = config.queue.result_retention.seconds
         self.local_inflight = dict.fromkeys(self.backends, 0)
-        self.http: httpx.AsyncClient | None = None
+        self.http: ShardedClient | None = None
         self._probe: asyncio.Task[None] | None = None
         self._begin = Lua(redis, _BEGIN)
 
     async def start(self) -> None:
-        self.http = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s)),
-            limits=httpx.Limits(max_connections=self.max_in_hand * 2, max_keepalive_connections=self.max_in_hand),
+        self.http = ShardedClient(
+            concurrency=self.max_in_hand, timeout=httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s))
         )
         for name in self.backends:
             BACKEND_UP.labels(backend=name).set(1)
@@ -220,9 +220,12 @@ class Dispatch(Stage):
                 body = completion(msg.request, name=backend.name, default_model="echo")
                 result = CallResult(status=Status.COMPLETED, backend=backend.name, response=body)
             else:
-                response = await self.http.post(
-                    backend.url.rstrip("/") + "/chat/completions", content=_json.encode(msg.request), headers=headers
-                )
+                async with self.http.client() as http:
+                    response = await http.post(
+                        backend.url.rstrip("/") + "/chat/completions",
+                        content=_json.encode(msg.request),
+                        headers=headers,
+                    )
                 result = self._classify(backend.name, response)
             if result.response is not None:
                 used = self._count_tokens(backend.name, result.response)
@@ -327,7 +330,8 @@ class Dispatch(Stage):
         if backend.url.startswith(ECHO_SCHEME):
             return True
         try:
-            response = await self.http.get(backend.url.rstrip("/") + "/models", timeout=5.0)
+            async with self.http.client() as http:
+                response = await http.get(backend.url.rstrip("/") + "/models", timeout=5.0)
         except httpx.HTTPError:
             return False
         return response.is_success
