@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
+import httpx
 import pytest
 
 from pipeline.admission import LevelView, select
 from pipeline.backoff import retry_delay
 from pipeline.balance import BackendView, Balancer, Circuit
+from pipeline.http_pool import CONNECTIONS_PER_SHARD, ShardedClient
 from stages.dispatch import estimate_tokens
 from stages.retry import reason_of
 
@@ -149,3 +152,18 @@ def test_token_estimate_counts_prompt_and_budget() -> None:
 )
 def test_retry_reasons(error: str, reason: str) -> None:
     assert reason_of(error) == reason
+
+
+async def test_backend_calls_spread_over_http_shards_least_busy_first() -> None:
+    pool = ShardedClient(concurrency=3 * CONNECTIONS_PER_SHARD, timeout=httpx.Timeout(1.0))
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            # Three calls at once land on three different clients
+            held = [await stack.enter_async_context(pool.client()) for _ in range(3)]
+            assert len({id(c) for c in held}) == 3
+            # and a fourth shares one of them only once all three are busy
+            assert await stack.enter_async_context(pool.client()) in held
+        async with pool.client() as first, pool.client() as second:
+            assert first is not second  # finished calls free their shard
+    finally:
+        await pool.aclose()
