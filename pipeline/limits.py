@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from pipeline.keys import Keys
 from pipeline.lua import Lua
@@ -52,14 +53,15 @@ class BackendLimits:
         args: list[str | float | int] = [now, now + self.lease_s, member, max_concurrent, rpm or 0, tpm or 0, tokens]
         return bool(await self._acquire(keys, args))
 
-    async def release(self, backend: str, member: str, *, tpm: int | None, estimated: int, used: int | None) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zrem(self.keys.backend_slots(backend), member)
+    def release(
+        self, tx: Pipeline, backend: str, member: str, *, tpm: int | None, estimated: int, used: int | None
+    ) -> None:
+        """Queue on ``tx`` freeing the slot and correcting the token estimate by the reported usage."""
+        tx.zrem(self.keys.backend_slots(backend), member)
         if tpm and used is not None and used != estimated:
             key = self._window(backend, "tpm", time.time())
-            pipe.incrby(key, used - estimated)
-            pipe.expire(key, 120)
-        await pipe.execute()
+            tx.incrby(key, used - estimated)
+            tx.expire(key, 120)
 
     async def inflight(self, backends: list[str]) -> dict[str, int]:
         now = time.time()

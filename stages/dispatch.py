@@ -47,16 +47,22 @@ BACKEND_INFLIGHT = Gauge("llmq_backend_inflight", "Calls this process has runnin
 TOKENS = Counter("llmq_tokens_total", "Tokens reported by backends", ["backend", "kind"])
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
-# KEYS[1] the message's status hash; ARGV[1] now. Marks the message dispatching unless it already ended
-# (a terminal status, cancelled included), in one round trip; returns the status it had.
+# KEYS: the status hashes of a batch's messages; ARGV[1] now. Marks each message dispatching unless it
+# already ended (a terminal status, cancelled included), all in one round trip; returns the status each
+# had ('' for none).
 _BEGIN = (
     "local ended = {"
     + ", ".join(f"['{s.value}'] = true" for s in Status if s.terminal)
     + """}
-local status = redis.call('HGET', KEYS[1], 'status')
-if status and ended[status] then return status end
-redis.call('HSET', KEYS[1], 'status', 'dispatching', 'started_at', ARGV[1])
-return status
+local before = {}
+for i, key in ipairs(KEYS) do
+  local status = redis.call('HGET', key, 'status')
+  if not (status and ended[status]) then
+    redis.call('HSET', key, 'status', 'dispatching', 'started_at', ARGV[1])
+  end
+  before[i] = status or ''
+end
+return before
 """
 )
 WAIT_FOR_SLOT_S = 0.01
@@ -135,13 +141,17 @@ class Dispatch(Stage):
 
     async def handle(self, batch: Batch) -> None:
         """Idempotent on redelivery: a message whose status is already terminal is not sent again."""
-        await asyncio.gather(*(self._one(batch, entry) for entry in batch.entries))
-
-    async def _one(self, batch: Batch, entry: Entry) -> None:
-        msg = decode_message(entry.data)
+        messages = [decode_message(entry.data) for entry in batch.entries]
         started = time.time()
-        raw: bytes | None = await self._begin([self.keys.msg(msg.id)], [started])
-        status = Status(raw.decode()) if raw else None
+        before: list[bytes] = await self._begin([self.keys.msg(m.id) for m in messages], [started])
+        await asyncio.gather(
+            *(
+                self._one(batch, entry, msg, Status(raw.decode()) if raw else None, started)
+                for entry, msg, raw in zip(batch.entries, messages, before, strict=True)
+            )
+        )
+
+    async def _one(self, batch: Batch, entry: Entry, msg: Message, status: Status | None, started: float) -> None:
         if status is Status.CANCELLED:
             self._finish(batch, entry, Outcome(message=msg, status=Status.CANCELLED, finished_at=time.time()))
         elif status is not None and status.terminal:
@@ -149,11 +159,11 @@ class Dispatch(Stage):
             batch.ack(entry)  # a redelivery of a finished message: nothing to send
         else:
             msg.attempts += 1
-            result = await self._call(msg)
+            result = await self._call(batch, msg)
             self._record(batch, entry, msg, result, started)
         await batch.commit()
 
-    async def _call(self, msg: Message) -> CallResult:
+    async def _call(self, batch: Batch, msg: Message) -> CallResult:
         model = msg.request.get("model")
         tokens = estimate_tokens(msg.request)
         if not any(not b.models or model in b.models for b in self.backends.values()):
@@ -167,7 +177,7 @@ class Dispatch(Stage):
                 if await self.limits.acquire(
                     name, msg.id, max_concurrent=backend.max_concurrent, rpm=backend.rpm, tpm=backend.tpm, tokens=tokens
                 ):
-                    return await self._send(backend, msg, tokens)
+                    return await self._send(batch, backend, msg, tokens)
             await asyncio.sleep(WAIT_FOR_SLOT_S)  # every usable backend is at its limit
 
     def _eligible(self, model: object) -> list[BackendConfig]:
@@ -206,7 +216,7 @@ class Dispatch(Stage):
             order = [name]
         return order
 
-    async def _send(self, backend: BackendConfig, msg: Message, tokens: int) -> CallResult:
+    async def _send(self, batch: Batch, backend: BackendConfig, msg: Message, tokens: int) -> CallResult:
         assert self.http is not None
         headers = {"X-LLMQ-Message-Id": msg.id}
         if backend.api_key_env and os.environ.get(backend.api_key_env):
@@ -239,7 +249,8 @@ class Dispatch(Stage):
             self.local_inflight[backend.name] -= 1
             BACKEND_INFLIGHT.labels(backend=backend.name).set(self.local_inflight[backend.name])
             DURATION.labels(backend=backend.name).observe(time.perf_counter() - started)
-            await self.limits.release(backend.name, msg.id, tpm=backend.tpm, estimated=tokens, used=used)
+            # The slot is freed with the outcome's commit, which follows at once (the lease expires anyway)
+            self.limits.release(batch.tx, backend.name, msg.id, tpm=backend.tpm, estimated=tokens, used=used)
         self._update_circuit(backend.name, result)
         DISPATCHED.labels(backend=backend.name, outcome=result.status.value).inc()
         return result
