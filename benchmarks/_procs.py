@@ -58,18 +58,37 @@ def postgres_url(given: str | None) -> Iterator[str]:
 
 @contextmanager
 def stages(env: dict[str, str], *argvs: list[str]) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Start ``llmq-stage <argv>`` processes; SIGTERM them on exit."""
+    """Start ``llmq-stage <argv>`` processes and wait until each answers on its port (``--port 0`` is
+    given a free one); SIGTERM them on exit. On 2 busy cores a start takes seconds: a fixed pause made
+    the first messages of a run wait for stages still importing, and counted that wait as the queue's."""
     full_env = {**{k: v for k, v in os.environ.items() if not k.startswith("LLMQ_")}, **env}
     log = open(tempfile.mkstemp(prefix="llmq-bench-", suffix=".log")[1], "wb")  # noqa: SIM115
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "cli", *argv], env=full_env, cwd=ROOT, stdout=log, stderr=log)
-        for argv in argvs
-    ]
+    procs, health = [], []
+    for given in argvs:
+        argv = list(given)
+        if "--port" in argv:
+            at = argv.index("--port") + 1
+            argv[at] = argv[at] if argv[at] != "0" else str(free_port())
+            health.append(f"http://127.0.0.1:{argv[at]}/health")
+        else:  # the ingest stage
+            health.append(f"http://127.0.0.1:{env['LLMQ_SERVER__PORT']}/api/v1/health")
+        procs.append(
+            subprocess.Popen([sys.executable, "-m", "cli", *argv], env=full_env, cwd=ROOT, stdout=log, stderr=log)
+        )
     try:
-        time.sleep(1.5)
-        for p in procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"{p.args} exited with {p.returncode}; log: {log.name}")
+        deadline = time.monotonic() + 60
+        with httpx.Client(timeout=5) as client:
+            for p, url in zip(procs, health, strict=True):
+                while True:
+                    if p.poll() is not None:
+                        raise RuntimeError(f"{p.args} exited with {p.returncode}; log: {log.name}")
+                    try:
+                        client.get(url)
+                        break
+                    except httpx.TransportError:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"{p.args} did not answer on {url}; log: {log.name}") from None
+                        time.sleep(0.05)
         yield procs
     finally:
         for p in procs:

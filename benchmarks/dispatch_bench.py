@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 
-from benchmarks._procs import drop_prefix, free_port, machine, redis_url, stages, wait_up, write_result
+from benchmarks._procs import drop_prefix, free_port, machine, redis_url, stages, write_result
 from benchmarks.plots import plot_scaling
 from pipeline.config import load_config
 from pipeline.keys import Keys
@@ -106,8 +106,6 @@ async def recovery(url: str, n: int = 100) -> dict[str, Any]:
     redis = aioredis.Redis.from_url(url)
     keys = Keys(prefix)
     with stages(env, *argvs) as procs:
-        for port in ops:
-            await wait_up(f"http://127.0.0.1:{port}/health")
         async with httpx.AsyncClient(timeout=5) as http:
             in_hand = [0, 0]
             while min(in_hand) == 0:

@@ -32,7 +32,6 @@ from benchmarks._procs import (
     postgres_url,
     redis_url,
     stages,
-    wait_up,
     write_result,
 )
 from benchmarks.peers import peer
@@ -88,7 +87,6 @@ async def end_to_end(url: str, dsn: str, n: int, backend: str) -> dict[str, Any]
         argvs.append(["run", "mock-backend", "--port", str(mock), "--latency-ms", "0"])
     with stages(env, *argvs):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api}", timeout=60) as http:
-            await wait_up(f"http://127.0.0.1:{api}/api/v1/health")
             before = await archived(dsn)
             items = [{"level": "normal", "request": CHAT}] * BATCH
             started = time.perf_counter()
