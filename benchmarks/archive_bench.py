@@ -1,6 +1,7 @@
-"""Archive throughput: the archive stage (done stream → COPY + upsert, ack after commit) against a raw
-COPY of the same rows into the same table, in the same run. The raw COPY sends rows already in COPY
-format, so it measures PostgreSQL alone: the most any archiver on this machine could do.
+"""Archive throughput: archive stage processes (done stream → COPY + upsert, ack after commit), one and
+two of them as an operator scales the stage, against a raw COPY of the same rows into the same table, in
+the same run. The raw COPY sends rows already in COPY format, so it measures PostgreSQL alone: the most
+any archiver on this machine could do.
 
     .venv/bin/python -m benchmarks.archive_bench [--redis-url URL] [--database-url DSN] [--n 50000]
 """
@@ -9,22 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import time
 import uuid
 
 import psycopg
 import redis.asyncio as aioredis
 
-from benchmarks._procs import postgres_url, redis_url, write_result
-from cli.consume import runner_settings
-from cli.stages import make_archive
+from benchmarks._procs import drop_prefix, postgres_url, redis_url, stages, write_result
 from pipeline.archive_rows import COLUMNS, copy_rows
-from pipeline.config import load_config
 from pipeline.db import migrate
 from pipeline.keys import Keys
 from pipeline.models import FIELD, Message, Outcome, Status, encode, new_id
-from pipeline.stage import Runner
 
 
 def outcomes(n: int) -> list[Outcome]:
@@ -67,7 +63,9 @@ async def raw_copy(dsn: str, rows: bytes, n: int) -> float:
     return n / elapsed
 
 
-async def archive_stage(url: str, dsn: str, items: list[Outcome], batch: int) -> float:
+async def archive_stage(url: str, dsn: str, items: list[Outcome], batch: int, consumers: int) -> float:
+    """Rows/s of ``consumers`` archive processes draining a preloaded done stream, in steady state: from
+    the 10% to the 90% row (process start-up and the last batches are not the stage's rate)."""
     prefix = "{arch" + uuid.uuid4().hex[:6] + "}"
     keys = Keys(prefix)
     redis = aioredis.Redis.from_url(url)
@@ -76,27 +74,30 @@ async def archive_stage(url: str, dsn: str, items: list[Outcome], batch: int) ->
         for o in items[i : i + 5000]:
             pipe.xadd(keys.done, {FIELD: encode(o)})
         await pipe.execute()
-    env = {"LLMQ_DATABASE_URL": dsn, "LLMQ_KEY_PREFIX": prefix, "LLMQ_QUEUE__WORKER__MAX_BATCH_SIZE": str(batch)}
-    config = load_config(None, env=env)
-    stage = make_archive(config=config, redis=redis, keys=keys)
-    await stage.start()
-    runner = Runner(stage, redis=redis, keys=keys, consumer="b", settings=runner_settings(config))
-    started = time.perf_counter()
-    task = asyncio.create_task(runner.run())
-    while runner.handled < len(items):  # noqa: ASYNC110 - polling a counter the runner owns
-        await asyncio.sleep(0.01)
-    elapsed = time.perf_counter() - started
-    runner.stop()
-    await task
-    await stage.close()
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+    env = {
+        "LLMQ_REDIS_URL": url,
+        "LLMQ_DATABASE_URL": dsn,
+        "LLMQ_KEY_PREFIX": prefix,
+        "LLMQ_LOGGING__LEVEL": "warning",
+        "LLMQ_QUEUE__WORKER__MAX_BATCH_SIZE": str(batch),
+    }
+    n = len(items)
+    marks: list[tuple[float, int]] = []
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        with stages(env, *[["run", "archive", "--port", "0"]] * consumers):
+            while True:
+                count = (await (await conn.execute("SELECT count(*) FROM messages")).fetchone() or [0])[0]
+                if (not marks and count >= n // 10) or count >= n * 9 // 10:
+                    marks.append((time.perf_counter(), count))
+                if count >= n:
+                    break
+                await asyncio.sleep(0.01)
         count = (await (await conn.execute("SELECT count(*) FROM messages")).fetchone() or [0])[0]
         await conn.execute("TRUNCATE messages")
-        await conn.commit()
-    assert count == len(items), f"{count} rows for {len(items)} outcomes"
-    await redis.delete(keys.done)
-    await redis.aclose()
-    return len(items) / elapsed
+    assert count == n, f"{count} rows for {n} outcomes"
+    await drop_prefix(redis, prefix)
+    (t10, c10), (t90, c90) = marks[0], marks[1]
+    return (c90 - c10) / (t90 - t10)
 
 
 async def main() -> None:
@@ -109,19 +110,24 @@ async def main() -> None:
     args = parser.parse_args()
     items = outcomes(args.n)
     rows = copy_rows(items, store_bodies=True)
-    gc.freeze()  # the fixtures are not the stage's: keep the collector from walking them during the run
-    results: dict[str, list[float]] = {"raw_copy": [], "archive": []}
+    results: dict[str, list[float]] = {"raw_copy": [], "archive_1": [], "archive_2": []}
     with redis_url(args.redis_url) as url, postgres_url(args.database_url) as dsn:
         await migrate(dsn)
         for i in range(args.rounds):
             results["raw_copy"].append(await raw_copy(dsn, rows, len(items)))
-            results["archive"].append(await archive_stage(url, dsn, items, args.batch))
-            print(f"round {i + 1}: raw COPY {results['raw_copy'][-1]:,.0f} rows/s, "
-                  f"archive stage {results['archive'][-1]:,.0f} rows/s", flush=True)  # fmt: skip
+            line = f"round {i + 1}: raw COPY {results['raw_copy'][-1]:,.0f} rows/s"
+            for consumers in (1, 2):
+                rate = await archive_stage(url, dsn, items, args.batch, consumers)
+                results[f"archive_{consumers}"].append(rate)
+                line += f", {consumers} archive process(es) {rate:,.0f} rows/s"
+            print(line, flush=True)
     best = {k: max(v) for k, v in results.items()}
-    ratio = best["archive"] / best["raw_copy"]
-    print(f"best: raw COPY {best['raw_copy']:,.0f} rows/s, archive {best['archive']:,.0f} rows/s, ratio {ratio:.2f}")
-    doc = {"benchmark": "archive", "n": args.n, "batch": args.batch, "results": results, "ratio": ratio}
+    ratios = {k: best[k] / best["raw_copy"] for k in ("archive_1", "archive_2")}
+    print(
+        f"best: raw COPY {best['raw_copy']:,.0f} rows/s; archive, 1 process {best['archive_1']:,.0f} rows/s "
+        f"({ratios['archive_1']:.2f}x), 2 processes {best['archive_2']:,.0f} rows/s ({ratios['archive_2']:.2f}x)"
+    )
+    doc = {"benchmark": "archive", "n": args.n, "batch": args.batch, "results": results, "ratios": ratios}
     write_result("archive", doc)
 
 
