@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import redis.asyncio as aioredis
@@ -200,21 +201,31 @@ async def _backend_up(h: Harness, name: str) -> bool:
 async def test_expired_and_cancelled_messages_are_never_sent(redis: aioredis.Redis, keys: Keys) -> None:
     env = {"LLMQ_QUEUE__LEVELS": "[{name: normal, priority: 3, max_wait_time: 30s, max_concurrent: 1}]"}
     backends = {"a": MockSettings(latency_ms=400)}
+
+    async def done() -> dict[str, str]:
+        return {
+            decode_outcome(f[FIELD]).message.id: decode_outcome(f[FIELD]).status
+            for _, f in await redis.xrange(keys.done)
+        }
+
     async with Harness(redis, keys, backends=backends, env=env, backend_config={"a": {"max_concurrent": 1}}) as h:
         blocker = await h.submit()
         expiring = await h.submit(deadline_ms=100)
         cancelled = await h.submit()
         await redis.hset(keys.msg(cancelled), "status", "cancelled")  # what DELETE /messages/{id} does
         statuses = await h.wait_terminal([blocker, expiring, cancelled])
+        # A cancelled status is terminal at once; its outcome is recorded a moment later.
+        await eventually(lambda: _has(done, 3), what="3 outcomes")
         sent = dict(h.mocks["a"].by_message)
     assert statuses[expiring]["status"] == "expired"
     assert statuses[cancelled]["status"] == "cancelled"
     assert statuses[blocker]["status"] == "completed"
     assert set(sent) == {blocker}
-    done = {
-        decode_outcome(f[FIELD]).message.id: decode_outcome(f[FIELD]).status for _, f in await redis.xrange(keys.done)
-    }
-    assert done == {blocker: "completed", expiring: "expired", cancelled: "cancelled"}
+    assert await done() == {blocker: "completed", expiring: "expired", cancelled: "cancelled"}
+
+
+async def _has(outcomes: Callable[[], Awaitable[dict[str, str]]], n: int) -> bool:
+    return len(await outcomes()) >= n
 
 
 async def test_client_errors_fail_without_retry(redis: aioredis.Redis, keys: Keys) -> None:
