@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -63,30 +65,33 @@ async def push(redis: aioredis.Redis, keys: Keys, outcomes: list[Outcome]) -> No
     await pipe.execute()
 
 
-def archive_runner(redis: aioredis.Redis, keys: Keys, dsn: str, **env: str) -> tuple[Runner, Any]:
+@contextlib.asynccontextmanager
+async def archiving(redis: aioredis.Redis, keys: Keys, dsn: str, **env: str) -> AsyncIterator[Any]:
+    """An archive stage running in this process for the block; it yields the stage."""
     config = load_config(None, env={"LLMQ_DATABASE_URL": dsn, "LLMQ_KEY_PREFIX": keys.prefix, **env})
     stage = make_archive(config=config, redis=redis, keys=keys)
-    return Runner(stage, redis=redis, keys=keys, consumer="a1", settings=runner_settings(config)), stage
+    runner = Runner(stage, redis=redis, keys=keys, consumer="a1", settings=runner_settings(config))
+    await stage.start()
+    task = asyncio.create_task(runner.run())
+    try:
+        yield stage
+    finally:
+        runner.stop()
+        await task
+        await stage.close()
 
 
 async def test_outcomes_become_rows_once_each(redis: aioredis.Redis, keys: Keys, database_url: str) -> None:
     # Given 250 outcomes in the done stream
     outcomes = [outcome(i) for i in range(250)]
     await push(redis, keys, outcomes)
-    runner, stage = archive_runner(redis, keys, database_url)
-    await stage.start()
-    task = asyncio.create_task(runner.run())
-    try:
+    async with archiving(redis, keys, database_url):
         # When the archive runs, then there is exactly one row per outcome, with its fields
         await eventually(lambda: _rows_are(database_url, 250), what="250 rows")
         # and redelivering the same outcomes upserts the same rows
         await push(redis, keys, outcomes[:50])
         await eventually(lambda: _pending_zero_and_read(redis, keys, 300), what="redelivery handled")
         assert await archived_rows(database_url) == 250
-    finally:
-        runner.stop()
-        await task
-        await stage.close()
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         cur = await conn.execute(
             "SELECT level, status, tenant, backend, model, attempts, request, response, prompt_tokens,"
@@ -113,13 +118,8 @@ async def _pending_zero_and_read(redis: aioredis.Redis, keys: Keys, n: int) -> b
 
 async def test_bodies_can_be_left_out(redis: aioredis.Redis, keys: Keys, database_url: str) -> None:
     await push(redis, keys, [outcome(1)])
-    runner, stage = archive_runner(redis, keys, database_url, LLMQ_DATABASE__POSTGRES__STORE_BODIES="false")
-    await stage.start()
-    task = asyncio.create_task(runner.run())
-    await eventually(lambda: _rows_are(database_url, 1), what="1 row")
-    runner.stop()
-    await task
-    await stage.close()
+    async with archiving(redis, keys, database_url, LLMQ_DATABASE__POSTGRES__STORE_BODIES="false"):
+        await eventually(lambda: _rows_are(database_url, 1), what="1 row")
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         row = await (await conn.execute("SELECT request, response, prompt_tokens FROM messages")).fetchone()
     assert row == (None, None, 10)
@@ -137,15 +137,8 @@ async def test_any_text_survives_the_copy_format(redis: aioredis.Redis, keys: Ke
     o.response = {"detail": HOSTILE, "nested": [HOSTILE, {"k\t": 1.5}]}
     o.started_at = None
     await push(redis, keys, [o])
-    runner, stage = archive_runner(redis, keys, database_url)
-    await stage.start()
-    task = asyncio.create_task(runner.run())
-    try:
+    async with archiving(redis, keys, database_url):
         await eventually(lambda: _rows_are(database_url, 1), what="1 row")
-    finally:
-        runner.stop()
-        await task
-        await stage.close()
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         cur = await conn.execute(
             "SELECT tenant, session_id, error, model, request, response, enqueued_at, started_at, finished_at,"
@@ -218,27 +211,22 @@ async def test_postgres_outage_loses_nothing_and_reports_degraded(
     # Given an archive on a PostgreSQL of this test's own (so it can be stopped)
     server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="llmq-outage-")) / "pg")
     dsn = server.start()
-    runner, stage = archive_runner(redis, keys, dsn)
-    await stage.start()
-    task = asyncio.create_task(runner.run())
     try:
-        await push(redis, keys, [outcome(i) for i in range(10)])
-        await eventually(lambda: _rows_are(dsn, 10), what="10 rows before the outage")
-        # When PostgreSQL stops and outcomes keep coming
-        server.stop()
-        await push(redis, keys, [outcome(i) for i in range(10, 60)])
-        await eventually(lambda: _degraded(stage), within=30, what="health degraded")
-        # Then nothing is acked meanwhile
-        groups: Any = await redis.xinfo_groups(keys.done)
-        assert int(groups[0]["pending"]) + int(groups[0]["lag"] or 0) == 50
-        # and when it comes back, everything lands and health recovers
-        assert server.start() == dsn
-        await eventually(lambda: _rows_are(dsn, 60), within=40, what="60 rows after the outage")
-        assert (await stage.health()) == {"postgres": "ok"}
+        async with archiving(redis, keys, dsn) as stage:
+            await push(redis, keys, [outcome(i) for i in range(10)])
+            await eventually(lambda: _rows_are(dsn, 10), what="10 rows before the outage")
+            # When PostgreSQL stops and outcomes keep coming
+            server.stop()
+            await push(redis, keys, [outcome(i) for i in range(10, 60)])
+            await eventually(lambda: _degraded(stage), within=30, what="health degraded")
+            # Then nothing is acked meanwhile
+            groups: Any = await redis.xinfo_groups(keys.done)
+            assert int(groups[0]["pending"]) + int(groups[0]["lag"] or 0) == 50
+            # and when it comes back, everything lands and health recovers
+            assert server.start() == dsn
+            await eventually(lambda: _rows_are(dsn, 60), within=40, what="60 rows after the outage")
+            assert (await stage.health()) == {"postgres": "ok"}
     finally:
-        runner.stop()
-        await task
-        await stage.close()
         server.stop()
 
 
