@@ -8,6 +8,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
@@ -20,6 +22,11 @@ log = logging.getLogger("llmq.redis")
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
+STALE_RETRIES = 1
+"""After Redis restarts, every pooled connection is dead until used once. A pool created from a URL
+gets connections that never retry (redis-py), so each of them failed one command, and each such
+failure failed a whole batch, counting one more delivery for every entry in it: a restart could push
+entries over ``max_deliveries``. One immediate retry on a connection error reconnects instead."""
 POOL_WAIT_S = 10.0
 """How long a command waits for a free pooled connection before failing (a burst queues, not errors)."""
 CONNECT_TIMEOUT_S = 5.0
@@ -47,6 +54,7 @@ def make_redis(cfg: RedisConfig, *, pool_size: int | None = None) -> aioredis.Re
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
         "socket_keepalive": True,
         "socket_keepalive_options": KEEPALIVE,
+        "retry": Retry(NoBackoff(), STALE_RETRIES),
     }
     if cfg.url:
         pool = aioredis.BlockingConnectionPool.from_url(cfg.url, **options)

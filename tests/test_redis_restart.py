@@ -124,7 +124,13 @@ async def test_a_redis_restart_loses_nothing_and_health_goes_down_then_ok(
                 " WHERE id = ANY(%s::uuid[])",
                 (ids,),
             )
-            assert await cur.fetchone() == (BEFORE + AFTER,) * 3
+            counts = await cur.fetchone()
+            cur = await conn.execute(
+                "SELECT status, left(error, 200), count(*) FROM messages WHERE id = ANY(%s::uuid[])"
+                " AND status <> 'completed' GROUP BY 1, 2",
+                (ids,),
+            )
+            assert counts == (BEFORE + AFTER,) * 3, await cur.fetchall()
     finally:
         stop_all(every)
         await redis.aclose()
