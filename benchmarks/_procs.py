@@ -77,18 +77,8 @@ def stages(env: dict[str, str], *argvs: list[str]) -> Iterator[list[subprocess.P
         )
     try:
         deadline = time.monotonic() + 60
-        with httpx.Client(timeout=5) as client:
-            for p, url in zip(procs, health, strict=True):
-                while True:
-                    if p.poll() is not None:
-                        raise RuntimeError(f"{p.args} exited with {p.returncode}; log: {log.name}")
-                    try:
-                        client.get(url)
-                        break
-                    except httpx.TransportError:
-                        if time.monotonic() > deadline:
-                            raise RuntimeError(f"{p.args} did not answer on {url}; log: {log.name}") from None
-                        time.sleep(0.05)
+        for p, url in zip(procs, health, strict=True):
+            wait_up(url, deadline=deadline, proc=p, log=log.name)
         yield procs
     finally:
         for p in procs:
@@ -119,18 +109,20 @@ async def drop_prefix(redis: aioredis.Redis, prefix: str) -> None:
     await redis.aclose()
 
 
-async def wait_up(url: str, timeout_s: float = 30) -> None:
-    """Until ``url`` answers at all (a server that just started); RuntimeError after ``timeout_s``."""
-    async with httpx.AsyncClient() as client:
-        deadline = time.monotonic() + timeout_s
+def wait_up(url: str, *, deadline: float, proc: subprocess.Popen[bytes] | None = None, log: str = "") -> None:
+    """Until ``url`` answers at all (a server that just started); RuntimeError once ``deadline``
+    (monotonic) passes, or at once when ``proc``, the server's process, has exited."""
+    with httpx.Client(timeout=5) as client:
         while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}; log: {log}")
             try:
-                await client.get(url)
+                client.get(url)
                 return
             except httpx.TransportError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{url} did not come up within {timeout_s:g}s") from None
-                await asyncio.sleep(0.05)
+                    raise RuntimeError(f"{url} did not answer in time; log: {log}") from None
+                time.sleep(0.05)
 
 
 def machine() -> dict[str, Any]:

@@ -95,7 +95,7 @@ async def main() -> None:
         bare = subprocess.Popen([sys.executable, "-c", BARE_APP, url, str(bare_port)], cwd=ROOT)  # noqa: ASYNC220
         try:
             with stages(env, ["run", "ingest"]):
-                await wait_up(f"http://127.0.0.1:{bare_port}/")
+                wait_up(f"http://127.0.0.1:{bare_port}/", deadline=time.monotonic() + 30, proc=bare)
                 for i in range(args.rounds):
                     for name, port in (("bare", bare_port), ("llmq", ingest_port)):
                         r = wrk(f"http://127.0.0.1:{port}/api/v1/messages", args.seconds, args.connections)
