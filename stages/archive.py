@@ -109,7 +109,7 @@ class Archive(Stage):
             batch.ack(entry)
 
     async def _write(self, rows: bytes) -> None:
-        """COPY the rows straight into ``messages``: one write per row. When an id is there already (a
+        """COPY the rows straight into ``messages``, each row written once. When an id is there already (a
         redelivered batch, a replayed dead letter), that transaction rolls back and the batch is upserted
         through a temporary table instead."""
         async with self.pool.connection() as conn:
