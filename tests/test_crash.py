@@ -33,6 +33,7 @@ async def test_a_dispatcher_killed_mid_call_is_redelivered_and_archived_once(
     first = llmq_stage(env, "run", "dispatch", "--port", "0")
     procs.append(first)
     try:
+        procs[0].wait_for_log("mock backend listening")
         for p in procs[1:]:
             p.wait_for_log("stage started")
         config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix})
