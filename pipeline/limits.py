@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
 from pipeline.keys import Keys
-from pipeline.lua import Lua
+from pipeline.lua import Coalesced, Lua
 
 # KEYS: slots, rpm counter, tpm counter. ARGV: now, lease expiry, member, max_concurrent, rpm (0 = none),
 # tpm (0 = none), estimated tokens. Returns 1 when the slot was taken, 0 at a limit.
@@ -40,7 +40,8 @@ class BackendLimits:
         self.redis = redis
         self.keys = keys
         self.lease_s = lease_s
-        self._acquire = Lua(redis, _ACQUIRE)
+        # Every call in flight acquires on its own: those of one turn share a round trip.
+        self._acquire = Coalesced(Lua(redis, _ACQUIRE))
 
     def _window(self, backend: str, kind: str, now: float) -> str:
         return self.keys.backend_window(backend, kind, int(now // 60))

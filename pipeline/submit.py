@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from pipeline.config import Config
 from pipeline.keys import Keys
-from pipeline.lua import Lua
+from pipeline.lua import Coalesced, Lua
 from pipeline.models import Message, encode
 from pipeline.streams import as_str
 
@@ -84,6 +84,7 @@ class Submitter:
         self.redis = redis
         self.keys = keys
         self._script = Lua(redis, _SUBMIT)
+        self._one = Coalesced(self._script)
         self._cancel = Lua(redis, _CANCEL)
         self._max_size = {lv.name: config.queue.max_size(lv) for lv in config.queue.levels}
 
@@ -93,19 +94,19 @@ class Submitter:
         return as_str(status) if status else None
 
     async def submit(self, msg: Message, payload: bytes | None = None) -> Submitted:
-        # One EVALSHA; a pipeline would first send SCRIPT EXISTS, a second round trip per request.
+        """One script call; the submissions of concurrent requests share a round trip."""
         keys, args = self._call(msg, payload or encode(msg))
-        return _verdict(await self._script(keys, args))
+        return _verdict(await self._one(keys, args))
 
     async def submit_many(self, messages: list[tuple[Message, bytes]]) -> list[Submitted]:
         """Each (message, its encoding) atomically, in its own script call; all in one round trip."""
         if not messages:
             return []
-        pipe = self.redis.pipeline(transaction=False)
-        for msg, payload in messages:
-            keys, args = self._call(msg, payload)
-            await self._script.queue(pipe, keys, args)
-        return [_verdict(reply) for reply in await pipe.execute()]
+        replies = await self._script.many([self._call(msg, payload) for msg, payload in messages])
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [_verdict(reply) for reply in replies]
 
     def _call(self, msg: Message, payload: bytes) -> tuple[list[str], list[str | bytes | int | float]]:
         idem = msg.idempotency_key

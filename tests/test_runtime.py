@@ -15,7 +15,6 @@ import redis.asyncio as aioredis
 
 from pipeline import tasks
 from pipeline.keys import Keys
-from pipeline.lua import Lua
 from pipeline.models import FIELD, Status, decode_outcome, new_id
 from pipeline.stage import Runner, RunnerSettings
 from pipeline.submit import new_message
@@ -412,17 +411,3 @@ async def test_a_task_that_swallows_a_cancellation_is_cancelled_again() -> None:
     done, _ = await asyncio.wait({stopping}, timeout=5)
     assert done, "cancel() waited on a task that went on"
     assert task.cancelled() and swallowed == 1
-
-
-async def test_a_script_the_server_forgot_is_loaded_again(redis: aioredis.Redis, keys: Keys) -> None:
-    # Given a script called once, then a server that lost its script cache (as after a restart)
-    script = Lua(redis, "return redis.call('INCRBY', KEYS[1], ARGV[1])")
-    key = f"{keys.prefix}:counter"
-    assert await script([key], [2]) == 2
-    await redis.script_flush()
-    # When it is called again, directly and in a pipeline, then it runs each time
-    assert await script([key], [3]) == 5
-    await redis.script_flush()
-    pipe = redis.pipeline(transaction=False)
-    await script.queue(pipe, [key], [4])
-    assert await pipe.execute() == [9]
