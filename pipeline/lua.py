@@ -3,8 +3,7 @@ or failed-over Redis has no script cache).
 
 redis-py's ``Script.__call__`` does the same, but first checks ``isinstance(client, Pipeline)``, and
 ``Pipeline`` derives from a typing Protocol, whose instance check is slow: under load it was a tenth of
-the ingest stage's CPU. In a MULTI/EXEC pipeline a script is queued through redis-py's Script, which has
-the pipeline load it before running.
+the ingest stage's CPU.
 
 A script called by many coroutines at once (a submission per HTTP request, a backend slot per call in
 flight) is run through ``Coalesced``: the calls made in one turn of the event loop go to Redis as one
@@ -19,7 +18,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
 Call = tuple[Sequence[Any], Sequence[Any]]
@@ -55,10 +53,6 @@ class Lua:
         for keys, args in calls:
             pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
         return list(await pipe.execute(raise_on_error=False))
-
-    async def queue(self, pipe: Pipeline, keys: Sequence[Any], args: Sequence[Any] = ()) -> None:
-        """Queue a call on ``pipe``; its reply comes with the pipeline's."""
-        await self._script(keys=keys, args=args, client=pipe)
 
 
 class Coalesced:
