@@ -52,10 +52,10 @@ def make_redis(cfg: RedisConfig, *, pool_size: int | None = None) -> aioredis.Re
         "health_check_interval": 30,
         "socket_timeout": None,
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
-        "socket_keepalive": True,
-        "socket_keepalive_options": KEEPALIVE,
         "retry": Retry(NoBackoff(), STALE_RETRIES),
     }
+    if not (cfg.url or "").startswith("unix:"):  # TCP only: a unix socket connection refuses these options
+        options.update(socket_keepalive=True, socket_keepalive_options=KEEPALIVE)
     if cfg.url:
         pool = aioredis.BlockingConnectionPool.from_url(cfg.url, **options)
     else:
