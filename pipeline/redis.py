@@ -7,7 +7,9 @@ import socket
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -43,6 +45,44 @@ cancels an asyncio timer for every reply read and wraps every send in ``wait_for
 once either way."""
 
 
+class _HiredisPacking(AbstractConnection):
+    """Commands packed by hiredis in C, as redis-py's synchronous client does when hiredis is installed;
+    its asyncio client packs in Python. That was a fifth of the dispatcher's CPU (an outcome is about ten
+    commands): 11.5 µs per command against 3.7 µs. The bytes sent are the same; an argument hiredis does
+    not take (a memoryview, a command name of two words, a type redis-py rejects) goes the Python way."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        name = args[0]
+        if (" " if isinstance(name, str) else b" ") in name:  # "CONFIG GET" is sent as two arguments
+            return super().pack_command(*args)
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            return super().pack_command(*args)
+
+    def pack_commands(self, commands: Any) -> list[bytes]:
+        return [packed for args in commands for packed in self.pack_command(*args)]
+
+
+class _PackedConnection(_HiredisPacking, Connection):
+    pass
+
+
+class _PackedSSLConnection(_HiredisPacking, SSLConnection):
+    pass
+
+
+class _PackedUnixConnection(_HiredisPacking, UnixDomainSocketConnection):
+    pass
+
+
+_PACKED: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: _PackedConnection,
+    SSLConnection: _PackedSSLConnection,
+    UnixDomainSocketConnection: _PackedUnixConnection,
+}
+
+
 def make_redis(cfg: RedisConfig, *, pool_size: int | None = None) -> aioredis.Redis:
     """A client whose bounded pool makes callers wait for a free connection instead of failing with "Too
     many connections" (redis-py's default pool). Replies are bytes: stream payloads are msgpack."""
@@ -63,6 +103,11 @@ def make_redis(cfg: RedisConfig, *, pool_size: int | None = None) -> aioredis.Re
         pool = aioredis.BlockingConnectionPool(
             host=host or "localhost", port=int(port), db=cfg.db, password=cfg.password or None, **options
         )
+    # The URL's scheme chose the class (redis://, rediss://, unix://); its hiredis-packing twin replaces it
+    # before the pool makes its first connection. hiredis encodes text as strict UTF-8, redis-py's default.
+    kw = pool.connection_kwargs
+    if kw.get("encoding", "utf-8") in ("utf-8", "utf8") and kw.get("encoding_errors", "strict") == "strict":
+        pool.connection_class = _PACKED.get(pool.connection_class, pool.connection_class)
     return aioredis.Redis(connection_pool=pool)
 
 
