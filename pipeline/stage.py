@@ -174,7 +174,10 @@ class Runner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._read_own_pending = True
         self._min_read = max(1, min(settings.batch_size, self.max_in_hand) // 4)
-        self._labels = {"stage": stage.name}
+        # Children looked up once: labels() costs about 2 µs a call, and these are set for every batch.
+        self._in_hand_gauge = metrics.STAGE_IN_HAND.labels(stage=stage.name)
+        self._batch_seconds = metrics.STAGE_BATCH_SECONDS.labels(stage=stage.name)
+        self._acked = metrics.STAGE_ENTRIES.labels(stage=stage.name, outcome="acked")
         self.reclaimer = Reclaimer(
             redis=redis,
             keys=keys,
@@ -282,7 +285,7 @@ class Runner:
         now = time.monotonic()
         for e in entries:
             self.in_hand[e.id] = now
-        metrics.STAGE_IN_HAND.labels(**self._labels).set(len(self.in_hand))
+        self._in_hand_gauge.set(len(self.in_hand))
         task = asyncio.create_task(self._handle(entries))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -311,15 +314,15 @@ class Runner:
                 for e in entries:
                     self.in_hand.pop(e.id, None)
                 self._capacity.set()
-            metrics.STAGE_IN_HAND.labels(**self._labels).set(len(self.in_hand))
-            metrics.STAGE_BATCH_SECONDS.labels(**self._labels).observe(time.perf_counter() - started)
+            self._in_hand_gauge.set(len(self.in_hand))
+            self._batch_seconds.observe(time.perf_counter() - started)
 
     def _committed(self, entry_ids: list[str]) -> None:
         for eid in entry_ids:
             self.in_hand.pop(eid, None)
         self.handled += len(entry_ids)
-        metrics.STAGE_ENTRIES.labels(stage=self.group, outcome="acked").inc(len(entry_ids))
-        metrics.STAGE_IN_HAND.labels(**self._labels).set(len(self.in_hand))
+        self._acked.inc(len(entry_ids))
+        self._in_hand_gauge.set(len(self.in_hand))
         self._capacity.set()
 
     async def _maintain(self) -> None:
