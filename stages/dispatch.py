@@ -113,6 +113,25 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+def classify(name: str, response: httpx.Response) -> CallResult:
+    """The outcome a backend's answer gives: a completion body (a JSON object) completes; a success whose
+    body is not one, or a retryable status, is retried; any other status fails."""
+    if response.is_success:
+        try:
+            body = response.json()
+        except ValueError:
+            return CallResult(status=Status.RETRYING, backend=name, error="backend answered invalid JSON")
+        if not isinstance(body, dict):
+            error = f"backend answered JSON that is not an object: {response.text[:100]}"
+            return CallResult(status=Status.RETRYING, backend=name, error=error)
+        return CallResult(status=Status.COMPLETED, backend=name, response=body)
+    detail = response.text[:500]
+    error = f"backend {name} answered {response.status_code}: {detail}"
+    if response.status_code in RETRYABLE_STATUS:
+        return CallResult(status=Status.RETRYING, backend=name, error=error, retry_after=_retry_after(response))
+    return CallResult(status=Status.FAILED, backend=name, error=error)
+
+
 def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -256,7 +275,7 @@ class Dispatch(Stage):
                         content=_json.encode(msg.request),
                         headers=headers,
                     )
-                result = self._classify(backend.name, response)
+                result = classify(backend.name, response)
             if result.response is not None:
                 used = self._count_tokens(backend.name, result.response)
         except httpx.TimeoutException:
@@ -274,19 +293,6 @@ class Dispatch(Stage):
         self._update_circuit(backend.name, result)
         meters.outcome(result.status).inc()
         return result
-
-    def _classify(self, name: str, response: httpx.Response) -> CallResult:
-        if response.is_success:
-            try:
-                body = response.json()
-            except ValueError:
-                return CallResult(status=Status.RETRYING, backend=name, error="backend answered invalid JSON")
-            return CallResult(status=Status.COMPLETED, backend=name, response=body)
-        detail = response.text[:500]
-        error = f"backend {name} answered {response.status_code}: {detail}"
-        if response.status_code in RETRYABLE_STATUS:
-            return CallResult(status=Status.RETRYING, backend=name, error=error, retry_after=_retry_after(response))
-        return CallResult(status=Status.FAILED, backend=name, error=error)
 
     def _count_tokens(self, name: str, body: dict[str, Any]) -> int | None:
         usage = body.get("usage") if isinstance(body, dict) else None

@@ -12,7 +12,8 @@ from pipeline.admission import LevelView, select
 from pipeline.backoff import retry_delay
 from pipeline.balance import BackendView, Balancer, Circuit
 from pipeline.http_pool import CONNECTIONS_PER_SHARD, ShardedClient
-from stages.dispatch import estimate_tokens
+from pipeline.models import Status
+from stages.dispatch import classify, estimate_tokens
 from stages.retry import reason_of
 
 NOW = 1000.0
@@ -134,6 +135,30 @@ def test_backoff_follows_the_seed_schedule(attempt: int, expected: float) -> Non
 def test_retry_after_is_honoured_when_longer() -> None:
     assert retry_delay(1, initial_s=1, factor=2, max_s=60, retry_after_s=10, rand=0.0) == 10
     assert retry_delay(3, initial_s=1, factor=2, max_s=60, retry_after_s=0.5, rand=0.0) == 4
+
+
+@pytest.mark.parametrize(
+    ("response", "status", "error"),
+    [
+        (httpx.Response(200, json={"choices": []}), Status.COMPLETED, None),
+        # a success whose body is not a completion is the backend's fault: retried, never a crashed batch
+        (httpx.Response(200, json=["not", "a", "completion"]), Status.RETRYING, "JSON that is not an object"),
+        (httpx.Response(200, json="text"), Status.RETRYING, "JSON that is not an object"),
+        (httpx.Response(200, content=b"<html>"), Status.RETRYING, "invalid JSON"),
+        (httpx.Response(503, text="overloaded"), Status.RETRYING, "answered 503: overloaded"),
+        (httpx.Response(400, text="bad request"), Status.FAILED, "answered 400: bad request"),
+    ],
+)
+def test_a_backend_answer_is_classified(response: httpx.Response, status: Status, error: str | None) -> None:
+    result = classify("b", response)
+    assert result.status is status and result.backend == "b"
+    assert (result.error is None) if error is None else (error in (result.error or ""))
+    assert (result.response is not None) is (status is Status.COMPLETED)
+
+
+def test_429_carries_its_retry_after() -> None:
+    result = classify("b", httpx.Response(429, headers={"Retry-After": "2.5"}))
+    assert result.status is Status.RETRYING and result.retry_after == 2.5
 
 
 def test_token_estimate_counts_prompt_and_budget() -> None:
