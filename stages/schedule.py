@@ -172,8 +172,10 @@ class Arbiter:
             batch = [self.waiting[level][i] for i in range(count)]
             admitted = await self._admit_run(cfg, batch, now, floor)
             reserved[level] = max(0, reserved[level] - admitted)
-            for _ in range(admitted):
-                cand = self.waiting[level].popleft()
+            queue = self.waiting[level]
+            for cand in batch[:admitted]:
+                if queue and queue[0] is cand:  # give_back (shutdown) may have emptied it meanwhile
+                    queue.popleft()
                 self._admitted(cand, now)
             if admitted < count:
                 break  # the limits moved under us (another scheduler admitted): recount next round

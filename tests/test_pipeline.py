@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 
+from pipeline.config import load_config
 from pipeline.keys import Keys
-from pipeline.models import FIELD, decode_outcome
+from pipeline.models import FIELD, decode_outcome, encode, new_id
+from pipeline.streams import Entry
+from pipeline.submit import new_message
 from stages.mock_backend import MockSettings
+from stages.schedule import Arbiter, Candidate
 from tests.conftest import eventually
-from tests.harness import Harness
+from tests.harness import CHAT, Harness
 
 
 async def test_messages_complete_with_the_backend_response(redis: aioredis.Redis, keys: Keys) -> None:
@@ -100,6 +105,27 @@ async def test_level_and_backend_concurrency_limits_hold(redis: aioredis.Redis, 
     assert peaks["a"] <= 2
     assert peaks["a"] + peaks["b"] <= 5 + 1  # level max 5 (peaks are per backend, sampled apart)
     assert peaks["b"] <= 5
+
+
+async def test_a_shutdown_during_an_admission_round_does_not_break_the_arbiter(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    env = {"LLMQ_KEY_PREFIX": keys.prefix, "LLMQ_BACKENDS": '[{name: a, url: "echo://a/v1", max_concurrent: 4}]'}
+    arbiter = Arbiter(load_config(None, env=env), redis=redis, keys=keys)
+    messages = [new_message(message_id=new_id(), level="normal", request=CHAT) for _ in range(3)]
+    candidates = [Candidate(Entry(f"1-{i}", encode(m)), m) for i, m in enumerate(messages)]
+    arbiter.offer("normal", candidates)
+    admit = arbiter._admit_run
+
+    async def admit_then_shut_down(*args: Any) -> int:
+        admitted = await admit(*args)
+        arbiter.give_back()  # SIGTERM arrives while the admission script runs
+        return admitted
+
+    arbiter._admit_run = admit_then_shut_down  # type: ignore[method-assign]
+    await arbiter._round()  # raised IndexError (the emptied queue), which killed the arbiter task
+    assert await redis.xlen(keys.dispatch) == 3
+    assert not any(arbiter.waiting.values())
 
 
 async def test_round_robin_spreads_evenly(redis: aioredis.Redis, keys: Keys) -> None:
