@@ -24,6 +24,7 @@ from pipeline import tasks
 from pipeline.balance import BackendView, Balancer, Circuit
 from pipeline.config import BackendConfig, Config
 from pipeline.echo import ECHO_SCHEME, completion
+from pipeline.errors import GiveBack
 from pipeline.http_pool import ShardedClient
 from pipeline.keys import Keys
 from pipeline.limits import BackendLimits
@@ -156,6 +157,7 @@ class Dispatch(Stage):
         self.http: ShardedClient | None = None
         self._probe: asyncio.Task[None] | None = None
         self._begin = Lua(redis, _BEGIN)
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         self.http = ShardedClient(
@@ -182,12 +184,21 @@ class Dispatch(Stage):
         messages = [decode_message(entry.data) for entry in batch.entries]
         started = time.time()
         before: list[bytes] = await self._begin([self.keys.msg(m.id) for m in messages], [started])
-        await asyncio.gather(
+        results = await asyncio.gather(
             *(
                 self._one(batch, entry, msg, Status(raw.decode()) if raw else None, started)
                 for entry, msg, raw in zip(batch.entries, messages, before, strict=True)
-            )
+            ),
+            return_exceptions=True,
         )
+        # Raised only once every call of the batch has ended and committed: a failure or a give-back of
+        # one must not discard the transaction the others are still committing on.
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise next((e for e in errors if not isinstance(e, GiveBack)), errors[0])
+
+    def on_stop(self) -> None:
+        self._stopping.set()
 
     async def _one(self, batch: Batch, entry: Entry, msg: Message, status: Status | None, started: float) -> None:
         if status is Status.CANCELLED:
@@ -216,7 +227,10 @@ class Dispatch(Stage):
                     name, msg.id, max_concurrent=backend.max_concurrent, rpm=backend.rpm, tpm=backend.tpm, tokens=tokens
                 ):
                     return await self._send(batch, backend, msg, tokens)
-            await asyncio.sleep(WAIT_FOR_SLOT_S)  # every usable backend is at its limit
+            # Every usable backend is at its limit (slots, rpm or tpm). Shutting down, a call that has not
+            # started is given back: its entry stays pending for this consumer's restart or another's claim.
+            if await tasks.wait_event(self._stopping, WAIT_FOR_SLOT_S):
+                raise GiveBack
 
     def _eligible(self, model: object) -> list[BackendConfig]:
         now = time.time()

@@ -107,6 +107,51 @@ async def test_level_and_backend_concurrency_limits_hold(redis: aioredis.Redis, 
     assert peaks["b"] <= 5
 
 
+async def _clear_of_a_minute_boundary(margin_s: float) -> None:
+    """rpm/tpm count per clock minute: a test that must stay inside one minute starts early enough in it."""
+    into = time.time() % 60
+    if into > 60 - margin_s:
+        await asyncio.sleep(60 - into + 0.1)
+
+
+async def test_tpm_estimates_hold_calls_back_and_usage_corrects_them(redis: aioredis.Redis, keys: Keys) -> None:
+    # Each call is estimated at 257 tokens ("hello" is 1 prompt token, no max_tokens: a budget of 256),
+    # so 600 tokens a minute admit two at once. The mock reports 17 used, and the correction makes room
+    # for the rest within the same minute: without it the third call would wait for the next minute.
+    backends = {"a": MockSettings(latency_ms=100)}
+    await _clear_of_a_minute_boundary(margin_s=10)
+    async with Harness(redis, keys, backends=backends, backend_config={"a": {"max_concurrent": 8, "tpm": 600}}) as h:
+        ids = [await h.submit() for _ in range(6)]
+        statuses = await h.wait_terminal(ids, within=8)
+        peak = h.mocks["a"].peak
+    assert {s["status"] for s in statuses.values()} == {"completed"}
+    assert peak == 2
+
+
+async def test_rpm_holds_calls_until_the_next_minute_and_shutdown_gives_them_back(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    backends = {"a": MockSettings(latency_ms=1)}
+    await _clear_of_a_minute_boundary(margin_s=10)
+    async with Harness(redis, keys, backends=backends, backend_config={"a": {"max_concurrent": 8, "rpm": 3}}) as h:
+        ids = [await h.submit() for _ in range(5)]
+
+        async def three_completed() -> bool:
+            return [(await h.status(i)).get("status") for i in ids].count("completed") == 3
+
+        await eventually(three_completed, what="the minute's 3 calls")
+        await asyncio.sleep(0.5)  # the other two keep waiting for a slot in the next minute
+        calls = h.mocks["a"].calls
+        stopping = time.monotonic()
+    stopped_in = time.monotonic() - stopping
+    waiting = [i for i in ids if (await h.status(i)).get("status") != "completed"]
+    pending = await redis.xpending(keys.dispatch, "dispatch")
+    assert calls == 3 and len(waiting) == 2
+    # A call that never started does not hold shutdown for the grace period (30 s): it is given back,
+    # pending in the dispatch group for the next dispatcher.
+    assert stopped_in < 5 and pending["pending"] == 2
+
+
 async def test_a_shutdown_during_an_admission_round_does_not_break_the_arbiter(
     redis: aioredis.Redis, keys: Keys
 ) -> None:
