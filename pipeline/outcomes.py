@@ -30,9 +30,9 @@ redis.call('PUBLISH', ARGV[5], ARGV[4])
 
 
 def record_outcome(tx: Pipeline, keys: Keys, outcome: Outcome, *, retention_s: float) -> None:
-    """One EVAL rather than five commands: redis-py spends tens of microseconds of the stage's CPU per
-    command of a transaction (queueing, packing, a QUEUED reply and a result to parse). EVAL, not EVALSHA:
-    inside MULTI a NOSCRIPT error could not be recovered, and the ack beside it would commit without it."""
+    """One EVAL rather than five commands: redis-py spends about 10 µs of the stage's CPU per command of a
+    transaction (queueing, packing, a QUEUED reply and a result to parse). EVAL, not EVALSHA: inside
+    MULTI a NOSCRIPT error could not be recovered, and the ack beside it would commit without it."""
     msg = outcome.message
     fields: list[Any] = ["status", outcome.status.value, "attempts", msg.attempts, "finished_at", outcome.finished_at]
     if outcome.backend:
