@@ -16,23 +16,35 @@ from redis.asyncio.client import Pipeline
 from pipeline.keys import Keys
 from pipeline.lua import Coalesced, Lua
 
-# KEYS: slots, rpm counter, tpm counter. ARGV: now, lease expiry, member, max_concurrent, rpm (0 = none),
-# tpm (0 = none), estimated tokens. Returns 1 when the slot was taken, 0 at a limit.
-_ACQUIRE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
-  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+ACQUIRE_FN = """
+local function acquire(slots, rpm_key, tpm_key, now, exp, member, max_concurrent, rpm, tpm, est)
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+  if redis.call('ZSCORE', slots, member) then
+    redis.call('ZADD', slots, exp, member)
+    return 1
+  end
+  if redis.call('ZCARD', slots) >= max_concurrent then return 0 end
+  if rpm > 0 and tonumber(redis.call('GET', rpm_key) or '0') >= rpm then return 0 end
+  if tpm > 0 and tonumber(redis.call('GET', tpm_key) or '0') + est > tpm then return 0 end
+  redis.call('ZADD', slots, exp, member)
+  if rpm > 0 then redis.call('INCR', rpm_key); redis.call('EXPIRE', rpm_key, 120) end
+  if tpm > 0 then redis.call('INCRBY', tpm_key, est); redis.call('EXPIRE', tpm_key, 120) end
   return 1
 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
-local rpm, tpm, est = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-if rpm > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= rpm then return 0 end
-if tpm > 0 and tonumber(redis.call('GET', KEYS[3]) or '0') + est > tpm then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-if rpm > 0 then redis.call('INCR', KEYS[2]); redis.call('EXPIRE', KEYS[2], 120) end
-if tpm > 0 then redis.call('INCRBY', KEYS[3], est); redis.call('EXPIRE', KEYS[3], 120) end
-return 1
 """
+"""Lua: take a slot of one backend for ``member`` (its slots, rpm and tpm keys) unless a limit is reached;
+1 when taken (or already held: the lease is renewed), 0 at a limit. Shared by the script below and by
+the dispatcher's per-batch begin script, which takes each message's first slot."""
+
+# KEYS: slots, rpm counter, tpm counter. ARGV: now, lease expiry, member, max_concurrent, rpm (0 = none),
+# tpm (0 = none), estimated tokens. Returns 1 when the slot was taken, 0 at a limit.
+_ACQUIRE = (
+    ACQUIRE_FN
+    + """
+return acquire(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3],
+               tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]))
+"""
+)
 
 
 class BackendLimits:
@@ -46,11 +58,15 @@ class BackendLimits:
     def _window(self, backend: str, kind: str, now: float) -> str:
         return self.keys.backend_window(backend, kind, int(now // 60))
 
+    def keys_of(self, backend: str, now: float) -> list[str]:
+        """The keys ``acquire`` takes for ``backend`` at ``now``: its slots, this minute's rpm and tpm."""
+        return [self.keys.backend_slots(backend), self._window(backend, "rpm", now), self._window(backend, "tpm", now)]
+
     async def acquire(
         self, backend: str, member: str, *, max_concurrent: int, rpm: int | None, tpm: int | None, tokens: int
     ) -> bool:
         now = time.time()
-        keys = [self.keys.backend_slots(backend), self._window(backend, "rpm", now), self._window(backend, "tpm", now)]
+        keys = self.keys_of(backend, now)
         args: list[str | float | int] = [now, now + self.lease_s, member, max_concurrent, rpm or 0, tpm or 0, tokens]
         return bool(await self._acquire(keys, args))
 

@@ -27,7 +27,7 @@ from pipeline.echo import ECHO_SCHEME, completion
 from pipeline.errors import GiveBack
 from pipeline.http_pool import ShardedClient
 from pipeline.keys import Keys
-from pipeline.limits import BackendLimits
+from pipeline.limits import ACQUIRE_FN, BackendLimits
 from pipeline.lua import Lua
 from pipeline.models import FIELD, Message, Outcome, Status, decode_message, encode
 from pipeline.outcomes import record_outcome
@@ -48,22 +48,39 @@ BACKEND_INFLIGHT = Gauge("llmq_backend_inflight", "Calls this process has runnin
 TOKENS = Counter("llmq_tokens_total", "Tokens reported by backends", ["backend", "kind"])
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
-# KEYS: the status hashes of a batch's messages; ARGV[1] now. Marks each message dispatching unless it
-# already ended (a terminal status, cancelled included), all in one round trip; returns the status each
-# had ('' for none).
+# KEYS: the status hashes of a batch's n messages, then (slots, rpm, tpm) of each of b backends.
+# ARGV: now, slot lease expiry, n, b, (max_concurrent, rpm, tpm) per backend, then per message its id,
+# token estimate, k and k backend numbers (1-based) in order of preference.
+# Marks each message dispatching unless it already ended (a terminal status, cancelled included) and takes
+# a slot for it on the first of its backends below its limits, all in one round trip. Returns, per message,
+# the status it had ('' for none) and the number of the backend whose slot it took (0 for none).
 _BEGIN = (
-    "local ended = {"
+    ACQUIRE_FN
+    + "local ended = {"
     + ", ".join(f"['{s.value}'] = true" for s in Status if s.terminal)
     + """}
-local before = {}
-for i, key in ipairs(KEYS) do
-  local status = redis.call('HGET', key, 'status')
+local now, exp, n, b = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local out, a = {}, 5 + 3 * b
+for i = 1, n do
+  local status = redis.call('HGET', KEYS[i], 'status')
+  local id, est, k = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local took = 0
   if not (status and ended[status]) then
-    redis.call('HSET', key, 'status', 'dispatching', 'started_at', ARGV[1])
+    redis.call('HSET', KEYS[i], 'status', 'dispatching', 'started_at', now)
+    for p = 1, k do
+      local j = tonumber(ARGV[a + 2 + p])
+      local kb, ab = n + 3 * (j - 1), 4 + 3 * (j - 1)
+      if acquire(KEYS[kb + 1], KEYS[kb + 2], KEYS[kb + 3], now, exp, id, tonumber(ARGV[ab + 1]),
+                 tonumber(ARGV[ab + 2]), tonumber(ARGV[ab + 3]), est) == 1 then
+        took = j
+        break
+      end
+    end
   end
-  before[i] = status or ''
+  out[2 * i - 1], out[2 * i] = status or '', took
+  a = a + 3 + k
 end
-return before
+return out
 """
 )
 WAIT_FOR_SLOT_S = 0.01
@@ -183,11 +200,11 @@ class Dispatch(Stage):
         """Idempotent on redelivery: a message whose status is already terminal is not sent again."""
         messages = [decode_message(entry.data) for entry in batch.entries]
         started = time.time()
-        before: list[bytes] = await self._begin([self.keys.msg(m.id) for m in messages], [started])
+        before, took = await self._begin_batch(messages, started)
         results = await asyncio.gather(
             *(
-                self._one(batch, entry, msg, Status(raw.decode()) if raw else None, started)
-                for entry, msg, raw in zip(batch.entries, messages, before, strict=True)
+                self._one(batch, entry, msg, Status(raw.decode()) if raw else None, started, backend)
+                for entry, msg, raw, backend in zip(batch.entries, messages, before, took, strict=True)
             ),
             return_exceptions=True,
         )
@@ -200,7 +217,39 @@ class Dispatch(Stage):
     def on_stop(self) -> None:
         self._stopping.set()
 
-    async def _one(self, batch: Batch, entry: Entry, msg: Message, status: Status | None, started: float) -> None:
+    async def _begin_batch(self, messages: list[Message], now: float) -> tuple[list[bytes], list[str | None]]:
+        """Run the begin script: each message's status before, and the backend whose slot it already holds.
+
+        A message whose backends the process can order alone (every algorithm but least_connections, no
+        session affinity) gets its slot here, in the batch's one round trip; the others, and those whose
+        backends were all at a limit, take theirs in ``_call``."""
+        order: dict[str, int] = {}
+        per_message: list[Any] = []
+        for msg in messages:
+            names = self._local_preference(msg)
+            per_message += [msg.id, estimate_tokens(msg.request), len(names)]
+            per_message += [order.setdefault(name, len(order) + 1) for name in names]
+        keys = [self.keys.msg(m.id) for m in messages]
+        args: list[Any] = [now, now + self.limits.lease_s, len(messages), len(order)]
+        for name in order:
+            backend = self.backends[name]
+            keys += self.limits.keys_of(name, now)
+            args += [backend.max_concurrent, backend.rpm or 0, backend.tpm or 0]
+        reply = await self._begin(keys, args + per_message)
+        by_number: list[str | None] = [None, *order]
+        return reply[0::2], [by_number[int(j)] for j in reply[1::2]]
+
+    def _local_preference(self, msg: Message) -> list[str]:
+        """Backends in order of preference when this process can tell alone, else none."""
+        lb = self.config.loadbalancer
+        if self.balancer.algorithm == "least_connections" or (msg.session_id and lb.enable_session_affinity):
+            return []
+        eligible = self._eligible(msg.request.get("model"))
+        return self._ordered(eligible, msg, dict.fromkeys((b.name for b in eligible), 0))
+
+    async def _one(
+        self, batch: Batch, entry: Entry, msg: Message, status: Status | None, started: float, backend: str | None
+    ) -> None:
         if status is Status.CANCELLED:
             self._finish(batch, entry, Outcome(message=msg, status=Status.CANCELLED, finished_at=time.time()))
         elif status is not None and status.terminal:
@@ -208,13 +257,16 @@ class Dispatch(Stage):
             batch.ack(entry)  # a redelivery of a finished message: nothing to send
         else:
             msg.attempts += 1
-            result = await self._call(batch, msg)
+            result = await self._call(batch, msg, backend)
             self._record(batch, entry, msg, result, started)
         await batch.commit()
 
-    async def _call(self, batch: Batch, msg: Message) -> CallResult:
+    async def _call(self, batch: Batch, msg: Message, holding: str | None) -> CallResult:
+        """Send ``msg`` to the backend whose slot it holds, or to the first usable one with a free slot."""
         model = msg.request.get("model")
         tokens = estimate_tokens(msg.request)
+        if holding is not None:
+            return await self._send(batch, self.backends[holding], msg, tokens)
         if not any(not b.models or model in b.models for b in self.backends.values()):
             return CallResult(status=Status.FAILED, backend="-", error=f"no backend serves model {model!r}")
         while True:
@@ -246,11 +298,7 @@ class Dispatch(Stage):
             inflight = await self.limits.inflight([b.name for b in eligible])
         else:
             inflight = dict.fromkeys((b.name for b in eligible), 0)
-        order = self.balancer.order([BackendView(b.name, b.weight, inflight[b.name]) for b in eligible])
-        if msg.failed_backend in order and len(order) > 1:
-            # Retry elsewhere: a backend that just failed or hung on this message is the last resort.
-            order.remove(msg.failed_backend)
-            order.append(msg.failed_backend)
+        order = self._ordered(eligible, msg, inflight)
         lb = self.config.loadbalancer
         if msg.session_id and lb.enable_session_affinity:
             key = self.keys.affinity(msg.session_id)
@@ -266,6 +314,14 @@ class Dispatch(Stage):
                 await self.redis.expire(key, ttl)
             # Hard affinity: while its backend is up, a session waits for a slot there (its KV cache).
             order = [name]
+        return order
+
+    def _ordered(self, eligible: list[BackendConfig], msg: Message, inflight: dict[str, int]) -> list[str]:
+        order = self.balancer.order([BackendView(b.name, b.weight, inflight[b.name]) for b in eligible])
+        if msg.failed_backend in order and len(order) > 1:
+            # Retry elsewhere: a backend that just failed or hung on this message is the last resort.
+            order.remove(msg.failed_backend)
+            order.append(msg.failed_backend)
         return order
 
     async def _send(self, batch: Batch, backend: BackendConfig, msg: Message, tokens: int) -> CallResult:
