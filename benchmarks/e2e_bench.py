@@ -120,7 +120,7 @@ async def run(url: str, dsn: str, n: int) -> dict[str, Any]:
         runs[backend] = await end_to_end(url, dsn, n, backend)
         ratio = runs[backend]["msgs_per_s"] / ceiling
         runs[backend]["ratio_to_ceiling"] = ratio
-        print(f"  llmq ({backend}) {runs[backend]['msgs_per_s']:,.0f} msgs/s = {ratio:.2f}x the ceiling", flush=True)
+        print(f"  llmq ({backend}) {runs[backend]['msgs_per_s']:,.0f} msgs/s = {ratio:.3f}x the ceiling", flush=True)
     peers = {}
     for kind in ("dramatiq", "celery"):
         print(f"peers: {kind}, {n} no-op jobs ...", flush=True)
@@ -128,7 +128,7 @@ async def run(url: str, dsn: str, n: int) -> dict[str, Any]:
         print(f"  {kind} {peers[kind]['jobs_per_s']:,.0f} jobs/s", flush=True)
     best_peer = max(p["jobs_per_s"] for p in peers.values())
     multiple = runs["echo"]["msgs_per_s"] / best_peer
-    print(f"  llmq (echo) end to end = {multiple:.2f}x the best peer", flush=True)
+    print(f"  llmq (echo) end to end = {multiple:.3f}x the best peer", flush=True)
     return {
         "ceiling_msgs_per_s": ceiling,
         "target_ratio": TARGET_RATIO,
