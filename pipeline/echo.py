@@ -10,17 +10,13 @@ import time
 import uuid
 from typing import Any
 
+from pipeline.backend_calls import prompt_chars
+
 
 def completion(body: dict[str, Any], *, name: str, default_model: str) -> dict[str, Any]:
     """A chat completion answering ``body``, with ``usage`` counted from its messages (about 4 characters
     per token) and at most 16 completion tokens."""
-    messages = body.get("messages")
-    prompt_chars = (
-        sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
-        if isinstance(messages, list)
-        else 0
-    )
-    prompt_tokens = max(1, prompt_chars // 4)
+    prompt_tokens = max(1, prompt_chars(body) // 4)
     budget = body.get("max_tokens")
     completion_tokens = min(budget, 16) if isinstance(budget, int) and budget > 0 else 16
     return {

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline import tasks
+from pipeline.backend_calls import CallResult, classify, estimate_tokens
 from pipeline.balance import BackendView, Balancer, Circuit
 from pipeline.config import BackendConfig, Config
 from pipeline.echo import ECHO_SCHEME, completion
@@ -47,7 +48,6 @@ BACKEND_UP = Gauge("llmq_backend_up", "1 when the backend's circuit is closed", 
 BACKEND_INFLIGHT = Gauge("llmq_backend_inflight", "Calls this process has running on the backend", ["backend"])
 TOKENS = Counter("llmq_tokens_total", "Tokens reported by backends", ["backend", "kind"])
 
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
 # KEYS: the status hashes of a batch's n messages, then (slots, rpm, tpm) of each of b backends.
 # ARGV: now, slot lease expiry, n, b, (max_concurrent, rpm, tpm) per backend, then per message its id,
 # token estimate, k and k backend numbers (1-based) in order of preference.
@@ -103,51 +103,6 @@ class _Meters:
         if status not in self._outcomes:  # only the outcomes that happen get a series
             self._outcomes[status] = DISPATCHED.labels(backend=self.backend, outcome=status.value)
         return self._outcomes[status]
-
-
-class CallResult(msgspec.Struct, kw_only=True):
-    status: Status
-    backend: str
-    response: dict[str, Any] | None = None
-    error: str | None = None
-    retry_after: float | None = None
-
-
-def estimate_tokens(request: dict[str, Any]) -> int:
-    """Prompt characters / 4 plus the requested completion budget (256 when unset)."""
-    chars = 0
-    for m in request.get("messages") or []:
-        if isinstance(m, dict):
-            chars += len(str(m.get("content", "")))
-    budget = request.get("max_completion_tokens") or request.get("max_tokens") or 256
-    return chars // 4 + (int(budget) if isinstance(budget, int | float) else 256)
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
-def classify(name: str, response: httpx.Response) -> CallResult:
-    """The outcome a backend's answer gives: a completion body (a JSON object) completes; a success whose
-    body is not one, or a retryable status, is retried; any other status fails."""
-    if response.is_success:
-        try:
-            body = response.json()
-        except ValueError:
-            return CallResult(status=Status.RETRYING, backend=name, error="backend answered invalid JSON")
-        if not isinstance(body, dict):
-            error = f"backend answered JSON that is not an object: {response.text[:100]}"
-            return CallResult(status=Status.RETRYING, backend=name, error=error)
-        return CallResult(status=Status.COMPLETED, backend=name, response=body)
-    detail = response.text[:500]
-    error = f"backend {name} answered {response.status_code}: {detail}"
-    if response.status_code in RETRYABLE_STATUS:
-        return CallResult(status=Status.RETRYING, backend=name, error=error, retry_after=_retry_after(response))
-    return CallResult(status=Status.FAILED, backend=name, error=error)
 
 
 def _int_or_none(value: object) -> int | None:

@@ -9,11 +9,11 @@ import httpx
 import pytest
 
 from pipeline.admission import LevelView, select
+from pipeline.backend_calls import classify, estimate_tokens
 from pipeline.backoff import retry_delay
 from pipeline.balance import BackendView, Balancer, Circuit
 from pipeline.http_pool import CONNECTIONS_PER_SHARD, ShardedClient
 from pipeline.models import Status
-from stages.dispatch import classify, estimate_tokens
 from stages.retry import reason_of
 
 NOW = 1000.0
