@@ -50,9 +50,14 @@ def listen(host: str, port: int) -> socket.socket:
     ListenError naming the address when the port is taken or not permitted."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family)
+        sock = socket.create_server((host, port), family=family)
     except OSError as exc:
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    # Accepted sockets inherit it. asyncio sets it on a connection only when the listening socket's proto
+    # is IPPROTO_TCP, and create_server leaves it 0: on the stock loop (uvloop sets it anyway) a response
+    # written as headers then body waited for the client's delayed ACK, 40 ms per keep-alive request.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 class OpsServer:
