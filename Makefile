@@ -35,7 +35,7 @@ bench: $(BENCH_STAMP)  ## every benchmark on this machine (about 6 minutes); JSO
 	@echo "== [2/7] end to end vs the ceiling, Dramatiq and Celery"
 	$(BIN)/python -m benchmarks.e2e_bench --n 20000
 	@echo "== [3/7] idle latency and priority under overload"
-	$(BIN)/python -m benchmarks.pipeline_bench --idle-n 300 --seconds 20 --reserved 1
+	$(BIN)/python -m benchmarks.pipeline_bench --idle-n 300 --seconds 20
 	@echo "== [4/7] dispatch scaling (1, 2, 4 processes) and recovery after SIGKILL"
 	$(BIN)/python -m benchmarks.dispatch_bench --window 6
 	@echo "== [5/7] archive vs raw COPY"

@@ -202,7 +202,7 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--latency-ms", type=int, default=200)
     parser.add_argument("--slots", type=int, default=4, help="concurrent calls per mock backend (3 backends)")
-    parser.add_argument("--reserved", type=int, default=1, help="slots reserved for realtime")
+    parser.add_argument("--reserved", type=int, default=0, help="slots reserved for realtime (the seed reserves none)")
     parser.add_argument("--jitter-ms", type=int, default=0, help="backend latency is uniform in latency ± jitter")
     args = parser.parse_args()
     with redis_url(args.redis_url) as url, postgres_url(args.database_url) as dsn:

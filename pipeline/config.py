@@ -188,6 +188,10 @@ class SchedulerConfig(_Section, frozen=True):
     max_retries: NonNegative = 3
     timeout: Duration = Duration("30s")
     """Longest a backend call may take."""
+    stagger: bool = True
+    """While a backlog waits and calls take a regular time, space out the admissions of every level but the
+    top one and those with ``reserved`` slots, so slots free one by one instead of in waves and an urgent
+    message finds one soon (``pipeline.stagger``)."""
 
 
 class LoadBalancerConfig(_Section, frozen=True):

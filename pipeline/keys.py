@@ -12,7 +12,18 @@ import hashlib
 class Keys:
     """Key names for one deployment (one prefix)."""
 
-    __slots__ = ("dispatch", "dlq", "done", "finished", "prefix", "retry", "retry_due", "retry_payloads", "slots")
+    __slots__ = (
+        "dispatch",
+        "dlq",
+        "done",
+        "finished",
+        "prefix",
+        "retry",
+        "retry_due",
+        "retry_payloads",
+        "slots",
+        "stagger",
+    )
 
     def __init__(self, prefix: str = "{llmq}") -> None:
         self.prefix = prefix
@@ -26,6 +37,8 @@ class Keys:
         """Pub/Sub channel: the id of every message that reached a terminal status."""
         self.slots = f"{prefix}:slots"
         """Pub/Sub channel: an in-flight slot was released without the message finishing (retry)."""
+        self.stagger = f"{prefix}:stagger"
+        """When the next staggered admission may happen (``pipeline.stagger``), shared by all schedulers."""
 
     def level(self, name: str) -> str:
         """The stream of one priority level."""

@@ -7,6 +7,10 @@ next messages with ``pipeline.admission.select`` and admits them with one Lua sc
 script re-checks the limits against in-flight leases (a sorted set per level scored by lease expiry, so a
 crashed dispatcher's slots free themselves) and does the hand-off — ZADD in-flight, XADD dispatch, XACK
 level, status "scheduled" — atomically. Several scheduler processes therefore never over-admit.
+
+While a backlog waits and calls take a regular time, the admissions of every level but the top one and
+those with reserved slots are staggered (``pipeline.stagger``); the time of the next one is kept in Redis
+for every scheduler process.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pipeline.notify import Listener
 from pipeline.outcomes import record_outcome
 from pipeline.redis import CONNECTION_ERRORS
 from pipeline.stage import Batch, Stage
+from pipeline.stagger import Stagger, stagger
 from pipeline.streams import Entry
 
 log = logging.getLogger("llmq.schedule")
@@ -49,20 +54,24 @@ SLO_VIOLATIONS = Counter("llmq_slo_violations_total", "Admissions later than the
 INFLIGHT = Gauge("llmq_inflight", "Admitted messages not yet finished", ["level"])
 SCHEDULED = Counter("llmq_scheduled_total", "Messages admitted for dispatch", ["level"])
 DROPPED = Counter("llmq_not_dispatched_total", "Messages ended before dispatch", ["level", "status"])
+STAGGER = Gauge("llmq_admission_stagger_seconds", "Spacing between staggered admissions (0: not staggering)")
 
 # KEYS: in-flight sets of all levels (n), then this level's in-flight set, dispatch stream, level stream,
-# then the status hash of each candidate. ARGV: now, lease expiry, group, level max, capacity, floor, n,
-# then (message id, entry id, payload) per candidate. Returns how many were admitted (a prefix).
+# stagger key, then the status hash of each candidate. ARGV: now, lease expiry, group, level max, capacity,
+# floor, n, stagger interval (0: none), then (message id, entry id, payload) per candidate. Returns how many
+# were admitted (a prefix). A staggered run admits one candidate, and none before the stagger key's time.
 _ADMIT = """
 local now, exp, group = ARGV[1], ARGV[2], ARGV[3]
 local lmax, cap, floor, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local gap = tonumber(ARGV[8])
+if gap > 0 and tonumber(now) < tonumber(redis.call('GET', KEYS[n + 4]) or '0') then return 0 end
 local total = 0
 for i = 1, n do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
   total = total + redis.call('ZCARD', KEYS[i])
 end
 local mine = redis.call('ZCARD', KEYS[n + 1])
-local admitted, a, m = 0, 8, n + 4
+local admitted, a, m = 0, 9, n + 5
 while a <= #ARGV do
   if mine >= lmax or total >= cap - floor then break end
   redis.call('ZADD', KEYS[n + 1], exp, ARGV[a])
@@ -73,6 +82,9 @@ while a <= #ARGV do
   end
   mine, total, admitted = mine + 1, total + 1, admitted + 1
   a, m = a + 3, m + 1
+end
+if gap > 0 and admitted > 0 then
+  redis.call('SET', KEYS[n + 4], tostring(tonumber(now) + gap), 'PX', math.ceil(gap * 1000))
 end
 return admitted
 """
@@ -110,8 +122,23 @@ class Arbiter:
         self._admit = Lua(redis, _ADMIT)
         self._task: asyncio.Task[None] | None = None
         self._freed = Listener(redis=redis, channels=[keys.finished, keys.slots], on_message=self._slot_freed)
+        top = self.levels[0].priority
+        self.staggered = frozenset(
+            lv.name for lv in self.levels if config.scheduler.stagger and lv.priority > top and not lv.reserved
+        )
+        """The levels whose admissions are staggered: all but the urgent ones (the top priority, reserved slots)."""
+        self.stagger = Stagger(self.capacity - sum(lv.reserved for lv in self.levels))
+        self._admitted_at: dict[str, float] = {}
+        """When this process admitted each message still in flight, oldest first (for ``stagger``)."""
+        self._stagger_next = 0.0
+        self._held = False
+        """The last round held staggered messages back: wake at ``_stagger_next`` for the next one."""
 
-    def _slot_freed(self, _channel: str, _data: str) -> None:
+    def _slot_freed(self, channel: str, data: str) -> None:
+        if channel == self.keys.finished and self.staggered:
+            admitted = self._admitted_at.pop(data, None)
+            if admitted is not None:
+                self.stagger.observe(time.time() - admitted)
         if self._has_waiting():
             self._wake.set()
 
@@ -139,7 +166,10 @@ class Arbiter:
     async def _run(self) -> None:
         idle_s = self.config.scheduler.check_interval.seconds
         while True:
-            await tasks.wait_event(self._wake, POLL_S if self._has_waiting() else idle_s)
+            timeout_s = POLL_S if self._has_waiting() else idle_s
+            if self._held:
+                timeout_s = min(timeout_s, max(0.0, self._stagger_next - time.time()))
+            await tasks.wait_event(self._wake, timeout_s)
             self._wake.clear()
             try:
                 await self._round()
@@ -165,12 +195,26 @@ class Arbiter:
         heads = {name: [c.message.enqueued_at for c in q] for name, q in self.waiting.items()}
         free_total = self.capacity - sum(inflight.values())
         order = select(heads, views, free_total, now, self.config.scheduler.strategy, self._wrr)
+        gap_s = self.stagger.interval_s()
+        STAGGER.set(gap_s)
+        # Only while a backlog waits (more than this round admits): without one nothing refills a wave later.
+        picked = sum(name in self.staggered for name in order)
+        staggering = gap_s > 0 and sum(len(self.waiting[name]) for name in self.staggered) > picked
+        self._held = False
+        if staggering:
+            kept = stagger(order, self.staggered, 1 if now >= self._stagger_next else 0)
+            self._held = len(kept) < len(order)
+            order = kept
         reserved = {v.name: v.reserved_unused for v in views}
         for level, count in _runs(order):
             cfg = self.by_name[level]
             floor = sum(reserved[h.name] for h in self.levels if h.priority < cfg.priority)
             batch = [self.waiting[level][i] for i in range(count)]
-            admitted = await self._admit_run(cfg, batch, now, floor)
+            run_gap_s = gap_s if staggering and level in self.staggered else 0.0
+            if run_gap_s:
+                self._stagger_next = now + gap_s
+            admitted = await self._admit_run(cfg, batch, now, floor, run_gap_s)
+            self._held = self._held or (run_gap_s > 0 and admitted < count)  # another scheduler's turn
             reserved[level] = max(0, reserved[level] - admitted)
             queue = self.waiting[level]
             for cand in batch[:admitted]:
@@ -180,9 +224,9 @@ class Arbiter:
             if admitted < count:
                 break  # the limits moved under us (another scheduler admitted): recount next round
 
-    async def _admit_run(self, lv: LevelConfig, batch: list[Candidate], now: float, floor: int) -> int:
+    async def _admit_run(self, lv: LevelConfig, batch: list[Candidate], now: float, floor: int, gap_s: float) -> int:
         keys = [self.keys.inflight(x.name) for x in self.levels]
-        keys += [self.keys.inflight(lv.name), self.keys.dispatch, self.keys.level(lv.name)]
+        keys += [self.keys.inflight(lv.name), self.keys.dispatch, self.keys.level(lv.name), self.keys.stagger]
         keys += [self.keys.msg(c.message.id) for c in batch]
         args: list[str | bytes | float | int] = [
             now,
@@ -192,6 +236,7 @@ class Arbiter:
             self.capacity,
             floor,
             len(self.levels),
+            gap_s,
         ]
         for c in batch:
             args += [c.message.id, c.entry.id, c.entry.data]
@@ -199,6 +244,8 @@ class Arbiter:
 
     def _admitted(self, cand: Candidate, now: float) -> None:
         level = cand.message.level
+        if self.staggered:
+            self._track(cand.message.id, now)
         wait = now - cand.message.enqueued_at
         QUEUE_WAIT.labels(level=level).observe(wait)
         SCHEDULED.labels(level=level).inc()
@@ -207,6 +254,18 @@ class Arbiter:
             SLO_VIOLATIONS.labels(level=level).inc()
         if not cand.decided.done():
             cand.decided.set_result(Status.SCHEDULED)
+
+    def _track(self, message_id: str, now: float) -> None:
+        """Remember when a message was admitted, until its finished notice; forget notices never sent
+        (a retry releases its slot without one) once their lease would have expired."""
+        held = self._admitted_at
+        held.pop(message_id, None)  # re-admitted after a retry: to the end, keeping the oldest first
+        held[message_id] = now
+        while held:
+            oldest = next(iter(held))
+            if held[oldest] > now - self.lease_s:
+                break
+            del held[oldest]
 
     def _expire(self, now: float) -> None:
         """Messages whose deadline passed while they waited are decided EXPIRED (never dispatched)."""

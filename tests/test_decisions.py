@@ -1,4 +1,4 @@
-"""Pure decisions, no servers: admission order, load-balancer choice, circuits, retry backoff."""
+"""Pure decisions, no servers: admission order, staggering, load-balancer choice, circuits, retry backoff."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pipeline.backoff import retry_delay
 from pipeline.balance import BackendView, Balancer, Circuit
 from pipeline.http_pool import CONNECTIONS_PER_SHARD, ShardedClient
 from pipeline.models import Status
+from pipeline.stagger import MIN_CALLS, Stagger, stagger
 from stages.retry import reason_of
 
 NOW = 1000.0
@@ -81,6 +82,41 @@ def test_deadline_serves_the_earliest_due_first() -> None:
 def test_nothing_waiting_or_no_capacity_selects_nothing() -> None:
     assert select({}, levels(), 10, NOW, "priority_based") == []
     assert select({"low": fresh(3)}, levels(), 0, NOW, "priority_based") == []
+
+
+def test_regular_calls_are_staggered_over_the_call_duration() -> None:
+    s = Stagger(slots=10)
+    assert s.interval_s() == 0  # no call has ended: nothing says how long one takes
+    for held in [0.200, 0.201, 0.199, 0.202, 0.200, 0.350]:  # one slow call (a new connection) among them
+        s.observe(held)
+    assert s.interval_s() == pytest.approx(0.9 * 0.2005 / 10, rel=0.01)
+
+
+def test_irregular_calls_are_not_staggered() -> None:
+    s = Stagger(slots=10)
+    for held in [0.160, 0.240, 0.200, 0.180, 0.230, 0.170, 0.210, 0.190]:  # 200 ± 40 ms
+        s.observe(held)
+    assert s.interval_s() == 0  # they spread the ends out by themselves
+    assert Stagger(slots=0).interval_s() == 0  # every slot reserved: nothing to stagger
+
+
+def test_staggering_waits_for_enough_calls_and_follows_the_latest() -> None:
+    s = Stagger(slots=4)
+    for _ in range(MIN_CALLS - 1):
+        s.observe(0.1)
+    assert s.interval_s() == 0
+    s.observe(0.1)
+    assert s.interval_s() == pytest.approx(0.9 * 0.1 / 4)
+    for _ in range(16):
+        s.observe(1.0)  # the backend became slower
+    assert s.interval_s() == pytest.approx(0.9 * 1.0 / 4)
+
+
+def test_stagger_keeps_the_unstaggered_picks_and_a_budget_of_the_others() -> None:
+    order = ["realtime", "high", "high", "realtime", "low"]
+    assert stagger(order, {"high", "low"}, 1) == ["realtime", "high", "realtime"]
+    assert stagger(order, {"high", "low"}, 0) == ["realtime", "realtime"]
+    assert stagger(order, set(), 0) == order
 
 
 def test_round_robin_rotates() -> None:

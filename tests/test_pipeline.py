@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import pytest
 import redis.asyncio as aioredis
 
 from pipeline.config import load_config
 from pipeline.keys import Keys
 from pipeline.models import FIELD, decode_outcome, encode, new_id
+from pipeline.stagger import MIN_CALLS
 from pipeline.streams import Entry
 from pipeline.submit import new_message
 from stages.mock_backend import MockSettings
@@ -71,6 +74,38 @@ async def test_realtime_is_admitted_within_its_slo_behind_a_flood_of_low(redis: 
     # and low kept flowing, without the backend ever running more than its 4 slots
     assert low_done > 0
     assert peak <= 4
+
+
+@pytest.mark.parametrize("stagger", [True, False])
+async def test_a_backlog_on_regular_calls_is_staggered_so_slots_free_one_by_one(
+    redis: aioredis.Redis, keys: Keys, stagger: bool
+) -> None:
+    # Given 5 unreserved slots (6, one reserved for realtime) and calls of a fixed 100 ms
+    env = {
+        "LLMQ_SCHEDULER__STAGGER": str(stagger).lower(),
+        "LLMQ_QUEUE__LEVELS": "[{name: realtime, priority: 1, max_wait_time: 100ms, max_concurrent: 6, reserved: 1},"
+        " {name: low, priority: 4, max_wait_time: 60s, max_concurrent: 6}]",
+    }
+    backends = {"a": MockSettings(latency_ms=100)}
+    async with Harness(redis, keys, backends=backends, env=env, backend_config={"a": {"max_concurrent": 6}}) as h:
+        # When a backlog of 40 low messages arrives at once
+        ids = [await h.submit("low") for _ in range(40)]
+        statuses = await h.wait_terminal(ids)
+    admitted = sorted(float(s["scheduled_at"]) for s in statuses.values())
+    finished = sorted(float(s["finished_at"]) for s in statuses.values())
+    # The first 5 start together (no call has ended yet to say how long one takes), and so do the first
+    # refills, until MIN_CALLS have ended
+    later = [b - a for a, b in itertools.pairwise(admitted[10:])]
+    ends = [b - a for a, b in itertools.pairwise(finished[10:])]
+    if stagger:
+        # Then, once calls have ended, admissions keep 0.9 × 100 ms / 5 slots = 18 ms apart, so slots free
+        # one by one instead of five at once every 100 ms
+        assert min(later) >= 0.015, str([round(x, 4) for x in later])
+        assert max(ends) < 0.05, ends
+    else:
+        # (without staggering the first wave repeats: five admissions at once, then a call-long pause)
+        assert min(later) < 0.005, later
+        assert max(ends) > 0.07, ends
 
 
 async def _inflight_is(redis: aioredis.Redis, keys: Keys, level: str, n: int) -> bool:
@@ -171,6 +206,26 @@ async def test_a_shutdown_during_an_admission_round_does_not_break_the_arbiter(
     await arbiter._round()  # raised IndexError (the emptied queue), which killed the arbiter task
     assert await redis.xlen(keys.dispatch) == 3
     assert not any(arbiter.waiting.values())
+
+
+async def test_two_schedulers_keep_one_stagger_between_them(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given two scheduler processes' arbiters, each with a backlog of normal messages for 4 slots, that have
+    # seen calls of a regular second end (a staggering interval of 0.9 × 1 s / 4 slots)
+    env = {"LLMQ_KEY_PREFIX": keys.prefix, "LLMQ_BACKENDS": '[{name: a, url: "echo://a/v1", max_concurrent: 4}]'}
+    arbiters = [Arbiter(load_config(None, env=env), redis=redis, keys=keys) for _ in range(2)]
+    for n, arbiter in enumerate(arbiters):
+        for _ in range(MIN_CALLS):
+            arbiter.stagger.observe(1.0)
+        messages = [new_message(message_id=new_id(), level="normal", request=CHAT) for _ in range(6)]
+        arbiter.offer("normal", [Candidate(Entry(f"{n + 1}-{i}", encode(m)), m) for i, m in enumerate(messages)])
+    # When both run an admission round at once, and the first runs another
+    for arbiter in [*arbiters, arbiters[0]]:
+        await arbiter._round()
+    # Then one message was admitted in all: the next waits for the interval, whichever process admits it
+    assert await redis.xlen(keys.dispatch) == 1
+    assert sorted(len(a.waiting["normal"]) for a in arbiters) == [5, 6]
+    next_at = float(await redis.get(keys.stagger))
+    assert next_at - time.time() == pytest.approx(0.225, abs=0.1)
 
 
 async def test_round_robin_spreads_evenly(redis: aioredis.Redis, keys: Keys) -> None:
