@@ -212,8 +212,14 @@ class Dispatch(Stage):
             batch.ack(entry)  # a redelivery of a finished message: nothing to send
         else:
             msg.attempts += 1
-            result = await self._call(batch, msg, backend)
-            self._record(batch, entry, msg, result, started)
+            try:
+                result = await self._call(batch, msg, backend)
+                self._record(batch, entry, msg, result, started)
+            except Exception:
+                # The entry stays pending, but the backend slot that _send freed in its ``finally`` must not
+                # wait for its lease: commit that now, as no sibling of the batch may commit after this.
+                await batch.commit()
+                raise
         await batch.commit()
 
     async def _call(self, batch: Batch, msg: Message, holding: str | None) -> CallResult:

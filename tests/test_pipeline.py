@@ -18,6 +18,7 @@ from pipeline.models import FIELD, decode_outcome, encode, new_id
 from pipeline.stagger import MIN_CALLS
 from pipeline.streams import Entry
 from pipeline.submit import new_message
+from stages import dispatch
 from stages.mock_backend import MockSettings
 from stages.schedule import Arbiter, Candidate
 from tests.conftest import eventually
@@ -226,6 +227,31 @@ async def test_two_schedulers_keep_one_stagger_between_them(redis: aioredis.Redi
     assert sorted(len(a.waiting["normal"]) for a in arbiters) == [5, 6]
     next_at = float(await redis.get(keys.stagger))
     assert next_at - time.time() == pytest.approx(0.225, abs=0.1)
+
+
+async def test_a_call_that_fails_unexpectedly_frees_its_backend_slot_at_once(
+    redis: aioredis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a bug: reading a backend's answer raises
+    def broken(*_: object) -> None:
+        raise RuntimeError("a bug reading the answer")
+
+    monkeypatch.setattr(dispatch, "classify", broken)
+    async with Harness(redis, keys, backends={"a": MockSettings(latency_ms=5)}) as h:
+        # When a message's call ends in it
+        await h.submit("normal")
+        await eventually(lambda: _called(h), what="the backend was called")
+        # Then the batch fails and the message stays pending, but the backend slot does not wait for its
+        # lease (scheduler.timeout + 5 s) to expire
+        await eventually(lambda: _no_slot_taken(redis, keys, "a"), within=2, what="the slot freed")
+
+
+async def _called(h: Harness) -> bool:
+    return h.mocks["a"].calls > 0
+
+
+async def _no_slot_taken(redis: aioredis.Redis, keys: Keys, backend: str) -> bool:
+    return int(await redis.zcard(keys.backend_slots(backend))) == 0
 
 
 async def test_round_robin_spreads_evenly(redis: aioredis.Redis, keys: Keys) -> None:
