@@ -179,7 +179,8 @@ async def test_up_runs_the_queue_on_embedded_servers_and_stops_cleanly(tmp_path:
             )
             assert created.status_code == 202, created.text
             # and the message goes through every stage to the mock backend
-            done = await http.get(f"/api/v1/messages/{created.json()['id']}", params={"wait": "30"})
+            # (the other stages may still be starting: the long-poll waits for them, the client longer still)
+            done = await http.get(f"/api/v1/messages/{created.json()['id']}", params={"wait": "30"}, timeout=40)
         assert health["status"] == "ok" and health["checks"] == {"redis": "ok", "postgres": "ok"}
         assert done.json()["status"] == "completed", done.text
         assert done.json()["result"]["choices"][0]["message"]["content"] == "mock reply from mock"
