@@ -32,6 +32,7 @@ refill's few milliseconds."""
 WINDOW = 16
 """How many of the latest calls the estimates look at."""
 MIN_CALLS = 4
+"""Calls that must have ended before there is any spacing: a median and quartiles of fewer say little."""
 
 
 class Stagger:

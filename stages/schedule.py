@@ -195,7 +195,7 @@ class Arbiter:
         heads = {name: [c.message.enqueued_at for c in q] for name, q in self.waiting.items()}
         free_total = self.capacity - sum(inflight.values())
         order = select(heads, views, free_total, now, self.config.scheduler.strategy, self._wrr)
-        gap_s = self.stagger.interval_s()
+        gap_s = self.stagger.interval_s() if self.staggered else 0.0
         STAGGER.set(gap_s)
         # Only while a backlog waits (more than this round admits): without one nothing refills a wave later.
         picked = sum(name in self.staggered for name in order)
