@@ -34,7 +34,8 @@ class Keys:
         self.done = f"{prefix}:done"
         self.dlq = f"{prefix}:dlq"
         self.finished = f"{prefix}:finished"
-        """Pub/Sub channel: the id of every message that reached a terminal status."""
+        """Pub/Sub channel: the ids of the messages that reached a terminal status, space-separated, one notice
+        per transaction of outcomes."""
         self.slots = f"{prefix}:slots"
         """Pub/Sub channel: an in-flight slot was released without the message finishing (retry)."""
         self.stagger = f"{prefix}:stagger"

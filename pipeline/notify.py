@@ -1,7 +1,8 @@
 """Notices over Redis Pub/Sub instead of polling: one subscription per process.
 
-Every stage that ends a message publishes its id on the ``finished`` channel (in the same transaction as
-the outcome); releasing an in-flight slot otherwise publishes on ``slots``. A Waiter wakes only the
+Every stage that ends messages publishes their ids, separated by spaces, on the ``finished`` channel, one
+notice per transaction of outcomes (``pipeline.outcomes.announce``); releasing an in-flight slot otherwise
+publishes on ``slots``. A Waiter wakes only the
 requests waiting for that id, so a thousand long-polls cost one Redis connection, not a thousand BLPOPs;
 the scheduler's arbiter wakes on either channel to admit the next message at once.
 """
@@ -78,9 +79,10 @@ class Waiter:
     async def close(self) -> None:
         await self._listener.close()
 
-    def _notice(self, _: str, message_id: str) -> None:
-        for event in self._waiting.get(message_id, ()):
-            event.set()
+    def _notice(self, _: str, message_ids: str) -> None:
+        for message_id in message_ids.split():
+            for event in self._waiting.get(message_id, ()):
+                event.set()
 
     async def wait(self, message_id: str, is_done: Callable[[], Awaitable[bool]], timeout_s: float) -> bool:
         """Return True once ``is_done()`` holds, False after ``timeout_s``. ``is_done`` is checked after

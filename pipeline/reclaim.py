@@ -24,7 +24,7 @@ from pipeline import metrics
 from pipeline.keys import Keys
 from pipeline.lua import Lua
 from pipeline.models import FIELD, Outcome, Status, decode_message
-from pipeline.outcomes import record_outcome
+from pipeline.outcomes import announce, record_outcome
 from pipeline.streams import Entry, as_str, parse_entries
 
 log = logging.getLogger("llmq.reclaim")
@@ -122,6 +122,7 @@ class Reclaimer:
                 keep.append(e)
         if poison:
             tx = self.redis.pipeline(transaction=True)
+            finished: list[str] = []
             for e, deliveries in poison:
                 reason = f"delivered {deliveries} times (max_deliveries {self.max_deliveries})"
                 tx.xadd(
@@ -137,7 +138,8 @@ class Reclaimer:
                     },
                 )
                 if self.stream != self.keys.done:  # the archive's own input holds outcomes, not messages
-                    self._record_dead(tx, e, reason)
+                    self._record_dead(tx, e, reason, finished)
+            announce(tx, self.keys, finished)
             tx.xack(self.stream, self.group, *(e.id for e, _ in poison))
             await tx.execute()
             metrics.POISON.labels(stage=self.group).inc(len(poison))
@@ -148,13 +150,13 @@ class Reclaimer:
             )
         return keep
 
-    def _record_dead(self, tx: Pipeline, entry: Entry, reason: str) -> None:
+    def _record_dead(self, tx: Pipeline, entry: Entry, reason: str, finished: list[str]) -> None:
         try:
             msg = decode_message(entry.data)
         except msgspec.DecodeError:  # not a message at all: the dead letter is its only record
             return
         outcome = Outcome(message=msg, status=Status.DEAD, error=f"poison: {reason}", finished_at=time.time())
-        record_outcome(tx, self.keys, outcome, retention_s=self.result_retention_s)
+        record_outcome(tx, self.keys, outcome, retention_s=self.result_retention_s, finished=finished)
 
     async def renew(self, entry_ids: list[str]) -> set[str]:
         """Reset the idle time of entries this consumer still owns; return the ids it no longer owns."""

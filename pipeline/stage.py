@@ -27,6 +27,7 @@ from pipeline.backoff import Backoff
 from pipeline.errors import GiveBack
 from pipeline.keys import Keys
 from pipeline.models import FIELD
+from pipeline.outcomes import announce
 from pipeline.reclaim import Reclaimer
 from pipeline.redis import CONNECTION_ERRORS
 from pipeline.streams import Entry, ensure_group, parse_entries
@@ -42,13 +43,26 @@ class Batch:
     entries concurrently (dispatch) or over time (schedule) commit each as it finishes.
     """
 
-    __slots__ = ("_committing", "_on_commit", "_redis", "_settled", "acked", "entries", "group", "stream", "tx")
+    __slots__ = (
+        "_committing",
+        "_keys",
+        "_on_commit",
+        "_redis",
+        "_settled",
+        "acked",
+        "entries",
+        "finished",
+        "group",
+        "stream",
+        "tx",
+    )
 
     def __init__(
         self,
         entries: list[Entry],
         *,
         redis: aioredis.Redis,
+        keys: Keys,
         stream: str,
         group: str,
         on_commit: Callable[[list[str]], None],
@@ -57,9 +71,12 @@ class Batch:
         self.stream = stream
         self.group = group
         self._redis = redis
+        self._keys = keys
         self._on_commit = on_commit
         self.tx: Pipeline = redis.pipeline(transaction=True)
         """A MULTI/EXEC pipeline; commands queued here commit together with the acks."""
+        self.finished: list[str] = []
+        """Ids of messages whose outcome is queued on ``tx`` (``record_outcome``): one notice at the commit."""
         self.acked: list[str] = []
         self._settled: list[str] = []
         self._committing = asyncio.Lock()
@@ -87,8 +104,9 @@ class Batch:
         re-reads what was not committed), so every decision must be safe to make twice.
         """
         async with self._committing:
-            tx, acked, settled = self.tx, self.acked, self._settled
-            self.tx, self.acked, self._settled = self._redis.pipeline(transaction=True), [], []
+            tx, acked, settled, finished = self.tx, self.acked, self._settled, self.finished
+            self.tx, self.acked, self._settled, self.finished = self._redis.pipeline(transaction=True), [], [], []
+            announce(tx, self._keys, finished)
             if acked:
                 tx.xack(self.stream, self.group, *acked)
             if tx.command_stack:
@@ -97,6 +115,7 @@ class Batch:
                 self._on_commit(acked + settled)
 
     async def discard(self) -> None:
+        self.finished = []
         await self.tx.reset()  # type: ignore[no-untyped-call]
 
 
@@ -292,7 +311,9 @@ class Runner:
 
     async def _handle(self, entries: list[Entry]) -> None:
         started = time.perf_counter()
-        batch = Batch(entries, redis=self.redis, stream=self.stream, group=self.group, on_commit=self._committed)
+        batch = Batch(
+            entries, redis=self.redis, keys=self.keys, stream=self.stream, group=self.group, on_commit=self._committed
+        )
         try:
             await self.stage.handle(batch)
             await batch.commit()

@@ -378,7 +378,7 @@ class Dispatch(Stage):
         self._finish(batch, entry, outcome)
 
     def _finish(self, batch: Batch, entry: Entry, outcome: Outcome) -> None:
-        record_outcome(batch.tx, self.keys, outcome, retention_s=self.retention_s)
+        record_outcome(batch.tx, self.keys, outcome, retention_s=self.retention_s, finished=batch.finished)
         batch.ack(entry)
 
     async def _probe_loop(self) -> None:

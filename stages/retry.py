@@ -133,6 +133,7 @@ class Retry(Stage):
             self.keys,
             Outcome(message=msg, status=Status.DEAD, error=last_error, finished_at=now),
             retention_s=self.retention_s,
+            finished=batch.finished,
         )
         DEAD.inc()
 

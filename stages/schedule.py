@@ -136,9 +136,11 @@ class Arbiter:
 
     def _slot_freed(self, channel: str, data: str) -> None:
         if channel == self.keys.finished and self.staggered:
-            admitted = self._admitted_at.pop(data, None)
-            if admitted is not None:
-                self.stagger.observe(time.time() - admitted)
+            now = time.time()
+            for message_id in data.split():
+                admitted = self._admitted_at.pop(message_id, None)
+                if admitted is not None:
+                    self.stagger.observe(now - admitted)
         if self._has_waiting():
             self._wake.set()
 
@@ -353,9 +355,8 @@ class LevelIntake(Stage):
 
     def _end(self, batch: Batch, entry: Entry, msg: Message, status: Status, now: float) -> None:
         DROPPED.labels(level=msg.level, status=status.value).inc()
-        record_outcome(
-            batch.tx, self.keys, Outcome(message=msg, status=status, finished_at=now), retention_s=self.retention_s
-        )
+        outcome = Outcome(message=msg, status=status, finished_at=now)
+        record_outcome(batch.tx, self.keys, outcome, retention_s=self.retention_s, finished=batch.finished)
         batch.ack(entry)
 
 
