@@ -6,8 +6,8 @@ directly, a backend kind for measuring the queue itself.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from typing import Any
 
 from pipeline.backend_calls import prompt_chars
@@ -20,7 +20,7 @@ def completion(body: dict[str, Any], *, name: str, default_model: str) -> dict[s
     budget = body.get("max_tokens")
     completion_tokens = min(budget, 16) if isinstance(budget, int) and budget > 0 else 16
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "id": "chatcmpl-" + os.urandom(12).hex(),  # 24 random hex digits, as uuid4().hex[:24] in a fifth the time
         "object": "chat.completion",
         "created": int(time.time()),
         "model": body.get("model") or default_model,
