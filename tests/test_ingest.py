@@ -16,7 +16,8 @@ from psycopg.types.json import Jsonb
 
 from pipeline.config import load_config
 from pipeline.keys import Keys
-from pipeline.models import FIELD, decode_message, new_id
+from pipeline.models import FIELD, decode_message, encode, new_id
+from pipeline.submit import Submitted, Submitter, Verdict, new_message
 from stages.ingest import create_app
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
@@ -181,6 +182,28 @@ async def test_a_full_level_answers_429_and_writes_nothing(redis: aioredis.Redis
     assert "level 'normal' is full" in full.json()["error"]
     assert await redis.xlen(keys.level("normal")) == 3
     assert other.status_code == 202  # other levels are unaffected
+
+
+async def test_a_batch_is_decided_message_by_message_across_script_calls(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a normal level that holds 150, and a batch of 250 spanning three script calls (PER_CALL 100),
+    # with a high message and an idempotency key sent twice among them
+    config = load_config(None, env={"LLMQ_QUEUE__DEFAULT_MAX_SIZE": "150"})
+    submitter = Submitter(config, redis=redis, keys=keys)
+    batch = [new_message(message_id=new_id(), level="normal", request=CHAT) for _ in range(250)]
+    batch[10] = new_message(message_id=new_id(), level="normal", request=CHAT, idempotency_key="k")
+    batch[120] = new_message(message_id=new_id(), level="normal", request=CHAT, idempotency_key="k")
+    batch[200] = new_message(message_id=new_id(), level="high", request=CHAT)
+    # When it is submitted
+    verdicts = await submitter.submit_many([(m, encode(m)) for m in batch])
+    # Then each message got its own verdict: positions count on from call to call until the level is full
+    queued = [v for v in verdicts if v.verdict is Verdict.QUEUED and v.message_id != batch[200].id]
+    assert [v.depth for v in queued] == list(range(150))
+    assert verdicts[120] == Submitted(Verdict.DUPLICATE, batch[10].id)
+    assert verdicts[151].verdict is Verdict.FULL and verdicts[151].depth == 150
+    assert sum(v.verdict is Verdict.FULL for v in verdicts) == 250 - 150 - 1 - 1
+    # and a full normal level did not stop the high message
+    assert verdicts[200] == Submitted(Verdict.QUEUED, batch[200].id, 0)
+    assert await redis.xlen(keys.level("normal")) == 150 and await redis.xlen(keys.level("high")) == 1
 
 
 async def test_depth_counts_what_waits_not_what_was_acked(redis: aioredis.Redis, keys: Keys) -> None:
