@@ -2,9 +2,9 @@
 
 Every stage that ends messages publishes their ids, separated by spaces, on the ``finished`` channel, one
 notice per transaction of outcomes (``pipeline.outcomes.announce``); releasing an in-flight slot otherwise
-publishes on ``slots``. A Waiter wakes only the
-requests waiting for that id, so a thousand long-polls cost one Redis connection, not a thousand BLPOPs;
-the scheduler's arbiter wakes on either channel to admit the next message at once.
+publishes on ``slots``. A Waiter wakes only the requests waiting for those ids, so a thousand long-polls
+cost one Redis connection, not a thousand BLPOPs; the scheduler's arbiter wakes on either channel to
+admit the next message at once.
 """
 
 from __future__ import annotations
