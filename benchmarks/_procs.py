@@ -37,11 +37,12 @@ def redis_url(given: str | None) -> Iterator[str]:
     if given:
         yield given
         return
-    server = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="llmq-bench-valkey-")))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    with tempfile.TemporaryDirectory(prefix="llmq-bench-valkey-", ignore_cleanup_errors=True) as data:
+        server = EmbeddedRedis(Path(data))
+        try:
+            yield server.start()
+        finally:
+            server.stop()
 
 
 @contextmanager
@@ -49,11 +50,12 @@ def postgres_url(given: str | None) -> Iterator[str]:
     if given:
         yield given
         return
-    server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="llmq-bench-pg-")) / "pg")
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    with tempfile.TemporaryDirectory(prefix="llmq-bench-pg-", ignore_cleanup_errors=True) as data:
+        server = EmbeddedPostgres(Path(data) / "pg")
+        try:
+            yield server.start()
+        finally:
+            server.stop()
 
 
 @contextmanager

