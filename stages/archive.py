@@ -113,9 +113,11 @@ class Archive(Stage):
         redelivered batch, a replayed dead letter), that transaction rolls back and the batch is upserted
         through a temporary table instead."""
         async with self.pool.connection() as conn:
+            # A COPY is one statement, atomic and durable on its own: without BEGIN and COMMIT around it a
+            # batch costs one round trip to PostgreSQL instead of three.
+            await conn.set_autocommit(True)
             try:
-                async with conn.transaction():
-                    await _copy(conn, "messages", rows)
+                await _copy(conn, "messages", rows)
             except psycopg.errors.UniqueViolation:
                 async with conn.transaction():
                     await conn.execute(
