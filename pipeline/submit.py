@@ -1,8 +1,9 @@
 """Putting messages into their level stream: backpressure, idempotency, XADD and the status hash at once.
 
-One Lua script per submission decides and writes atomically, so concurrent duplicates of one idempotency
-key create one message, and a full level writes nothing. A level's depth is lag + pending of the
-``schedule`` group (what waits for admission), not XLEN, which also counts acked entries not yet trimmed.
+A Lua script decides and writes each message atomically (a batch, up to ``PER_CALL`` messages per call),
+so concurrent duplicates of one idempotency key create one message, and a full level writes nothing. A
+level's depth is lag + pending of the ``schedule`` group (what waits for admission), not XLEN, which also
+counts acked entries not yet trimmed.
 """
 
 from __future__ import annotations
