@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
@@ -90,12 +90,27 @@ return admitted
 """
 
 
+Decisions = asyncio.Queue[tuple["Candidate", Status | None]]
+"""Where an intake learns what became of the messages it offered, in the order they were decided."""
+
+
 @dataclass(slots=True)
 class Candidate:
     entry: Entry
     message: Message
-    decided: asyncio.Future[Status] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    """SCHEDULED once admitted (acked by the script), EXPIRED when its deadline passed while waiting."""
+    decisions: Decisions
+    decided: bool = False
+
+    def decide(self, status: Status | None) -> None:
+        """SCHEDULED once admitted (acked by the script), EXPIRED when its deadline passed while waiting, None
+        when given back (shutting down: it stays pending in its stream). Only the first decision counts.
+
+        A queue shared by the intake's batch, not a future per message: waiting on a batch's futures
+        with ``asyncio.wait`` took 88 µs per decision with 1000 in hand decided one at a time, as
+        staggered admissions are, against 3.5 µs."""
+        if not self.decided:
+            self.decided = True
+            self.decisions.put_nowait((self, status))
 
 
 def capacity(config: Config) -> int:
@@ -161,8 +176,7 @@ class Arbiter:
         """Stop admitting: every waiting message stays pending in its stream (re-read on restart)."""
         for queue in self.waiting.values():
             for cand in queue:
-                if not cand.decided.done():
-                    cand.decided.cancel()  # stays pending in its stream; re-read on restart or reclaimed
+                cand.decide(None)  # stays pending in its stream; re-read on restart or reclaimed
             queue.clear()
 
     async def _run(self) -> None:
@@ -254,8 +268,7 @@ class Arbiter:
         lv = self.by_name.get(level)
         if lv is not None and wait > lv.max_wait_time.seconds:
             SLO_VIOLATIONS.labels(level=level).inc()
-        if not cand.decided.done():
-            cand.decided.set_result(Status.SCHEDULED)
+        cand.decide(Status.SCHEDULED)
 
     def _track(self, message_id: str, now: float) -> None:
         """Remember when a message was admitted, until its finished notice; forget notices never sent
@@ -276,8 +289,8 @@ class Arbiter:
             if not expired:
                 continue
             for c in expired:
-                c.decided.set_result(Status.EXPIRED)
-            self.waiting[name] = deque(c for c in queue if not c.decided.done())
+                c.decide(Status.EXPIRED)
+            self.waiting[name] = deque(c for c in queue if not c.decided)
 
 
 def _view(lv: LevelConfig, inflight: int) -> LevelView:
@@ -324,6 +337,7 @@ class LevelIntake(Stage):
         for m in messages:
             pipe.hget(self.keys.msg(m.id), "status")
         statuses = await pipe.execute()
+        decisions: Decisions = asyncio.Queue()
         waiting: list[Candidate] = []
         for entry, msg, status in zip(batch.entries, messages, statuses, strict=True):
             if status == Status.CANCELLED.value.encode():
@@ -331,23 +345,25 @@ class LevelIntake(Stage):
             elif msg.deadline is not None and msg.deadline < now:
                 self._end(batch, entry, msg, Status.EXPIRED, now)
             else:
-                waiting.append(Candidate(entry, msg))
+                waiting.append(Candidate(entry, msg, decisions))
         if batch.acked:
             await batch.commit()
         if not waiting:
             return
         self.arbiter.offer(self.level.name, waiting)
-        pending = {c.decided: c for c in waiting}
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for fut in done:
-                cand = pending.pop(fut)
-                if fut.cancelled():
+        left = len(waiting)
+        while left:
+            decided = [await decisions.get()]
+            while not decisions.empty():
+                decided.append(decisions.get_nowait())
+            left -= len(decided)
+            for cand, outcome in decided:
+                if outcome is None:
                     continue  # shutting down: left pending
-                if fut.result() is Status.SCHEDULED:
+                if outcome is Status.SCHEDULED:
                     batch.settled(cand.entry)
                 else:
-                    self._end(batch, cand.entry, cand.message, fut.result(), time.time())
+                    self._end(batch, cand.entry, cand.message, outcome, time.time())
             await batch.commit()
 
     def on_stop(self) -> None:
