@@ -92,6 +92,8 @@ def stages(env: dict[str, str], *argvs: list[str]) -> Iterator[list[subprocess.P
             except subprocess.TimeoutExpired:
                 p.kill()
         log.close()
+        if not os.path.getsize(log.name):  # kept only when a stage had something to say (warnings up)
+            os.unlink(log.name)
 
 
 async def poll_until(check: Callable[[], Awaitable[bool]], *, timeout_s: float, what: str) -> None:

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+_LOGS = tempfile.TemporaryDirectory(prefix="llmq-test-logs-", ignore_cleanup_errors=True)
+"""Every test process's log, removed when the test session ends; a failing assertion prints the log."""
 
 
 class Proc:
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.log = Path(tempfile.mkstemp(prefix="llmq-test-", suffix=".log")[1])
+        self.log = Path(tempfile.mkstemp(prefix="llmq-test-", suffix=".log", dir=_LOGS.name)[1])
         with self.log.open("wb") as out:
             self.popen = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
 
