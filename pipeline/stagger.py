@@ -34,6 +34,9 @@ WINDOW = 16
 """How many of the latest calls the estimates look at."""
 MIN_CALLS = 4
 """Calls that must have ended before there is any spacing: a median and quartiles of fewer say little."""
+MIN_SPACING_S = 0.001
+"""No spacing below this: an admission round takes about that long, so it could not keep a shorter one,
+and one staggered admission per round would only slow a fast backlog down."""
 
 
 class Stagger:
@@ -51,13 +54,13 @@ class Stagger:
         self._held.append(held_s)
 
     def interval_s(self) -> float:
-        """Seconds between two staggered admissions; 0 (none) before ``MIN_CALLS`` calls ended, or while
-        their durations spread over more than that."""
+        """Seconds between two staggered admissions; 0 (none) before ``MIN_CALLS`` calls ended, while their
+        durations spread over more than that, or when it would be under ``MIN_SPACING_S``."""
         if len(self._held) < MIN_CALLS or self.slots <= 0:
             return 0.0
         q1, median, q3 = statistics.quantiles(self._held, n=4, method="inclusive")
         spacing = SPREAD * median / self.slots
-        return spacing if q3 - q1 < spacing else 0.0
+        return spacing if spacing >= MIN_SPACING_S and q3 - q1 < spacing else 0.0
 
 
 def stagger(order: Sequence[str], staggered: Collection[str], budget: int) -> list[str]:

@@ -100,6 +100,14 @@ def test_irregular_calls_are_not_staggered() -> None:
     assert Stagger(slots=0).interval_s() == 0  # every slot reserved: nothing to stagger
 
 
+def test_calls_too_short_for_the_slots_are_not_staggered() -> None:
+    # 2 ms calls on 1200 slots would want 1.5 us between admissions: one per round would only slow them
+    s = Stagger(slots=1200)
+    for _ in range(16):
+        s.observe(0.002)
+    assert s.interval_s() == 0
+
+
 def test_staggering_waits_for_enough_calls_and_follows_the_latest() -> None:
     s = Stagger(slots=4)
     for _ in range(MIN_CALLS - 1):
