@@ -154,12 +154,15 @@ class Dispatch(Stage):
     async def handle(self, batch: Batch) -> None:
         """Idempotent on redelivery: a message whose status is already terminal is not sent again."""
         messages = [decode_message(entry.data) for entry in batch.entries]
+        tokens = [estimate_tokens(m.request) for m in messages]  # for the tpm limits of begin and _call alike
         started = time.time()
-        before, took = await self._begin_batch(messages, started)
+        before, took = await self._begin_batch(messages, tokens, started)
         results = await asyncio.gather(
             *(
-                self._one(batch, entry, msg, Status(raw.decode()) if raw else None, started, backend)
-                for entry, msg, raw, backend in zip(batch.entries, messages, before, took, strict=True)
+                self._one(batch, entry, msg, Status(raw.decode()) if raw else None, started, backend, estimate)
+                for entry, msg, raw, backend, estimate in zip(
+                    batch.entries, messages, before, took, tokens, strict=True
+                )
             ),
             return_exceptions=True,
         )
@@ -172,7 +175,9 @@ class Dispatch(Stage):
     def on_stop(self) -> None:
         self._stopping.set()
 
-    async def _begin_batch(self, messages: list[Message], now: float) -> tuple[list[bytes], list[str | None]]:
+    async def _begin_batch(
+        self, messages: list[Message], tokens: list[int], now: float
+    ) -> tuple[list[bytes], list[str | None]]:
         """Run the begin script: each message's status before, and the backend whose slot it already holds.
 
         A message whose backends the process can order alone (every algorithm but least_connections, no
@@ -180,9 +185,9 @@ class Dispatch(Stage):
         backends were all at a limit, take theirs in ``_call``."""
         order: dict[str, int] = {}
         per_message: list[Any] = []
-        for msg in messages:
+        for msg, estimate in zip(messages, tokens, strict=True):
             names = self._local_preference(msg)
-            per_message += [msg.id, estimate_tokens(msg.request), len(names)]
+            per_message += [msg.id, estimate, len(names)]
             per_message += [order.setdefault(name, len(order) + 1) for name in names]
         keys = [self.keys.msg(m.id) for m in messages]
         args: list[Any] = [now, now + self.limits.lease_s, len(messages), len(order)]
@@ -203,7 +208,14 @@ class Dispatch(Stage):
         return self._ordered(eligible, msg, dict.fromkeys((b.name for b in eligible), 0))
 
     async def _one(
-        self, batch: Batch, entry: Entry, msg: Message, status: Status | None, started: float, backend: str | None
+        self,
+        batch: Batch,
+        entry: Entry,
+        msg: Message,
+        status: Status | None,
+        started: float,
+        backend: str | None,
+        tokens: int,
     ) -> None:
         if status is Status.CANCELLED:
             self._finish(batch, entry, Outcome(message=msg, status=Status.CANCELLED, finished_at=time.time()))
@@ -213,7 +225,7 @@ class Dispatch(Stage):
         else:
             msg.attempts += 1
             try:
-                result = await self._call(batch, msg, backend)
+                result = await self._call(batch, msg, backend, tokens)
                 self._record(batch, entry, msg, result, started)
             except Exception:
                 # The entry stays pending, but the backend slot that _send freed in its ``finally`` must not
@@ -222,10 +234,10 @@ class Dispatch(Stage):
                 raise
         await batch.commit()
 
-    async def _call(self, batch: Batch, msg: Message, holding: str | None) -> CallResult:
-        """Send ``msg`` to the backend whose slot it holds, or to the first usable one with a free slot."""
+    async def _call(self, batch: Batch, msg: Message, holding: str | None, tokens: int) -> CallResult:
+        """Send ``msg`` (estimated at ``tokens``) to the backend whose slot it holds, or to the first usable
+        one with a free slot."""
         model = msg.request.get("model")
-        tokens = estimate_tokens(msg.request)
         if holding is not None:
             return await self._send(batch, self.backends[holding], msg, tokens)
         if not any(not b.models or model in b.models for b in self.backends.values()):
