@@ -14,7 +14,7 @@ import typer
 import uvicorn
 
 from cli import loop
-from cli.common import ConfigOption, load_or_exit
+from cli.common import ConfigOption, load_or_exit, read_or_exit
 from cli.consume import consume
 from cli.dlq import dlq_app
 from cli.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedRedis
@@ -89,8 +89,11 @@ def run(
     if spec is None:
         typer.echo(f"error: unknown stage {stage!r}; stages: {', '.join(STAGES)}", err=True)
         raise typer.Exit(ExitCode.USAGE)
-    cfg = load_or_exit(config)
+    loaded = read_or_exit(config)
+    cfg = loaded.config
     handler = setup_logging(cfg.logging, stage=stage)
+    for warning in loaded.warnings:
+        log.warning("config: %s", warning)
     # SIGUSR1's default action kills the process; reopen logs instead from the very start (the event
     # loop installs its own handler for the same once it runs).
     signal.signal(signal.SIGUSR1, lambda *_: reopen_logs(handler))
@@ -218,17 +221,28 @@ def up(
     mock_port: Annotated[
         int, typer.Option(help="Port of the mock backend started when no backend is configured.")
     ] = MOCK_BACKEND_PORT,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Address the API and the stages' ops ports bind, e.g. 0.0.0.0 for every interface. "
+            "Default: server.host when the config file or LLMQ_SERVER__HOST sets it, else 127.0.0.1.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the whole queue: every stage as its own process under one supervisor.
 
     With no Redis configured (database.redis or LLMQ_REDIS_URL) an embedded Valkey is started; with no
     Postgres configured (database.postgres or LLMQ_DATABASE_URL) an embedded PostgreSQL; both on free
-    ports with data under --data-dir. Crashed stages restart with backoff; SIGTERM/Ctrl-C stops all.
+    ports with data under --data-dir. Only this machine reaches the API and the ops ports unless --host or
+    server.host says otherwise. Crashed stages restart with backoff; SIGTERM/Ctrl-C stops all.
     """
-    cfg = load_or_exit(config)
+    loaded = read_or_exit(config)
+    cfg = loaded.config
     counts = {name: 1 for name, spec in STAGES.items() if spec.in_up} | _parse_scale(scale or [])
     setup_logging(cfg.logging, stage="supervisor")
-    env_overrides: dict[str, str] = {}
+    bind = host or (cfg.server.host if "server.host" in loaded.given else "127.0.0.1")
+    env_overrides = {"LLMQ_SERVER__HOST": bind}
     servers: list[EmbeddedRedis | EmbeddedPostgres] = []
     data_dir = data_dir.resolve()
     try:
@@ -251,7 +265,7 @@ def up(
     children = []
     if not cfg.backends:
         # No backend configured: a mock one, so a new user sees messages complete.
-        mock_url = f"http://127.0.0.1:{mock_port}/v1"
+        mock_url = f"http://{_display_host(bind)}:{mock_port}/v1"
         env_overrides["LLMQ_BACKENDS"] = f'[{{name: mock, url: "{mock_url}", max_concurrent: 64}}]'
         children.append(
             Child(name="mock-backend", argv=stage_argv("mock-backend", "--port", str(mock_port), "--latency-ms", "200"))
@@ -265,7 +279,7 @@ def up(
 
     def ready() -> None:
         typer.echo(
-            f"llmq is up: API http://{_display_host(cfg.server.host)}:{cfg.server.port} — "
+            f"llmq is up: API http://{_display_host(bind)}:{cfg.server.port} — "
             f"{len(children)} stage processes; Ctrl-C to stop",
             err=True,
         )
@@ -328,11 +342,15 @@ def status(
 def config_validate(
     path: Annotated[Path | None, typer.Argument(help="Config file. Default: $CONFIG_PATH.", show_default=False)] = None,
 ) -> None:
-    """Check a config file: print every error with its path and exit 3, or a one-line summary and exit 0."""
+    """Check a config file: print every error with its path and exit 3, or a one-line summary and exit 0
+    (after a line for each warning: fields that do nothing, a shutdown grace shorter than a call)."""
     if path is None and not os.environ.get("CONFIG_PATH"):
         typer.echo("error: give a PATH or set CONFIG_PATH", err=True)
         raise typer.Exit(ExitCode.USAGE)
-    cfg = load_or_exit(path)
+    loaded = read_or_exit(path)
+    cfg = loaded.config
+    for warning in loaded.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     levels = ", ".join(f"{lv.name}({lv.max_wait_time})" for lv in sorted(cfg.queue.levels, key=lambda x: x.priority))
     typer.echo(
         f"ok: {path or os.environ['CONFIG_PATH']}: {len(cfg.queue.levels)} levels [{levels}], "

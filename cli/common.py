@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from cli.exit_codes import ExitCode
-from pipeline.config import Config, load_config
+from pipeline.config import Config, LoadedConfig, read_config
 from pipeline.errors import ConfigError
 
 ConfigOption = Annotated[
@@ -24,8 +24,13 @@ ConfigOption = Annotated[
 
 def load_or_exit(path: Path | None) -> Config:
     """The config, or every problem printed with its path and exit code 3."""
+    return read_or_exit(path).config
+
+
+def read_or_exit(path: Path | None) -> LoadedConfig:
+    """``load_or_exit``, keeping which fields were given and the config's warnings."""
     try:
-        return load_config(path)
+        return read_config(path)
     except ConfigError as exc:
         typer.echo(f"error: invalid configuration {exc.source}:", err=True)
         for problem in exc.problems:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
 
-from pipeline.config_rules import semantic_problems
+from pipeline.config_rules import SECRET_FIELDS, config_warnings, holds_secret, semantic_problems
 from pipeline.durations import parse_duration
 from pipeline.errors import ConfigError
 from pipeline.validate import check
@@ -50,8 +51,12 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
 class ServerConfig(_Section, frozen=True):
     host: str = "0.0.0.0"
+    """Address the API and every stage's ops port bind; ``llmq-stage up`` binds 127.0.0.1 unless it is set."""
     port: Port = 8080
     mode: Literal["development", "production"] = "development"
+    """``production`` refuses to start without ``api_keys`` unless ``allow_anonymous`` is true."""
+    allow_anonymous: bool = False
+    """Serve the API without keys in production mode (every result and the dead letters open to anyone)."""
     max_body_bytes: Positive = 1_048_576
     """Largest accepted request body in bytes (413 above it); a batch body may be four times larger."""
     max_batch: Positive = 1000
@@ -265,6 +270,22 @@ _NOT_CONFIG_ENV = {"LLMQ_TEST_REDIS_URL", "LLMQ_TEST_DATABASE_URL", "LLMQ_TEST_R
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Read the YAML file (``CONFIG_PATH`` when ``path`` is None; defaults when neither is given),
     apply ``LLMQ_*`` overrides and return the validated Config. Raise ConfigError listing every problem."""
+    return read_config(path, env).config
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A valid Config with what loading it found out besides."""
+
+    config: Config
+    given: frozenset[str]
+    """Dotted paths set by the file or the environment (``server.host``); every other field is a default."""
+    warnings: list[str]
+    """What is allowed but likely wrong, one line each (``pipeline.config_rules.config_warnings``)."""
+
+
+def read_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> LoadedConfig:
+    """``load_config``, keeping which fields were given and the config's warnings."""
     env = os.environ if env is None else env
     if path is None:
         path = env.get("CONFIG_PATH") or None
@@ -273,12 +294,14 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     if not isinstance(raw, dict):
         raise ConfigError(source, [f"<root>: expected a mapping of sections, got {type(raw).__name__}"])
     origins = _apply_env(raw, env)
-    return parse_config(raw, source=source, origins=origins)
+    config = parse_config(raw, source=source, origins=origins)
+    given = _given(raw)
+    return LoadedConfig(config, given, config_warnings(config, given, origins))
 
 
 def parse_config(raw: dict[str, Any], *, source: str, origins: Mapping[str, str] | None = None) -> Config:
     """Validate an already-parsed mapping; every error is reported with its dotted path."""
-    problems = check(raw, Config, duration_type=Duration, parse_duration=parse_duration)
+    problems = check(raw, Config, duration_type=Duration, parse_duration=parse_duration, secret=holds_secret)
     if not problems:
         config = msgspec.convert(raw, Config, dec_hook=_dec_hook)
         problems = semantic_problems(config)
@@ -299,6 +322,15 @@ def _annotate(problem: str, origins: Mapping[str, str]) -> str:
 
 def _within(path: str, ancestor: str) -> bool:
     return path == ancestor or path.startswith((ancestor + ".", ancestor + "["))
+
+
+def _given(raw: Mapping[str, Any], prefix: str = "") -> frozenset[str]:
+    """The dotted path of every mapping key in ``raw`` (a list is one value)."""
+    paths = {prefix + str(key) for key in raw}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            paths |= _given(value, f"{prefix}{key}.")
+    return frozenset(paths)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -328,7 +360,8 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
                 value = [k.strip() for k in value.split(",") if k.strip()]
         else:
             path = tuple(part.lower() for part in var[len(_ENV_PREFIX) :].split("__"))
-            value = _env_scalar(value)
+            # A secret stays the text it is: a password of digits is not a number.
+            value = value if ".".join(path) in SECRET_FIELDS else _env_scalar(value)
         node = raw
         for part in path[:-1]:
             child = node.get(part)

@@ -1,20 +1,77 @@
 """Configuration rules that span fields: duplicates, orderings, cross-section constraints.
 
 The schema (types, ranges, known values) is checked field by field in ``pipeline.validate``; these run on
-the parsed Config once that passed.
+the parsed Config once that passed. Problems stop every command; warnings (``config_warnings``) are printed
+by ``config validate`` and logged once when a process starts.
+
+No line here quotes a value that may hold a secret (``SECRET_FIELDS``): it names the field's path instead.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
+from redis.asyncio.connection import parse_url
 
 from pipeline.echo import ECHO_SCHEME
 
 if TYPE_CHECKING:
     from pipeline.config import Config
+
+SECRET_FIELDS = (
+    "database.redis.password",
+    "database.redis.url",
+    "database.postgres.password",
+    "database.postgres.dsn",
+    "api_keys",
+)
+"""Fields whose values are or may contain secrets. Backends' keys are not among them: the config names only
+the environment variable holding each (``backends[].api_key_env``)."""
+
+IGNORED_FIELDS = {
+    "queue.enable_metrics": "metrics are always served",
+    "queue.enable_auto_scaling": "scale by adding processes, e.g. with KEDA: ops/k8s/keda.yaml",
+    "scheduler.max_retries": "queue.retry.max_retries is the limit",
+    "metrics.enabled": "metrics are always served; liveness probes read them",
+}
+"""Fields of the seed's schema that are accepted but do nothing, each with what to use instead. Naming one in
+the file or the environment gets a warning."""
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENCODE_HINT = "percent-encode any '/', '?', '#' or '@' in the user name and password, e.g. '/' as %2F"
+
+
+def holds_secret(path: str) -> bool:
+    """Whether the value at ``path`` may be a secret: a secret field, an item of one (``api_keys[0]``), or a
+    section above one, where a misplaced secret would land (``database.redis: "redis://:pw@host"``)."""
+    return any(path == field or path.startswith(field + "[") or field.startswith(path + ".") for field in SECRET_FIELDS)
+
+
+def config_warnings(config: Config, given: Collection[str], origins: Mapping[str, str]) -> list[str]:
+    """What is allowed but likely wrong, one line each: fields that do nothing (of ``given``, the dotted paths
+    the file or the environment set, named with their variable from ``origins``), and a shutdown grace
+    shorter than a backend call."""
+    warnings: list[str] = []
+    ignored = [
+        f"{path} ({why})" + (f" (from {origins[path]})" if path in origins else "")
+        for path, why in IGNORED_FIELDS.items()
+        if path in given
+    ]
+    if ignored:
+        warnings.append(f"fields that do nothing, safe to remove: {'; '.join(ignored)}")
+    grace, timeout = config.queue.worker.shutdown_grace, config.scheduler.timeout
+    if grace.seconds < timeout.seconds:
+        warnings.append(
+            f"queue.worker.shutdown_grace: {grace} is shorter than scheduler.timeout {timeout}: on SIGTERM a "
+            "longer backend call is abandoned, reclaimed and made again; make the grace at least the timeout "
+            "(and the container's stop grace period longer than both)"
+        )
+    return warnings
 
 
 def semantic_problems(config: Config) -> list[str]:
@@ -59,20 +116,80 @@ def semantic_problems(config: Config) -> list[str]:
         backend_names.setdefault(backend.name, i)
         if not backend.url.startswith(("http://", "https://", ECHO_SCHEME)):
             problems.append(
-                f"backends[{i}].url: {backend.url!r} must start with http://, https:// or echo:// "
-                "(an in-process echo backend, for measuring the queue itself)"
+                f"backends[{i}].url: scheme must be http://, https:// or echo:// "
+                f"(an in-process echo backend, for measuring the queue itself), got {_scheme(backend.url)}"
             )
-    redis = config.database.redis
-    if redis and redis.url and not redis.url.startswith(("redis://", "rediss://", "unix://")):
-        problems.append(f"database.redis.url: scheme must be redis://, rediss:// or unix://, got {redis.url!r}")
-    if redis and not redis.url and ":" not in redis.addr:
-        problems.append(f"database.redis.addr: {redis.addr!r} must be host:port")
-    pg = config.database.postgres
-    if pg and pg.dsn:
-        try:
-            conninfo_to_dict(pg.dsn)
-        except psycopg.ProgrammingError:
-            problems.append("database.postgres.dsn: not a PostgreSQL URI or key=value connection string")
+        if backend.api_key_env is not None and not _ENV_NAME.fullmatch(backend.api_key_env):
+            problems.append(
+                f"backends[{i}].api_key_env: must be the name of the environment variable that holds the key "
+                "(letters, digits, '_'), never the key itself"
+            )
+    for i, key in enumerate(config.api_keys):
+        if not key.strip():
+            problems.append(f"api_keys[{i}]: an empty key would let in every request that sends none")
+    if config.server.mode == "production" and not config.api_keys and not config.server.allow_anonymous:
+        problems.append(
+            "api_keys: server.mode is production but no API key is set, so anyone could read every result and "
+            "replay dead letters; set api_keys (or LLMQ_API_KEYS), or server.allow_anonymous: true to mean it"
+        )
+    problems += _connection_problems(config)
     if not config.metrics.path.startswith("/"):
         problems.append(f"metrics.path: {config.metrics.path!r} must start with '/'")
     return problems
+
+
+def _connection_problems(config: Config) -> list[str]:
+    """Where Redis and PostgreSQL are, checked so that what the clients read is what was meant: a password
+    with an unescaped '/' would otherwise be read in part as a host or a port, and printed as one."""
+    problems: list[str] = []
+    redis = config.database.redis
+    if redis and redis.url:
+        if not redis.url.startswith(("redis://", "rediss://", "unix://")):
+            problems.append(
+                f"database.redis.url: scheme must be redis://, rediss:// or unix://, got {_scheme(redis.url)}"
+            )
+        elif not _parses(redis.url):
+            problems.append(f"database.redis.url: the host, port or user info does not parse; {_ENCODE_HINT}")
+    elif redis and not _is_host_port(redis.addr):
+        problems.append(
+            "database.redis.addr: must be host:port, e.g. redis:6379 (a URL, with its password, goes in "
+            "database.redis.url)"
+        )
+    pg = config.database.postgres
+    if pg and pg.dsn:
+        try:
+            info = conninfo_to_dict(pg.dsn)
+        except psycopg.ProgrammingError:
+            problems.append("database.postgres.dsn: not a PostgreSQL URI or key=value connection string")
+        else:
+            if any("@" in str(info.get(k, "")) for k in ("host", "port", "dbname")):
+                problems.append(f"database.postgres.dsn: the user info does not parse; {_ENCODE_HINT}")
+    elif pg and ("@" in pg.host or "://" in pg.host):
+        problems.append(
+            "database.postgres.host: must be a host name or a socket directory (a URL, with its password, goes "
+            "in database.postgres.dsn)"
+        )
+    return problems
+
+
+def _scheme(url: str) -> str:
+    """The scheme of a URL, quoted, for a problem line (the rest may hold a password); "none" without one."""
+    scheme, sep, _ = url.partition("://")
+    return repr(scheme + sep) if sep and scheme.isalnum() else "none"
+
+
+def _parses(url: str) -> bool:
+    """Whether redis-py reads the URL as written: its user info (up to the last '@') is all in the network
+    location, and the port and query arguments parse."""
+    if "@" in url and "@" not in urlsplit(url).netloc:
+        return False
+    try:
+        parse_url(url)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_host_port(addr: str) -> bool:
+    host, _, port = addr.rpartition(":")
+    return bool(host) and port.isdigit() and not any(c in host for c in "@/")

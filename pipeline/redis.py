@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import socket
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import hiredis
 import redis.asyncio as aioredis
@@ -112,14 +111,16 @@ def make_redis(cfg: RedisConfig, *, pool_size: int | None = None) -> aioredis.Re
 
 
 def describe(cfg: RedisConfig) -> str:
-    """Where Redis is, for messages and logs, with any password removed."""
+    """Where Redis is, for messages and logs: scheme, host, port and path. The user info is cut at the last
+    '@', so a password is left out even when it holds an unescaped '/', '?' or '#', and the query (which
+    may carry ``password=``) is left out too."""
     if not cfg.url:
         return f"redis://{cfg.addr}/{cfg.db}"
-    parts = urlsplit(cfg.url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc = f"{netloc}:{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    scheme, sep, rest = cfg.url.partition("://")
+    if not sep:  # not a URL the config accepts (it may be a password pasted in the wrong place)
+        return "redis (invalid URL)"
+    location = rest.rpartition("@")[2]
+    return f"{scheme}://{location.split('?', 1)[0].split('#', 1)[0]}"
 
 
 async def wait_for_redis(client: aioredis.Redis, cfg: RedisConfig, *, timeout_s: float) -> None:

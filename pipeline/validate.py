@@ -1,7 +1,8 @@
 """Collect every error of a raw mapping against a msgspec Struct type, each with its dotted path.
 
 msgspec stops at the first error; an operator fixing a config file wants them all at once, worded as
-``queue.levels[1].max_wait_time: invalid duration "5 sec"``.
+``queue.levels[1].max_wait_time: invalid duration "5 sec"``. A value that may be a secret is never shown:
+its line names the path and the kind of value only.
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ def check(
     *,
     duration_type: type,
     parse_duration: Callable[[str], float],
+    secret: Callable[[str], bool],
 ) -> list[str]:
-    """Return ``path: reason`` for each problem of ``value`` as an instance of ``tp`` (empty when valid)."""
+    """Return ``path: reason`` for each problem of ``value`` as an instance of ``tp`` (empty when valid).
+    Values at paths for which ``secret`` is true are not quoted in the reasons."""
     problems: list[str] = []
 
     def walk(v: Any, t: mi.Type, path: str) -> None:
         where = path or "<root>"
+        hide = secret(path)
         match t:
             case mi.StructType():
                 if not isinstance(v, dict):
-                    problems.append(f"{where}: expected a mapping, got {_kind(v)}")
+                    problems.append(f"{where}: expected a mapping, got {_kind(v, hide)}")
                     return
                 names = {f.encode_name: f for f in t.fields}
                 for key in v:
@@ -46,36 +50,36 @@ def check(
                 walk(v, inner[0], path)
             case mi.ListType():
                 if not isinstance(v, list):
-                    problems.append(f"{where}: expected a list, got {_kind(v)}")
+                    problems.append(f"{where}: expected a list, got {_kind(v, hide)}")
                     return
                 for i, item in enumerate(v):
                     walk(item, t.item_type, f"{path}[{i}]")
             case mi.DictType():
                 if not isinstance(v, dict):
-                    problems.append(f"{where}: expected a mapping, got {_kind(v)}")
+                    problems.append(f"{where}: expected a mapping, got {_kind(v, hide)}")
             case mi.IntType():
                 if isinstance(v, bool) or not isinstance(v, int):
-                    problems.append(f"{where}: expected an integer, got {_kind(v)}")
+                    problems.append(f"{where}: expected an integer, got {_kind(v, hide)}")
                 else:
                     _bounds(v, t, where, problems)
             case mi.FloatType():
                 if isinstance(v, bool) or not isinstance(v, int | float):
-                    problems.append(f"{where}: expected a number, got {_kind(v)}")
+                    problems.append(f"{where}: expected a number, got {_kind(v, hide)}")
                 else:
                     _bounds(v, t, where, problems)
             case mi.StrType():
                 if not isinstance(v, str):
-                    problems.append(f"{where}: expected a string, got {_kind(v)}")
+                    problems.append(f"{where}: expected a string, got {_kind(v, hide)}")
             case mi.BoolType():
                 if not isinstance(v, bool):
-                    problems.append(f"{where}: expected true or false, got {_kind(v)}")
+                    problems.append(f"{where}: expected true or false, got {_kind(v, hide)}")
             case mi.LiteralType():
                 if v not in t.values:
                     allowed = ", ".join(str(x) for x in t.values)
-                    problems.append(f"{where}: unknown value {_show(v)} (expected one of: {allowed})")
+                    problems.append(f"{where}: unknown value {_show(v, hide)} (expected one of: {allowed})")
             case mi.CustomType() if t.cls is duration_type:
                 if not _is_duration(v, parse_duration):
-                    problems.append(f'{where}: invalid duration {_show(v)} (write it like "100ms", "30s", "5m")')
+                    problems.append(f'{where}: invalid duration {_show(v, hide)} (write it like "100ms", "30s", "5m")')
             case _:
                 pass
 
@@ -104,12 +108,14 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _kind(v: Any) -> str:
+def _kind(v: Any, hide: bool) -> str:
     if v is None:
         return "null"
-    return f"{type(v).__name__} {_show(v)}"
+    return f"{type(v).__name__} {_show(v, hide)}"
 
 
-def _show(v: Any) -> str:
+def _show(v: Any, hide: bool) -> str:
+    if hide:
+        return "(value not shown: it may be a secret)"
     text = f'"{v}"' if isinstance(v, str) else repr(v)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -100,6 +100,7 @@ def stage_env(redis_url: str, prefix: str) -> dict[str, str]:
             "LLMQ_QUEUE__WORKER__PROCESS_INTERVAL": "100ms",
             "LLMQ_QUEUE__WORKER__CLAIM_TIMEOUT": "1s",
             "LLMQ_QUEUE__WORKER__SHUTDOWN_GRACE": "10s",
+            "LLMQ_SCHEDULER__TIMEOUT": "10s",  # within the grace: no warning at start
             "LLMQ_LOGGING__FORMAT": "json",
         }
     )

@@ -1,4 +1,5 @@
-"""``llmq-stage``: exit codes and one-line errors, status, help, and ``up`` on embedded servers."""
+"""``llmq-stage``: exit codes and one-line errors, no secret in them, config warnings at start, status, help,
+and ``up`` on embedded servers."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import redis.asyncio as aioredis
 from cli.stages import STAGES
 from pipeline.keys import Keys
 from tests.conftest import eventually, free_port
-from tests.procs import ROOT, llmq_stage
+from tests.procs import ROOT, Proc, llmq_stage, stop_all
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -197,3 +198,148 @@ async def test_up_runs_the_queue_on_embedded_servers_and_stops_cleanly(tmp_path:
     assert "llmq stopped" in proc.text()
     assert _servers_under(data_dir) == []
     assert (data_dir / "valkey").is_dir() and (data_dir / "postgres" / "PG_VERSION").exists()
+
+
+# --- no secret in what a stage prints -------------------------------------------------------------------
+
+PASSWORD = "Pw-Xq7/Zr9"
+"""With an unescaped '/', which a URL parser reads in part as a port, a host or a path."""
+
+
+@pytest.mark.parametrize(
+    ("settings", "code", "named"),
+    [
+        ({"LLMQ_REDIS_URL": "redis://llmq:{pw}@127.0.0.1:{port}/0"}, 3, "database.redis.url: the host, port or"),
+        ({"LLMQ_DATABASE__REDIS__ADDR": "redis://:{pw}@127.0.0.1:{port}"}, 3, "database.redis.addr: must be host:port"),
+        (
+            {"LLMQ_DATABASE__REDIS__ADDR": "127.0.0.1:{port}", "LLMQ_DATABASE__REDIS__PASSWORD": "{pw}"},
+            4,
+            "cannot connect to Redis at redis://127.0.0.1:{port}/0",
+        ),
+    ],
+)
+def test_a_stage_never_prints_the_redis_password(
+    settings: dict[str, str], code: int, named: str, stage_env: dict[str, str]
+) -> None:
+    # Given a Redis that does not answer, and its password written in a URL, in the wrong field, or in its place
+    port = free_port()
+    env = {k: v for k, v in stage_env.items() if k != "LLMQ_REDIS_URL"} | {"LLMQ_LOGGING__FORMAT": "text"}
+    env |= {k: v.format(pw=PASSWORD, port=port) for k, v in settings.items()}
+    # When a stage starts
+    result = cli("run", "schedule", "--connect-timeout", "1", env=env)
+    # Then it stops with one line naming the field or the address, and no part of the password
+    output = result.stdout + result.stderr
+    assert result.returncode == code, output
+    assert "Traceback" not in output
+    assert named.format(port=port) in output
+    for part in PASSWORD.split("/"):
+        assert part not in output
+
+
+# --- config warnings, production without keys -----------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_stage_logs_each_config_warning_once_at_start(stage_env: dict[str, str]) -> None:
+    # Given fields that do nothing, and a shutdown grace (10s) shorter than a backend call may take
+    env = {
+        **stage_env,
+        "LLMQ_QUEUE__ENABLE_METRICS": "true",
+        "LLMQ_SCHEDULER__MAX_RETRIES": "3",
+        "LLMQ_QUEUE__WORKER__SHUTDOWN_GRACE": "10s",
+        "LLMQ_SCHEDULER__TIMEOUT": "2m",
+    }
+    # When a stage starts
+    proc = llmq_stage(env, "run", "schedule", "--port", "0")
+    try:
+        proc.wait_for_log("stage started")
+    finally:
+        stop_all([proc])
+    # Then it logged one warning naming both fields, and one naming the grace and the timeout
+    warnings = [line["msg"] for line in proc.lines() if line["level"] == "warning"]
+    [ignored] = [w for w in warnings if "fields that do nothing" in w]
+    assert "queue.enable_metrics" in ignored and "scheduler.max_retries" in ignored
+    [grace] = [w for w in warnings if "shutdown_grace" in w]
+    assert "queue.worker.shutdown_grace: 10s is shorter than scheduler.timeout 2m" in grace
+    assert len(warnings) == 2, warnings
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "ingest"],
+        ["run", "dispatch"],
+        ["run", "mock-backend"],
+        ["up"],
+        ["status"],
+        ["db", "migrate"],
+        ["dlq", "list"],
+        ["config", "validate"],
+    ],
+)
+def test_every_command_refuses_production_mode_without_api_keys(
+    argv: list[str], stage_env: dict[str, str], tmp_path: Path
+) -> None:
+    # Given a production config with no API key, in the file or the environment
+    path = tmp_path / "config.yaml"
+    path.write_text("server: {mode: production}\n")
+    env = {
+        **stage_env,
+        "CONFIG_PATH": str(path),
+        "LLMQ_DATABASE_URL": f"postgresql://llmq@127.0.0.1:{free_port()}/llmq",
+        "LLMQ_BACKENDS": '[{name: echo, url: "echo://local/v1"}]',  # so up starts no server of its own
+    }
+    # When a command loads it
+    result = cli(*argv, env=env, timeout=30)
+    # Then it exits 3 naming api_keys, before doing anything
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "  api_keys: server.mode is production but no API key is set" in result.stderr
+
+
+# --- up binds loopback unless told ----------------------------------------------------------------------
+
+
+def _listening(proc: Proc) -> set[tuple[str, int]]:
+    """The addresses the processes under ``proc`` listen on."""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    return {
+        (conn.laddr.ip, conn.laddr.port)
+        for child in children
+        for conn in child.net_connections(kind="inet")
+        if conn.status == psutil.CONN_LISTEN
+    }
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("host_env", "args", "bound"),
+    [
+        ({}, [], "127.0.0.1"),
+        ({"LLMQ_SERVER__HOST": "127.0.0.2"}, [], "127.0.0.2"),
+        ({}, ["--host", "127.0.0.2"], "127.0.0.2"),
+    ],
+)
+def test_up_binds_loopback_unless_told_otherwise(
+    host_env: dict[str, str], args: list[str], bound: str, stage_env: dict[str, str], postgres_admin_url: str
+) -> None:
+    # Given up with Redis, PostgreSQL and a backend configured, running the API and the scheduler only
+    api_port, ops_port = free_port(), free_port()
+    env = {
+        **stage_env,
+        **host_env,
+        "LLMQ_DATABASE_URL": postgres_admin_url,
+        "LLMQ_SERVER__PORT": str(api_port),
+        "LLMQ_METRICS__PORT": str(ops_port),
+        "LLMQ_BACKENDS": '[{name: echo, url: "echo://local/v1"}]',
+    }
+    scale = [arg for stage in ("dispatch", "retry", "archive") for arg in ("--scale", f"{stage}=0")]
+    # When it starts, with or without a host in the environment or on the command line
+    proc = llmq_stage(env, "up", *scale, *args)
+    try:
+        proc.wait_for_log("ingest listening")
+        proc.wait_for_log("stage started")
+        listening = _listening(proc)
+    finally:
+        stop_all([proc])
+    # Then the API and the scheduler's ops port listen on that address only
+    assert listening == {(bound, api_port), (bound, ops_port)}, proc.text()

@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
+from cli.app import app
 from pipeline.config import Config, load_config
 from pipeline.durations import format_duration, parse_duration
 from pipeline.errors import ConfigError
@@ -52,6 +55,8 @@ def test_the_example_file_is_valid_and_matches_the_seed() -> None:
     assert config.loadbalancer.session_timeout.seconds == 1800
     assert config.database.postgres is not None and config.database.postgres.sslmode == "require"
     assert config.server.port == 8080 and config.metrics.port == 8081
+    # it says production, so it names a key (a placeholder that LLMQ_API_KEYS replaces in deployments)
+    assert config.server.mode == "production" and config.api_keys and not config.server.allow_anonymous
 
 
 def test_defaults_work_without_a_file() -> None:
@@ -80,7 +85,7 @@ logging: {format: xml}
     )
     assert problems == [
         "server.colour: unknown field "
-        "(expected one of: host, max_batch, max_body_bytes, max_poll_wait, mode, port, sync_timeout)",
+        "(expected one of: allow_anonymous, host, max_batch, max_body_bytes, max_poll_wait, mode, port, sync_timeout)",
         "server.port: 99999 must be <= 65535",
         'queue.levels[1].max_wait_time: invalid duration "5 sec" (write it like "100ms", "30s", "5m")',
         'queue.levels[2].priority: expected an integer, got str "4"',
@@ -118,9 +123,9 @@ backends:
         "queue.retry.factor: 0.5 must be >= 1",
         "queue.worker.claim_timeout: 1s must exceed process_interval 2s",
         "backends[1].name: duplicate backend name 'x'",
-        "backends[1].url: 'ftp://y' must start with http://, https:// or echo:// "
-        "(an in-process echo backend, for measuring the queue itself)",
-        "database.redis.url: scheme must be redis://, rediss:// or unix://, got 'http://redis:6379'",
+        "backends[1].url: scheme must be http://, https:// or echo:// "
+        "(an in-process echo backend, for measuring the queue itself), got 'ftp://'",
+        "database.redis.url: scheme must be redis://, rediss:// or unix://, got 'http://'",
     ]
 
 
@@ -222,3 +227,176 @@ def test_cli_validate_without_a_path_is_a_usage_error() -> None:
     result = cli("config", "validate", env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     assert "give a PATH or set CONFIG_PATH" in result.stderr
+
+
+def validate(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> Result:
+    """``llmq-stage config validate`` on a file with this text."""
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return CliRunner().invoke(app, ["config", "validate", str(path)], env=env)
+
+
+def test_the_example_file_validates_without_a_warning() -> None:
+    result = CliRunner().invoke(app, ["config", "validate", str(EXAMPLE)], env={"LLMQ_API_KEYS": None})
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output
+
+
+# --- secrets: a problem line names the field, never the value -----------------------------------------
+
+SECRET = "Hunter2-Xq7"
+SPLIT_SECRET = "Pw-Xq7/Zr9"
+"""A password with an unescaped '/': a URL parser reads its parts as a host, a port or a path."""
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "line"),
+    [
+        ("database: {redis: {password: 4815162342}}", {}, "database.redis.password: expected a string, got int"),
+        (f'database: {{redis: "redis://:{SECRET}@redis:6379/0"}}', {}, "database.redis: expected a mapping, got str"),
+        (f'database: {{postgres: "host=db password={SECRET}"}}', {}, "database.postgres: expected a mapping, got str"),
+        (f'api_keys: "sk-{SECRET}"', {}, "api_keys: expected a list, got str"),
+        ("api_keys: [4815162342]", {}, "api_keys[0]: expected a string, got int"),
+        (
+            f'database: {{redis: {{addr: "redis://:{SECRET}@redis:6379"}}}}',
+            {},
+            "database.redis.addr: must be host:port",
+        ),
+        (
+            f'database: {{redis: {{url: "http://:{SECRET}@redis:6379"}}}}',
+            {},
+            "database.redis.url: scheme must be redis://, rediss:// or unix://, got 'http://'",
+        ),
+        ("{}", {"LLMQ_REDIS_URL": f"redis://:{SPLIT_SECRET}@redis:6379/0"}, "database.redis.url: the host, port or"),
+        (
+            "{}",
+            {"LLMQ_DATABASE_URL": f"postgresql://llmq:{SPLIT_SECRET}@db:5432/llmq"},
+            "database.postgres.dsn: the user info does not parse",
+        ),
+        (f'database: {{postgres: {{host: "llmq:{SECRET}@db"}}}}', {}, "database.postgres.host: must be a host name"),
+        (
+            f'backends: [{{name: a, url: "http://a/v1", api_key_env: "sk-{SECRET}"}}]',
+            {},
+            "backends[0].api_key_env: must be the name of the environment variable",
+        ),
+        (
+            f'backends: [{{name: a, url: "ftp://u:{SECRET}@a/v1"}}]',
+            {},
+            "backends[0].url: scheme must be http://, https:// or echo://",
+        ),
+    ],
+)
+def test_a_secret_in_a_wrong_place_is_named_by_its_path_and_never_shown(
+    tmp_path: Path, text: str, env: dict[str, str], line: str
+) -> None:
+    # Given a password, a URL with one or an API key where it does not belong
+    # When the file is validated
+    result = validate(tmp_path, text, env)
+    # Then the problem names the field, and no part of the secret is printed
+    assert result.exit_code == 3, result.output
+    assert f"  {line}" in result.output
+    for part in (SECRET, "4815162342", *SPLIT_SECRET.split("/")):
+        assert part not in result.output
+
+
+def test_secrets_in_their_places_are_not_printed(tmp_path: Path) -> None:
+    # Given every kind of secret in its place, and a file that also gets warnings
+    text = f"""
+database:
+  redis: {{password: "{SECRET}-r"}}
+  postgres: {{password: "{SECRET}-p", dsn: "postgresql://llmq:{SECRET}-d@db:5432/llmq"}}
+api_keys: ["{SECRET}-k"]
+backends: [{{name: a, url: "http://a/v1", api_key_env: OPENAI_API_KEY}}]
+queue: {{enable_metrics: true}}
+scheduler: {{timeout: 60s}}
+"""
+    # When it is validated, with a Redis URL holding a password in the environment too
+    result = validate(tmp_path, text, {"LLMQ_REDIS_URL": f"rediss://llmq:{SECRET}-u@redis:6380/0"})
+    # Then it passes with its warnings, and no secret is printed
+    assert result.exit_code == 0, result.output
+    assert result.output.count("warning: ") == 2 and "ok: " in result.output
+    assert SECRET not in result.output
+
+
+# --- production mode needs API keys ---------------------------------------------------------------------
+
+PRODUCTION_REFUSED = (
+    "api_keys: server.mode is production but no API key is set, so anyone could read every result and replay "
+    "dead letters; set api_keys (or LLMQ_API_KEYS), or server.allow_anonymous: true to mean it"
+)
+
+
+def test_production_mode_without_api_keys_is_refused(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, "server: {mode: production}") == [PRODUCTION_REFUSED]
+    assert problems_of(tmp_path, "server: {mode: production}", env={"LLMQ_API_KEYS": " , "}) == [
+        f"{PRODUCTION_REFUSED} (from LLMQ_API_KEYS)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "env"),
+    [
+        ("server: {mode: production}", {"LLMQ_API_KEYS": "k1,k2"}),
+        ("server: {mode: production}\napi_keys: [k1]", {}),
+        ("server: {mode: production, allow_anonymous: true}", {}),
+        ("server: {mode: development}", {}),
+    ],
+)
+def test_production_mode_starts_with_keys_or_when_told_to_be_open(
+    tmp_path: Path, text: str, env: dict[str, str]
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert isinstance(load_config(path, env=env), Config)
+
+
+def test_an_empty_api_key_is_refused(tmp_path: Path) -> None:
+    # An empty key would match every request that sends no key at all.
+    assert problems_of(tmp_path, 'api_keys: [k1, ""]') == [
+        "api_keys[1]: an empty key would let in every request that sends none"
+    ]
+
+
+# --- warnings: allowed, but likely wrong ------------------------------------------------------------------
+
+
+def test_fields_that_do_nothing_get_one_warning_naming_each(tmp_path: Path) -> None:
+    # Given the seed's fields that llmq accepts but does not use, three in the file and one from the environment
+    text = "queue: {enable_metrics: true}\nscheduler: {max_retries: 5}\nmetrics: {enabled: false}\n"
+    # When the file is validated
+    result = validate(tmp_path, text, {"LLMQ_QUEUE__ENABLE_AUTO_SCALING": "false"})
+    # Then it passes, with one warning line naming each field (and the variable that set one)
+    assert result.exit_code == 0, result.output
+    [warning] = [line for line in result.output.splitlines() if line.startswith("warning: ")]
+    for field in ("queue.enable_metrics", "scheduler.max_retries", "metrics.enabled", "queue.enable_auto_scaling"):
+        assert field in warning
+    assert "(from LLMQ_QUEUE__ENABLE_AUTO_SCALING)" in warning
+    assert "queue.retry.max_retries" in warning  # what to use instead
+
+
+def test_a_file_without_them_gets_no_warning(tmp_path: Path) -> None:
+    result = validate(tmp_path, "queue: {retry: {max_retries: 5}}\nmetrics: {port: 9100}\n")
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("grace", "timeout", "warns"), [("30s", "300s", True), ("5m", "300s", False), ("30s", "30s", False)]
+)
+def test_a_shutdown_grace_shorter_than_a_call_warns(tmp_path: Path, grace: str, timeout: str, warns: bool) -> None:
+    # Given a grace period and the longest a backend call may take
+    text = f"queue: {{worker: {{shutdown_grace: {grace}}}}}\nscheduler: {{timeout: {timeout}}}\n"
+    # When the file is validated
+    result = validate(tmp_path, text)
+    # Then a grace shorter than a call is a warning naming both, not an error
+    assert result.exit_code == 0, result.output
+    expected = (
+        f"warning: queue.worker.shutdown_grace: {grace} is shorter than scheduler.timeout {timeout}: on SIGTERM a "
+        "longer backend call is abandoned, reclaimed and made again"
+    )
+    assert (expected in result.output) is warns, result.output
+
+
+def test_a_password_of_digits_from_the_environment_stays_text() -> None:
+    config = load_config(None, env={"LLMQ_DATABASE__REDIS__PASSWORD": "0123456789"})
+    assert config.redis.password == "0123456789"

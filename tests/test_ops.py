@@ -30,6 +30,8 @@ from cli.app import app
 from cli.stages import STAGES
 from pipeline.config import load_config
 from pipeline.db import migrate
+from pipeline.durations import parse_duration
+from pipeline.errors import ConfigError
 from pipeline.keys import Keys
 from pipeline.models import FIELD
 from tests.conftest import free_port
@@ -37,6 +39,7 @@ from tests.harness import CHAT
 from tests.procs import ROOT, Proc, llmq_stage, stop_all
 
 OPS = ROOT / "ops"
+EXAMPLE_CONFIG = ROOT / "configs" / "config.yaml.example"
 PROMETHEUS = OPS / "prometheus"
 K8S = OPS / "k8s"
 SCRIPTS = OPS / "scripts"
@@ -123,6 +126,37 @@ def test_compose_keeps_the_queue_safe_and_every_stage_checked() -> None:
     assert prod["dispatch"]["deploy"]["replicas"] > 1
     monitoring = {"prometheus", "alertmanager", "grafana", "redis-exporter", "postgres-exporter", "node-exporter"}
     assert monitoring <= set(prod)
+
+
+def _compose_stages() -> dict[str, dict[str, Any]]:
+    """Each llmq service as `docker compose -f compose.yaml -f compose.prod.yaml` runs it: the production
+    file's keys over the base file's (enough for the top-level keys the tests read)."""
+    base, prod = (yaml.safe_load(p.read_text())["services"] for p in COMPOSE_FILES)
+    return {
+        name: service | prod.get(name, {})
+        for name, service in base.items()
+        if isinstance(service.get("command"), list) and service["command"][0] == "llmq-stage"
+    }
+
+
+def _filled_in(value: str) -> str:
+    """A compose value with each ${VAR...} replaced, as from .env, by a value of that kind."""
+    return re.sub(r"\$\{(\w+)[^}]*\}", lambda m: m.group(1).lower().replace("_", "-"), value)
+
+
+def test_compose_stages_get_api_keys_for_production_mode(tmp_path: Path) -> None:
+    # Given the config compose mounts (a copy of the example, in production mode) without its placeholder key,
+    # which alone does not start
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(re.sub(r"^api_keys:.*$", "", EXAMPLE_CONFIG.read_text(), flags=re.M))
+    with pytest.raises(ConfigError):
+        load_config(config_file, env={})
+    for name, service in _compose_stages().items():
+        # When a stage loads it with the environment compose gives it
+        config = load_config(config_file, env={k: _filled_in(str(v)) for k, v in service["environment"].items()})
+        # Then it runs in production mode with the keys .env must hold
+        assert config.server.mode == "production" and config.api_keys, name
+        assert service["environment"]["LLMQ_API_KEYS"].startswith("${LLMQ_API_KEYS:?"), name
 
 
 # --- Prometheus, Alertmanager, Grafana ----------------------------------------------------------------
@@ -329,12 +363,56 @@ def test_kubernetes_deployments_probe_the_ports_the_stages_serve() -> None:
         assert container["resources"]["limits"] and container["resources"]["requests"], name
 
 
-def test_the_kubernetes_config_map_is_a_valid_llmq_config(tmp_path: Path) -> None:
+def _secret_env() -> dict[str, str]:
+    """The variables every pod gets from the llmq-secrets Secret (envFrom), as in its example."""
+    (secret,) = (d for d in yaml_docs(K8S / "secret.example.yaml") if d["metadata"]["name"] == "llmq-secrets")
+    return dict(secret["stringData"])
+
+
+def _config_map_file(tmp_path: Path) -> Path:
     (doc,) = yaml_docs(K8S / "configmap.yaml")
     config_file = tmp_path / "config.yaml"
     config_file.write_text(doc["data"]["config.yaml"])
-    result = CliRunner().invoke(app, ["config", "validate", str(config_file)])
+    return config_file
+
+
+def test_the_kubernetes_config_map_is_a_valid_llmq_config(tmp_path: Path) -> None:
+    config_file = _config_map_file(tmp_path)
+    # With the Secret every pod gets it is valid, without a warning
+    result = CliRunner().invoke(app, ["config", "validate", str(config_file)], env=_secret_env())
     assert result.exit_code == 0, result.output
+    assert "warning" not in result.output
+    # It runs in production mode: without the Secret's API keys no stage would start
+    refused = CliRunner().invoke(
+        app, ["config", "validate", str(config_file)], env={**_secret_env(), "LLMQ_API_KEYS": None}
+    )
+    assert refused.exit_code == 3 and "  api_keys: server.mode is production" in refused.output
+    # and every pod that reads the config map gets the Secret
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml_docs(path):
+            spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+            if {"name": "config", "configMap": {"name": "llmq-config"}} in spec.get("volumes", []):
+                for container in spec["containers"]:
+                    assert {"secretRef": {"name": "llmq-secrets"}} in container["envFrom"], path.name
+
+
+def test_a_stopping_stage_finishes_its_longest_call_before_it_is_killed(tmp_path: Path) -> None:
+    """scheduler.timeout <= queue.worker.shutdown_grace < the container's stop grace period, in Kubernetes
+    and in compose: a rollout neither abandons a call (made again after a reclaim) nor kills a stage mid-exit."""
+    # Kubernetes: the config map's config and every Deployment
+    cluster = load_config(_config_map_file(tmp_path), env=_secret_env())
+    grace = cluster.queue.worker.shutdown_grace.seconds
+    assert cluster.scheduler.timeout.seconds <= grace
+    deployments = [doc for path in K8S.glob("*.yaml") for doc in yaml_docs(path) if doc["kind"] == "Deployment"]
+    assert len(deployments) == 5
+    for doc in deployments:
+        assert doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace, doc["metadata"]["name"]
+    # Compose: the example config (compose mounts a copy) and every stage's stop_grace_period
+    example = load_config(EXAMPLE_CONFIG, env={})
+    grace = example.queue.worker.shutdown_grace.seconds
+    assert example.scheduler.timeout.seconds <= grace
+    for name, service in _compose_stages().items():
+        assert parse_duration(service["stop_grace_period"]) > grace, name
 
 
 KEDA_REDIS_STREAMS_KEYS = {
