@@ -29,7 +29,7 @@ from benchmarks.plots import plot_scaling
 from pipeline.config import load_config
 from pipeline.keys import Keys
 from pipeline.models import encode, new_id
-from pipeline.submit import Submitter, new_message
+from pipeline.submit import Submission, Submitter, new_message
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 200}], "max_tokens": 16}
 PER_PROCESS = 16
@@ -57,7 +57,7 @@ async def _submit(url: str, env: dict[str, str], n: int) -> list[str]:
     submitter = Submitter(load_config(None, env=env), redis=redis, keys=keys)
     messages = [new_message(message_id=new_id(), level="normal", request=CHAT) for _ in range(n)]
     for i in range(0, n, 1000):
-        await submitter.submit_many([(m, encode(m)) for m in messages[i : i + 1000]])
+        await submitter.submit_many([Submission(m, encode(m)) for m in messages[i : i + 1000]])
     await redis.aclose()
     return [m.id for m in messages]
 

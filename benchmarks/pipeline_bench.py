@@ -31,7 +31,7 @@ from pipeline.config import load_config
 from pipeline.keys import Keys
 from pipeline.models import encode, new_id
 from pipeline.notify import Waiter
-from pipeline.submit import Submitter, new_message
+from pipeline.submit import Submission, Submitter, new_message
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 200}], "max_tokens": 16}
 MIX = (("realtime", 0.05), ("high", 0.15), ("normal", 0.40), ("low", 0.40))
@@ -59,7 +59,7 @@ async def idle_latency(url: str, dsn: str, n: int) -> dict[str, Any]:
     with stages(env, *argvs):
         for i in range(n + 20):
             msg = new_message(message_id=new_id(), level="high", request=CHAT)
-            await submitter.submit(msg)
+            await submitter.submit(Submission(msg, encode(msg)))
 
             async def done(mid: str = msg.id) -> bool:
                 return await redis.hget(keys.msg(mid), "status") == b"completed"
@@ -140,7 +140,7 @@ async def overload(
                         level = name
                         break
                 batch.append(new_message(message_id=new_id(), level=level, request=CHAT))
-            await submitter.submit_many([(m, encode(m)) for m in batch])
+            await submitter.submit_many([Submission(m, encode(m)) for m in batch])
             sent += [(m.id, m.level) for m in batch]
             await asyncio.sleep(max(0.0, started + (len(sent) / offered_per_s) - time.time()))
         ended = time.time()

@@ -44,6 +44,7 @@ def runner_settings(config: Config, *, max_in_hand: int | None = None) -> Runner
         max_deliveries=w.max_deliveries,
         grace_s=w.shutdown_grace.seconds,
         result_retention_s=config.queue.result_retention.seconds,
+        claim_dead_consumers=True,
     )
 
 

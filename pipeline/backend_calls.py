@@ -6,6 +6,11 @@ The echo backend counts its reported prompt tokens with the same ``prompt_chars`
 
 from __future__ import annotations
 
+import json
+import math
+import re
+import time
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -13,6 +18,8 @@ import msgspec
 
 from pipeline.models import Status
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+"""A lone surrogate: ``json.loads`` joins an escaped pair into one character, so any left is alone."""
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
 
 
@@ -22,6 +29,9 @@ class CallResult(msgspec.Struct, kw_only=True):
     response: dict[str, Any] | None = None
     error: str | None = None
     retry_after: float | None = None
+    """Seconds the backend asked to wait (Retry-After), clamped to ``queue.retry.max_backoff``."""
+    tokens_used: int | None = None
+    """Total tokens the response's ``usage`` reports."""
 
 
 def prompt_chars(request: dict[str, Any]) -> int:
@@ -38,20 +48,66 @@ def estimate_tokens(request: dict[str, Any]) -> int:
     return prompt_chars(request) // 4 + (int(budget) if isinstance(budget, int | float) else 256)
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
+def retry_after(value: str | None, *, max_s: float, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date (RFC 9110), never negative,
+    at most ``max_s``. None when absent or unreadable: ``inf``, ``nan`` and garbage are ignored rather than
+    parking a message, or a backend's circuit, for ever."""
+    if value is None:
         return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), max_s)
 
 
-def classify(name: str, response: httpx.Response) -> CallResult:
+def _body(response: httpx.Response) -> Any:
+    """The JSON body: msgspec's parser, or the standard one for what msgspec refuses (escaped lone
+    surrogates, NaN), which ``storable`` then cleans."""
+    try:
+        return msgspec.json.decode(response.content)
+    except msgspec.DecodeError:
+        return json.loads(response.content)
+
+
+def storable(body: Any) -> tuple[Any, str | None]:
+    """``body`` made storable (msgpack and JSON as UTF-8): strings with lone surrogates get U+FFFD in
+    their place. With a value no store takes (an integer past 64 bits), None and the reason."""
+    problems: list[str] = []
+
+    def clean(value: Any, path: str) -> Any:
+        if isinstance(value, str):
+            return value if value.isascii() else _SURROGATE.sub("\ufffd", value)
+        if isinstance(value, bool) or value is None or isinstance(value, float):
+            return value
+        if isinstance(value, int):
+            if not -(2**63) <= value < 2**64:
+                problems.append(f"an integer past 64 bits at {path or '<root>'}")
+            return value
+        if isinstance(value, dict):
+            return {clean(k, path): clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    cleaned = clean(body, "")
+    return (None, problems[0]) if problems else (cleaned, None)
+
+
+def classify(name: str, response: httpx.Response, *, max_retry_after_s: float) -> CallResult:
     """The outcome a backend's answer gives: a completion body (a JSON object) completes; a success whose
     body is not one, or a retryable status, is retried; any other status fails."""
     if response.is_success:
         try:
-            body = response.json()
+            body = _body(response)
         except ValueError:
             return CallResult(status=Status.RETRYING, backend=name, error="backend answered invalid JSON")
         if not isinstance(body, dict):
@@ -61,5 +117,6 @@ def classify(name: str, response: httpx.Response) -> CallResult:
     detail = response.text[:500]
     error = f"backend {name} answered {response.status_code}: {detail}"
     if response.status_code in RETRYABLE_STATUS:
-        return CallResult(status=Status.RETRYING, backend=name, error=error, retry_after=_retry_after(response))
+        wait = retry_after(response.headers.get("retry-after"), max_s=max_retry_after_s)
+        return CallResult(status=Status.RETRYING, backend=name, error=error, retry_after=wait)
     return CallResult(status=Status.FAILED, backend=name, error=error)

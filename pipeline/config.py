@@ -168,17 +168,30 @@ def _seed_levels() -> list[LevelConfig]:
     ]
 
 
+class DeadLetterConfig(_Section, frozen=True):
+    max_len: Positive = 100_000
+    """Most dead letters kept; the oldest go first (trimmed every ``queue.cleanup_interval``)."""
+    retention: Duration = Duration("14d")
+    """Dead letters older than this are dropped."""
+
+
 class QueueConfig(_Section, frozen=True):
     levels: list[LevelConfig] = msgspec.field(default_factory=_seed_levels)
     default_max_size: NonNegative = 10000
     monitor_interval: Duration = Duration("30s")
     cleanup_interval: Duration = Duration("5m")
+    """How often the dead-letter stream is trimmed to its bounds (acked stream entries go within seconds)."""
     result_retention: Duration = Duration("24h")
-    """How long a finished message's status hash (with its result) stays in Redis; PostgreSQL keeps it after."""
+    """Longest a finished message's status hash (with its result) stays in Redis while its outcome waits to
+    be archived (PostgreSQL down); the outcome itself waits in the done stream, however long."""
+    archived_retention: Duration = Duration("1m")
+    """How long a finished message's status hash stays in Redis once PostgreSQL has its row (for long-polls
+    and reads just after it ended); reads fall back to PostgreSQL after."""
     enable_metrics: bool = True
     enable_auto_scaling: bool = True
     worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    dead_letters: DeadLetterConfig = msgspec.field(default_factory=DeadLetterConfig)
 
     def level(self, name: str) -> LevelConfig | None:
         return next((lv for lv in self.levels if lv.name == name), None)

@@ -69,7 +69,10 @@ class ConsumerLease:
 
     async def _take(self, name: str) -> bool:
         key = self.keys.consumer_lease(self.group, name)
-        if await self.redis.set(key, self.token, nx=True, px=self.ttl_ms):
+        # SET NX GET: the holder's token comes back. Ours means an earlier run of this very SET took it (its
+        # reply was lost and redis-py sent it again), which a plain SET NX would answer "taken".
+        holder: bytes | None = await self.redis.set(key, self.token, nx=True, px=self.ttl_ms, get=True)  # type: ignore[assignment]
+        if holder is None or holder.decode() == self.token:
             self.name = name
             return True
         return False

@@ -1,9 +1,12 @@
-"""The dead-letter stream: list, show, replay and purge what the pipeline gave up on.
+"""The dead-letter stream: write, list, show, replay, purge and bound what the pipeline gave up on.
 
-Two kinds of entries land there: messages that failed ``max_retries`` times (from retry) and poison
-entries any stage delivered too often (from the runtime's reclaimer). Replay puts a message back in its
-level stream with attempts reset — or an outcome back in ``done`` — and deletes the dead letter in the
-same script, so replaying twice never makes two live copies.
+Entries land there from three places: messages that failed ``max_retries`` times (retry), poison entries
+any stage delivered too often (the runtime's reclaimer), and outcomes PostgreSQL rejected (archive). Each
+is written by ``dead_letter``, as an effect of the commit that acks its entry, and indexed by message id
+(``keys.dlq_index``), so finding one by message id reads one hash field instead of scanning the stream.
+Replay puts a message back in its level stream with attempts reset — or an outcome back in ``done`` — and
+deletes the dead letter in the same script, so replaying twice never makes two live copies. ``trim``
+keeps the stream within its configured length and age.
 """
 
 from __future__ import annotations
@@ -15,23 +18,31 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from pipeline import effects
 from pipeline.keys import Keys
-from pipeline.lua import Lua
+from pipeline.lua import Lua, script_source
 from pipeline.models import FIELD, Message, Status, decode_message, decode_outcome, encode
 from pipeline.streams import as_str
 
-# KEYS: dlq, target stream, status hash (may be unused). ARGV: dlq entry id, payload, status or "".
-_REPLAY = """
-if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
-redis.call('XDEL', KEYS[1], ARGV[1])
-redis.call('XADD', KEYS[2], '*', 'm', ARGV[2])
-if ARGV[3] ~= '' then
-  redis.call('PERSIST', KEYS[3])
-  redis.call('HSET', KEYS[3], 'status', ARGV[3], 'attempts', 0, 'replayed_at', ARGV[4])
-  redis.call('HDEL', KEYS[3], 'error', 'result', 'finished_at')
-end
-return 1
-"""
+TRIM_PER_CALL = 1000
+"""Dead letters dropped per script call when trimming, so one call never holds Redis long."""
+
+
+def dead_letter(
+    keys: Keys,
+    *,
+    payload: bytes,
+    message_id: str | None,
+    reason: str,
+    source: str,
+    fields: dict[bytes, Any] | None = None,
+) -> effects.Effect:
+    """The effect that writes one dead letter: the entry's payload, why, where it came from, when, and any
+    further ``fields``; indexed by ``message_id`` when it has one."""
+    row: dict[bytes, Any] = {FIELD: payload, b"reason": reason, b"stream": source, b"at": f"{time.time():.3f}"}
+    if message_id:
+        row[b"message_id"] = message_id
+    return effects.deadletter(keys.dlq, keys.dlq_index, message_id, row | (fields or {}))
 
 
 @dataclass(slots=True)
@@ -92,7 +103,8 @@ class DeadLetters:
         self.redis = redis
         self.keys = keys
         self.levels = levels
-        self._replay = Lua(redis, _REPLAY)
+        self._replay = Lua(redis, script_source("dlq_replay"))
+        self._trim = Lua(redis, script_source("dlq_trim"))
 
     async def list(self, *, limit: int = 50, since: float | None = None) -> list[DeadLetter]:
         start = f"{int(since * 1000)}-0" if since else "-"
@@ -103,25 +115,14 @@ class DeadLetters:
         return int(await self.redis.xlen(self.keys.dlq))
 
     async def find(self, ident: str) -> DeadLetter | None:
-        """By dead-letter entry id, or by message id (the newest dead letter of that message)."""
-        if ident.replace("-", "").isdigit() and ident.count("-") == 1:
-            rows: Any = await self.redis.xrange(self.keys.dlq, min=ident, max=ident)
-            return _parse(*rows[0]) if rows else None
-        found = None
-        async for batch in self._all():
-            for dl in batch:
-                if dl.message_id == ident:
-                    found = dl
-        return found
-
-    async def _all(self) -> Any:
-        start = "-"
-        while True:
-            rows: Any = await self.redis.xrange(self.keys.dlq, min=start, count=500)
-            if not rows:
-                return
-            yield [_parse(eid, f) for eid, f in rows]
-            start = "(" + as_str(rows[-1][0])
+        """By dead-letter entry id, or by message id (its newest dead letter), without a scan."""
+        if not (ident.replace("-", "").isdigit() and ident.count("-") == 1):
+            entry_id: Any = await self.redis.hget(self.keys.dlq_index, ident)
+            if entry_id is None:
+                return None
+            ident = as_str(entry_id)
+        rows: Any = await self.redis.xrange(self.keys.dlq, min=ident, max=ident)
+        return _parse(*rows[0]) if rows else None
 
     async def replay(self, dl: DeadLetter, *, level: str | None = None) -> bool:
         """Back into the pipeline; False when it was already replayed (or purged)."""
@@ -135,14 +136,24 @@ class DeadLetters:
             replayed = msgspec.structs.replace(
                 msg, level=target_level, attempts=0, retry_after=None, history=[*msg.history, note]
             )
-            keys = [self.keys.dlq, self.keys.level(target_level), self.keys.msg(msg.id)]
-            args: list[str | bytes | float] = [dl.entry_id, encode(replayed), Status.QUEUED.value, now]
+            keys = [self.keys.dlq, self.keys.level(target_level), self.keys.msg(msg.id), self.keys.dlq_index]
+            args: list[str | bytes | float] = [dl.entry_id, encode(replayed), Status.QUEUED.value, now, msg.id]
         else:
             # an outcome the archive could not take: back to done as it was
-            keys = [self.keys.dlq, self.keys.done, self.keys.dlq]
-            args = [dl.entry_id, dl.payload, "", now]
+            keys = [self.keys.dlq, self.keys.done, self.keys.dlq, self.keys.dlq_index]
+            args = [dl.entry_id, dl.payload, "", now, dl.message_id or ""]
         return bool(await self._replay(keys, args))
 
     async def purge(self, *, older_than_s: float) -> int:
-        cutoff = int((time.time() - older_than_s) * 1000)
-        return int(await self.redis.xtrim(self.keys.dlq, minid=f"{cutoff}-0", approximate=False))
+        """Delete the dead letters older than ``older_than_s``; return how many."""
+        return await self.trim(max_len=2**62, max_age_s=older_than_s)
+
+    async def trim(self, *, max_len: int, max_age_s: float) -> int:
+        """Drop the oldest dead letters beyond ``max_len`` or older than ``max_age_s``; return how many."""
+        min_ms = int((time.time() - max_age_s) * 1000)
+        dropped = 0
+        while True:
+            n = int(await self._trim([self.keys.dlq, self.keys.dlq_index], [min_ms, max_len, TRIM_PER_CALL]))
+            dropped += n
+            if n < TRIM_PER_CALL:
+                return dropped

@@ -1,7 +1,7 @@
 """Every Redis key of a deployment, built from its prefix.
 
 The default prefix ``{llmq}`` is a Redis Cluster hash tag: all keys of one deployment hash to one
-slot, so MULTI/EXEC hand-offs and Lua scripts that touch several keys work on a cluster too.
+slot, so the Lua scripts that touch several keys (hand-offs, admissions, moves) work on a cluster too.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ class Keys:
     __slots__ = (
         "dispatch",
         "dlq",
+        "dlq_index",
         "done",
         "finished",
         "prefix",
@@ -33,9 +34,11 @@ class Keys:
         self.retry_payloads = f"{prefix}:retry:payloads"
         self.done = f"{prefix}:done"
         self.dlq = f"{prefix}:dlq"
+        self.dlq_index = f"{prefix}:dlq:ids"
+        """Hash: message id -> the entry id of its newest dead letter (``pipeline.dlq``)."""
         self.finished = f"{prefix}:finished"
         """Pub/Sub channel: the ids of the messages that reached a terminal status, space-separated, one notice
-        per transaction of outcomes."""
+        per commit of outcomes."""
         self.slots = f"{prefix}:slots"
         """Pub/Sub channel: an in-flight slot was released without the message finishing (retry)."""
         self.stagger = f"{prefix}:stagger"

@@ -3,7 +3,7 @@
 A call takes a slot in ``backend:<name>:slots`` (a sorted set scored by lease expiry, so a crashed
 dispatcher's slots free themselves) and, when the backend has ``rpm``/``tpm``, adds to the current
 minute's counters — all in one script, so no two dispatchers can both take the last slot. The token
-estimate is corrected with the response's ``usage`` afterwards.
+estimate is corrected with the response's ``usage`` afterwards, once, with the commit of the outcome.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 
+from pipeline import effects
+from pipeline.effects import Effect
 from pipeline.keys import Keys
 from pipeline.lua import Coalesced, Lua
 
@@ -70,15 +71,16 @@ class BackendLimits:
         args: list[str | float | int] = [now, now + self.lease_s, member, max_concurrent, rpm or 0, tpm or 0, tokens]
         return bool(await self._acquire(keys, args))
 
-    def release(
-        self, tx: Pipeline, backend: str, member: str, *, tpm: int | None, estimated: int, used: int | None
-    ) -> None:
-        """Queue on ``tx`` freeing the slot and correcting the token estimate by the reported usage."""
-        tx.zrem(self.keys.backend_slots(backend), member)
-        if tpm and used is not None and used != estimated:
-            key = self._window(backend, "tpm", time.time())
-            tx.incrby(key, used - estimated)
-            tx.expire(key, 120)
+    def free(self, backend: str, member: str) -> Effect:
+        """The effect freeing ``member``'s slot: safe to repeat, so it runs with any commit."""
+        return effects.zrem(self.keys.backend_slots(backend), member)
+
+    def correct(self, backend: str, *, tpm: int | None, estimated: int, used: int | None) -> list[Effect]:
+        """The effects correcting this minute's token count by the reported usage: committed with the
+        entry's ack, so once."""
+        if not tpm or used is None or used == estimated:
+            return []
+        return [effects.incrby(self._window(backend, "tpm", time.time()), used - estimated, ttl_s=120)]
 
     async def inflight(self, backends: list[str]) -> dict[str, int]:
         now = time.time()

@@ -15,13 +15,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from pipeline.models import Status
+
 Call = tuple[Sequence[Any], Sequence[Any]]
 """The keys and the arguments of one call."""
+
+ENDED = "local ENDED = {" + ", ".join(f"['{s.value}'] = true" for s in Status if s.terminal) + "}\n"
+"""Lua: the set of terminal statuses, generated from ``Status`` so a script never spells them itself."""
+
+
+def script_source(name: str) -> str:
+    """The script ``pipeline/scripts/<name>.lua`` (its header names its KEYS and ARGV), with ``ENDED``
+    prepended."""
+    return ENDED + resources.files("pipeline.scripts").joinpath(f"{name}.lua").read_text()
 
 
 class Lua:

@@ -1,8 +1,8 @@
 """Notices over Redis Pub/Sub instead of polling: one subscription per process.
 
 Every stage that ends messages publishes their ids, separated by spaces, on the ``finished`` channel, one
-notice per transaction of outcomes (``pipeline.outcomes.announce``); releasing an in-flight slot otherwise
-publishes on ``slots``. A Waiter wakes only the requests waiting for those ids, so a thousand long-polls
+notice per commit of outcomes (``scripts/commit.lua``); releasing an in-flight slot otherwise publishes on
+``slots``. A Waiter wakes only the requests waiting for those ids, so a thousand long-polls
 cost one Redis connection, not a thousand BLPOPs; the scheduler's arbiter wakes on either channel to
 admit the next message at once.
 """

@@ -1,10 +1,13 @@
 """Reclaiming: take over a dead consumer's entries, dead-letter poison, and keep live work's leases.
 
 - ``claim``: XAUTOCLAIM entries idle past the claim timeout (their consumer died or stalled).
+- ``claim_dead``: the entries of a consumer whose name lease has expired (its process is gone, e.g. a pod
+  replaced under a new name), taken at once instead of after the claim timeout.
+- ``take``: re-read entries of one's own pending list, only those one still owns (``scripts/take.lua``).
 - ``drop_poison``: an entry delivered more than ``max_deliveries`` times goes to the dead-letter stream
-  with its reason and is acked in the same transaction, so it can never crash consumers in a loop. A
-  poison message's end is recorded like any other (status "dead", a ``done`` entry for the archive), so
-  it is on record and replayable with ``llmq-stage dlq replay``.
+  with its reason and is acked in the same commit, so it can never crash consumers in a loop. A poison
+  message's end is recorded like any other (status "dead", a ``done`` entry for the archive), so it is on
+  record and replayable with ``llmq-stage dlq replay``.
 - ``renew``: the owner of a slow entry resets its idle time (XCLAIM … JUSTID, which does not count a
   delivery) so XAUTOCLAIM never steals live work; only entries it still owns (checked atomically).
 - ``forget_dead_consumers``: XGROUP DELCONSUMER orphans pending entries, so only consumers with
@@ -15,16 +18,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 
 from pipeline import metrics
+from pipeline.dlq import dead_letter
+from pipeline.effects import Commit, Effect
 from pipeline.keys import Keys
-from pipeline.lua import Lua
+from pipeline.lua import Lua, script_source
 from pipeline.models import FIELD, Outcome, Status, decode_message
-from pipeline.outcomes import announce, record_outcome
+from pipeline.outcomes import outcome_effect
 from pipeline.streams import Entry, as_str, parse_entries
 
 log = logging.getLogger("llmq.reclaim")
@@ -45,6 +51,9 @@ end
 return lost
 """
 
+Delivered = tuple[Entry, int]
+"""An entry and how many times it has been delivered, this time included."""
+
 
 class Reclaimer:
     def __init__(
@@ -55,6 +64,7 @@ class Reclaimer:
         stream: str,
         group: str,
         consumer: str,
+        commit: Commit,
         claim_timeout_s: float,
         max_deliveries: int,
         result_retention_s: float,
@@ -64,13 +74,16 @@ class Reclaimer:
         self.stream = stream
         self.group = group
         self.consumer = consumer
+        self.commit = commit
         self.claim_timeout_ms = int(claim_timeout_s * 1000)
         self.max_deliveries = max_deliveries
         self.result_retention_s = result_retention_s
         self._renew = Lua(redis, _RENEW)
+        self._take = Lua(redis, script_source("take"))
 
-    async def claim(self, count: int) -> list[Entry]:
-        """Claim up to ``count`` entries idle past the claim timeout; poison ones are dead-lettered."""
+    async def claim(self, count: int, *, skip: Collection[str] = ()) -> list[Entry]:
+        """Claim up to ``count`` entries idle past the claim timeout, except ``skip`` (in hand already);
+        poison ones are dead-lettered."""
         claimed: list[Entry] = []
         cursor = "0-0"
         while len(claimed) < count:
@@ -83,7 +96,7 @@ class Reclaimer:
                 count=count - len(claimed),
             )
             cursor = as_str(reply[0])
-            claimed.extend(e for e in parse_entries(reply[1]) if e.data)
+            claimed.extend(e for e in parse_entries(reply[1]) if e.data and e.id not in skip)
             deleted = reply[2] if len(reply) > 2 else []
             if deleted:
                 # XAUTOCLAIM already removed them from the PEL: they were trimmed while pending.
@@ -102,61 +115,87 @@ class Reclaimer:
             self.claim_timeout_ms,
             extra={"stage": self.group, "consumer": self.consumer, "entries": len(claimed)},
         )
-        return await self.drop_poison(claimed)
+        return await self.drop_poison(await self._deliveries(claimed))
 
-    async def drop_poison(self, entries: list[Entry]) -> list[Entry]:
-        """Dead-letter and ack the entries delivered more than ``max_deliveries`` times; return the rest."""
+    async def claim_dead(self, count: int) -> list[Entry]:
+        """Take up to ``count`` entries of consumers whose name lease has expired, at once."""
+        taken: list[Delivered] = []
+        for info in await self.redis.xinfo_consumers(self.stream, self.group):
+            name = as_str(info["name"])
+            if name == self.consumer or not int(info["pending"]) or len(taken) >= count:
+                continue
+            if await self.redis.exists(self.keys.consumer_lease(self.group, name)):
+                continue
+            rows: Any = await self.redis.xpending_range(
+                self.stream, self.group, min="-", max="+", count=count - len(taken), consumername=name
+            )
+            ids = [as_str(r["message_id"]) for r in rows]
+            mine = await self.take(ids, owner=name)
+            if mine:
+                metrics.RECLAIMED.labels(stage=self.group).inc(len(mine))
+                log.info(
+                    "took over %d entries of consumer %s, whose lease expired",
+                    len(mine),
+                    name,
+                    extra={"stage": self.group, "consumer": self.consumer, "entries": len(mine), "from": name},
+                )
+            taken += mine
+        return await self.drop_poison(taken) if taken else []
+
+    async def take(self, entry_ids: list[str], *, owner: str) -> list[Delivered]:
+        """Claim the entries of ``entry_ids`` that still belong to ``owner``, with their delivery counts."""
+        if not entry_ids:
+            return []
+        rows = await self._take([self.stream], [self.group, self.consumer, owner, *entry_ids])
+        return [(Entry(as_str(eid), _payload(fields)), int(n)) for eid, fields, n in rows]
+
+    async def _deliveries(self, entries: list[Entry]) -> list[Delivered]:
         pipe = self.redis.pipeline(transaction=False)
         for e in entries:
             pipe.xpending_range(self.stream, self.group, e.id, e.id, 1, consumername=self.consumer)
         rows = await pipe.execute()
-        keep: list[Entry] = []
-        poison: list[tuple[Entry, int]] = []
-        for e, row in zip(entries, rows, strict=True):
-            deliveries = int(row[0]["times_delivered"]) if row else 0
-            if not row:
-                continue  # no longer ours: acked or claimed by someone else meanwhile
-            if deliveries > self.max_deliveries:
-                poison.append((e, deliveries))
-            else:
-                keep.append(e)
+        # an entry no longer listed as ours was acked or claimed by someone else meanwhile
+        return [(e, int(row[0]["times_delivered"])) for e, row in zip(entries, rows, strict=True) if row]
+
+    async def drop_poison(self, delivered: list[Delivered]) -> list[Entry]:
+        """Dead-letter and ack the entries delivered more than ``max_deliveries`` times; return the rest."""
+        keep = [e for e, n in delivered if n <= self.max_deliveries]
+        poison = [(e, n) for e, n in delivered if n > self.max_deliveries]
         if poison:
-            tx = self.redis.pipeline(transaction=True)
-            finished: list[str] = []
-            for e, deliveries in poison:
-                reason = f"delivered {deliveries} times (max_deliveries {self.max_deliveries})"
-                tx.xadd(
-                    self.keys.dlq,
-                    {
-                        FIELD: e.data,
-                        b"reason": reason,
-                        b"stream": self.stream,
-                        b"group": self.group,
-                        b"entry_id": e.id,
-                        b"deliveries": str(deliveries),
-                        b"at": f"{time.time():.3f}",
-                    },
-                )
-                if self.stream != self.keys.done:  # the archive's own input holds outcomes, not messages
-                    self._record_dead(tx, e, reason, finished)
-            announce(tx, self.keys, finished)
-            tx.xack(self.stream, self.group, *(e.id for e, _ in poison))
-            await tx.execute()
-            metrics.POISON.labels(stage=self.group).inc(len(poison))
+            acked = await self.commit([(e.id, self._dead(e, n)) for e, n in poison])
+            metrics.POISON.labels(stage=self.group).inc(sum(acked))
             log.error(
                 "dead-lettered %d poison entries",
-                len(poison),
-                extra={"stage": self.group, "entry_ids": [e.id for e, _ in poison]},
+                sum(acked),
+                extra={
+                    "stage": self.group,
+                    "entry_ids": [e.id for (e, _), ok in zip(poison, acked, strict=True) if ok],
+                },
             )
         return keep
 
-    def _record_dead(self, tx: Pipeline, entry: Entry, reason: str, finished: list[str]) -> None:
-        try:
-            msg = decode_message(entry.data)
-        except msgspec.DecodeError:  # not a message at all: the dead letter is its only record
-            return
-        outcome = Outcome(message=msg, status=Status.DEAD, error=f"poison: {reason}", finished_at=time.time())
-        record_outcome(tx, self.keys, outcome, retention_s=self.result_retention_s, finished=finished)
+    def _dead(self, entry: Entry, deliveries: int) -> list[Effect]:
+        reason = f"delivered {deliveries} times (max_deliveries {self.max_deliveries})"
+        msg = None
+        if self.stream != self.keys.done:  # the archive's own input holds outcomes, not messages
+            try:
+                msg = decode_message(entry.data)
+            except msgspec.DecodeError:  # not a message at all: the dead letter is its only record
+                msg = None
+        effects = [
+            dead_letter(
+                self.keys,
+                payload=entry.data,
+                message_id=msg.id if msg else None,
+                reason=reason,
+                source=self.stream,
+                fields={b"group": self.group, b"entry_id": entry.id, b"deliveries": str(deliveries)},
+            )
+        ]
+        if msg is not None:
+            outcome = Outcome(message=msg, status=Status.DEAD, error=f"poison: {reason}", finished_at=time.time())
+            effects.append(outcome_effect(self.keys, outcome, retention_s=self.result_retention_s))
+        return effects
 
     async def renew(self, entry_ids: list[str]) -> set[str]:
         """Reset the idle time of entries this consumer still owns; return the ids it no longer owns."""
@@ -180,3 +219,9 @@ class Reclaimer:
         if forgotten:
             log.info("removed dead consumers", extra={"stage": self.group, "consumers": forgotten})
         return forgotten
+
+
+def _payload(fields: list[bytes]) -> bytes:
+    """The message field's value from a flat field/value list."""
+    pairs = dict(zip(fields[0::2], fields[1::2], strict=True))
+    return pairs.get(FIELD, b"")

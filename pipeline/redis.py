@@ -27,7 +27,12 @@ STALE_RETRIES = 1
 """After Redis restarts, every pooled connection is dead until used once. A pool created from a URL
 gets connections that never retry (redis-py), so each of them failed one command, and each such
 failure failed a whole batch, counting one more delivery for every entry in it: a restart could push
-entries over ``max_deliveries``. One immediate retry on a connection error reconnects instead."""
+entries over ``max_deliveries``. One immediate retry on a connection error reconnects instead.
+
+The retry resends a command whose reply was lost after Redis ran it, so it runs twice: every write llmq
+makes is safe to repeat (``pipeline.effects``, the scripts in ``pipeline/scripts``), and a read that
+delivered entries to a lost reply leaves them in the consumer's own pending list, which it pages through
+(``pipeline.stage``). ``tests/test_lost_replies.py`` drops such replies on purpose."""
 POOL_WAIT_S = 10.0
 """How long a command waits for a free pooled connection before failing (a burst queues, not errors)."""
 CONNECT_TIMEOUT_S = 5.0

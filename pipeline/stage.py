@@ -1,10 +1,13 @@
 """The consumer loop every stage shares: read a batch, hand it to the stage, commit what it decided.
 
-A stage implements ``handle(batch)``; it decides per entry and records the decision on the Batch
-(``ack`` or ``forward``), optionally queueing further commands on ``batch.tx``. The runner then commits
-every decision of the batch in one MULTI/EXEC, so each hand-off (XADD next + XACK current) is atomic.
-Entries the stage leaves unsettled (or all of them when ``handle`` raises) stay pending: the runner
-re-reads its own pending entries (id ``0``) before new ones (``>``), after a backoff.
+A stage implements ``handle(batch)``; it decides per entry and records the decision on the Batch: ``ack``
+it with the effects of the decision (``pipeline.effects``: a hand-off to the next stream, an outcome, a
+status…), or ``forward`` it. The runner commits the batch's decisions in one script call that acks each
+entry and runs its effects only when that XACK acked it, so a commit is safe to repeat: it is retried
+while Redis is unreachable, and a resent one (a lost reply) changes nothing twice. Entries the stage leaves
+unsettled (or all of them when ``handle`` raises) stay pending; the runner pages through its own pending
+entries (never those it holds) before reading new ones: at start, after a failed batch, after an error
+that may have lost a reply, and every third of the claim timeout.
 """
 
 from __future__ import annotations
@@ -14,23 +17,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from pipeline import metrics, tasks
 from pipeline.backoff import Backoff
+from pipeline.effects import Commit, Effect, Record, xadd
 from pipeline.errors import GiveBack
 from pipeline.keys import Keys
-from pipeline.models import FIELD
-from pipeline.outcomes import announce
 from pipeline.reclaim import Reclaimer
 from pipeline.redis import CONNECTION_ERRORS
-from pipeline.streams import Entry, ensure_group, parse_entries
+from pipeline.streams import Entry, as_str, ensure_group, parse_entries
 
 log = logging.getLogger("llmq.stage")
 
@@ -38,85 +39,73 @@ log = logging.getLogger("llmq.stage")
 class Batch:
     """The entries handed to a stage in one call, and what the stage decided for each.
 
-    Decisions (``ack``, ``forward`` and any command queued on ``tx``) commit together in one MULTI/EXEC:
-    when ``handle`` returns, or earlier at each ``await batch.commit()``, which lets a stage that handles
-    entries concurrently (dispatch) or over time (schedule) commit each as it finishes.
+    Decisions commit together in one script call: when ``handle`` returns, or earlier at each ``await
+    batch.commit()``, which lets a stage that handles entries concurrently (dispatch) or over time
+    (schedule) commit each as it finishes.
     """
 
-    __slots__ = (
-        "_committing",
-        "_keys",
-        "_on_commit",
-        "_redis",
-        "_settled",
-        "acked",
-        "entries",
-        "finished",
-        "group",
-        "stream",
-        "tx",
-    )
+    __slots__ = ("_commit", "_committing", "_on_commit", "_records", "_settled", "entries")
 
-    def __init__(
-        self,
-        entries: list[Entry],
-        *,
-        redis: aioredis.Redis,
-        keys: Keys,
-        stream: str,
-        group: str,
-        on_commit: Callable[[list[str]], None],
-    ) -> None:
+    def __init__(self, entries: list[Entry], *, commit: Commit, on_commit: Callable[[list[str], int], None]) -> None:
         self.entries = entries
-        self.stream = stream
-        self.group = group
-        self._redis = redis
-        self._keys = keys
+        self._commit = commit
         self._on_commit = on_commit
-        self.tx: Pipeline = redis.pipeline(transaction=True)
-        """A MULTI/EXEC pipeline; commands queued here commit together with the acks."""
-        self.finished: list[str] = []
-        """Ids of messages whose outcome is queued on ``tx`` (``record_outcome``): one notice at the commit."""
-        self.acked: list[str] = []
+        self._records: list[Record] = []
         self._settled: list[str] = []
         self._committing = asyncio.Lock()
 
-    def ack(self, entry: Entry) -> None:
-        """The entry is finished; it is acked at the next commit."""
-        self.acked.append(entry.id)
+    def ack(self, entry: Entry, *effects: Effect) -> None:
+        """The entry is finished; it is acked at the next commit, and its effects run only if that ack
+        acked it (not when another consumer settled it first)."""
+        self._records.append((entry.id, effects))
 
     def forward(self, entry: Entry, stream: str, payload: bytes) -> None:
-        """Hand the entry to the next stream: XADD there and XACK here, in the same transaction."""
-        self.tx.xadd(stream, {FIELD: payload})
-        self.acked.append(entry.id)
+        """Hand the entry to the next stream: XADD there and XACK here, in the same commit."""
+        self.ack(entry, xadd(stream, payload))
+
+    def also(self, *effects: Effect) -> None:
+        """Effects of no entry, run at the next commit whatever it acks: they must be safe to repeat."""
+        self._records.append(("", effects))
 
     def settled(self, entry: Entry) -> None:
         """The entry was already acked by a script of the stage, atomically with its hand-off."""
         self._settled.append(entry.id)
 
+    @property
+    def decided(self) -> bool:
+        """Something waits to be committed."""
+        return bool(self._records or self._settled)
+
     async def commit(self) -> None:
         """Execute what was decided so far.
 
-        Group commit: the transaction is swapped out before executing, so other coroutines of the same
-        stage keep queueing decisions meanwhile, and those that call ``commit`` during an execute wait
-        for it, then the first of them commits everything queued by all of them in one MULTI/EXEC. On a
-        Redis error nothing of that transaction is applied and its entries stay pending (the runner
-        re-reads what was not committed), so every decision must be safe to make twice.
+        Group commit: the decisions are swapped out before executing, so other coroutines of the same
+        stage keep deciding meanwhile, and those that call ``commit`` during an execute wait for it, then
+        the first of them commits everything decided by all of them in one call. The call is retried
+        while Redis is unreachable: it is safe to repeat, and giving up would leave the entries to be
+        handled again (another backend call) although their outcome is known.
         """
         async with self._committing:
-            tx, acked, settled, finished = self.tx, self.acked, self._settled, self.finished
-            self.tx, self.acked, self._settled, self.finished = self._redis.pipeline(transaction=True), [], [], []
-            announce(tx, self._keys, finished)
-            if acked:
-                tx.xack(self.stream, self.group, *acked)
-            if tx.command_stack:
-                await tx.execute()
-            if acked or settled:
-                self._on_commit(acked + settled)
+            records, settled = self._records, self._settled
+            self._records, self._settled = [], []
+            acked: list[bool] = []
+            if records:
+                acked = await self._send(records)
+            entry_ids = [entry_id for entry_id, _ in records if entry_id]
+            if entry_ids or settled:
+                self._on_commit(entry_ids + settled, acked.count(False))
 
-    async def discard(self) -> None:
-        self.finished = []
-        await self.tx.reset()  # type: ignore[no-untyped-call]
+    async def _send(self, records: list[Record]) -> list[bool]:
+        backoff = Backoff(initial_s=0.05, max_s=2.0)
+        while True:
+            try:
+                return await self._commit(records)
+            except CONNECTION_ERRORS as exc:
+                log.warning("commit failed, retrying: %s", exc, extra={"stage": self._commit.group})
+                await asyncio.sleep(backoff.next())
+
+    def discard(self) -> None:
+        self._records, self._settled = [], []
 
 
 class Stage(abc.ABC):
@@ -161,6 +150,17 @@ class RunnerSettings:
     grace_s: float
     result_retention_s: float = 24 * 3600
     """How long the status of a message dead-lettered as poison stays readable (queue.result_retention)."""
+    claim_dead_consumers: bool = False
+    """Take over at once the entries of consumers whose name lease (``pipeline.consumer``) has expired. Only
+    where every consumer of the group holds a lease, as every ``llmq-stage run`` process does."""
+
+
+GROUP_GONE = ("NOGROUP", "UNBLOCKED")
+"""How Redis says a group is gone: NOGROUP, or UNBLOCKED for a read that was blocked when its stream was
+deleted (Redis 7.0; Valkey answers NOGROUP)."""
+DEAD_CONSUMERS_EVERY_S = 5.0
+"""How often a consumer looks for consumers of its group whose name lease expired, to take over their
+entries (``RunnerSettings.claim_dead_consumers``); a lease lasts up to 15 s after its process died."""
 
 
 class Runner:
@@ -191,18 +191,27 @@ class Runner:
         self._capacity = asyncio.Event()
         self._capacity.set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._read_own_pending = True
+        self._own_cursor: str | None = "-"
+        """Where paging through this consumer's own pending entries goes on from ("-": the start); None
+        while not paging."""
+        self._next_own_sweep = 0.0
+        self._taking = asyncio.Lock()
+        """Held while entries join this consumer's pending list and until they are in hand (a read, a
+        claim), so a page of its own pending entries never mistakes them for ones it left behind."""
         self._min_read = max(1, min(settings.batch_size, self.max_in_hand) // 4)
         # Children looked up once: labels() costs about 2 µs a call, and these are set for every batch.
         self._in_hand_gauge = metrics.STAGE_IN_HAND.labels(stage=stage.name)
         self._batch_seconds = metrics.STAGE_BATCH_SECONDS.labels(stage=stage.name)
         self._acked = metrics.STAGE_ENTRIES.labels(stage=stage.name, outcome="acked")
+        self._settled_elsewhere = metrics.STAGE_ENTRIES.labels(stage=stage.name, outcome="settled_elsewhere")
+        self.commit = Commit(redis, stream=self.stream, group=self.group, channel=keys.finished)
         self.reclaimer = Reclaimer(
             redis=redis,
             keys=keys,
             stream=self.stream,
             group=self.group,
             consumer=consumer,
+            commit=self.commit,
             claim_timeout_s=settings.claim_timeout_s,
             max_deliveries=settings.max_deliveries,
             result_retention_s=settings.result_retention_s,
@@ -235,14 +244,33 @@ class Runner:
                     backoff.reset()
                 except CONNECTION_ERRORS as exc:
                     self.redis_ok = False
+                    # The reply of a read may have been lost after Redis delivered its entries to us.
+                    self._reread_own()
                     metrics.STAGE_ERRORS.labels(stage=self.group, kind="redis").inc()
                     log.warning("redis unavailable: %s", exc, extra=self._ctx())
                     await self._sleep(backoff.next())
+                except ResponseError as exc:
+                    if not str(exc).startswith(GROUP_GONE):
+                        raise
+                    await self._recreate_group()
         finally:
-            maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await maintenance
-            await self._drain()
+            try:
+                await self._drain()  # leases are renewed meanwhile: a long call is not taken over while it ends
+            finally:
+                maintenance.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await maintenance
+
+    async def _recreate_group(self) -> None:
+        """The group is gone: Redis restarted without its data, or someone deleted the stream. What this
+        consumer holds is no longer pending anywhere; new entries are read into a new group."""
+        metrics.STAGE_ERRORS.labels(stage=self.group, kind="nogroup").inc()
+        log.error("consumer group %s of %s is missing: creating it again", self.group, self.stream, extra=self._ctx())
+        await self.ensure_group()
+        self._reread_own()
+
+    def _reread_own(self) -> None:
+        self._own_cursor = "-"
 
     async def _read_once(self) -> None:
         free = self.max_in_hand - len(self.in_hand)
@@ -257,15 +285,16 @@ class Runner:
             cap.cancel()
             return
         count = min(self.settings.batch_size, free)
-        if self._read_own_pending:
-            entries = await self._read_pending(count)
-            if entries is None:  # own PEL exhausted: from now on, new entries
-                self._read_own_pending = False
-                return
-        else:
-            entries = await self._read_new(count)
-        if entries:
-            self._start(entries)
+        now = time.monotonic()
+        if now >= self._next_own_sweep:
+            # Entries can be left in our pending list without our knowing: a read whose reply was lost and
+            # that redis-py sent again on a new connection delivered them to us, then the next ones.
+            self._next_own_sweep = now + self.settings.claim_timeout_s / 3
+            self._reread_own()
+        async with self._taking:
+            entries = await (self._read_own(count) if self._own_cursor is not None else self._read_new(count))
+            if entries:
+                self._start(entries)
 
     async def _read_new(self, count: int) -> list[Entry]:
         read = asyncio.create_task(self._xreadgroup(">", count, block=self.settings.block_ms))
@@ -282,20 +311,34 @@ class Runner:
         reply = read.result()
         return parse_entries(reply[0][1]) if reply else []
 
-    async def _read_pending(self, count: int) -> list[Entry] | None:
-        """Own pending entries (left by a previous run of this consumer or by a failed batch), not in hand.
-        None when there are none left."""
-        reply = await self._xreadgroup("0", count, block=None)
-        entries = [e for e in parse_entries(reply[0][1]) if e.id not in self.in_hand] if reply else []
-        # Entries trimmed while pending come back with no fields: nothing left to handle, so ack them.
-        gone = [e.id for e in entries if not e.data]
-        if gone:
-            await self.redis.xack(self.stream, self.group, *gone)
-        entries = [e for e in entries if e.data]
-        if not entries:
-            return None
-        log.info("re-reading %d own pending entries", len(entries), extra=self._ctx(len(entries)))
-        return await self.reclaimer.drop_poison(entries)
+    async def _read_own(self, count: int) -> list[Entry]:
+        """Up to ``count`` of this consumer's own pending entries that it does not hold (left by a previous
+        run of it, by a failed batch, or by a lost reply), from where paging left off. Paging ends with an
+        empty page."""
+        cursor = self._own_cursor or "-"
+        rows: Any = await self.redis.xpending_range(
+            self.stream,
+            self.group,
+            min=cursor if cursor == "-" else f"({cursor}",
+            max="+",
+            count=self.settings.batch_size,
+            consumername=self.consumer,
+        )
+        if not rows:
+            self._own_cursor = None
+            return []
+        wanted: list[str] = []
+        for row in rows:
+            self._own_cursor = as_str(row["message_id"])
+            if self._own_cursor not in self.in_hand:
+                wanted.append(self._own_cursor)
+                if len(wanted) == count:
+                    break
+        taken = await self.reclaimer.take(wanted, owner=self.consumer)
+        if not taken:
+            return []
+        log.info("re-reading %d own pending entries", len(taken), extra=self._ctx(len(taken)))
+        return await self.reclaimer.drop_poison(taken)
 
     async def _xreadgroup(self, start: str, count: int, *, block: int | None) -> Any:
         return await self.redis.xreadgroup(self.group, self.consumer, {self.stream: start}, count=count, block=block)
@@ -311,48 +354,48 @@ class Runner:
 
     async def _handle(self, entries: list[Entry]) -> None:
         started = time.perf_counter()
-        batch = Batch(
-            entries, redis=self.redis, keys=self.keys, stream=self.stream, group=self.group, on_commit=self._committed
-        )
+        batch = Batch(entries, commit=self.commit, on_commit=self._committed)
         try:
             await self.stage.handle(batch)
             await batch.commit()
         except asyncio.CancelledError:
             raise
         except GiveBack:
-            self._read_own_pending = True
+            pass
         except Exception as exc:
             # A loop boundary: what was not committed stays pending and is re-read after a pause.
             kind = "redis" if isinstance(exc, CONNECTION_ERRORS) else "handle"
             metrics.STAGE_ERRORS.labels(stage=self.group, kind=kind).inc()
             log.error("batch failed, entries stay pending", exc_info=True, extra=self._ctx(len(entries)))
-            self._read_own_pending = True
             await self._sleep(1.0)
         finally:
-            await batch.discard()
+            batch.discard()
             if any(e.id in self.in_hand for e in entries):
-                self._read_own_pending = True  # some were left unsettled: re-read them
+                self._reread_own()  # some were left unsettled: re-read them
                 for e in entries:
                     self.in_hand.pop(e.id, None)
                 self._capacity.set()
             self._in_hand_gauge.set(len(self.in_hand))
             self._batch_seconds.observe(time.perf_counter() - started)
 
-    def _committed(self, entry_ids: list[str]) -> None:
+    def _committed(self, entry_ids: list[str], elsewhere: int) -> None:
         for eid in entry_ids:
             self.in_hand.pop(eid, None)
         self.handled += len(entry_ids)
-        self._acked.inc(len(entry_ids))
+        self._acked.inc(len(entry_ids) - elsewhere)
+        if elsewhere:
+            # Another consumer took these over (their lease had expired) and settled them first.
+            self._settled_elsewhere.inc(elsewhere)
         self._in_hand_gauge.set(len(self.in_hand))
         self._capacity.set()
 
     async def _maintain(self) -> None:
-        """Renew leases of in-hand entries; reclaim dead consumers' entries; forget dead consumers."""
+        """Renew leases of in-hand entries; take over dead consumers' entries; forget dead consumers."""
         renew_every = self.settings.claim_timeout_s / 3
         claim_every = max(self.settings.claim_timeout_s / 2, 0.05)
         next_claim = 0.0
         while True:
-            await asyncio.sleep(min(renew_every, claim_every))
+            await asyncio.sleep(min(renew_every, claim_every, DEAD_CONSUMERS_EVERY_S))
             try:
                 now = time.monotonic()
                 old = [eid for eid, t in self.in_hand.items() if now - t >= renew_every]
@@ -363,18 +406,30 @@ class Runner:
                             self.in_hand[eid] = now
                     if lost:
                         log.warning("lost %d in-hand entries to another consumer", len(lost), extra=self._ctx())
-                if now >= next_claim and not self.stopping:
+                if self.stopping:
+                    continue
+                if self.settings.claim_dead_consumers:
+                    await self._claim(self.reclaimer.claim_dead)
+                if now >= next_claim:
                     next_claim = now + claim_every
-                    free = self.max_in_hand - len(self.in_hand)
-                    if free > 0:
-                        claimed = await self.reclaimer.claim(min(free, self.settings.batch_size))
-                        if claimed:
-                            self._start(claimed)
+                    await self._claim(lambda n: self.reclaimer.claim(n, skip=self.in_hand))
                     await self.reclaimer.forget_dead_consumers()
             except CONNECTION_ERRORS as exc:
+                self._reread_own()  # a claim's reply may have been lost after it gave us entries
                 log.warning("maintenance skipped, redis unavailable: %s", exc, extra=self._ctx())
-            except ResponseError:
+            except ResponseError as exc:
+                if str(exc).startswith(GROUP_GONE):
+                    continue  # the read loop recreates the group
                 log.error("maintenance failed", exc_info=True, extra=self._ctx())
+
+    async def _claim(self, claim: Callable[[int], Awaitable[list[Entry]]]) -> None:
+        """Start what ``claim(n)`` takes over, up to what this consumer has room for."""
+        async with self._taking:
+            free = self.max_in_hand - len(self.in_hand)
+            if free > 0:
+                claimed = await claim(min(free, self.settings.batch_size))
+                if claimed:
+                    self._start(claimed)
 
     async def _drain(self) -> None:
         if not self._tasks:

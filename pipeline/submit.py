@@ -1,67 +1,36 @@
 """Putting messages into their level stream: backpressure, idempotency, XADD and the status hash at once.
 
-A Lua script decides and writes each message atomically (a batch, up to ``PER_CALL`` messages per call),
-so concurrent duplicates of one idempotency key create one message, and a full level writes nothing. A
-level's depth is lag + pending of the ``schedule`` group (what waits for admission), not XLEN, which also
-counts acked entries not yet trimmed.
+A Lua script (``scripts/submit.lua``) decides and writes each message atomically (a batch, up to
+``PER_CALL`` messages per call), so concurrent duplicates of one idempotency key create one message, and a
+full level writes nothing. The script is safe to repeat (a message whose id is queued already is not queued
+again), so a submission is retried while Redis is unreachable, briefly, before the client hears 503.
+
+An idempotency key belongs to whoever sent it: the record is keyed by the caller's API key, the tenant and
+the key, and holds a digest of the request, so another caller's key never returns this one's message and
+a key reused with a different request is a conflict (as Stripe answers). A level's depth is lag + pending
+of the ``schedule`` group (what waits for admission), not XLEN, which also counts acked entries not yet
+trimmed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import hashlib
 import time
 from dataclasses import dataclass
+from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 
+from pipeline.backoff import Backoff
 from pipeline.config import Config
 from pipeline.keys import Keys
-from pipeline.lua import Coalesced, Lua
-from pipeline.models import Message, encode
+from pipeline.lua import Coalesced, Lua, script_source
+from pipeline.models import Message
+from pipeline.redis import CONNECTION_ERRORS
 from pipeline.streams import as_str
-
-# Submits n messages, each decided on its own, in one call. KEYS: per message its level stream, status
-# hash and idempotency key ("" key name when none). ARGV: hash TTL s, idempotency TTL s, then per message
-# its payload, id, level, enqueued_at, max depth and has-idempotency-key ("1"/"0"). Returns per message
-# {"queued", id, depth} | {"duplicate", existing id} | {"full", depth}. A level's depth is read once per
-# call (XINFO GROUPS) and counted up as the call queues messages in it.
-_SUBMIT = """
-local function waiting(stream)
-  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
-  if ok then
-    for _, g in ipairs(groups) do
-      local f = {}
-      for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
-      if f['name'] == 'schedule' and f['lag'] then return tonumber(f['pending']) + tonumber(f['lag']) end
-    end
-  end
-  return redis.call('XLEN', stream)
-end
-local depths, out = {}, {}
-for i = 1, #KEYS / 3 do
-  local stream, hash, idem = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  local a = 2 + 6 * (i - 1)
-  local id, has_idem = ARGV[a + 2], ARGV[a + 6] == '1'
-  local existing = has_idem and redis.call('GET', idem)
-  if existing then
-    out[i] = {'duplicate', existing}
-  else
-    local depth = depths[stream] or waiting(stream)
-    if depth >= tonumber(ARGV[a + 5]) then
-      out[i] = {'full', depth}
-    else
-      if has_idem then redis.call('SET', idem, id, 'EX', ARGV[2]) end
-      redis.call('XADD', stream, '*', 'm', ARGV[a + 1])
-      redis.call('HSET', hash, 'status', 'queued', 'level', ARGV[a + 3], 'attempts', 0, 'enqueued_at', ARGV[a + 4])
-      redis.call('EXPIRE', hash, ARGV[1])
-      out[i] = {'queued', id, depth}
-      depth = depth + 1
-    end
-    depths[stream] = depth
-  end
-end
-return out
-"""
 
 # KEYS: status hash. ARGV: now, finished channel. Returns the status after the call (nil: no such message).
 _CANCEL = """
@@ -81,11 +50,14 @@ IDEMPOTENCY_TTL_S = 24 * 3600
 PER_CALL = 100
 """Messages of a batch per submit script call. One call per message made Valkey run the script's set-up
 and read the level's depth (XINFO GROUPS) for each; a call holds Valkey for about 0.4 ms per 100."""
+RETRY_FOR_S = 2.0
+"""How long a submission is retried while Redis is unreachable before the caller hears of it."""
 
 
 class Verdict(enum.Enum):
     QUEUED = "queued"
     DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
     FULL = "full"
 
 
@@ -94,7 +66,29 @@ class Submitted:
     verdict: Verdict
     message_id: str | None
     depth: int | None = None
-    """Messages waiting in the level before this one (its position), or the depth that made it full."""
+    """Messages waiting in the level before this one (its position; None when unknown), or the depth that
+    made it full."""
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    message: Message
+    payload: bytes
+    """The message's encoding."""
+    caller: str = ""
+    """Who sent it (a digest of the API key; "" without keys): idempotency keys are the caller's own."""
+    digest: str = ""
+    """Of the request as the client sent it (``request_digest``), when it has an idempotency key."""
+
+
+def idempotency_record(keys: Keys, caller: str, tenant: str | None, idempotency_key: str) -> str:
+    """The key of an idempotency record: the caller's own, per tenant."""
+    return keys.idem(f"{caller}\0{tenant or ''}\0{idempotency_key}")
+
+
+def request_digest(doc: Any) -> str:
+    """A digest of a request that does not depend on the order of its keys."""
+    return hashlib.sha256(msgspec.json.encode(doc, order="sorted")).hexdigest()[:32]
 
 
 class Submitter:
@@ -102,7 +96,7 @@ class Submitter:
         self.config = config
         self.redis = redis
         self.keys = keys
-        self._script = Lua(redis, _SUBMIT)
+        self._script = Lua(redis, script_source("submit"))
         self._one = Coalesced(self._script)
         self._cancel = Lua(redis, _CANCEL)
         self._max_size = {lv.name: config.queue.max_size(lv) for lv in config.queue.levels}
@@ -112,30 +106,46 @@ class Submitter:
         status = await self._cancel([self.keys.msg(message_id)], [time.time(), self.keys.finished])
         return as_str(status) if status else None
 
-    async def submit(self, msg: Message, payload: bytes | None = None) -> Submitted:
+    async def submit(self, sub: Submission) -> Submitted:
         """One script call; the submissions of concurrent requests share a round trip."""
-        keys, args = self._call([(msg, payload or encode(msg))])
-        return _verdict((await self._one(keys, args))[0])
+        keys, args = self._call([sub])
+        return _verdict((await self._retrying(lambda: self._one(keys, args)))[0])
 
-    async def submit_many(self, messages: list[tuple[Message, bytes]]) -> list[Submitted]:
-        """Each (message, its encoding) decided on its own, ``PER_CALL`` of them per script call (each call
-        atomic), all in one round trip."""
-        calls = [self._call(messages[i : i + PER_CALL]) for i in range(0, len(messages), PER_CALL)]
+    async def submit_many(self, subs: list[Submission]) -> list[Submitted]:
+        """Each decided on its own, ``PER_CALL`` of them per script call (each call atomic), all in one round
+        trip."""
+        calls = [self._call(subs[i : i + PER_CALL]) for i in range(0, len(subs), PER_CALL)]
         verdicts: list[Submitted] = []
-        for reply in await self._script.many(calls) if calls else []:
+        for reply in await self._retrying(lambda: self._script.many(calls)) if calls else []:
             if isinstance(reply, Exception):
                 raise reply
             verdicts += [_verdict(r) for r in reply]
         return verdicts
 
-    def _call(self, messages: list[tuple[Message, bytes]]) -> tuple[list[str], list[str | bytes | int | float]]:
+    async def _retrying(self, call: Any) -> Any:
+        """``call()``, again while Redis is unreachable, for up to ``RETRY_FOR_S``: the script is safe to
+        repeat, and a client told 503 cannot know whether its message was queued."""
+        backoff = Backoff(initial_s=0.02, max_s=0.5)
+        deadline = time.monotonic() + RETRY_FOR_S
+        while True:
+            try:
+                return await call()
+            except CONNECTION_ERRORS:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(backoff.next())
+
+    def _call(self, subs: list[Submission]) -> tuple[list[str], list[str | bytes | int | float]]:
         keys: list[str] = []
         args: list[str | bytes | int | float] = [HASH_TTL_S, IDEMPOTENCY_TTL_S]
-        for msg, payload in messages:
+        for sub in subs:
+            msg = sub.message
             idem = msg.idempotency_key
-            keys += [self.keys.level(msg.level), self.keys.msg(msg.id), self.keys.idem(idem or "")]
+            record = idempotency_record(self.keys, sub.caller, msg.tenant, idem) if idem else self.keys.idem("")
+            keys += [self.keys.level(msg.level), self.keys.msg(msg.id), record]
             # callers validate the level
-            args += [payload, msg.id, msg.level, msg.enqueued_at, self._max_size[msg.level], "1" if idem else "0"]
+            digest = (sub.digest or "-") if idem else ""
+            args += [sub.payload, msg.id, msg.level, msg.enqueued_at, self._max_size[msg.level], digest]
         return keys, args
 
 
@@ -143,9 +153,10 @@ def _verdict(reply: list[bytes | int]) -> Submitted:
     verdict = Verdict(as_str(reply[0]))
     if verdict is Verdict.FULL:
         return Submitted(verdict, None, int(reply[1]))
-    if verdict is Verdict.DUPLICATE:
+    if verdict in (Verdict.DUPLICATE, Verdict.CONFLICT):
         return Submitted(verdict, as_str(reply[1]))
-    return Submitted(verdict, as_str(reply[1]), int(reply[2]))
+    depth = int(reply[2])
+    return Submitted(verdict, as_str(reply[1]), depth if depth >= 0 else None)
 
 
 def new_message(

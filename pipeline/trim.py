@@ -34,9 +34,12 @@ async def safe_trim_point(redis: aioredis.Redis, stream: str) -> str | None:
         name = as_str(group["name"])
         if int(group["pending"]):
             summary: Any = await redis.xpending(stream, name)
-            points.append(as_str(summary["min"]))
-        else:
-            points.append(_after(as_str(group["last-delivered-id"])))
+            if summary["min"] is not None:
+                points.append(as_str(summary["min"]))
+                continue
+            # acked since XINFO answered: what it had delivered by then is all acked, and what it delivered
+            # since comes after that
+        points.append(_after(as_str(group["last-delivered-id"])))
     return min(points, key=lambda p: tuple(int(x) for x in p.split("-")))
 
 

@@ -20,8 +20,8 @@ import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
-from pipeline import tasks
-from pipeline.backend_calls import CallResult, classify, estimate_tokens
+from pipeline import effects, tasks
+from pipeline.backend_calls import CallResult, classify, estimate_tokens, storable
 from pipeline.balance import BackendView, Balancer, Circuit
 from pipeline.config import BackendConfig, Config
 from pipeline.echo import ECHO_SCHEME, completion
@@ -30,8 +30,9 @@ from pipeline.http_pool import ShardedClient
 from pipeline.keys import Keys
 from pipeline.limits import ACQUIRE_FN, BackendLimits
 from pipeline.lua import Lua
-from pipeline.models import FIELD, Message, Outcome, Status, decode_message, encode
-from pipeline.outcomes import record_outcome
+from pipeline.models import Message, Outcome, Status, decode_message, encode
+from pipeline.outcomes import outcome_effect
+from pipeline.redis import CONNECTION_ERRORS
 from pipeline.stage import Batch, Stage
 from pipeline.streams import Entry
 
@@ -105,8 +106,24 @@ class _Meters:
         return self._outcomes[status]
 
 
-def _int_or_none(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+TOKENS_MAX = 2**63 - 1
+
+
+def _tokens(value: object) -> int | None:
+    """A token count a backend reported, when it is one: an integer that PostgreSQL's bigint holds."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= TOKENS_MAX:
+        return value
+    return None
+
+
+def _storable(outcome: Outcome) -> Outcome:
+    """``outcome`` with a response that can be stored: text with lone surrogates gets U+FFFD in their place;
+    a response that still cannot be (an integer past 64 bits) makes the outcome failed, with the reason."""
+    body, problem = storable(outcome.response)
+    if problem is None:
+        return msgspec.structs.replace(outcome, response=body)
+    error = f"backend {outcome.backend} answered a body that cannot be stored: {problem}"
+    return msgspec.structs.replace(outcome, status=Status.FAILED, response=None, error=error)
 
 
 class Dispatch(Stage):
@@ -123,6 +140,14 @@ class Dispatch(Stage):
         self.balancer = Balancer(lb.algorithm)
         self.timeout_s = config.scheduler.timeout.seconds
         self.limits = BackendLimits(redis=redis, keys=keys, lease_s=self.timeout_s + 5)
+        self.max_retry_after_s = config.queue.retry.max_backoff.seconds
+        claim_timeout_s = config.queue.worker.claim_timeout.seconds
+        self.inflight_lease_s = self.timeout_s + claim_timeout_s
+        """As the scheduler leases an admitted message's in-flight slot: renewed while this process holds it."""
+        self.renew_every_s = claim_timeout_s / 3
+        self.held: dict[str, str] = {}
+        """Message id -> level of every message this process holds (waiting for a slot, or in a call)."""
+        self._renewer: asyncio.Task[None] | None = None
         self.retention_s = config.queue.result_retention.seconds
         self.local_inflight = dict.fromkeys(self.backends, 0)
         self.meters = {name: _Meters(name) for name in self.backends}
@@ -138,9 +163,11 @@ class Dispatch(Stage):
         for name in self.backends:
             BACKEND_UP.labels(backend=name).set(1)
         self._probe = asyncio.create_task(self._probe_loop(), name="health-probe")
+        self._renewer = asyncio.create_task(self._renew_loop(), name="inflight-renew")
 
     async def close(self) -> None:
         await tasks.cancel(self._probe)
+        await tasks.cancel(self._renewer)
         if self.http:
             await self.http.aclose()
 
@@ -220,18 +247,21 @@ class Dispatch(Stage):
         if status is Status.CANCELLED:
             self._finish(batch, entry, Outcome(message=msg, status=Status.CANCELLED, finished_at=time.time()))
         elif status is not None and status.terminal:
-            batch.tx.zrem(self.keys.inflight(msg.level), msg.id)
-            batch.ack(entry)  # a redelivery of a finished message: nothing to send
+            # a redelivery of a finished message: nothing to send
+            batch.ack(entry, effects.zrem(self.keys.inflight(msg.level), msg.id))
         else:
             msg.attempts += 1
+            self.held[msg.id] = msg.level
             try:
                 result = await self._call(batch, msg, backend, tokens)
-                self._record(batch, entry, msg, result, started)
+                self._record(batch, entry, msg, result, started, tokens)
             except Exception:
                 # The entry stays pending, but the backend slot that _send freed in its ``finally`` must not
                 # wait for its lease: commit that now, as no sibling of the batch may commit after this.
                 await batch.commit()
                 raise
+            finally:
+                self.held.pop(msg.id, None)
         await batch.commit()
 
     async def _call(self, batch: Batch, msg: Message, holding: str | None, tokens: int) -> CallResult:
@@ -306,22 +336,23 @@ class Dispatch(Stage):
         self.local_inflight[backend.name] += 1
         meters.inflight.set(self.local_inflight[backend.name])
         started = time.perf_counter()
-        used: int | None = None
         try:
             if backend.url.startswith(ECHO_SCHEME):
                 body = completion(msg.request, name=backend.name, default_model="echo")
                 result = CallResult(status=Status.COMPLETED, backend=backend.name, response=body)
             else:
-                async with self.http.client() as http:
+                # scheduler.timeout bounds the whole call: httpx's timeouts are per read, so a backend that
+                # trickles its answer would hold the call (and its backend slot, past its lease) for longer.
+                async with self.http.client() as http, asyncio.timeout(self.timeout_s):
                     response = await http.post(
                         backend.url.rstrip("/") + "/chat/completions",
                         content=_json.encode(msg.request),
                         headers=headers,
                     )
-                result = classify(backend.name, response)
+                result = classify(backend.name, response, max_retry_after_s=self.max_retry_after_s)
             if result.response is not None:
-                used = self._count_tokens(backend.name, result.response)
-        except httpx.TimeoutException:
+                result.tokens_used = self._count_tokens(backend.name, result.response)
+        except (TimeoutError, httpx.TimeoutException):
             result = CallResult(
                 status=Status.RETRYING, backend=backend.name, error=f"timeout after {self.timeout_s:g}s"
             )
@@ -332,7 +363,7 @@ class Dispatch(Stage):
             meters.inflight.set(self.local_inflight[backend.name])
             meters.duration.observe(time.perf_counter() - started)
             # The slot is freed with the outcome's commit, which follows at once (the lease expires anyway)
-            self.limits.release(batch.tx, backend.name, msg.id, tpm=backend.tpm, estimated=tokens, used=used)
+            batch.also(self.limits.free(backend.name, msg.id))
         self._update_circuit(backend.name, result)
         meters.outcome(result.status).inc()
         return result
@@ -359,20 +390,28 @@ class Dispatch(Stage):
             BACKEND_UP.labels(backend=name).set(0)
             log.warning("backend %s taken out after %d consecutive failures", name, circuit.failures)
 
-    def _record(self, batch: Batch, entry: Entry, msg: Message, result: CallResult, started: float) -> None:
+    def _record(
+        self, batch: Batch, entry: Entry, msg: Message, result: CallResult, started: float, tokens: int
+    ) -> None:
         now = time.time()
+        backend = self.backends.get(result.backend)
+        correction = (
+            self.limits.correct(backend.name, tpm=backend.tpm, estimated=tokens, used=result.tokens_used)
+            if backend
+            else []
+        )
         if result.status is Status.RETRYING:
             msg.errors = [*msg.errors, f"attempt {msg.attempts}: {result.error}"]
             msg.retry_after = result.retry_after
-            msg.failed_backend = result.backend if result.backend in self.backends else None
-            batch.tx.xadd(self.keys.retry, {FIELD: encode(msg)})
-            batch.tx.hset(
-                self.keys.msg(msg.id),
-                mapping={"status": Status.RETRYING.value, "attempts": msg.attempts, "error": result.error or ""},
+            msg.failed_backend = result.backend if backend else None
+            batch.ack(
+                entry,
+                effects.xadd(self.keys.retry, encode(msg)),
+                effects.status(self.keys.msg(msg.id), Status.RETRYING, attempts=msg.attempts, error=result.error or ""),
+                effects.zrem(self.keys.inflight(msg.level), msg.id),
+                effects.publish(self.keys.slots, msg.level),
+                *correction,
             )
-            batch.tx.zrem(self.keys.inflight(msg.level), msg.id)
-            batch.tx.publish(self.keys.slots, msg.level)
-            batch.ack(entry)
             return
         usage = (result.response or {}).get("usage")
         usage = usage if isinstance(usage, dict) else {}
@@ -384,14 +423,35 @@ class Dispatch(Stage):
             error=result.error,
             started_at=started,
             finished_at=now,
-            prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
-            completion_tokens=_int_or_none(usage.get("completion_tokens")),
+            prompt_tokens=_tokens(usage.get("prompt_tokens")),
+            completion_tokens=_tokens(usage.get("completion_tokens")),
         )
-        self._finish(batch, entry, outcome)
+        self._finish(batch, entry, outcome, *correction)
 
-    def _finish(self, batch: Batch, entry: Entry, outcome: Outcome) -> None:
-        record_outcome(batch.tx, self.keys, outcome, retention_s=self.retention_s, finished=batch.finished)
-        batch.ack(entry)
+    def _finish(self, batch: Batch, entry: Entry, outcome: Outcome, *more: effects.Effect) -> None:
+        try:
+            effect = outcome_effect(self.keys, outcome, retention_s=self.retention_s)
+        except (UnicodeEncodeError, OverflowError, msgspec.EncodeError):
+            # A backend answer that parsed but cannot be stored (a lone surrogate, an integer past 64 bits):
+            # recorded as it can be, never left to be called again.
+            effect = outcome_effect(self.keys, _storable(outcome), retention_s=self.retention_s)
+        batch.ack(entry, effect, *more)
+
+    async def _renew_loop(self) -> None:
+        """Keep the in-flight slots of held messages leased while they wait for a backend slot (rpm, tpm) or
+        in a slow call: an expired lease would let the scheduler admit more than the backends can run."""
+        while True:
+            await asyncio.sleep(self.renew_every_s)
+            if not self.held:
+                continue
+            expiry = time.time() + self.inflight_lease_s
+            pipe = self.redis.pipeline(transaction=False)
+            for message_id, level in self.held.items():
+                pipe.zadd(self.keys.inflight(level), {message_id: expiry}, xx=True, gt=True)
+            try:
+                await pipe.execute()
+            except CONNECTION_ERRORS as exc:
+                log.warning("could not renew in-flight leases: %s", exc)
 
     async def _probe_loop(self) -> None:
         interval = self.config.loadbalancer.health_check_interval.seconds

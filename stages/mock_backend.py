@@ -15,12 +15,13 @@ import asyncio
 import random
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from pipeline.echo import completion
@@ -37,6 +38,11 @@ class MockSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_concurrent: int = 0
     """Calls beyond this many at once get 429; 0 means unlimited."""
     models: list[str] = msgspec.field(default_factory=lambda: ["mock-1"])
+    body: str | None = None
+    """Answer this text (as application/json) instead of a completion: a backend that answers garbage."""
+    trickle_s: float = 0.0
+    """Send the answer in ten pieces over this many seconds after the latency: a backend that streams its
+    answer slowly, each piece well within a read timeout."""
 
 
 _json = msgspec.json.Encoder()
@@ -45,6 +51,13 @@ _settings_decoder = msgspec.json.Decoder(MockSettings)
 
 def _response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(_json.encode(doc), status_code=status, media_type="application/json", headers=headers)
+
+
+async def _trickle(answer: bytes, seconds: float) -> AsyncIterator[bytes]:
+    step = max(1, len(answer) // 10 + 1)
+    for i in range(0, len(answer), step):
+        yield answer[i : i + step]
+        await asyncio.sleep(seconds / 10)
 
 
 class MockBackend:
@@ -83,7 +96,14 @@ class MockBackend:
                 )
         finally:
             self.current -= 1
-        return _response(completion(body, name=self.name, default_model=self.settings.models[0]))
+        answer = (
+            s.body.encode()
+            if s.body is not None
+            else _json.encode(completion(body, name=self.name, default_model=self.settings.models[0]))
+        )
+        if s.trickle_s:
+            return StreamingResponse(_trickle(answer, s.trickle_s), media_type="application/json")
+        return Response(answer, media_type="application/json")
 
     async def models(self, _: Request) -> Response:
         data = [

@@ -2,8 +2,10 @@
 those that used up ``queue.retry.max_retries``.
 
 A failed message waits in ``retry:due`` (a sorted set scored by due time; member ``<level>:<id>``) with its
-payload in ``retry:payloads``. A timer moves due messages back with one Lua script (XADD level stream,
-ZREM, HDEL, status "queued"), so a crash between steps neither loses nor duplicates one.
+payload in ``retry:payloads``. A timer moves due messages back with one Lua script
+(``scripts/move_due.lua``: XADD level stream, ZREM, HDEL, status "queued"), so a crash between steps
+neither loses nor duplicates one. A message cancelled while it waits ends cancelled; one whose level was
+removed from the config ends dead with that reason; a backoff never reaches past the message's deadline.
 """
 
 from __future__ import annotations
@@ -16,46 +18,23 @@ import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
-from pipeline import tasks
+from pipeline import effects, tasks
 from pipeline.backoff import retry_delay
 from pipeline.config import Config
+from pipeline.dlq import dead_letter
 from pipeline.keys import Keys
-from pipeline.lua import Lua
-from pipeline.models import FIELD, Message, Outcome, Status, decode_message
-from pipeline.outcomes import record_outcome
+from pipeline.lua import Lua, script_source
+from pipeline.models import Message, Outcome, Status, decode_message
+from pipeline.outcomes import outcome_effect
 from pipeline.redis import CONNECTION_ERRORS
 from pipeline.stage import Batch, Stage
+from pipeline.streams import Entry
 
 log = logging.getLogger("llmq.retry")
 
 RETRIES = Counter("llmq_retries_total", "Failed attempts scheduled for another try", ["level", "reason"])
 SCHEDULED = Gauge("llmq_retry_scheduled", "Messages waiting for their retry backoff")
 DEAD = Counter("llmq_dead_letters_total", "Messages dead-lettered after max_retries")
-
-# KEYS: due set, payload hash, then one stream per level. ARGV: now, max to move, the status-hash key
-# prefix (same hash tag, so the same slot), then the level names in KEYS order. Returns the number moved.
-_MOVE_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-local streams = {}
-for i = 4, #ARGV do streams[ARGV[i]] = KEYS[i - 1] end
-local moved = 0
-for _, member in ipairs(due) do
-  local sep = string.find(member, ':', 1, true)
-  local level, id = string.sub(member, 1, sep - 1), string.sub(member, sep + 1)
-  local payload = redis.call('HGET', KEYS[2], member)
-  local stream = streams[level]
-  if payload and stream then
-    redis.call('XADD', stream, '*', 'm', payload)
-    if redis.call('HGET', ARGV[3] .. id, 'status') ~= 'cancelled' then
-      redis.call('HSET', ARGV[3] .. id, 'status', 'queued')
-    end
-    moved = moved + 1
-  end
-  redis.call('ZREM', KEYS[1], member)
-  redis.call('HDEL', KEYS[2], member)
-end
-return moved
-"""
 
 
 def reason_of(error: str) -> str:
@@ -80,7 +59,7 @@ class Retry(Stage):
         self.keys = keys
         self.levels = [lv.name for lv in config.queue.levels]
         self.retention_s = config.queue.result_retention.seconds
-        self._move = Lua(redis, _MOVE_DUE)
+        self._move = Lua(redis, script_source("move_due"))
         self._timer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -90,16 +69,34 @@ class Retry(Stage):
         await tasks.cancel(self._timer)
 
     async def handle(self, batch: Batch) -> None:
-        """Idempotent: the due set is keyed by level and message id, so a redelivered entry re-schedules the
-        same member; a dead message is recorded again with the same outcome."""
+        """Idempotent: the due set is keyed by level and message id, and each entry's effects commit with its
+        ack, so a redelivered entry re-schedules the same member and an ended message is recorded once."""
         r = self.config.queue.retry
         now = time.time()
-        for entry in batch.entries:
-            msg = decode_message(entry.data)
+        messages = [decode_message(entry.data) for entry in batch.entries]
+        pipe = self.redis.pipeline(transaction=False)
+        for msg in messages:
+            pipe.hget(self.keys.msg(msg.id), "status")
+        statuses = await pipe.execute()
+        for entry, msg, raw in zip(batch.entries, messages, statuses, strict=True):
+            status = Status(raw.decode()) if raw else None
             last_error = msg.errors[-1] if msg.errors else "unknown error"
+            if status is Status.CANCELLED:
+                # cancelled while it waited to be retried: it never runs again
+                outcome = Outcome(message=msg, status=Status.CANCELLED, finished_at=now)
+                batch.ack(entry, outcome_effect(self.keys, outcome, retention_s=self.retention_s))
+                continue
+            if status is not None and status.terminal:
+                batch.ack(entry)  # ended already (a redelivery of an entry settled meanwhile): nothing more
+                continue
+            if msg.level not in self.levels:
+                reason = f"level {msg.level!r} is no longer configured"
+                self._dead(batch, entry, msg, reason, f"{last_error}; {reason}", now)
+                continue
             if msg.attempts > r.max_retries:
-                self._dead(batch, msg, last_error, now)
-                batch.ack(entry)
+                self._dead(
+                    batch, entry, msg, f"failed {msg.attempts} attempts (max_retries {r.max_retries})", last_error, now
+                )
                 continue
             delay = retry_delay(
                 msg.attempts,
@@ -108,37 +105,33 @@ class Retry(Stage):
                 max_s=r.max_backoff.seconds,
                 retry_after_s=msg.retry_after,
             )
+            if msg.deadline is not None:
+                delay = min(delay, max(0.0, msg.deadline - now))  # back in time to expire, not later
             member = f"{msg.level}:{msg.id}"
-            batch.tx.hset(self.keys.retry_payloads, member, entry.data)
-            batch.tx.zadd(self.keys.retry_due, {member: now + delay})
-            batch.tx.hset(self.keys.msg(msg.id), mapping={"status": Status.RETRYING.value, "retry_at": now + delay})
-            batch.ack(entry)
+            batch.ack(
+                entry,
+                effects.hset(self.keys.retry_payloads, {member: entry.data}),
+                effects.zadd(self.keys.retry_due, member, now + delay),
+                effects.status(self.keys.msg(msg.id), Status.RETRYING, retry_at=now + delay),
+            )
             RETRIES.labels(level=msg.level, reason=reason_of(last_error)).inc()
 
-    def _dead(self, batch: Batch, msg: Message, last_error: str, now: float) -> None:
-        batch.tx.xadd(
-            self.keys.dlq,
-            {
-                FIELD: msgspec.msgpack.encode(msg),
-                b"reason": f"failed {msg.attempts} attempts (max_retries {self.config.queue.retry.max_retries})",
-                b"error": last_error,
-                b"errors": msgspec.json.encode(msg.errors),
-                b"stream": self.keys.retry,
-                b"message_id": msg.id,
-                b"at": f"{now:.3f}",
-            },
-        )
-        record_outcome(
-            batch.tx,
+    def _dead(self, batch: Batch, entry: Entry, msg: Message, reason: str, error: str, now: float) -> None:
+        letter = dead_letter(
             self.keys,
-            Outcome(message=msg, status=Status.DEAD, error=last_error, finished_at=now),
-            retention_s=self.retention_s,
-            finished=batch.finished,
+            payload=msgspec.msgpack.encode(msg),
+            message_id=msg.id,
+            reason=reason,
+            source=self.keys.retry,
+            fields={b"error": error, b"errors": msgspec.json.encode(msg.errors)},
         )
+        outcome = Outcome(message=msg, status=Status.DEAD, error=error, finished_at=now)
+        batch.ack(entry, letter, outcome_effect(self.keys, outcome, retention_s=self.retention_s))
         DEAD.inc()
 
     async def move_due(self, now: float | None = None, limit: int = 500) -> int:
-        keys = [self.keys.retry_due, self.keys.retry_payloads, *(self.keys.level(n) for n in self.levels)]
+        keys = [self.keys.retry_due, self.keys.retry_payloads, self.keys.retry]
+        keys += [self.keys.level(n) for n in self.levels]
         args: list[str | float | int] = [now or time.time(), limit, self.keys.msg(""), *self.levels]
         return int(await self._move(keys, args))
 

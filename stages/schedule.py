@@ -20,6 +20,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Literal
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
@@ -28,14 +29,14 @@ from pipeline import tasks
 from pipeline.admission import LevelView, select
 from pipeline.config import Config, LevelConfig
 from pipeline.keys import Keys
-from pipeline.lua import Lua
+from pipeline.lua import Lua, script_source
 from pipeline.models import Message, Outcome, Status, decode_message
 from pipeline.notify import Listener
-from pipeline.outcomes import record_outcome
+from pipeline.outcomes import outcome_effect
 from pipeline.redis import CONNECTION_ERRORS
 from pipeline.stage import Batch, Stage
 from pipeline.stagger import Stagger, stagger
-from pipeline.streams import Entry
+from pipeline.streams import Entry, as_str
 
 log = logging.getLogger("llmq.schedule")
 
@@ -56,41 +57,12 @@ SCHEDULED = Counter("llmq_scheduled_total", "Messages admitted for dispatch", ["
 DROPPED = Counter("llmq_not_dispatched_total", "Messages ended before dispatch", ["level", "status"])
 STAGGER = Gauge("llmq_admission_stagger_seconds", "Spacing between staggered admissions (0: not staggering)")
 
-# KEYS: in-flight sets of all levels (n), then this level's in-flight set, dispatch stream, level stream,
-# stagger key, then the status hash of each candidate. ARGV: now, lease expiry, group, level max, capacity,
-# floor, n, stagger interval (0: none), then (message id, entry id, payload) per candidate. Returns how many
-# were admitted (a prefix). A staggered run admits one candidate, and none before the stagger key's time.
-_ADMIT = """
-local now, exp, group = ARGV[1], ARGV[2], ARGV[3]
-local lmax, cap, floor, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local gap = tonumber(ARGV[8])
-if gap > 0 and tonumber(now) < tonumber(redis.call('GET', KEYS[n + 4]) or '0') then return 0 end
-local total = 0
-for i = 1, n do
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-  total = total + redis.call('ZCARD', KEYS[i])
-end
-local mine = redis.call('ZCARD', KEYS[n + 1])
-local admitted, a, m = 0, 9, n + 5
-while a <= #ARGV do
-  if mine >= lmax or total >= cap - floor then break end
-  redis.call('ZADD', KEYS[n + 1], exp, ARGV[a])
-  redis.call('XADD', KEYS[n + 2], '*', 'm', ARGV[a + 2])
-  redis.call('XACK', KEYS[n + 3], group, ARGV[a + 1])
-  if redis.call('HGET', KEYS[m], 'status') ~= 'cancelled' then
-    redis.call('HSET', KEYS[m], 'status', 'scheduled', 'scheduled_at', now)
-  end
-  mine, total, admitted = mine + 1, total + 1, admitted + 1
-  a, m = a + 3, m + 1
-end
-if gap > 0 and admitted > 0 then
-  redis.call('SET', KEYS[n + 4], tostring(tonumber(now) + gap), 'PX', math.ceil(gap * 1000))
-end
-return admitted
-"""
-
-
-Decisions = asyncio.Queue[tuple["Candidate", Status | None]]
+GONE: Literal["gone"] = "gone"
+Decision = Status | Literal["gone"] | None
+"""What became of an offered message: SCHEDULED (admitted: the script acked its entry), EXPIRED or
+CANCELLED (to record), another terminal status (ended already: ack, record nothing), GONE (no longer
+pending: another scheduler or a resent admission settled it), or None (given back, shutting down)."""
+Decisions = asyncio.Queue[tuple["Candidate", Decision]]
 """Where an intake learns what became of the messages it offered, in the order they were decided."""
 
 
@@ -101,9 +73,8 @@ class Candidate:
     decisions: Decisions
     decided: bool = False
 
-    def decide(self, status: Status | None) -> None:
-        """SCHEDULED once admitted (acked by the script), EXPIRED when its deadline passed while waiting, None
-        when given back (shutting down: it stays pending in its stream). Only the first decision counts.
+    def decide(self, status: Decision) -> None:
+        """Only the first decision counts.
 
         A queue shared by the intake's batch, not a future per message: waiting on a batch's futures
         with ``asyncio.wait`` took 88 µs per decision with 1000 in hand decided one at a time, as
@@ -134,7 +105,7 @@ class Arbiter:
         self.waiting: dict[str, deque[Candidate]] = {lv.name: deque() for lv in self.levels}
         self._wake = asyncio.Event()
         self._wrr: dict[str, int] = {}
-        self._admit = Lua(redis, _ADMIT)
+        self._admit = Lua(redis, script_source("admit"))
         self._task: asyncio.Task[None] | None = None
         self._freed = Listener(redis=redis, channels=[keys.finished, keys.slots], on_message=self._slot_freed)
         top = self.levels[0].priority
@@ -229,18 +200,26 @@ class Arbiter:
             run_gap_s = gap_s if staggering and level in self.staggered else 0.0
             if run_gap_s:
                 self._stagger_next = now + gap_s
-            admitted = await self._admit_run(cfg, batch, now, floor, run_gap_s)
-            self._held = self._held or (run_gap_s > 0 and admitted < count)  # another scheduler's turn
+            codes = await self._admit_run(cfg, batch, now, floor, run_gap_s)
+            admitted = codes.count(1)
+            self._held = self._held or (run_gap_s > 0 and len(codes) < count)  # another scheduler's turn
             reserved[level] = max(0, reserved[level] - admitted)
             queue = self.waiting[level]
-            for cand in batch[:admitted]:
+            for cand, code in zip(batch, codes, strict=False):
                 if queue and queue[0] is cand:  # give_back (shutdown) may have emptied it meanwhile
                     queue.popleft()
-                self._admitted(cand, now)
-            if admitted < count:
+                if code == 1:
+                    self._admitted(cand, now)
+                else:
+                    cand.decide(GONE if code == -1 else Status(as_str(code)))
+            if len(codes) < count:
                 break  # the limits moved under us (another scheduler admitted): recount next round
 
-    async def _admit_run(self, lv: LevelConfig, batch: list[Candidate], now: float, floor: int, gap_s: float) -> int:
+    async def _admit_run(
+        self, lv: LevelConfig, batch: list[Candidate], now: float, floor: int, gap_s: float
+    ) -> list[int | bytes]:
+        """Run the admission script (``scripts/admit.lua``) on a level's candidates: one code per candidate
+        it examined."""
         keys = [self.keys.inflight(x.name) for x in self.levels]
         keys += [self.keys.inflight(lv.name), self.keys.dispatch, self.keys.level(lv.name), self.keys.stagger]
         keys += [self.keys.msg(c.message.id) for c in batch]
@@ -256,7 +235,7 @@ class Arbiter:
         ]
         for c in batch:
             args += [c.message.id, c.entry.id, c.entry.data]
-        return int(await self._admit(keys, args))
+        return list(await self._admit(keys, args))
 
     def _admitted(self, cand: Candidate, now: float) -> None:
         level = cand.message.level
@@ -346,7 +325,7 @@ class LevelIntake(Stage):
                 self._end(batch, entry, msg, Status.EXPIRED, now)
             else:
                 waiting.append(Candidate(entry, msg, decisions))
-        if batch.acked:
+        if batch.decided:
             await batch.commit()
         if not waiting:
             return
@@ -360,10 +339,12 @@ class LevelIntake(Stage):
             for cand, outcome in decided:
                 if outcome is None:
                     continue  # shutting down: left pending
-                if outcome is Status.SCHEDULED:
+                if outcome is Status.SCHEDULED or outcome == GONE:
                     batch.settled(cand.entry)
+                elif outcome in (Status.EXPIRED, Status.CANCELLED):
+                    self._end(batch, cand.entry, cand.message, Status(outcome), time.time())
                 else:
-                    self._end(batch, cand.entry, cand.message, outcome, time.time())
+                    batch.ack(cand.entry)  # its message ended elsewhere: nothing to record again
             await batch.commit()
 
     def on_stop(self) -> None:
@@ -372,8 +353,7 @@ class LevelIntake(Stage):
     def _end(self, batch: Batch, entry: Entry, msg: Message, status: Status, now: float) -> None:
         DROPPED.labels(level=msg.level, status=status.value).inc()
         outcome = Outcome(message=msg, status=status, finished_at=now)
-        record_outcome(batch.tx, self.keys, outcome, retention_s=self.retention_s, finished=batch.finished)
-        batch.ack(entry)
+        batch.ack(entry, outcome_effect(self.keys, outcome, retention_s=self.retention_s))
 
 
 class _OwningIntake(LevelIntake):

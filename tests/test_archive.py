@@ -15,16 +15,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from cli.consume import runner_settings
 from cli.embedded import EmbeddedPostgres
 from cli.stages import make_archive
+from pipeline.archive_rows import COLUMNS, copy_rows
 from pipeline.config import load_config
 from pipeline.db import migrate
-from pipeline.dlq import DeadLetters
+from pipeline.dlq import DeadLetters, dead_letter
+from pipeline.effects import Commit
 from pipeline.keys import Keys
 from pipeline.models import FIELD, Message, Outcome, Status, encode, new_id
 from pipeline.stage import Runner
@@ -113,6 +117,8 @@ async def _rows_are(dsn: str, n: int) -> bool:
 
 async def _pending_zero_and_read(redis: aioredis.Redis, keys: Keys, n: int) -> bool:
     groups: Any = await redis.xinfo_groups(keys.done)
+    if not groups:  # the archive has not created its group yet
+        return False
     g = groups[0]
     return int(g["pending"]) == 0 and int(g["entries-read"] or 0) >= n
 
@@ -158,13 +164,150 @@ async def test_any_text_survives_the_copy_format(redis: aioredis.Redis, keys: Ke
     assert row[8].timestamp() == pytest.approx(o.finished_at, abs=1e-6)
 
 
+async def test_a_row_postgresql_refuses_is_dead_lettered_alone_and_archives_once_fixed(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    # Given token counts that are still integer columns (as before migration 0002)
+    await migrate(database_url)
+    await _sql(
+        database_url, "ALTER TABLE messages ALTER prompt_tokens TYPE integer, ALTER completion_tokens TYPE integer"
+    )
+    # and one batch of 50 outcomes, two of whose backends counted past integer
+    outcomes = [outcome(i) for i in range(50)]
+    outcomes[7].prompt_tokens = 3_000_000_000
+    outcomes[31].completion_tokens = 2**40
+    bad = {outcomes[7].message.id: "3000000000", outcomes[31].message.id: "1099511627776"}
+    poison_before = _poison("archive")
+    await push(redis, keys, outcomes)
+    async with archiving(redis, keys, database_url):
+        # When the archive has settled the batch
+        await eventually(lambda: _pending_zero_and_read(redis, keys, 50), what="batch settled")
+        # Then the 48 other rows are archived
+        assert await archived_rows(database_url) == 48
+        # and each refused row is a dead letter of its own, with PostgreSQL's reason
+        dlq = DeadLetters(redis=redis, keys=keys, levels=["realtime", "high", "normal", "low"])
+        dead = await dlq.list()
+        assert {d.message_id: d.reason for d in dead} == {
+            mid: f'refused by PostgreSQL: value "{value}" is out of range for type integer'
+            for mid, value in bad.items()
+        }
+        entries: Any = await redis.xrange(keys.dlq)
+        assert all(f[b"stream"] == keys.done.encode() and f[b"group"] == b"archive" for _, f in entries)
+        assert _poison("archive") - poison_before == 2
+        # When the columns are widened and the dead letters replayed
+        await _sql(
+            database_url, "ALTER TABLE messages ALTER prompt_tokens TYPE bigint, ALTER completion_tokens TYPE bigint"
+        )
+        assert all([await dlq.replay(d) for d in dead])
+        # Then those rows archive too, with their counts
+        await eventually(lambda: _rows_are(database_url, 50), what="50 rows after the replay")
+        await eventually(lambda: _pending_zero_and_read(redis, keys, 52), what="replayed outcomes settled")
+    assert await dlq.count() == 0
+    assert await _tokens(database_url, outcomes[7].message.id) == (3_000_000_000, 5)
+    assert await _tokens(database_url, outcomes[31].message.id) == (10, 2**40)
+
+
+async def test_token_counts_past_integer_archive_and_past_bigint_become_null(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    # Given a backend that counted 3e9 prompt tokens and 2**64 - 1 completion tokens (the most msgpack carries)
+    big = outcome(1)
+    big.prompt_tokens, big.completion_tokens = 3_000_000_000, 2**64 - 1
+    with pytest.raises(OverflowError):
+        encode(2**64)  # nothing larger reaches the archive
+    await push(redis, keys, [big, outcome(2)])
+    async with archiving(redis, keys, database_url):
+        # When the archive runs
+        await eventually(lambda: _rows_are(database_url, 2), what="2 rows")
+    # Then the count past integer is stored, the one past bigint is NULL, and nothing is dead-lettered
+    assert await _tokens(database_url, big.message.id) == (3_000_000_000, None)
+    assert await redis.xlen(keys.dlq) == 0
+
+
+async def test_rows_are_formatted_storable_whatever_they_hold(database_url: str) -> None:
+    # Given an outcome with lone surrogates in text and JSON (which msgpack cannot carry to the archive, but
+    # formatting must not raise all the same), and token counts just past and at bigint's ends
+    o = outcome(1)
+    o.message.tenant, o.error = "a\ud800b", "\udfff"
+    o.response = {"k\udc00": ["x\ud83c", "🎉"]}
+    o.prompt_tokens, o.completion_tokens = 2**63, -(2**63)
+    # When its row is formatted and copied into the table
+    rows = copy_rows([o], store_bodies=True)
+    await migrate(database_url)
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        async with conn.cursor().copy(f"COPY messages ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+            await copy.write(rows)
+        await conn.commit()
+        cur = await conn.execute("SELECT tenant, error, response, prompt_tokens, completion_tokens FROM messages")
+        row = await cur.fetchone()
+    # Then PostgreSQL takes it: each lone surrogate as U+FFFD, a pair intact, the count past bigint as NULL
+    assert row == ("a\ufffdb", "\ufffd", {"k\ufffd": ["x\ufffd", "🎉"]}, None, -(2**63))
+
+
+async def test_an_entry_that_is_not_an_outcome_is_dead_lettered_alone(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    # Given a batch with an entry that does not decode as an outcome between two that do
+    await push(redis, keys, [outcome(1)])
+    await redis.xadd(keys.done, {FIELD: b"\x93not an outcome"})
+    await push(redis, keys, [outcome(2)])
+    async with archiving(redis, keys, database_url):
+        # When the archive has settled it
+        await eventually(lambda: _pending_zero_and_read(redis, keys, 3), what="batch settled")
+        # Then the two outcomes are archived and the other entry is a dead letter, saying why
+        assert await archived_rows(database_url) == 2
+        dead: Any = await redis.xrange(keys.dlq)
+    [(_, fields)] = dead
+    assert fields[FIELD] == b"\x93not an outcome" and fields[b"reason"].startswith(b"not an outcome: ")
+
+
+async def test_an_older_outcome_never_overwrites_a_newer_row(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    # Given message A archived dead at t1, then completed at t2 (its dead letter was replayed)
+    completed = outcome(1)
+    dead = msgspec.structs.replace(
+        completed, status=Status.DEAD, response=None, error="poison", finished_at=completed.finished_at - 60
+    )
+    mid = completed.message.id
+    # and message B, completed at t2 and dead at t1, whose outcomes come in one batch, the newer first
+    b_completed = outcome(2)
+    b_dead = msgspec.structs.replace(b_completed, status=Status.DEAD, finished_at=b_completed.finished_at - 60)
+    await push(redis, keys, [dead, b_completed, b_dead])
+    async with archiving(redis, keys, database_url):
+        await eventually(lambda: _status_in_db(database_url, mid, "dead"), what="A dead")
+        await push(redis, keys, [completed])
+        await eventually(lambda: _status_in_db(database_url, mid, "completed"), what="A completed")
+        # When A's dead outcome is delivered again
+        await push(redis, keys, [dead])
+        await eventually(lambda: _pending_zero_and_read(redis, keys, 5), what="redelivery handled")
+    # Then both rows hold their newest outcome: completed
+    assert await _status_in_db(database_url, mid, "completed")
+    assert await _status_in_db(database_url, b_completed.message.id, "completed")
+
+
+def _poison(stage: str) -> float:
+    return REGISTRY.get_sample_value("llmq_poison_total", {"stage": stage}) or 0.0
+
+
+async def _sql(dsn: str, statement: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(statement.encode())
+
+
+async def _tokens(dsn: str, mid: str) -> tuple[Any, ...] | None:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute("SELECT prompt_tokens, completion_tokens FROM messages WHERE id = %s", (mid,))
+        return await cur.fetchone()
+
+
 async def test_migrations_are_idempotent_and_safe_concurrently(database_url: str) -> None:
     results = await asyncio.gather(*(migrate(database_url) for _ in range(4)))
-    assert sorted(v for r in results for v in r) == [1]
+    assert sorted(v for r in results for v in r) == [1, 2]
     assert await migrate(database_url) == []
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
-        versions = await (await conn.execute("SELECT version FROM llmq_schema_migrations")).fetchall()
-    assert versions == [(1,)]
+        versions = await (await conn.execute("SELECT version FROM llmq_schema_migrations ORDER BY 1")).fetchall()
+    assert versions == [(1,), (2,)]
 
 
 def test_db_migrate_command(database_url: str, stage_env: dict[str, str]) -> None:
@@ -172,7 +315,7 @@ def test_db_migrate_command(database_url: str, stage_env: dict[str, str]) -> Non
     run = [sys.executable, "-m", "cli", "db", "migrate"]
     first = subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     second = subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert first.returncode == 0 and "applied migrations 0001" in first.stdout, first.stderr
+    assert first.returncode == 0 and "applied migrations 0001, 0002" in first.stdout, first.stderr
     assert second.returncode == 0 and "is up to date" in second.stdout
 
 
@@ -220,9 +363,11 @@ async def test_postgres_outage_loses_nothing_and_reports_degraded(redis: aioredi
             server.stop()
             await push(redis, keys, [outcome(i) for i in range(10, 60)])
             await eventually(lambda: _degraded(stage), within=30, what="health degraded")
-            # Then nothing is acked meanwhile
+            # Then nothing is acked meanwhile: each of the 50 is pending or not yet delivered
             groups: Any = await redis.xinfo_groups(keys.done)
-            assert int(groups[0]["pending"]) + int(groups[0]["lag"] or 0) == 50
+            [group] = groups
+            undelivered = await redis.xrange(keys.done, min=f"({group['last-delivered-id'].decode()}")
+            assert int(group["pending"]) + len(undelivered) == 50
             # and when it comes back, everything lands and health recovers
             assert server.start() == dsn
             await eventually(lambda: _rows_are(dsn, 60), within=40, what="60 rows after the outage")
@@ -298,13 +443,15 @@ async def _status_in_db(dsn: str, mid: str, status: str) -> bool:
 
 
 async def test_dlq_commands(redis: aioredis.Redis, keys: Keys, stage_env: dict[str, str]) -> None:
-    # Given two dead messages
+    # Given two dead messages, dead-lettered as the retry stage does
+    commit = Commit(redis, stream=keys.retry, group="retry", channel=keys.finished)
     for level in ("high", "low"):
         msg = Message(id=new_id(), level=level, request=CHAT, enqueued_at=time.time(), attempts=4, errors=["e1", "e4"])
-        await redis.xadd(
-            keys.dlq,
-            {FIELD: encode(msg), b"reason": b"failed 4 attempts", b"error": b"e4", b"errors": json.dumps(msg.errors)},
+        fields = {b"error": b"e4", b"errors": json.dumps(msg.errors)}
+        letter = dead_letter(
+            keys, payload=encode(msg), message_id=msg.id, reason="failed 4 attempts", source=keys.retry, fields=fields
         )
+        await commit([("", [letter])])
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -325,3 +472,70 @@ async def test_dlq_commands(redis: aioredis.Redis, keys: Keys, stage_env: dict[s
     assert cli("replay").returncode == 2
     assert cli("list", "--since", "5 min").returncode == 2  # a bad duration is named
     assert cli("purge", "--older-than", "0s").stdout.startswith("purged 0")
+
+
+async def test_an_archived_message_stays_in_redis_only_for_the_window(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    # Given finished messages whose status hashes are kept a day (queue.result_retention) until archived, and
+    # one of them replayed since (live again, with no TTL)
+    outcomes = [outcome(i) for i in range(3)]
+    for o in outcomes:
+        await redis.hset(keys.msg(o.message.id), mapping={"status": "completed"})
+        await redis.expire(keys.msg(o.message.id), 24 * 3600)
+    await redis.hset(keys.msg(outcomes[2].message.id), "status", "queued")
+    await redis.persist(keys.msg(outcomes[2].message.id))
+    await push(redis, keys, outcomes)
+    # When the archive commits their rows (a window of 30 s)
+    async with archiving(redis, keys, database_url, LLMQ_QUEUE__ARCHIVED_RETENTION="30s"):
+        await eventually(lambda: _rows_are(database_url, 3), what="3 rows")
+        await eventually(lambda: _pending_zero_and_read(redis, keys, 3), what="acked")
+    # Then the finished ones stay in Redis 30 s more, not a day; the live one keeps no TTL
+    for o in outcomes[:2]:
+        assert 0 < await redis.ttl(keys.msg(o.message.id)) <= 30
+    assert await redis.ttl(keys.msg(outcomes[2].message.id)) == -1
+
+
+async def test_dead_letters_are_bounded_and_found_by_message_id(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given 30 dead letters, each of its own message
+    dead = DeadLetters(redis=redis, keys=keys, levels=["normal"])
+    commit = Commit(redis, stream=keys.retry, group="retry", channel=keys.finished)
+    ids = [new_id() for _ in range(30)]
+    for mid in ids:
+        msg = Message(id=mid, level="normal", request=CHAT, enqueued_at=time.time())
+        letter = dead_letter(keys, payload=encode(msg), message_id=mid, reason="failed", source=keys.retry)
+        await commit([("", [letter])])
+    # Then each is found by its message id without a scan
+    found = await dead.find(ids[3])
+    assert found is not None and found.message_id == ids[3]
+    # When the stream is bounded to 10, then the 20 oldest go, with their index entries
+    assert await dead.trim(max_len=10, max_age_s=3600) == 20
+    assert await redis.xlen(keys.dlq) == 10 and await redis.hlen(keys.dlq_index) == 10
+    assert await dead.find(ids[3]) is None
+    kept = await dead.find(ids[25])
+    assert kept is not None and kept.message_id == ids[25]
+    # and by age: all of them are older than 50 ms a moment later
+    await asyncio.sleep(0.1)
+    assert await dead.trim(max_len=1000, max_age_s=0.05) == 10
+    assert await redis.xlen(keys.dlq) == 0 and await redis.hlen(keys.dlq_index) == 0
+
+
+async def test_a_trim_point_is_found_when_the_pending_entries_were_acked_meanwhile(
+    redis: aioredis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a group that had pending entries when XINFO answered, all acked by the time XPENDING answers
+    stream = keys.done
+    await redis.xgroup_create(stream, "archive", id="0", mkstream=True)
+    for i in range(3):
+        await redis.xadd(stream, {FIELD: f"{i}"})
+    read: Any = await redis.xreadgroup("archive", "a1", {stream: ">"}, count=3)
+    xinfo = redis.xinfo_groups
+
+    async def then_acked(name: str) -> Any:
+        groups = await xinfo(name)
+        await redis.xack(stream, "archive", *(eid for eid, _ in read[0][1]))
+        return groups
+
+    monkeypatch.setattr(redis, "xinfo_groups", then_acked)
+    # When it is trimmed, then the acked entries go (it raised ValueError on XPENDING's empty summary)
+    assert await trim_acked(redis, stream) == 3

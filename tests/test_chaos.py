@@ -30,6 +30,8 @@ KILLS = int(os.environ.get("CHAOS_KILLS", "10"))
 KILL_EVERY_S = 0.5
 BATCH = 500
 KILLABLE = ("ingest", "schedule", "dispatch", "dispatch", "retry", "archive")
+TAKEN_OVER = ("reclaimed ", "re-reading ", "took over ")
+"""How a consumer's log says it took entries over from a killed one (or re-read its own after a restart)."""
 
 
 def start(env: dict[str, str], stage: str) -> Proc:
@@ -43,7 +45,7 @@ def taken_over(procs: list[Proc], stage: str) -> int:
         int(line.get("entries", 0))
         for proc in procs
         for line in proc.lines()
-        if line.get("stage") == stage and str(line.get("msg", "")).startswith(("reclaimed ", "re-reading "))
+        if line.get("stage") == stage and str(line.get("msg", "")).startswith(TAKEN_OVER)
     )
 
 

@@ -11,7 +11,8 @@ import redis.asyncio as aioredis
 
 from pipeline.config import load_config
 from pipeline.keys import Keys
-from pipeline.submit import Submitter, new_message
+from pipeline.models import encode
+from pipeline.submit import Submission, Submitter, new_message
 from tests.conftest import eventually, free_port
 from tests.harness import CHAT
 from tests.procs import Proc, llmq_stage, stop_all
@@ -38,7 +39,8 @@ async def test_a_dispatcher_killed_mid_call_is_redelivered_and_archived_once(
             p.wait_for_log("stage started")
         config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix})
         msg = new_message(message_id="01a20000-0000-7000-8000-00000000c0de", level="high", request=CHAT)
-        await Submitter(config, redis=redis, keys=keys).submit(msg)
+        submitter = Submitter(config, redis=redis, keys=keys)
+        await submitter.submit(Submission(msg, encode(msg)))
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{mock_port}") as mock:
 
             async def calling() -> bool:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from pipeline.admission import LevelView, select
-from pipeline.backend_calls import classify, estimate_tokens
+from pipeline.backend_calls import classify, estimate_tokens, retry_after
 from pipeline.backoff import retry_delay
 from pipeline.balance import BackendView, Balancer, Circuit
 from pipeline.http_pool import CONNECTIONS_PER_SHARD, ShardedClient
@@ -194,15 +194,38 @@ def test_retry_after_is_honoured_when_longer() -> None:
     ],
 )
 def test_a_backend_answer_is_classified(response: httpx.Response, status: Status, error: str | None) -> None:
-    result = classify("b", response)
+    result = classify("b", response, max_retry_after_s=60)
     assert result.status is status and result.backend == "b"
     assert (result.error is None) if error is None else (error in (result.error or ""))
     assert (result.response is not None) is (status is Status.COMPLETED)
 
 
 def test_429_carries_its_retry_after() -> None:
-    result = classify("b", httpx.Response(429, headers={"Retry-After": "2.5"}))
+    result = classify("b", httpx.Response(429, headers={"Retry-After": "2.5"}), max_retry_after_s=60)
     assert result.status is Status.RETRYING and result.retry_after == 2.5
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("inf", None),
+        ("nan", None),
+        ("-inf", None),
+        ("1e12", 60.0),
+        ("-3", 0.0),
+        ("soon", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date in the past
+        ("Fri, 31 Dec 2100 23:59:59 GMT", 60.0),  # far in the future: clamped
+    ],
+)
+def test_retry_after_is_finite_and_never_past_max_backoff(header: str, seconds: float | None) -> None:
+    # A backend's Retry-After of inf or 1e12 parked a message for ever and took the backend out of rotation
+    result = classify("b", httpx.Response(503, headers={"Retry-After": header}), max_retry_after_s=60)
+    assert result.status is Status.RETRYING and result.retry_after == seconds
+
+
+def test_retry_after_as_an_http_date_counts_from_now() -> None:
+    assert retry_after("Sun, 29 Nov 2026 15:00:30 GMT", max_s=60, now=1795964400.0) == pytest.approx(30.0)
 
 
 def test_token_estimate_counts_prompt_and_budget() -> None:

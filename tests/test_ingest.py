@@ -17,7 +17,7 @@ from psycopg.types.json import Jsonb
 from pipeline.config import load_config
 from pipeline.keys import Keys
 from pipeline.models import FIELD, decode_message, encode, new_id
-from pipeline.submit import Submitted, Submitter, Verdict, new_message
+from pipeline.submit import Submission, Submitted, Submitter, Verdict, new_message
 from stages.ingest import create_app
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
@@ -194,7 +194,7 @@ async def test_a_batch_is_decided_message_by_message_across_script_calls(redis: 
     batch[120] = new_message(message_id=new_id(), level="normal", request=CHAT, idempotency_key="k")
     batch[200] = new_message(message_id=new_id(), level="high", request=CHAT)
     # When it is submitted
-    verdicts = await submitter.submit_many([(m, encode(m)) for m in batch])
+    verdicts = await submitter.submit_many([Submission(m, encode(m)) for m in batch])
     # Then each message got its own verdict: positions count on from call to call until the level is full
     queued = [v for v in verdicts if v.verdict is Verdict.QUEUED and v.message_id != batch[200].id]
     assert [v.depth for v in queued] == list(range(150))

@@ -16,7 +16,7 @@ from pipeline.config import load_config
 from pipeline.keys import Keys
 from pipeline.models import FIELD, decode_outcome, encode, new_id
 from pipeline.stagger import MIN_CALLS
-from pipeline.streams import Entry
+from pipeline.streams import ensure_group, parse_entries
 from pipeline.submit import new_message
 from stages import dispatch
 from stages.mock_backend import MockSettings
@@ -190,17 +190,27 @@ async def test_rpm_holds_calls_until_the_next_minute_and_shutdown_gives_them_bac
     assert stopped_in < 5 and pending["pending"] == 2
 
 
+async def pending(redis: aioredis.Redis, keys: Keys, consumer: str, n: int, decisions: Decisions) -> list[Candidate]:
+    """``n`` normal messages as a scheduler holds them: entries of the level stream pending for ``consumer``."""
+    stream = keys.level("normal")
+    await ensure_group(redis, stream, "schedule")
+    messages = [new_message(message_id=new_id(), level="normal", request=CHAT) for _ in range(n)]
+    for m in messages:
+        await redis.xadd(stream, {FIELD: encode(m)})
+        await redis.hset(keys.msg(m.id), "status", "queued")
+    reply = await redis.xreadgroup("schedule", consumer, {stream: ">"}, count=n)
+    return [Candidate(e, m, decisions) for e, m in zip(parse_entries(reply[0][1]), messages, strict=True)]
+
+
 async def test_a_shutdown_during_an_admission_round_does_not_break_the_arbiter(
     redis: aioredis.Redis, keys: Keys
 ) -> None:
     env = {"LLMQ_KEY_PREFIX": keys.prefix, "LLMQ_BACKENDS": '[{name: a, url: "echo://a/v1", max_concurrent: 4}]'}
     arbiter = Arbiter(load_config(None, env=env), redis=redis, keys=keys)
-    messages = [new_message(message_id=new_id(), level="normal", request=CHAT) for _ in range(3)]
-    candidates = [Candidate(Entry(f"1-{i}", encode(m)), m, asyncio.Queue()) for i, m in enumerate(messages)]
-    arbiter.offer("normal", candidates)
+    arbiter.offer("normal", await pending(redis, keys, "c1", 3, asyncio.Queue()))
     admit = arbiter._admit_run
 
-    async def admit_then_shut_down(*args: Any) -> int:
+    async def admit_then_shut_down(*args: Any) -> list[int | bytes]:
         admitted = await admit(*args)
         arbiter.give_back()  # SIGTERM arrives while the admission script runs
         return admitted
@@ -219,10 +229,7 @@ async def test_two_schedulers_keep_one_stagger_between_them(redis: aioredis.Redi
     for n, arbiter in enumerate(arbiters):
         for _ in range(MIN_CALLS):
             arbiter.stagger.observe(1.0)
-        messages = [new_message(message_id=new_id(), level="normal", request=CHAT) for _ in range(6)]
-        decisions: Decisions = asyncio.Queue()
-        candidates = [Candidate(Entry(f"{n + 1}-{i}", encode(m)), m, decisions) for i, m in enumerate(messages)]
-        arbiter.offer("normal", candidates)
+        arbiter.offer("normal", await pending(redis, keys, f"c{n}", 6, asyncio.Queue()))
     # When both run an admission round at once, and the first runs another
     for arbiter in [*arbiters, arbiters[0]]:
         await arbiter._round()
@@ -431,7 +438,8 @@ async def test_failures_are_retried_on_the_backoff_then_dead_lettered(redis: aio
 
 async def test_429_retry_after_is_honoured(redis: aioredis.Redis, keys: Keys) -> None:
     backend = MockSettings(fail_rate=1.0, fail_status=429, retry_after_s=0.6, latency_ms=1)
-    async with Harness(redis, keys, backends={"a": backend}) as h:
+    # (Retry-After is honoured up to queue.retry.max_backoff)
+    async with Harness(redis, keys, backends={"a": backend}, env={"LLMQ_QUEUE__RETRY__MAX_BACKOFF": "2s"}) as h:
         mid = await h.submit()
         await eventually(lambda: _calls_at_least(h, 1), what="first call")
         first = time.time()

@@ -3,7 +3,8 @@
 
 Each entry is a msgpack job ``{"id", "sleep"?, "fail"?}``. The stage pushes ``<id>:<pid>`` to
 ``<stream>:started`` when it begins a job (outside the transaction) and to ``<stream>:handled`` inside
-the batch's MULTI/EXEC together with the XACK, so ``handled`` records exactly the committed entries.
+the batch's commit, as an effect of its XACK, so ``handled`` records exactly the entries this consumer
+acked.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import redis.asyncio as aioredis
 
 from cli.consume import consume
 from pipeline.config import Config, load_config
+from pipeline.effects import rpush
 from pipeline.keys import Keys
 from pipeline.logging import setup_logging
 from pipeline.stage import Batch, Stage
@@ -40,8 +42,7 @@ class RecordingStage(Stage):
                 await asyncio.sleep(job["sleep"])
             if job.get("fail"):
                 raise RuntimeError(f"job {job['id']} always fails")
-            batch.tx.rpush(self.handled_key, f"{job['id']}:{os.getpid()}")
-            batch.ack(entry)
+            batch.ack(entry, rpush(self.handled_key, f"{job['id']}:{os.getpid()}"))
 
 
 def main() -> None:

@@ -35,17 +35,19 @@ from pipeline.models import Message, Status, new_id
 from pipeline.notify import Waiter
 from pipeline.queues import level_status
 from pipeline.redis import CONNECTION_ERRORS
-from pipeline.submit import Submitted, Submitter, Verdict, new_message
+from pipeline.submit import Submission, Submitted, Submitter, Verdict, new_message, request_digest
 from stages.ingest.http_api import (
     INGESTED,
     REJECTED,
     ApiKeyMiddleware,
     BadInput,
+    caller,
     decode_json,
     encode_message,
     field_of,
     handled,
     http_error,
+    idempotency_conflict,
     read_body,
     reject,
     respond,
@@ -76,8 +78,8 @@ class IngestApi:
 
     # --- input ---------------------------------------------------------------------------------------
 
-    def _message(self, sub: api.SubmitBody, where: str = "") -> tuple[Message, bytes]:
-        """The message and its encoding; BadInput naming the field when it cannot be queued."""
+    def _message(self, sub: api.SubmitBody, request: Request, where: str = "") -> Submission:
+        """The message to submit; BadInput naming the field when it cannot be queued."""
         if sub.level not in self.levels:
             raise BadInput(422, f"unknown level {sub.level!r}; valid levels: {', '.join(self.levels)}", f"{where}level")
         messages = sub.request.get("messages")
@@ -88,6 +90,10 @@ class IngestApi:
         for i, item in enumerate(messages):
             if not isinstance(item, dict):
                 raise BadInput(422, "each chat message must be an object", f"{where}request.messages[{i}]")
+        if sub.request.get("stream"):
+            raise BadInput(
+                422, "stream=true is not supported: the result is the whole completion", f"{where}request.stream"
+            )
         msg = new_message(
             message_id=new_id(),
             level=sub.level,
@@ -98,7 +104,8 @@ class IngestApi:
             deadline_ms=sub.deadline_ms,
             metadata=sub.metadata,
         )
-        return msg, encode_message(msg, where)
+        digest = request_digest(sub) if sub.idempotency_key else ""
+        return Submission(msg, encode_message(msg, where), caller=caller(request), digest=digest)
 
     # --- messages ------------------------------------------------------------------------------------
 
@@ -110,9 +117,11 @@ class IngestApi:
 
     async def submit(self, request: Request) -> Response:
         body = await read_body(request, limit=self.max_body)
-        sub = decode_json(_submit_decoder, body)
-        msg, payload = self._message(sub)
-        result = await self.submitter.submit(msg, payload)
+        submission = self._message(decode_json(_submit_decoder, body), request)
+        msg = submission.message
+        result = await self.submitter.submit(submission)
+        if result.verdict is Verdict.CONFLICT:
+            raise BadInput(422, idempotency_conflict(result.message_id), "idempotency_key")
         if result.verdict is Verdict.FULL:
             return reject(429, f"level {msg.level!r} is full ({result.depth} waiting)", headers={"Retry-After": "1"})
         if result.verdict is Verdict.DUPLICATE:
@@ -132,11 +141,11 @@ class IngestApi:
         if len(items) > self.config.server.max_batch:
             raise BadInput(413, f"{len(items)} messages; a batch holds at most {self.config.server.max_batch}")
         results: list[api.BatchItem | None] = [None] * len(items)
-        valid: list[tuple[int, tuple[Message, bytes]]] = []
+        valid: list[tuple[int, Submission]] = []
         for i, item in enumerate(items):
             try:
                 sub = msgspec.convert(item, api.SubmitBody)
-                valid.append((i, self._message(sub, f"[{i}].")))
+                valid.append((i, self._message(sub, request, f"[{i}].")))
             except msgspec.ValidationError as exc:
                 message, field = field_of(exc)
                 results[i] = api.BatchItem(
@@ -145,7 +154,13 @@ class IngestApi:
             except BadInput as exc:
                 results[i] = api.BatchItem(index=i, status_code=exc.status, error=exc.message, field=exc.field)
         outcomes = await self.submitter.submit_many([item for _, item in valid])
-        for (i, (msg, _)), result in zip(valid, outcomes, strict=True):
+        for (i, submission), result in zip(valid, outcomes, strict=True):
+            msg = submission.message
+            if result.verdict is Verdict.CONFLICT:
+                REJECTED.labels(reason="invalid").inc()
+                error = idempotency_conflict(result.message_id)
+                results[i] = api.BatchItem(index=i, status_code=422, error=error, field=f"[{i}].idempotency_key")
+                continue
             if result.verdict is Verdict.FULL:
                 REJECTED.labels(reason="backpressure").inc()
                 results[i] = api.BatchItem(

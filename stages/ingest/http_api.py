@@ -4,6 +4,7 @@ template. Route handlers raise ``BadInput``; ``handled`` turns it into the 4xx i
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from collections.abc import Awaitable, Callable
@@ -73,9 +74,20 @@ def field_of(exc: msgspec.ValidationError) -> tuple[str, str | None]:
     return text, None
 
 
+def caller_of(key: bytes) -> str:
+    """Who a caller is, for scoping what is theirs (idempotency keys): a digest of their API key, which is
+    never stored itself."""
+    return hashlib.sha256(b"llmq-caller\0" + key).hexdigest()[:16]
+
+
+def caller(request: Request) -> str:
+    """The caller of an authenticated request ("" when the API has no keys)."""
+    return str(request.scope.get("state", {}).get("caller", ""))
+
+
 class ApiKeyMiddleware:
     """401 unless ``Authorization: Bearer <key>`` or ``X-API-Key`` matches a configured key (constant-time
-    comparison against every key; keys are never logged)."""
+    comparison against every key; keys are never logged). The request's ``caller`` is set from the key."""
 
     def __init__(self, app: ASGIApp, keys: list[str]) -> None:
         self.app = app
@@ -98,6 +110,7 @@ class ApiKeyMiddleware:
                 scope, receive, send
             )
             return
+        scope.setdefault("state", {})["caller"] = caller_of(given)
         await self.app(scope, receive, send)
 
 
@@ -143,6 +156,10 @@ def encode_message(msg: Message, where: str = "") -> bytes:
         raise BadInput(
             422, f"a value cannot be stored: {exc} (integers must fit in 64 bits)", f"{where}request"
         ) from None
+
+
+def idempotency_conflict(first_id: str | None) -> str:
+    return f"idempotency key first used with a different request (message {first_id}); a new request needs a new key"
 
 
 def handled(path: str, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:

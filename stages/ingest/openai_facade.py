@@ -14,8 +14,18 @@ from starlette.responses import Response
 
 from pipeline import api
 from pipeline.models import Status, new_id
-from pipeline.submit import Verdict, new_message
-from stages.ingest.http_api import INGESTED, BadInput, decode_json, encode_message, openai_error, read_body, respond
+from pipeline.submit import Submission, Verdict, new_message, request_digest
+from stages.ingest.http_api import (
+    INGESTED,
+    BadInput,
+    caller,
+    decode_json,
+    encode_message,
+    idempotency_conflict,
+    openai_error,
+    read_body,
+    respond,
+)
 
 if TYPE_CHECKING:
     from stages.ingest.app import IngestApi
@@ -63,7 +73,10 @@ class OpenAIFacade:
             payload = encode_message(msg)
         except BadInput as exc:
             return openai_error(400, exc.message)
-        result = await self.ingest.submitter.submit(msg, payload)
+        digest = request_digest([level, msg.session_id, msg.tenant, doc]) if msg.idempotency_key else ""
+        result = await self.ingest.submitter.submit(Submission(msg, payload, caller=caller(request), digest=digest))
+        if result.verdict is Verdict.CONFLICT:
+            return openai_error(422, idempotency_conflict(result.message_id), param="Idempotency-Key")
         if result.verdict is Verdict.FULL:
             return openai_error(429, f"priority level {level!r} is full; retry later", kind="rate_limit_error")
         message_id = result.message_id or msg.id

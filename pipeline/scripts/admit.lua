@@ -1,0 +1,57 @@
+--[[ admit: hand waiting messages of one level to the dispatch stream, in order, while the limits allow.
+
+Each candidate is acked in its level stream first, and handed off only if that XACK acked it: a run sent
+again after its reply was lost, or a candidate another scheduler already admitted, is never admitted twice.
+A candidate whose message has ended (cancelled) is left pending for its intake to record; one that another
+live copy of the message has already moved past queued is acked and dropped.
+
+KEYS[1..n]      the in-flight sets of every level
+KEYS[n+1]       this level's in-flight set
+KEYS[n+2]       the dispatch stream
+KEYS[n+3]       this level's stream
+KEYS[n+4]       the stagger key: no staggered admission before the time it holds
+KEYS[n+5..]     the status hash of each candidate, in order
+ARGV[1]  now (Unix seconds)          ARGV[2]  lease expiry of an admitted message's in-flight slot
+ARGV[3]  the consumer group          ARGV[4]  this level's max_concurrent
+ARGV[5]  the capacity of the backends (every level's slots)
+ARGV[6]  slots reserved for higher levels and unused by them (this level may not take them)
+ARGV[7]  n, the number of levels     ARGV[8]  the stagger interval in seconds (0: none)
+ARGV[9..] per candidate: message id, entry id, payload
+Returns one code per candidate examined, in order (candidates after the limits were reached are not):
+1 admitted, -1 not pending or not queued (acked, nothing handed off), or the status of a message that
+has ended already (left pending).
+A staggered run admits one candidate, and none before the stagger key's time.
+]]
+local now, exp, group = ARGV[1], ARGV[2], ARGV[3]
+local lmax, cap, floor, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local gap = tonumber(ARGV[8])
+local inflight, dispatch, level, stagger = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], KEYS[n + 4]
+local out = {}
+if gap > 0 and tonumber(now) < tonumber(redis.call('GET', stagger) or '0') then return out end
+local total = 0
+for i = 1, n do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  total = total + redis.call('ZCARD', KEYS[i])
+end
+local mine = redis.call('ZCARD', inflight)
+local admitted, a, m = 0, 9, n + 5
+while a <= #ARGV do
+  if mine >= lmax or total >= cap - floor or (gap > 0 and admitted > 0) then break end
+  local status = redis.call('HGET', KEYS[m], 'status')
+  if ENDED[status] then
+    out[#out + 1] = status
+  elseif redis.call('XACK', level, group, ARGV[a + 1]) == 0 or (status and status ~= 'queued') then
+    out[#out + 1] = -1
+  else
+    redis.call('ZADD', inflight, exp, ARGV[a])
+    redis.call('XADD', dispatch, '*', 'm', ARGV[a + 2])
+    redis.call('HSET', KEYS[m], 'status', 'scheduled', 'scheduled_at', now)
+    mine, total, admitted = mine + 1, total + 1, admitted + 1
+    out[#out + 1] = 1
+  end
+  a, m = a + 3, m + 1
+end
+if gap > 0 and admitted > 0 then
+  redis.call('SET', stagger, tostring(tonumber(now) + gap), 'PX', math.ceil(gap * 1000))
+end
+return out

@@ -1,0 +1,118 @@
+--[[ commit: settle stream entries of one consumer group, each together with its effects, atomically.
+
+An entry's effects run only when its XACK acks it. So a commit that runs again after its reply was lost
+(redis-py sends it again on a new connection), or an entry that another consumer took over and settled
+first, changes nothing a second time: one hand-off, one outcome, one dead letter per entry. Effects given
+with no entry run whenever the commit runs, so they must be safe to repeat (freeing a backend slot).
+
+KEYS[1]     the stream the entries were read from
+KEYS[2..]   every key an effect names; an effect refers to a key by its position in KEYS
+ARGV[1]     the consumer group
+ARGV[2]     the channel on which the ids of messages that reached a terminal status are announced
+ARGV[3..]   records, one after another: an entry id ('' for none), the number of its effects, then per
+            effect its name, the number of its keys, their positions in KEYS, the number of its
+            arguments and the arguments
+Returns, per record with an entry id, in order: 1 when this call acked it and ran its effects, else 0.
+ENDED (prepended) is the set of terminal statuses.
+]]
+local stream, group, channel = KEYS[1], ARGV[1], ARGV[2]
+local finished = {}
+local effects = {}
+
+-- Each effect is called with the ARGV positions of its first key position (kp) and first argument (ap),
+-- and its number of arguments (na): it reads them from ARGV, so a commit builds no table per effect.
+local function key(i)
+  return KEYS[tonumber(ARGV[i])]
+end
+
+local function args(ap, na)
+  return unpack(ARGV, ap, ap + na - 1)
+end
+
+-- keys: stream. args: field, value, ...
+function effects.xadd(kp, ap, na)
+  redis.call('XADD', key(kp), '*', args(ap, na))
+end
+
+-- keys: hash. args: field, value, ...
+function effects.hset(kp, ap, na)
+  redis.call('HSET', key(kp), args(ap, na))
+end
+
+-- keys: list. args: value
+function effects.rpush(kp, ap)
+  redis.call('RPUSH', key(kp), ARGV[ap])
+end
+
+-- keys: sorted set. args: score, member
+function effects.zadd(kp, ap)
+  redis.call('ZADD', key(kp), ARGV[ap], ARGV[ap + 1])
+end
+
+-- keys: sorted set. args: member
+function effects.zrem(kp, ap)
+  redis.call('ZREM', key(kp), ARGV[ap])
+end
+
+-- keys: counter. args: increment, TTL in seconds
+function effects.incrby(kp, ap)
+  redis.call('INCRBY', key(kp), ARGV[ap])
+  redis.call('EXPIRE', key(kp), ARGV[ap + 1])
+end
+
+-- args: channel, message
+function effects.publish(kp, ap)
+  redis.call('PUBLISH', ARGV[ap], ARGV[ap + 1])
+end
+
+-- A message's status and fields, unless it has ended already (a cancel won the race: it stays cancelled).
+-- keys: status hash. args: status, field, value, ...
+function effects.status(kp, ap, na)
+  local hash = key(kp)
+  if not ENDED[redis.call('HGET', hash, 'status')] then
+    redis.call('HSET', hash, 'status', args(ap, na))
+  end
+end
+
+-- A message reached a terminal status: its outcome to the done stream (for the archive), its status hash
+-- (kept for the retention), its in-flight slot released, and its id announced once the commit ends.
+-- keys: done stream, status hash, in-flight set. args: message id, retention s, outcome payload, field,
+-- value, ...
+function effects.finish(kp, ap, na)
+  local hash = key(kp + 1)
+  redis.call('XADD', key(kp), '*', 'm', ARGV[ap + 2])
+  redis.call('HSET', hash, args(ap + 3, na - 3))
+  redis.call('EXPIRE', hash, ARGV[ap + 1])
+  redis.call('ZREM', key(kp + 2), ARGV[ap])
+  finished[#finished + 1] = ARGV[ap]
+end
+
+-- A dead letter, indexed by its message's id ('' for none) so it is found without a scan.
+-- keys: dead-letter stream, index hash. args: message id, field, value, ...
+function effects.deadletter(kp, ap, na)
+  local id = redis.call('XADD', key(kp), '*', args(ap + 1, na - 1))
+  if ARGV[ap] ~= '' then redis.call('HSET', key(kp + 1), ARGV[ap], id) end
+end
+
+-- Shorten a status hash's TTL, never lengthen it, and give none to a hash that has none (a message that a
+-- replay made live again).
+-- keys: status hash. args: TTL in seconds
+function effects.shorten(kp, ap)
+  redis.call('EXPIRE', key(kp), ARGV[ap], 'XX', 'LT')
+end
+
+local flags, i = {}, 3
+while i <= #ARGV do
+  local entry, n = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  local live = entry == '' or redis.call('XACK', stream, group, entry) == 1
+  if entry ~= '' then flags[#flags + 1] = live and 1 or 0 end
+  for _ = 1, n do
+    local name, nk = ARGV[i], tonumber(ARGV[i + 1])
+    local na = tonumber(ARGV[i + 2 + nk])
+    if live then effects[name](i + 2, i + 3 + nk, na) end
+    i = i + 3 + nk + na
+  end
+end
+if #finished > 0 then redis.call('PUBLISH', channel, table.concat(finished, ' ')) end
+return flags

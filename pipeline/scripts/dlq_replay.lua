@@ -1,0 +1,25 @@
+--[[ dlq_replay: put a dead letter back into the pipeline and delete it, at most once.
+
+KEYS[1]  the dead-letter stream
+KEYS[2]  the stream it goes back to (a level, or done for an outcome)
+KEYS[3]  the message's status hash (unused when ARGV[3] is '')
+KEYS[4]  the dead-letter index (message id -> entry id)
+ARGV[1]  the dead letter's entry id
+ARGV[2]  the payload to put back
+ARGV[3]  the status to give the message ('' to leave its hash alone)
+ARGV[4]  now (Unix seconds)
+ARGV[5]  the message id ('' for none)
+Returns 1 when replayed, 0 when it was replayed (or purged) already.
+]]
+local dlq, target, hash, index = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local entry, payload, status, now, message = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if #redis.call('XRANGE', dlq, entry, entry) == 0 then return 0 end
+redis.call('XDEL', dlq, entry)
+if message ~= '' and redis.call('HGET', index, message) == entry then redis.call('HDEL', index, message) end
+redis.call('XADD', target, '*', 'm', payload)
+if status ~= '' then
+  redis.call('PERSIST', hash)
+  redis.call('HSET', hash, 'status', status, 'attempts', 0, 'replayed_at', now)
+  redis.call('HDEL', hash, 'error', 'result', 'finished_at')
+end
+return 1

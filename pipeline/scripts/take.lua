@@ -1,0 +1,24 @@
+--[[ take: claim pending entries of a consumer group that belong to one consumer: to re-read one's own
+(after a restart or a failed batch) or to take over those of a consumer that died. Ownership is checked
+here, atomically, so an entry another consumer took meanwhile is never taken back from it. Each entry
+taken counts one more delivery (XCLAIM without JUSTID), as a re-read should for poison detection.
+
+KEYS[1]    the stream
+ARGV[1]    the group
+ARGV[2]    the consumer that takes them
+ARGV[3]    the consumer they must belong to
+ARGV[4..]  entry ids
+Returns per entry taken: {id, its fields (field, value, ...), deliveries}. An entry trimmed from the stream
+while pending is dropped from the group's pending list by XCLAIM and not returned.
+]]
+local stream, group, taker, owner = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', stream, group, id, id, 1)
+  if p[1] and p[1][2] == owner then
+    local claimed = redis.call('XCLAIM', stream, group, taker, 0, id)
+    if claimed[1] then out[#out + 1] = {id, claimed[1][2], p[1][4] + 1} end
+  end
+end
+return out

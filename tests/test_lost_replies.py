@@ -1,0 +1,232 @@
+"""Writes that are safe to repeat: a reply lost after Redis executed a write (redis-py sends the command again
+on a new connection) never makes a second entry, a second hand-off or a second admission.
+
+Each test puts a ``FaultProxy`` between a client and the test's Redis and drops the reply to one chosen
+request, then checks Redis itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from pipeline.config import RedisConfig, load_config
+from pipeline.consumer import ConsumerLease
+from pipeline.keys import Keys
+from pipeline.lua import script_source
+from pipeline.models import FIELD, Status, encode, new_id
+from pipeline.stage import Runner
+from pipeline.streams import ensure_group, parse_entries
+from pipeline.submit import new_message
+from stages.ingest import create_app
+from stages.schedule import Arbiter, Candidate, Decisions
+from tests.conftest import eventually
+from tests.faults import FaultProxy
+from tests.harness import CHAT
+from tests.test_runtime import add_jobs, ids, pending_count, settings
+from tests.worker import RecordingStage
+
+EVALSHA = b"EVALSHA"
+
+
+@pytest.fixture
+async def proxy(redis_url: str) -> AsyncIterator[FaultProxy]:
+    if redis_url.startswith("unix:"):
+        pytest.skip("the fault proxy relays TCP")
+    where = urlsplit(redis_url)
+    async with FaultProxy(where.hostname or "127.0.0.1", where.port or 6379) as p:
+        yield p
+
+
+@pytest.fixture
+async def faulty(proxy: FaultProxy, redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client of the test's Redis through the proxy, made as every stage makes its client."""
+    db = urlsplit(redis_url).path or "/0"
+    client = make(proxy.url(path=db))
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def make(url: str) -> aioredis.Redis:
+    from pipeline.redis import make_redis
+
+    return make_redis(RedisConfig(url=url))
+
+
+async def test_a_submission_whose_reply_is_lost_is_queued_once(
+    faulty: aioredis.Redis, proxy: FaultProxy, redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given the API on a Redis connection that loses the reply to the next submission script
+    config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix})
+    transport = httpx.ASGITransport(app=create_app(config, redis=faulty, keys=keys))
+    async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as http:
+        assert (await http.post("/api/v1/messages", json={"request": CHAT})).status_code == 202  # script loaded
+        proxy.arm("drop", EVALSHA)
+        # When a client posts one message without an idempotency key
+        response = await http.post("/api/v1/messages", json={"request": CHAT})
+    # Then it was accepted once and is in its level once, though Redis ran the script twice
+    assert proxy.counts.dropped_replies == 1
+    assert response.status_code == 202, response.text
+    entries = await redis.xrange(keys.level("normal"))
+    assert len(entries) == 2
+    queued = [msgspec.msgpack.decode(fields[FIELD])["id"] for _, fields in entries]
+    assert queued[1] == response.json()["id"]
+
+
+async def test_a_batch_submission_whose_reply_is_lost_is_queued_once(
+    faulty: aioredis.Redis, proxy: FaultProxy, redis: aioredis.Redis, keys: Keys
+) -> None:
+    config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix})
+    transport = httpx.ASGITransport(app=create_app(config, redis=faulty, keys=keys))
+    async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as http:
+        assert (await http.post("/api/v1/messages", json={"request": CHAT})).status_code == 202
+        proxy.arm("drop", EVALSHA)
+        response = await http.post("/api/v1/messages/batch", json=[{"request": CHAT}] * 250)
+    assert proxy.counts.dropped_replies == 1
+    assert [r["status_code"] for r in response.json()] == [202] * 250
+    assert await redis.xlen(keys.level("normal")) == 251
+
+
+async def test_a_hand_off_whose_reply_is_lost_is_committed_once(
+    faulty: aioredis.Redis, proxy: FaultProxy, redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given a consumer on a connection that loses the reply to its first commit
+    stream = keys.level("normal")
+    await add_jobs(redis, stream, [{"id": f"j{i}"} for i in range(20)])
+    stage = RecordingStage(redis=faulty, stream=stream, group="work")
+    runner = Runner(stage, redis=faulty, keys=keys, consumer="c1", settings=settings(batch_size=20, max_in_hand=20))
+    await redis.script_load(script_source("commit"))
+    proxy.arm("drop", EVALSHA)
+    # When it handles the batch
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: _handled(redis, stream, 20), what="20 handled")
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, timeout=15)
+    # Then the commit ran twice in Redis, but each entry's effects (here a push) happened once
+    assert proxy.counts.dropped_replies == 1
+    assert sorted(await ids(redis, f"{stream}:handled")) == sorted(f"j{i}" for i in range(20))
+    assert await pending_count(redis, stream) == 0
+
+
+async def test_an_entry_settled_by_another_consumer_is_not_handed_off_again(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given an entry a consumer held so long that another one took it over and committed it
+    stream = keys.level("normal")
+    await add_jobs(redis, stream, [{"id": "late"}])
+    await ensure_group(redis, stream, "work")
+    first = await redis.xreadgroup("work", "slow", {stream: ">"})
+    entry = parse_entries(first[0][1])[0]
+    other = Runner(
+        RecordingStage(redis=redis, stream=stream, group="work"),
+        redis=redis,
+        keys=keys,
+        consumer="fast",
+        settings=settings(claim_timeout_s=0.2),
+    )
+    await asyncio.sleep(0.25)
+    claimed = await other.reclaimer.claim(10)
+    assert [e.id for e in claimed] == [entry.id]
+    assert await other.commit([(entry.id, [_push(keys, "fast")])]) == [True]
+    # When the slow one commits it at last
+    slow = Runner(
+        RecordingStage(redis=redis, stream=stream, group="work"),
+        redis=redis,
+        keys=keys,
+        consumer="slow",
+        settings=settings(),
+    )
+    acked = await slow.commit([(entry.id, [_push(keys, "slow")])])
+    # Then its commit acked nothing and changed nothing
+    assert acked == [False]
+    assert await redis.lrange(f"{keys.prefix}:pushed", 0, -1) == [b"fast"]
+
+
+def _push(keys: Keys, value: str) -> Any:
+    from pipeline.effects import rpush
+
+    return rpush(f"{keys.prefix}:pushed", value)
+
+
+async def test_an_admission_whose_reply_is_lost_admits_once(
+    faulty: aioredis.Redis, proxy: FaultProxy, redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given three messages waiting in a scheduler, whose connection loses the reply to its next script
+    env = {"LLMQ_KEY_PREFIX": keys.prefix, "LLMQ_BACKENDS": '[{name: a, url: "echo://a/v1", max_concurrent: 8}]'}
+    arbiter = Arbiter(load_config(None, env=env), redis=faulty, keys=keys)
+    decisions: Decisions = asyncio.Queue()
+    candidates = await _pending(redis, keys, 3, decisions)
+    arbiter.offer("normal", candidates)
+    await redis.script_load(script_source("admit"))
+    proxy.arm("drop", EVALSHA)
+    # When it runs an admission round
+    await arbiter._round()
+    # Then each message is in the dispatch stream once, and each was decided admitted
+    assert proxy.counts.dropped_replies == 1
+    assert await redis.xlen(keys.dispatch) == 3
+    decided = [decisions.get_nowait()[1] for _ in range(3)]
+    assert decided.count(Status.SCHEDULED) + decided.count("gone") == 3
+    assert await redis.xpending(keys.level("normal"), "schedule") == {
+        "pending": 0,
+        "min": None,
+        "max": None,
+        "consumers": [],
+    }
+
+
+async def test_a_late_admission_does_not_readmit_a_message_that_ended(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a message admitted once, then completed
+    env = {"LLMQ_KEY_PREFIX": keys.prefix, "LLMQ_BACKENDS": '[{name: a, url: "echo://a/v1", max_concurrent: 8}]'}
+    arbiter = Arbiter(load_config(None, env=env), redis=redis, keys=keys)
+    decisions: Decisions = asyncio.Queue()
+    [cand] = await _pending(redis, keys, 1, decisions)
+    arbiter.offer("normal", [cand])
+    await arbiter._round()
+    await redis.hset(keys.msg(cand.message.id), "status", Status.COMPLETED.value)
+    # When the same admission is made again (a repeated or late round)
+    again = Candidate(cand.entry, cand.message, decisions)
+    arbiter.offer("normal", [again])
+    await arbiter._round()
+    # Then it is not admitted again: one dispatch entry, and the message stays completed
+    assert await redis.xlen(keys.dispatch) == 1
+    assert await redis.hget(keys.msg(cand.message.id), "status") == b"completed"
+    assert decisions.get_nowait()[1] is Status.SCHEDULED
+    assert decisions.get_nowait()[1] is Status.COMPLETED  # acked by its intake, nothing recorded again
+
+
+async def _pending(redis: aioredis.Redis, keys: Keys, n: int, decisions: Decisions) -> list[Candidate]:
+    stream = keys.level("normal")
+    await ensure_group(redis, stream, "schedule")
+    messages = [new_message(message_id=new_id(), level="normal", request=CHAT) for _ in range(n)]
+    for m in messages:
+        await redis.xadd(stream, {FIELD: encode(m)})
+        await redis.hset(keys.msg(m.id), "status", "queued")
+    reply = await redis.xreadgroup("schedule", "s1", {stream: ">"}, count=n)
+    return [Candidate(e, m, decisions) for e, m in zip(parse_entries(reply[0][1]), messages, strict=True)]
+
+
+async def _handled(redis: aioredis.Redis, stream: str, n: int) -> bool:
+    return int(await redis.llen(f"{stream}:handled")) >= n
+
+
+async def test_a_consumer_name_whose_lease_reply_is_lost_is_still_taken(
+    faulty: aioredis.Redis, proxy: FaultProxy, redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given a process taking a consumer name, whose SET NX of the free name's lease loses its reply
+    lease = ConsumerLease(redis=faulty, keys=keys, group="work", ttl_s=15)
+    proxy.arm("drop", b"NX")
+    # When it takes a name
+    name = await lease.acquire("worker-a")
+    # Then it holds that name: the resent SET found its own token, not another process's
+    assert proxy.counts.dropped_replies == 1
+    assert name == "worker-a"
+    assert await redis.get(keys.consumer_lease("work", "worker-a")) == lease.token.encode()
