@@ -46,8 +46,8 @@ bench: $(BENCH_STAMP)  ## every benchmark on this machine (about 6 minutes); JSO
 	@command -v wrk >/dev/null || { echo "wrk missing (apt-get install wrk): skipping benchmarks/ingest_http.py"; exit 0; }; \
 	  $(BIN)/python -m benchmarks.ingest_http --seconds 8 --rounds 2
 
-soak: $(STAMP)  ## the chaos test, longer: 20,000 messages, 120 SIGKILLs over a minute (about 2 minutes)
-	CHAOS_MESSAGES=20000 CHAOS_KILLS=120 $(BIN)/pytest tests/test_chaos.py -s -q
+soak: $(STAMP)  ## the chaos and lost-reply tests, longer: 20,000 messages each, 120 SIGKILLs (about 2½ minutes)
+	CHAOS_MESSAGES=20000 CHAOS_KILLS=120 FAULT_MESSAGES=20000 $(BIN)/pytest tests/test_chaos.py tests/test_faults_e2e.py -s -q
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .
