@@ -24,11 +24,13 @@ from pipeline.errors import ConnectError, ConsumerNameTaken
 from pipeline.keys import Keys
 from pipeline.logging import reopen_logs
 from pipeline.ops import OpsServer, ops_app
-from pipeline.redis import CONNECTION_ERRORS, describe, make_redis, wait_for_redis
+from pipeline.redis import UNAVAILABLE, describe, make_redis, wait_for_redis
 from pipeline.stage import Runner, RunnerSettings, Stage
 
 log = logging.getLogger("llmq.cli")
 
+LEASE_MAX_S = 15.0
+"""Longest a consumer name lease lasts: how soon a dead consumer's entries are taken over (``consumer_lease_s``)."""
 StageFactory = Callable[..., Stage | Sequence[Stage]]
 """Builds a stage (or several of one group, each on its own stream) from keyword arguments ``config``,
 ``redis`` and ``keys``."""
@@ -44,8 +46,14 @@ def runner_settings(config: Config, *, max_in_hand: int | None = None) -> Runner
         max_deliveries=w.max_deliveries,
         grace_s=w.shutdown_grace.seconds,
         result_retention_s=config.queue.result_retention.seconds,
-        claim_dead_consumers=True,
+        consumer_lease_s=consumer_lease_s(config),
     )
+
+
+def consumer_lease_s(config: Config) -> float:
+    """How long a consumer name is held without a refresh (refreshed every third of it): at most
+    ``LEASE_MAX_S``, so a dead consumer's entries are taken over soon; never longer than the claim timeout."""
+    return max(1.0, min(config.queue.worker.claim_timeout.seconds, LEASE_MAX_S))
 
 
 async def consume(
@@ -82,9 +90,7 @@ async def _serve(
     log_handler: logging.Handler,
 ) -> ExitCode:
     group = stages[0].name
-    lease = ConsumerLease(
-        redis=redis, keys=keys, group=group, ttl_s=min(config.queue.worker.claim_timeout.seconds, 15.0)
-    )
+    lease = ConsumerLease(redis=redis, keys=keys, group=group, ttl_s=consumer_lease_s(config))
     try:
         name = await lease.acquire(consumer)
     except ConsumerNameTaken as exc:
@@ -99,7 +105,7 @@ async def _serve(
         try:
             await asyncio.wait_for(redis.ping(), timeout=1.0)
             checks["redis"] = "ok"
-        except (TimeoutError, *CONNECTION_ERRORS):
+        except (TimeoutError, *UNAVAILABLE):
             checks["redis"] = "down"
         for st in stages:
             checks.update(await st.health())
@@ -169,7 +175,7 @@ async def _serve(
         await ops.stop()
         try:
             await lease.release()
-        except CONNECTION_ERRORS:
+        except UNAVAILABLE:
             log.warning("could not release the consumer lease; it expires by itself", extra=ctx)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)

@@ -11,7 +11,8 @@ from typing import Annotated, Any
 import msgspec
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")]
-Text = Annotated[str, msgspec.Meta(max_length=256)]
+TEXT_MAX = 256
+Text = Annotated[str, msgspec.Meta(max_length=TEXT_MAX)]
 
 
 class SubmitBody(msgspec.Struct, forbid_unknown_fields=True):

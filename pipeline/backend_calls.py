@@ -42,10 +42,25 @@ def prompt_chars(request: dict[str, Any]) -> int:
     return sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
 
 
+MAX_ESTIMATE = 10**9
+"""No estimate is larger: a client's max_tokens of 1e15 must not overflow a minute's token counter."""
+TOKENS_MAX = 2**63 - 1
+
+
 def estimate_tokens(request: dict[str, Any]) -> int:
-    """Prompt characters / 4 plus the requested completion budget (256 when unset)."""
-    budget = request.get("max_completion_tokens") or request.get("max_tokens") or 256
-    return prompt_chars(request) // 4 + (int(budget) if isinstance(budget, int | float) else 256)
+    """Prompt characters / 4 plus the requested completion budget (256 when unset or not a positive number),
+    at most ``MAX_ESTIMATE``."""
+    budget = request.get("max_completion_tokens") or request.get("max_tokens")
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
+        budget = 256
+    return int(min(MAX_ESTIMATE, prompt_chars(request) // 4 + min(budget, MAX_ESTIMATE)))
+
+
+def token_count(value: object) -> int | None:
+    """A token count a backend reported, when it is one: an integer from 0 to what PostgreSQL's bigint holds."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= TOKENS_MAX:
+        return value
+    return None
 
 
 def retry_after(value: str | None, *, max_s: float, now: float | None = None) -> float | None:
@@ -73,9 +88,12 @@ def _body(response: httpx.Response) -> Any:
     """The JSON body: msgspec's parser, or the standard one for what msgspec refuses (escaped lone
     surrogates, NaN), which ``storable`` then cleans."""
     try:
-        return msgspec.json.decode(response.content)
-    except msgspec.DecodeError:
-        return json.loads(response.content)
+        try:
+            return msgspec.json.decode(response.content)
+        except msgspec.DecodeError:
+            return json.loads(response.content)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def storable(body: Any) -> tuple[Any, str | None]:
@@ -93,7 +111,11 @@ def storable(body: Any) -> tuple[Any, str | None]:
                 problems.append(f"an integer past 64 bits at {path or '<root>'}")
             return value
         if isinstance(value, dict):
-            return {clean(k, path): clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+            cleaned: dict[Any, Any] = {}
+            for k, v in value.items():
+                key = clean(k, path)  # the path names the key as it will be stored
+                cleaned[key] = clean(v, f"{path}.{key}" if path else str(key))
+            return cleaned
         if isinstance(value, list):
             return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
         return value

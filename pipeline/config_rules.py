@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import psycopg
@@ -74,9 +74,39 @@ def config_warnings(config: Config, given: Collection[str], origins: Mapping[str
     return warnings
 
 
+DURATION_BOUNDS = {
+    "scheduler.check_interval": (0.01, None, "the scheduler's idle wake-up: shorter spins a core"),
+    "scheduler.timeout": (0.001, None, "a backend call"),
+    "loadbalancer.health_check_interval": (0.1, None, "probing a backend that is out: shorter spins a core"),
+    "loadbalancer.session_timeout": (1.0, None, "a session's pin"),
+    "queue.monitor_interval": (0.1, None, "refreshing the depth gauge"),
+    "queue.cleanup_interval": (1.0, None, "trimming the dead letters"),
+    "queue.result_retention": (1.0, 3650 * 86400.0, "a Redis TTL"),
+    "queue.archived_retention": (1.0, 3650 * 86400.0, "a Redis TTL"),
+    "queue.dead_letters.retention": (1.0, None, "keeping dead letters"),
+    "queue.worker.process_interval": (0.001, None, "a blocking read"),
+    "server.sync_timeout": (0.001, None, "waiting for a result"),
+}
+"""Durations with a floor (zero would spin a core or end at once) and, for TTLs, a ceiling Redis accepts:
+path -> (least seconds, most seconds or None, what it times)."""
+
+
+def _duration_problems(config: Config) -> list[str]:
+    problems = []
+    for path, (least, most, what) in DURATION_BOUNDS.items():
+        value: Any = config
+        for part in path.split("."):
+            value = getattr(value, part)
+        if value.seconds < least:
+            problems.append(f"{path}: {value} is too short ({what}); at least {least:g}s")
+        elif most is not None and value.seconds > most:
+            problems.append(f"{path}: {value} is too long ({what}); at most {most / 86400:g} days")
+    return problems
+
+
 def semantic_problems(config: Config) -> list[str]:
-    """Checks that need more than one field: duplicates, orderings, cross-section constraints."""
-    problems: list[str] = []
+    """Checks that need more than one field: duplicates, orderings, cross-section constraints, bounds."""
+    problems: list[str] = _duration_problems(config)
     q = config.queue
     if not q.levels:
         problems.append("queue.levels: at least one level is required")
@@ -181,11 +211,11 @@ def _scheme(url: str) -> str:
 def _parses(url: str) -> bool:
     """Whether redis-py reads the URL as written: its user info (up to the last '@') is all in the network
     location, and the port and query arguments parse."""
-    if "@" in url and "@" not in urlsplit(url).netloc:
-        return False
     try:
+        if url.count("@") != urlsplit(url).netloc.count("@"):  # an '@' past a '/', '?' or '#' of the password
+            return False
         parse_url(url)
-    except ValueError:
+    except ValueError:  # "Invalid IPv6 URL" for a '[' or ']' in the password, a port that is not a number
         return False
     return True
 

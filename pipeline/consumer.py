@@ -15,11 +15,12 @@ import os
 import socket
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from pipeline.errors import ConsumerNameTaken
 from pipeline.keys import Keys
 from pipeline.lua import Lua
-from pipeline.redis import CONNECTION_ERRORS
+from pipeline.redis import UNAVAILABLE
 
 log = logging.getLogger("llmq.consumer")
 
@@ -88,8 +89,10 @@ class ConsumerLease:
                 if not await self._take(self.name):
                     raise ConsumerNameTaken(f"consumer name {self.name!r} was taken over by another process")
                 log.warning("consumer lease had expired and was taken again", extra={"consumer": self.name})
-            except CONNECTION_ERRORS as exc:
+            except UNAVAILABLE as exc:
                 log.warning("cannot refresh consumer lease: %s", exc, extra={"consumer": self.name})
+            except ResponseError:  # a loop boundary: the name is held as long as the process lives
+                log.error("refreshing the consumer lease failed", exc_info=True, extra={"consumer": self.name})
 
     async def release(self) -> None:
         if self.name:

@@ -11,12 +11,14 @@ keeps the stream within its configured length and age.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from pipeline import effects
 from pipeline.keys import Keys
@@ -26,6 +28,10 @@ from pipeline.streams import as_str
 
 TRIM_PER_CALL = 1000
 """Dead letters dropped per script call when trimming, so one call never holds Redis long."""
+INDEXED = ""
+"""The index's field saying that dead letters written before it existed have been indexed (``reindex``); no
+message id is empty."""
+_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}", re.ASCII)
 
 
 def dead_letter(
@@ -107,7 +113,7 @@ class DeadLetters:
         self._trim = Lua(redis, script_source("dlq_trim"))
 
     async def list(self, *, limit: int = 50, since: float | None = None) -> list[DeadLetter]:
-        start = f"{int(since * 1000)}-0" if since else "-"
+        start = f"{int(since * 1000)}-0" if since and since > 0 else "-"
         rows: Any = await self.redis.xrange(self.keys.dlq, min=start, count=limit)
         return [_parse(eid, f) for eid, f in rows]
 
@@ -116,13 +122,38 @@ class DeadLetters:
 
     async def find(self, ident: str) -> DeadLetter | None:
         """By dead-letter entry id, or by message id (its newest dead letter), without a scan."""
-        if not (ident.replace("-", "").isdigit() and ident.count("-") == 1):
+        if not _ENTRY_ID.fullmatch(ident):
             entry_id: Any = await self.redis.hget(self.keys.dlq_index, ident)
             if entry_id is None:
                 return None
             ident = as_str(entry_id)
-        rows: Any = await self.redis.xrange(self.keys.dlq, min=ident, max=ident)
+        try:
+            rows: Any = await self.redis.xrange(self.keys.dlq, min=ident, max=ident)
+        except ResponseError:  # an id past what a stream id holds (64 bits each side)
+            return None
         return _parse(*rows[0]) if rows else None
+
+    async def reindex(self) -> int:
+        """Index the dead letters written before the index existed (by an earlier release), once: the index
+        remembers it has been done. Oldest first, so a message's newest dead letter wins. Returns how many."""
+        if await self.redis.hexists(self.keys.dlq_index, INDEXED):
+            return 0
+        indexed, start = 0, "-"
+        while True:
+            rows: Any = await self.redis.xrange(self.keys.dlq, min=start, count=TRIM_PER_CALL)
+            if not rows:
+                break
+            mapping: dict[Any, Any] = {}
+            for eid, fields in rows:
+                dl = _parse(eid, fields)
+                if dl.message_id:
+                    mapping[dl.message_id] = dl.entry_id
+            if mapping:
+                await self.redis.hset(self.keys.dlq_index, mapping=mapping)
+                indexed += len(mapping)
+            start = "(" + as_str(rows[-1][0])
+        await self.redis.hset(self.keys.dlq_index, INDEXED, "1")
+        return indexed
 
     async def replay(self, dl: DeadLetter, *, level: str | None = None) -> bool:
         """Back into the pipeline; False when it was already replayed (or purged)."""

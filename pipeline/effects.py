@@ -64,11 +64,21 @@ def status(key: str, value: Status, **fields: Any) -> Effect:
 
 
 def finish(
-    *, done: str, hash_key: str, inflight: str, message_id: str, retention_s: int, payload: bytes, fields: Sequence[Any]
+    *,
+    done: str,
+    hash_key: str,
+    inflight: str,
+    message_id: str,
+    retention_s: int,
+    payload: bytes,
+    cancelled: bytes,
+    fields: Sequence[Any],
 ) -> Effect:
     """A terminal outcome: to the done stream, into the status hash (with the retention TTL), out of the
-    in-flight set, and its id announced on the finished channel once the commit ends."""
-    return Effect("finish", (done, hash_key, inflight), (message_id, retention_s, payload, *fields))
+    in-flight set, and its id announced on the finished channel once the commit ends. When the message was
+    cancelled meanwhile, ``cancelled`` (an outcome saying so; empty when no cancel can race this end) goes
+    to the done stream instead and the status stays cancelled."""
+    return Effect("finish", (done, hash_key, inflight), (message_id, retention_s, payload, cancelled, *fields))
 
 
 def deadletter(stream: str, index: str, message_id: str | None, fields: dict[Any, Any]) -> Effect:

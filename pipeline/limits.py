@@ -13,6 +13,7 @@ import time
 import redis.asyncio as aioredis
 
 from pipeline import effects
+from pipeline.backend_calls import MAX_ESTIMATE
 from pipeline.effects import Effect
 from pipeline.keys import Keys
 from pipeline.lua import Coalesced, Lua
@@ -24,6 +25,7 @@ local function acquire(slots, rpm_key, tpm_key, now, exp, member, max_concurrent
     redis.call('ZADD', slots, exp, member)
     return 1
   end
+  if tpm > 0 and est > tpm then est = tpm end  -- a call estimated past a whole minute's budget takes all of it
   if redis.call('ZCARD', slots) >= max_concurrent then return 0 end
   if rpm > 0 and tonumber(redis.call('GET', rpm_key) or '0') >= rpm then return 0 end
   if tpm > 0 and tonumber(redis.call('GET', tpm_key) or '0') + est > tpm then return 0 end
@@ -78,9 +80,11 @@ class BackendLimits:
     def correct(self, backend: str, *, tpm: int | None, estimated: int, used: int | None) -> list[Effect]:
         """The effects correcting this minute's token count by the reported usage: committed with the
         entry's ack, so once."""
-        if not tpm or used is None or used == estimated:
+        if not tpm or used is None:
             return []
-        return [effects.incrby(self._window(backend, "tpm", time.time()), used - estimated, ttl_s=120)]
+        counted = min(estimated, tpm)  # what acquire added
+        delta = max(-counted, min(used, MAX_ESTIMATE) - counted)  # bounded: INCRBY must never overflow
+        return [effects.incrby(self._window(backend, "tpm", time.time()), delta, ttl_s=120)] if delta else []
 
     async def inflight(self, backends: list[str]) -> dict[str, int]:
         now = time.time()

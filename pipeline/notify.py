@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from pipeline import tasks
 from pipeline.backoff import Backoff
 from pipeline.keys import Keys
-from pipeline.redis import CONNECTION_ERRORS
+from pipeline.redis import UNAVAILABLE
 from pipeline.streams import as_str
 
 log = logging.getLogger("llmq.notify")
@@ -58,13 +58,17 @@ class Listener:
                 backoff.reset()
                 async for notice in pubsub.listen():
                     self.on_message(as_str(notice["channel"]), as_str(notice["data"]))
-            except CONNECTION_ERRORS as exc:
+            except UNAVAILABLE as exc:
                 self.subscribed.clear()
                 log.warning("subscription to %s lost, re-subscribing: %s", self.channels, exc)
                 await asyncio.sleep(backoff.next())
+            except Exception:  # a loop boundary: notices must keep waking waiters (who also poll meanwhile)
+                self.subscribed.clear()
+                log.error("subscription to %s failed, re-subscribing", self.channels, exc_info=True)
+                await asyncio.sleep(backoff.next())
             finally:
                 # Bounded: closing a connection whose read was just cancelled must not hold up shutdown.
-                with contextlib.suppress(TimeoutError, *CONNECTION_ERRORS):
+                with contextlib.suppress(TimeoutError, *UNAVAILABLE):
                     await asyncio.wait_for(pubsub.aclose(), timeout=CLOSE_TIMEOUT_S)  # type: ignore[no-untyped-call]
 
 

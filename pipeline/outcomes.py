@@ -15,13 +15,15 @@ import msgspec
 
 from pipeline import effects
 from pipeline.keys import Keys
-from pipeline.models import Outcome, encode
+from pipeline.models import Outcome, Status, encode
 
 _json = msgspec.json.Encoder()
 
 
-def outcome_effect(keys: Keys, outcome: Outcome, *, retention_s: float) -> effects.Effect:
-    """The effect that records ``outcome``; its status hash is kept ``retention_s`` (at least 1 s)."""
+def outcome_effect(keys: Keys, outcome: Outcome, *, retention_s: float, cancellable: bool = False) -> effects.Effect:
+    """The effect that records ``outcome``; its status hash is kept ``retention_s`` (at least 1 s). An end
+    that a client's cancel may have overtaken (the message was queued, waiting or retrying) is
+    ``cancellable``: a cancel acknowledged meanwhile wins, and the archive gets a cancelled outcome."""
     msg = outcome.message
     fields: list[Any] = ["status", outcome.status.value, "attempts", msg.attempts, "finished_at", outcome.finished_at]
     if outcome.backend:
@@ -32,6 +34,9 @@ def outcome_effect(keys: Keys, outcome: Outcome, *, retention_s: float) -> effec
         fields += ["error", outcome.error]
     if outcome.started_at:
         fields += ["started_at", outcome.started_at]
+    cancelled = b""
+    if cancellable and outcome.status is not Status.CANCELLED:
+        cancelled = encode(Outcome(message=msg, status=Status.CANCELLED, finished_at=outcome.finished_at))
     return effects.finish(
         done=keys.done,
         hash_key=keys.msg(msg.id),
@@ -39,5 +44,6 @@ def outcome_effect(keys: Keys, outcome: Outcome, *, retention_s: float) -> effec
         message_id=msg.id,
         retention_s=max(1, int(retention_s)),
         payload=encode(outcome),
+        cancelled=cancelled,
         fields=fields,
     )

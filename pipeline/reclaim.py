@@ -4,6 +4,7 @@
 - ``claim_dead``: the entries of a consumer whose name lease has expired (its process is gone, e.g. a pod
   replaced under a new name), taken at once instead of after the claim timeout.
 - ``take``: re-read entries of one's own pending list, only those one still owns (``scripts/take.lua``).
+- ``give_back``: on a clean stop, entries handed back unhandled do not count their last delivery.
 - ``drop_poison``: an entry delivered more than ``max_deliveries`` times goes to the dead-letter stream
   with its reason and is acked in the same commit, so it can never crash consumers in a loop. A poison
   message's end is recorded like any other (status "dead", a ``done`` entry for the archive), so it is on
@@ -11,7 +12,7 @@
 - ``renew``: the owner of a slow entry resets its idle time (XCLAIM … JUSTID, which does not count a
   delivery) so XAUTOCLAIM never steals live work; only entries it still owns (checked atomically).
 - ``forget_dead_consumers``: XGROUP DELCONSUMER orphans pending entries, so only consumers with
-  nothing pending and no live lease are removed.
+  nothing pending and no live lease are removed, checked atomically with the delete.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class Reclaimer:
         self.result_retention_s = result_retention_s
         self._renew = Lua(redis, _RENEW)
         self._take = Lua(redis, script_source("take"))
+        self._forget = Lua(redis, script_source("forget"))
+        self._give_back = Lua(redis, script_source("give_back"))
 
     async def claim(self, count: int, *, skip: Collection[str] = ()) -> list[Entry]:
         """Claim up to ``count`` entries idle past the claim timeout, except ``skip`` (in hand already);
@@ -124,13 +127,14 @@ class Reclaimer:
             name = as_str(info["name"])
             if name == self.consumer or not int(info["pending"]) or len(taken) >= count:
                 continue
-            if await self.redis.exists(self.keys.consumer_lease(self.group, name)):
+            lease = self.keys.consumer_lease(self.group, name)
+            if await self.redis.exists(lease):
                 continue
             rows: Any = await self.redis.xpending_range(
                 self.stream, self.group, min="-", max="+", count=count - len(taken), consumername=name
             )
             ids = [as_str(r["message_id"]) for r in rows]
-            mine = await self.take(ids, owner=name)
+            mine = await self.take(ids, owner=name, lease=lease)
             if mine:
                 metrics.RECLAIMED.labels(stage=self.group).inc(len(mine))
                 log.info(
@@ -142,11 +146,13 @@ class Reclaimer:
             taken += mine
         return await self.drop_poison(taken) if taken else []
 
-    async def take(self, entry_ids: list[str], *, owner: str) -> list[Delivered]:
-        """Claim the entries of ``entry_ids`` that still belong to ``owner``, with their delivery counts."""
+    async def take(self, entry_ids: list[str], *, owner: str, lease: str | None = None) -> list[Delivered]:
+        """Claim the entries of ``entry_ids`` that still belong to ``owner`` (and only while ``lease``, its name
+        lease, is gone, when given), with their delivery counts."""
         if not entry_ids:
             return []
-        rows = await self._take([self.stream], [self.group, self.consumer, owner, *entry_ids])
+        keys = [self.stream] if lease is None else [self.stream, lease]
+        rows = await self._take(keys, [self.group, self.consumer, owner, *entry_ids])
         return [(Entry(as_str(eid), _payload(fields)), int(n)) for eid, fields, n in rows]
 
     async def _deliveries(self, entries: list[Entry]) -> list[Delivered]:
@@ -194,7 +200,7 @@ class Reclaimer:
         ]
         if msg is not None:
             outcome = Outcome(message=msg, status=Status.DEAD, error=f"poison: {reason}", finished_at=time.time())
-            effects.append(outcome_effect(self.keys, outcome, retention_s=self.result_retention_s))
+            effects.append(outcome_effect(self.keys, outcome, retention_s=self.result_retention_s, cancellable=True))
         return effects
 
     async def renew(self, entry_ids: list[str]) -> set[str]:
@@ -205,6 +211,10 @@ class Reclaimer:
             metrics.LEASES_LOST.labels(stage=self.group).inc(len(lost_ids))
         return lost_ids
 
+    async def give_back(self, entry_ids: list[str]) -> int:
+        """Undo the last delivery count of entries handed back unhandled on a clean stop."""
+        return int(await self._give_back([self.stream], [self.group, self.consumer, *entry_ids]))
+
     async def forget_dead_consumers(self) -> list[str]:
         """Delete consumers that have nothing pending, no live lease and have been idle a claim timeout."""
         forgotten = []
@@ -212,10 +222,9 @@ class Reclaimer:
             name = as_str(info["name"])
             if name == self.consumer or int(info["pending"]) or int(info["idle"]) < self.claim_timeout_ms:
                 continue
-            if await self.redis.exists(self.keys.consumer_lease(self.group, name)):
-                continue
-            await self.redis.xgroup_delconsumer(self.stream, self.group, name)
-            forgotten.append(name)
+            lease = self.keys.consumer_lease(self.group, name)
+            if await self._forget([self.stream, lease], [self.group, name]):
+                forgotten.append(name)
         if forgotten:
             log.info("removed dead consumers", extra={"stage": self.group, "consumers": forgotten})
         return forgotten

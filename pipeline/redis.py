@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError, MasterDownError, OutOfMemoryError, ReadOnlyError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
@@ -21,6 +22,11 @@ from pipeline.errors import ConnectError
 log = logging.getLogger("llmq.redis")
 
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+UNAVAILABLE = (*CONNECTION_ERRORS, ReadOnlyError, MasterDownError, TryAgainError, OutOfMemoryError, ClusterDownError)
+"""Redis cannot serve a command now, but may in a moment: unreachable or restarting (LOADING is a connection
+error to redis-py), a replica during a failover (READONLY, MASTERDOWN), a cluster resharding (TRYAGAIN,
+CLUSTERDOWN), out of memory (OOM). Every loop backs off and tries again; a commit whose outcome is known is
+retried, never dropped."""
 
 
 STALE_RETRIES = 1

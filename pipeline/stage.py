@@ -30,7 +30,7 @@ from pipeline.effects import Commit, Effect, Record, xadd
 from pipeline.errors import GiveBack
 from pipeline.keys import Keys
 from pipeline.reclaim import Reclaimer
-from pipeline.redis import CONNECTION_ERRORS
+from pipeline.redis import UNAVAILABLE
 from pipeline.streams import Entry, as_str, ensure_group, parse_entries
 
 log = logging.getLogger("llmq.stage")
@@ -100,7 +100,7 @@ class Batch:
         while True:
             try:
                 return await self._commit(records)
-            except CONNECTION_ERRORS as exc:
+            except UNAVAILABLE as exc:
                 log.warning("commit failed, retrying: %s", exc, extra={"stage": self._commit.group})
                 await asyncio.sleep(backoff.next())
 
@@ -150,17 +150,21 @@ class RunnerSettings:
     grace_s: float
     result_retention_s: float = 24 * 3600
     """How long the status of a message dead-lettered as poison stays readable (queue.result_retention)."""
-    claim_dead_consumers: bool = False
-    """Take over at once the entries of consumers whose name lease (``pipeline.consumer``) has expired. Only
-    where every consumer of the group holds a lease, as every ``llmq-stage run`` process does."""
+    consumer_lease_s: float | None = None
+    """How long a consumer's name lease (``pipeline.consumer``) lasts without being refreshed. When set, the
+    entries of a consumer whose lease has expired are taken over at once (a pod replaced under a new name),
+    instead of after the claim timeout. Only where every consumer of the group holds a lease, as every
+    ``llmq-stage run`` process does. A live consumer cut off from Redis for longer than this is taken for
+    dead: the calls it is making are made again (its commits then change nothing)."""
 
 
 GROUP_GONE = ("NOGROUP", "UNBLOCKED")
-"""How Redis says a group is gone: NOGROUP, or UNBLOCKED for a read that was blocked when its stream was
-deleted (Redis 7.0; Valkey answers NOGROUP)."""
+"""How Redis says a read's group is gone: NOGROUP, or UNBLOCKED for a read that was blocked when its stream
+was deleted (Redis 7.0; Valkey answers NOGROUP) or when the server became a replica. Either way the group
+is created again if it is missing (BUSYGROUP when it is not)."""
 DEAD_CONSUMERS_EVERY_S = 5.0
 """How often a consumer looks for consumers of its group whose name lease expired, to take over their
-entries (``RunnerSettings.claim_dead_consumers``); a lease lasts up to 15 s after its process died."""
+entries (``RunnerSettings.consumer_lease_s``)."""
 
 
 class Runner:
@@ -195,6 +199,13 @@ class Runner:
         """Where paging through this consumer's own pending entries goes on from ("-": the start); None
         while not paging."""
         self._next_own_sweep = 0.0
+        self._group_missing = True
+        """The group is to be created (at start, or after Redis lost it) before the next read."""
+        self._connected_since = time.monotonic()
+        """When this consumer last saw Redis unavailable: it trusts a missing lease only once it has reached
+        Redis for a whole lease itself (after an outage every lease has lapsed, the live ones too)."""
+        self._given_back: set[str] = set()
+        """Entries left unsettled on a clean stop (never handled): their delivery is not counted."""
         self._taking = asyncio.Lock()
         """Held while entries join this consumer's pending list and until they are in hand (a read, a
         claim), so a page of its own pending entries never mistakes them for ones it left behind."""
@@ -233,48 +244,66 @@ class Runner:
 
     async def run(self) -> None:
         """Read and handle until stopped, then drain in-hand batches for up to ``grace_s``."""
-        await self.ensure_group()
         maintenance = asyncio.create_task(self._maintain(), name=f"{self.group}-maintain")
         backoff = Backoff(initial_s=0.05, max_s=5.0)
         try:
             while not self.stopping:
                 try:
+                    if self._group_missing:
+                        await self._recreate_group()
                     await self._read_once()
                     self.redis_ok = True
                     backoff.reset()
-                except CONNECTION_ERRORS as exc:
-                    self.redis_ok = False
-                    # The reply of a read may have been lost after Redis delivered its entries to us.
-                    self._reread_own()
+                except UNAVAILABLE as exc:
+                    self._unavailable()
                     metrics.STAGE_ERRORS.labels(stage=self.group, kind="redis").inc()
                     log.warning("redis unavailable: %s", exc, extra=self._ctx())
                     await self._sleep(backoff.next())
                 except ResponseError as exc:
                     if not str(exc).startswith(GROUP_GONE):
                         raise
-                    await self._recreate_group()
+                    log.warning("read interrupted: %s", exc, extra=self._ctx())
+                    self._group_missing = True
         finally:
             try:
                 await self._drain()  # leases are renewed meanwhile: a long call is not taken over while it ends
+                await self._give_back()
             finally:
                 maintenance.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await maintenance
 
-    async def _recreate_group(self) -> None:
-        """The group is gone: Redis restarted without its data, or someone deleted the stream. What this
-        consumer holds is no longer pending anywhere; new entries are read into a new group."""
-        metrics.STAGE_ERRORS.labels(stage=self.group, kind="nogroup").inc()
-        log.error("consumer group %s of %s is missing: creating it again", self.group, self.stream, extra=self._ctx())
-        await self.ensure_group()
+    def _unavailable(self) -> None:
+        self.redis_ok = False
+        self._connected_since = time.monotonic()
+        # The reply of a read or a claim may have been lost after Redis gave us entries.
         self._reread_own()
+
+    async def _recreate_group(self) -> None:
+        """Create the group if missing: at start, or when Redis restarted without its data or someone deleted
+        the stream. What this consumer held then is pending nowhere; new entries are read into a new group."""
+        if await ensure_group(self.redis, self.stream, self.group) and self.handled:
+            metrics.STAGE_ERRORS.labels(stage=self.group, kind="nogroup").inc()
+            log.error(
+                "consumer group %s of %s was missing: created it again", self.group, self.stream, extra=self._ctx()
+            )
+        self._group_missing = False
+        self._reread_own()
+
+    async def _give_back(self) -> None:
+        """Stopping cleanly, undo the delivery count of the entries given back unhandled, so that rolling
+        restarts during a backlog never make poison of what waited through them."""
+        given_back = [eid for eid in self._given_back if eid not in self.in_hand]
+        self._given_back.clear()
+        if given_back:
+            with contextlib.suppress(*UNAVAILABLE):
+                await self.reclaimer.give_back(given_back)
 
     def _reread_own(self) -> None:
         self._own_cursor = "-"
 
     async def _read_once(self) -> None:
-        free = self.max_in_hand - len(self.in_hand)
-        if free <= 0 or (self.in_hand and free < self._min_read):
+        if self._room() is None:
             # Under load, wait until a quarter batch is free: reading one entry per freed slot would make
             # the read loop, one round trip per XREADGROUP, the bottleneck of the stage.
             self._capacity.clear()
@@ -284,7 +313,6 @@ class Runner:
             stop.cancel()
             cap.cancel()
             return
-        count = min(self.settings.batch_size, free)
         now = time.monotonic()
         if now >= self._next_own_sweep:
             # Entries can be left in our pending list without our knowing: a read whose reply was lost and
@@ -292,9 +320,21 @@ class Runner:
             self._next_own_sweep = now + self.settings.claim_timeout_s / 3
             self._reread_own()
         async with self._taking:
+            count = self._room()  # again: a claim may have taken entries while we waited for the lock
+            if count is None:
+                return
             entries = await (self._read_own(count) if self._own_cursor is not None else self._read_new(count))
             if entries:
                 self._start(entries)
+
+    def _room(self) -> int | None:
+        """How many entries to read now, or None to wait for capacity. Under load, wait until a quarter batch
+        is free: reading one entry per freed slot would make the read loop, one round trip per XREADGROUP,
+        the bottleneck of the stage."""
+        free = self.max_in_hand - len(self.in_hand)
+        if free <= 0 or (self.in_hand and free < self._min_read):
+            return None
+        return min(self.settings.batch_size, free)
 
     async def _read_new(self, count: int) -> list[Entry]:
         read = asyncio.create_task(self._xreadgroup(">", count, block=self.settings.block_ms))
@@ -305,7 +345,7 @@ class Runner:
             # Stopping: an entry delivered to a cancelled read stays in our PEL and is re-read on restart
             # (or reclaimed), so nothing is lost.
             read.cancel()
-            with contextlib.suppress(asyncio.CancelledError, *CONNECTION_ERRORS):
+            with contextlib.suppress(asyncio.CancelledError, *UNAVAILABLE):
                 await read
             return []
         reply = read.result()
@@ -355,25 +395,30 @@ class Runner:
     async def _handle(self, entries: list[Entry]) -> None:
         started = time.perf_counter()
         batch = Batch(entries, commit=self.commit, on_commit=self._committed)
+        clean = False
         try:
             await self.stage.handle(batch)
             await batch.commit()
+            clean = True
         except asyncio.CancelledError:
             raise
         except GiveBack:
-            pass
+            clean = True
         except Exception as exc:
             # A loop boundary: what was not committed stays pending and is re-read after a pause.
-            kind = "redis" if isinstance(exc, CONNECTION_ERRORS) else "handle"
+            kind = "redis" if isinstance(exc, UNAVAILABLE) else "handle"
             metrics.STAGE_ERRORS.labels(stage=self.group, kind=kind).inc()
             log.error("batch failed, entries stay pending", exc_info=True, extra=self._ctx(len(entries)))
             await self._sleep(1.0)
         finally:
             batch.discard()
-            if any(e.id in self.in_hand for e in entries):
+            left = [e.id for e in entries if e.id in self.in_hand]
+            if left:
+                if clean and self.stopping:
+                    self._given_back.update(left)  # handed back unhandled, not failed
                 self._reread_own()  # some were left unsettled: re-read them
-                for e in entries:
-                    self.in_hand.pop(e.id, None)
+                for eid in left:
+                    self.in_hand.pop(eid, None)
                 self._capacity.set()
             self._in_hand_gauge.set(len(self.in_hand))
             self._batch_seconds.observe(time.perf_counter() - started)
@@ -408,18 +453,17 @@ class Runner:
                         log.warning("lost %d in-hand entries to another consumer", len(lost), extra=self._ctx())
                 if self.stopping:
                     continue
-                if self.settings.claim_dead_consumers:
+                lease_s = self.settings.consumer_lease_s
+                if lease_s is not None and now - self._connected_since >= lease_s:
                     await self._claim(self.reclaimer.claim_dead)
                 if now >= next_claim:
                     next_claim = now + claim_every
                     await self._claim(lambda n: self.reclaimer.claim(n, skip=self.in_hand))
                     await self.reclaimer.forget_dead_consumers()
-            except CONNECTION_ERRORS as exc:
-                self._reread_own()  # a claim's reply may have been lost after it gave us entries
+            except UNAVAILABLE as exc:
+                self._unavailable()
                 log.warning("maintenance skipped, redis unavailable: %s", exc, extra=self._ctx())
-            except ResponseError as exc:
-                if str(exc).startswith(GROUP_GONE):
-                    continue  # the read loop recreates the group
+            except Exception:  # a loop boundary: leases must go on being renewed whatever failed once
                 log.error("maintenance failed", exc_info=True, extra=self._ctx())
 
     async def _claim(self, claim: Callable[[int], Awaitable[list[Entry]]]) -> None:

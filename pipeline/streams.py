@@ -29,10 +29,12 @@ def parse_entries(raw: Sequence[Any]) -> list[Entry]:
     return [Entry(as_str(entry_id), (fields or {}).get(FIELD, b"")) for entry_id, fields in raw]
 
 
-async def ensure_group(redis: aioredis.Redis, stream: str, group: str) -> None:
-    """Create the consumer group (and the stream) if missing; an existing group is fine."""
+async def ensure_group(redis: aioredis.Redis, stream: str, group: str) -> bool:
+    """Create the consumer group (and the stream) if missing; an existing group is fine. True when created."""
     try:
         await redis.xgroup_create(stream, group, id="0", mkstream=True)
     except ResponseError as exc:
         if not str(exc).startswith("BUSYGROUP"):
             raise
+        return False
+    return True

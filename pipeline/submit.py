@@ -29,7 +29,7 @@ from pipeline.config import Config
 from pipeline.keys import Keys
 from pipeline.lua import Coalesced, Lua, script_source
 from pipeline.models import Message
-from pipeline.redis import CONNECTION_ERRORS
+from pipeline.redis import UNAVAILABLE
 from pipeline.streams import as_str
 
 # KEYS: status hash. ARGV: now, finished channel. Returns the status after the call (nil: no such message).
@@ -82,13 +82,35 @@ class Submission:
 
 
 def idempotency_record(keys: Keys, caller: str, tenant: str | None, idempotency_key: str) -> str:
-    """The key of an idempotency record: the caller's own, per tenant."""
-    return keys.idem(f"{caller}\0{tenant or ''}\0{idempotency_key}")
+    """The key of an idempotency record: the caller's own, per tenant (each part kept apart, so no tenant
+    and key can be read as another pair)."""
+    return keys.idem(msgspec.json.encode([caller, tenant or "", idempotency_key]).decode())
+
+
+def legacy_record(keys: Keys, caller: str, idempotency_key: str) -> str | None:
+    """The record the release before scoped keys kept for a key (one for every caller): honoured for the 24 h
+    its records live after an upgrade, so a client that retries across it gets its first message. Only where
+    the API has no keys: there every caller was the same one; with keys the record cannot be attributed.
+    None otherwise."""
+    return keys.idem(idempotency_key) if caller == "" else None
 
 
 def request_digest(doc: Any) -> str:
-    """A digest of a request that does not depend on the order of its keys."""
-    return hashlib.sha256(msgspec.json.encode(doc, order="sorted")).hexdigest()[:32]
+    """A digest of a request that does not depend on the order of its keys, nor on how a whole number was
+    written (``1`` or ``1.0``)."""
+    return hashlib.sha256(msgspec.json.encode(_canonical(doc), order="sorted")).hexdigest()[:32]
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, msgspec.Struct):
+        return _canonical(msgspec.structs.asdict(value))
+    return value
 
 
 class Submitter:
@@ -130,7 +152,7 @@ class Submitter:
         while True:
             try:
                 return await call()
-            except CONNECTION_ERRORS:
+            except UNAVAILABLE:
                 if time.monotonic() >= deadline:
                     raise
                 await asyncio.sleep(backoff.next())
@@ -142,7 +164,8 @@ class Submitter:
             msg = sub.message
             idem = msg.idempotency_key
             record = idempotency_record(self.keys, sub.caller, msg.tenant, idem) if idem else self.keys.idem("")
-            keys += [self.keys.level(msg.level), self.keys.msg(msg.id), record]
+            legacy = (legacy_record(self.keys, sub.caller, idem) if idem else None) or record
+            keys += [self.keys.level(msg.level), self.keys.msg(msg.id), record, legacy]
             # callers validate the level
             digest = (sub.digest or "-") if idem else ""
             args += [sub.payload, msg.id, msg.level, msg.enqueued_at, self._max_size[msg.level], digest]

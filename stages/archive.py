@@ -44,7 +44,7 @@ from pipeline.errors import GiveBack
 from pipeline.keys import Keys
 from pipeline.models import Outcome, decode_outcome
 from pipeline.queues import group_depth
-from pipeline.redis import CONNECTION_ERRORS
+from pipeline.redis import UNAVAILABLE
 from pipeline.stage import Batch, Stage
 from pipeline.streams import Entry, as_str
 from pipeline.trim import trim_acked
@@ -232,8 +232,13 @@ class Archive(Stage):
         bounds = self.config.queue.dead_letters
         interval = self.config.queue.cleanup_interval.seconds
         next_bound = time.monotonic()
+        indexed = False
         while True:
             try:
+                if not indexed:  # dead letters written before the index existed (an upgrade), once
+                    if n := await self.dead.reindex():
+                        log.info("indexed %d dead letters written before the dead-letter index", n)
+                    indexed = True
                 await self._update_backlog()
                 await self.cleanup()
                 if time.monotonic() >= next_bound:
@@ -242,7 +247,7 @@ class Archive(Stage):
                     if dropped:
                         TRIMMED.labels(stream="dlq").inc(dropped)
                         log.info("dropped %d dead letters past queue.dead_letters' bounds", dropped)
-            except CONNECTION_ERRORS as exc:
+            except UNAVAILABLE as exc:
                 log.warning("cleanup skipped, redis unavailable: %s", exc)
             except Exception:  # a loop boundary: a bug here must not end trimming for the life of the process
                 log.error("cleanup failed", exc_info=True)

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline import effects, tasks
-from pipeline.backend_calls import CallResult, classify, estimate_tokens, storable
+from pipeline.backend_calls import CallResult, classify, estimate_tokens, storable, token_count
 from pipeline.balance import BackendView, Balancer, Circuit
 from pipeline.config import BackendConfig, Config
 from pipeline.echo import ECHO_SCHEME, completion
@@ -32,7 +32,7 @@ from pipeline.limits import ACQUIRE_FN, BackendLimits
 from pipeline.lua import Lua
 from pipeline.models import Message, Outcome, Status, decode_message, encode
 from pipeline.outcomes import outcome_effect
-from pipeline.redis import CONNECTION_ERRORS
+from pipeline.redis import UNAVAILABLE
 from pipeline.stage import Batch, Stage
 from pipeline.streams import Entry
 
@@ -104,16 +104,6 @@ class _Meters:
         if status not in self._outcomes:  # only the outcomes that happen get a series
             self._outcomes[status] = DISPATCHED.labels(backend=self.backend, outcome=status.value)
         return self._outcomes[status]
-
-
-TOKENS_MAX = 2**63 - 1
-
-
-def _tokens(value: object) -> int | None:
-    """A token count a backend reported, when it is one: an integer that PostgreSQL's bigint holds."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= TOKENS_MAX:
-        return value
-    return None
 
 
 def _storable(outcome: Outcome) -> Outcome:
@@ -286,6 +276,9 @@ class Dispatch(Stage):
             # started is given back: its entry stays pending for this consumer's restart or another's claim.
             if await tasks.wait_event(self._stopping, WAIT_FOR_SLOT_S):
                 raise GiveBack
+            if msg.deadline is not None and time.time() > msg.deadline:
+                error = "expired waiting for a backend slot (rpm, tpm or max_concurrent)"
+                return CallResult(status=Status.EXPIRED, backend="-", error=error)
 
     def _eligible(self, model: object) -> list[BackendConfig]:
         now = time.time()
@@ -349,7 +342,7 @@ class Dispatch(Stage):
                         content=_json.encode(msg.request),
                         headers=headers,
                     )
-                result = classify(backend.name, response, max_retry_after_s=self.max_retry_after_s)
+                result = self._read(backend.name, response)
             if result.response is not None:
                 result.tokens_used = self._count_tokens(backend.name, result.response)
         except (TimeoutError, httpx.TimeoutException):
@@ -368,17 +361,30 @@ class Dispatch(Stage):
         meters.outcome(result.status).inc()
         return result
 
+    def _read(self, name: str, response: httpx.Response) -> CallResult:
+        """What the backend's answer means. Once a call has been made, nothing it answered may leave the
+        message to be called again: an answer that breaks the reading fails the message, with the reason."""
+        try:
+            return classify(name, response, max_retry_after_s=self.max_retry_after_s)
+        except Exception as exc:
+            log.warning("backend %s answered what cannot be read", name, exc_info=True)
+            error = (
+                f"backend {name} answered {response.status_code} with a body that cannot be read: {type(exc).__name__}"
+            )
+            return CallResult(status=Status.FAILED, backend=name, error=error)
+
     def _count_tokens(self, name: str, body: dict[str, Any]) -> int | None:
+        """Count what ``usage`` reports (a number that is not a token count, negative say, is ignored) and
+        return its total."""
         usage = body.get("usage") if isinstance(body, dict) else None
         if not isinstance(usage, dict):
             return None
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if isinstance(prompt, int):
+        prompt, completion = token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
+        if prompt is not None:
             self.meters[name].prompt_tokens.inc(prompt)
-        if isinstance(completion, int):
+        if completion is not None:
             self.meters[name].completion_tokens.inc(completion)
-        total = usage.get("total_tokens")
-        return total if isinstance(total, int) else None
+        return token_count(usage.get("total_tokens"))
 
     def _update_circuit(self, name: str, result: CallResult) -> None:
         circuit = self.circuits[name]
@@ -423,8 +429,8 @@ class Dispatch(Stage):
             error=result.error,
             started_at=started,
             finished_at=now,
-            prompt_tokens=_tokens(usage.get("prompt_tokens")),
-            completion_tokens=_tokens(usage.get("completion_tokens")),
+            prompt_tokens=token_count(usage.get("prompt_tokens")),
+            completion_tokens=token_count(usage.get("completion_tokens")),
         )
         self._finish(batch, entry, outcome, *correction)
 
@@ -434,7 +440,12 @@ class Dispatch(Stage):
         except (UnicodeEncodeError, OverflowError, msgspec.EncodeError):
             # A backend answer that parsed but cannot be stored (a lone surrogate, an integer past 64 bits):
             # recorded as it can be, never left to be called again.
-            effect = outcome_effect(self.keys, _storable(outcome), retention_s=self.retention_s)
+            try:
+                effect = outcome_effect(self.keys, _storable(outcome), retention_s=self.retention_s)
+            except (UnicodeEncodeError, OverflowError, msgspec.EncodeError):
+                error = f"backend {outcome.backend} answered a body that cannot be stored"
+                bare = msgspec.structs.replace(outcome, status=Status.FAILED, response=None, error=error)
+                effect = outcome_effect(self.keys, bare, retention_s=self.retention_s)
         batch.ack(entry, effect, *more)
 
     async def _renew_loop(self) -> None:
@@ -450,8 +461,10 @@ class Dispatch(Stage):
                 pipe.zadd(self.keys.inflight(level), {message_id: expiry}, xx=True, gt=True)
             try:
                 await pipe.execute()
-            except CONNECTION_ERRORS as exc:
+            except UNAVAILABLE as exc:
                 log.warning("could not renew in-flight leases: %s", exc)
+            except Exception:  # a loop boundary: leases must go on being renewed
+                log.error("renewing in-flight leases failed", exc_info=True)
 
     async def _probe_loop(self) -> None:
         interval = self.config.loadbalancer.health_check_interval.seconds
@@ -460,7 +473,11 @@ class Dispatch(Stage):
             for name, circuit in self.circuits.items():
                 if not circuit.open:
                     continue
-                healthy = await self._probe_one(self.backends[name])
+                try:
+                    healthy = await self._probe_one(self.backends[name])
+                except Exception:  # a loop boundary: a backend must not stay out because a probe broke
+                    log.error("probing backend %s failed", name, exc_info=True)
+                    continue
                 if circuit.probe(healthy):
                     BACKEND_UP.labels(backend=name).set(1)
                     log.info("backend %s probed healthy: back in (half-open)", name)

@@ -26,7 +26,7 @@ from pipeline.keys import Keys
 from pipeline.lua import Lua, script_source
 from pipeline.models import Message, Outcome, Status, decode_message
 from pipeline.outcomes import outcome_effect
-from pipeline.redis import CONNECTION_ERRORS
+from pipeline.redis import UNAVAILABLE
 from pipeline.stage import Batch, Stage
 from pipeline.streams import Entry
 
@@ -126,7 +126,8 @@ class Retry(Stage):
             fields={b"error": error, b"errors": msgspec.json.encode(msg.errors)},
         )
         outcome = Outcome(message=msg, status=Status.DEAD, error=error, finished_at=now)
-        batch.ack(entry, letter, outcome_effect(self.keys, outcome, retention_s=self.retention_s))
+        effect = outcome_effect(self.keys, outcome, retention_s=self.retention_s, cancellable=True)
+        batch.ack(entry, letter, effect)
         DEAD.inc()
 
     async def move_due(self, now: float | None = None, limit: int = 500) -> int:
@@ -144,6 +145,9 @@ class Retry(Stage):
                 SCHEDULED.set(await self.redis.zcard(self.keys.retry_due))
                 wait = 0.25 if not head else min(0.25, max(0.0, float(head[0][1]) - time.time()))
                 await asyncio.sleep(max(wait, 0.001))
-            except CONNECTION_ERRORS as exc:
+            except UNAVAILABLE as exc:
                 log.warning("retry timer paused, redis unavailable: %s", exc)
+                await asyncio.sleep(1.0)
+            except Exception:  # a loop boundary: due messages must go on being moved back
+                log.error("retry timer failed", exc_info=True)
                 await asyncio.sleep(1.0)

@@ -33,7 +33,7 @@ from pipeline.lua import Lua, script_source
 from pipeline.models import Message, Outcome, Status, decode_message
 from pipeline.notify import Listener
 from pipeline.outcomes import outcome_effect
-from pipeline.redis import CONNECTION_ERRORS
+from pipeline.redis import UNAVAILABLE
 from pipeline.stage import Batch, Stage
 from pipeline.stagger import Stagger, stagger
 from pipeline.streams import Entry, as_str
@@ -160,8 +160,11 @@ class Arbiter:
             self._wake.clear()
             try:
                 await self._round()
-            except CONNECTION_ERRORS as exc:
+            except UNAVAILABLE as exc:
                 log.warning("admission paused, redis unavailable: %s", exc)
+                await asyncio.sleep(0.5)
+            except Exception:  # a loop boundary: one failed round must not end admission for the process
+                log.error("admission round failed", exc_info=True)
                 await asyncio.sleep(0.5)
 
     def _has_waiting(self) -> bool:
@@ -353,7 +356,8 @@ class LevelIntake(Stage):
     def _end(self, batch: Batch, entry: Entry, msg: Message, status: Status, now: float) -> None:
         DROPPED.labels(level=msg.level, status=status.value).inc()
         outcome = Outcome(message=msg, status=status, finished_at=now)
-        batch.ack(entry, outcome_effect(self.keys, outcome, retention_s=self.retention_s))
+        effect = outcome_effect(self.keys, outcome, retention_s=self.retention_s, cancellable=True)
+        batch.ack(entry, effect)
 
 
 class _OwningIntake(LevelIntake):

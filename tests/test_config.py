@@ -268,6 +268,9 @@ SPLIT_SECRET = "Pw-Xq7/Zr9"
             "database.redis.url: scheme must be redis://, rediss:// or unix://, got 'http://'",
         ),
         ("{}", {"LLMQ_REDIS_URL": f"redis://:{SPLIT_SECRET}@redis:6379/0"}, "database.redis.url: the host, port or"),
+        # an '@' in the password, then a '/': the host would be read from the password's tail
+        ("{}", {"LLMQ_REDIS_URL": f"redis://:Pw@{SPLIT_SECRET}@redis:6379/0"}, "database.redis.url: the host, port or"),
+        ("{}", {"LLMQ_REDIS_URL": "redis://:Pw[Xq7]@redis:6379/0"}, "database.redis.url: the host, port or"),
         (
             "{}",
             {"LLMQ_DATABASE_URL": f"postgresql://llmq:{SPLIT_SECRET}@db:5432/llmq"},
@@ -295,7 +298,7 @@ def test_a_secret_in_a_wrong_place_is_named_by_its_path_and_never_shown(
     # Then the problem names the field, and no part of the secret is printed
     assert result.exit_code == 3, result.output
     assert f"  {line}" in result.output
-    for part in (SECRET, "4815162342", *SPLIT_SECRET.split("/")):
+    for part in (SECRET, "4815162342", *SPLIT_SECRET.split("/"), "Pw[Xq7]"):
         assert part not in result.output
 
 

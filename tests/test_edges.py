@@ -11,11 +11,16 @@ import httpx
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import OutOfMemoryError, ResponseError
 
+from pipeline.backend_calls import MAX_ESTIMATE, estimate_tokens
 from pipeline.config import load_config
+from pipeline.dlq import DeadLetters
 from pipeline.effects import Commit, xadd
 from pipeline.keys import Keys
-from pipeline.models import FIELD, Status, decode_outcome, encode, new_id
+from pipeline.limits import BackendLimits
+from pipeline.models import FIELD, Outcome, Status, decode_outcome, encode, new_id
+from pipeline.outcomes import outcome_effect
 from pipeline.stage import Runner
 from pipeline.submit import new_message
 from stages.mock_backend import MockSettings
@@ -46,16 +51,37 @@ async def test_an_answer_with_lone_surrogates_completes_once_with_them_replaced(
     assert content == "half \ufffd of an emoji"
 
 
-async def test_an_answer_with_an_integer_past_64_bits_fails_once_with_the_reason(
-    redis: aioredis.Redis, keys: Keys
+@pytest.mark.parametrize(
+    ("body", "status", "error"),
+    [
+        (
+            '{"choices": [], "usage": {"prompt_tokens": 123456789012345678901234567890}}',
+            "failed",
+            "cannot be stored: an integer past 64 bits at usage.prompt_tokens",
+        ),
+        # the reason names a key with a lone surrogate: it must be storable itself
+        ('{"\\udead": 123456789012345678901234567890}', "failed", "an integer past 64 bits at \ufffd"),
+        # counts that are not token counts are not counted (a negative one broke the metric)
+        ('{"choices": [], "usage": {"prompt_tokens": -1, "total_tokens": 9223372036854775807}}', "completed", None),
+        # nested past what the standard parser takes: an invalid answer, retried on the backoff, not poison
+        ("[" * 100_000 + "]" * 100_000, "dead", "backend answered invalid JSON"),
+    ],
+)
+async def test_an_answer_that_breaks_the_reading_ends_the_message_without_calling_again(
+    redis: aioredis.Redis, keys: Keys, body: str, status: str, error: str | None
 ) -> None:
-    body = '{"choices": [], "usage": {"prompt_tokens": 123456789012345678901234567890}}'
-    async with Harness(redis, keys, backends={"a": MockSettings(latency_ms=1, body=body)}) as h:
+    # Given a backend whose answer parses but holds what cannot be stored or counted (tpm on, to correct it)
+    backends = {"a": MockSettings(latency_ms=1, body=body)}
+    config = {"a": {"max_concurrent": 8, "tpm": 100_000}}
+    async with Harness(redis, keys, backends=backends, backend_config=config, env=NO_RETRY) as h:
         mid = await h.submit()
-        status = (await h.wait_terminal([mid]))[mid]
+        # When it is dispatched, then it ends with the reason after one call (once per attempt), never poison
+        result = (await h.wait_terminal([mid]))[mid]
         calls = h.mocks["a"].calls
-    assert status["status"] == "failed" and calls == 1
-    assert "cannot be stored: an integer past 64 bits at usage.prompt_tokens" in status["error"]
+    assert result["status"] == status and calls == 1, result
+    if error is not None:
+        assert error in result["error"]
+    assert "poison" not in result.get("error", "")
 
 
 @pytest.mark.parametrize("retry_after", [float("inf"), 1e12])
@@ -240,3 +266,176 @@ async def test_the_native_api_refuses_stream_true(redis: aioredis.Redis, keys: K
         response = await http.post("/api/v1/messages", json={"request": {**CHAT, "stream": True}})
     assert response.status_code == 422 and response.json()["field"] == "request.stream"
     assert await redis.xlen(keys.level("normal")) == 0
+
+
+async def test_a_request_past_a_whole_minutes_tokens_runs_and_does_not_wedge_dispatch(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given a backend with tpm 1000 and requests asking for up to 200,000 tokens, then a realtime one
+    config = {"a": {"max_concurrent": 8, "tpm": 1000}}
+    async with Harness(redis, keys, backends={"a": MockSettings(latency_ms=1)}, backend_config=config) as h:
+        big = [await h.submit(request={**CHAT, "max_tokens": 200_000}) for _ in range(2)]
+        urgent = await h.submit("realtime")
+        # Then the first takes the minute's whole budget and completes; the realtime one does not wait for
+        # ever behind estimates that could never fit (they waited for good)
+        statuses = await h.wait_terminal([big[0], urgent], within=10)
+    assert statuses[big[0]]["status"] == "completed"
+
+
+def test_a_negative_or_absurd_budget_is_estimated_as_none_given() -> None:
+    prompt = [{"role": "user", "content": "x" * 400}]
+    assert estimate_tokens({"messages": prompt, "max_tokens": -100_000_000}) == 100 + 256
+    assert estimate_tokens({"messages": prompt, "max_tokens": 10**30}) == MAX_ESTIMATE
+
+
+async def test_a_tpm_correction_never_overflows_the_counter(redis: aioredis.Redis, keys: Keys) -> None:
+    limits = BackendLimits(redis=redis, keys=keys, lease_s=1)
+    [effect] = limits.correct("a", tpm=1000, estimated=5000, used=2**63 - 1)
+    assert effect.args[0] == MAX_ESTIMATE - 1000  # what acquire counted was the whole minute, 1000
+
+
+async def test_an_idempotency_key_of_the_release_before_is_honoured_after_the_upgrade(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given a record the release before wrote for key "order-42" (the API has no keys)
+    await redis.set(keys.idem("order-42"), "01a20000-0000-7000-8000-000000000042", ex=3600)
+    async with client_for(redis, keys) as http:
+        # When the client retries with that key after the upgrade
+        response = await http.post("/api/v1/messages", json={"request": CHAT, "idempotency_key": "order-42"})
+    # Then it gets its first message, not a second one
+    assert response.status_code == 200 and response.json()["id"] == "01a20000-0000-7000-8000-000000000042"
+    assert await redis.xlen(keys.level("normal")) == 0
+
+
+async def test_idempotency_scopes_cannot_be_confused_and_digests_are_stable(redis: aioredis.Redis, keys: Keys) -> None:
+    async with client_for(redis, keys, {"LLMQ_SERVER__SYNC_TIMEOUT": "100ms"}) as http:
+
+        async def post(**body: object) -> httpx.Response:
+            return await http.post("/api/v1/messages", json={"request": CHAT, **body})
+
+        # a tenant and a key that read as another pair joined with a NUL are two scopes
+        first = await post(tenant="a\0b", idempotency_key="c")
+        second = await post(tenant="a", idempotency_key="b\0c")
+        assert first.status_code == second.status_code == 202
+        # 1 and 1.0 are the same request
+        one = await post(request={**CHAT, "temperature": 1}, idempotency_key="t")
+        again = await post(request={**CHAT, "temperature": 1.0}, idempotency_key="t")
+        assert again.status_code == 200 and again.json()["id"] == one.json()["id"]
+        # an empty tenant header is no tenant: the same request, not a conflict
+        facade = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        answers = [
+            await http.post("/v1/chat/completions", json=facade, headers={"Idempotency-Key": "h", **tenant})
+            for tenant in ({}, {"X-LLMQ-Tenant": ""})
+        ]
+        assert [a.status_code for a in answers] == [504, 504], answers[1].text  # no backend runs here
+        assert answers[0].headers["x-llmq-message-id"] == answers[1].headers["x-llmq-message-id"]
+
+
+async def test_the_openai_facade_holds_its_headers_to_the_native_limits(redis: aioredis.Redis, keys: Keys) -> None:
+    async with client_for(redis, keys) as http:
+        long_tenant = await http.post(
+            "/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"X-LLMQ-Tenant": "t" * 5000},
+        )
+        not_objects = await http.post("/v1/chat/completions", json={"model": "m", "messages": [5]})
+    assert long_tenant.status_code == 400 and long_tenant.json()["error"]["param"] == "x-llmq-tenant"
+    assert not_objects.status_code == 400 and not_objects.json()["error"]["param"] == "messages[0]"
+    assert await redis.xlen(keys.level("normal")) == 0
+
+
+async def test_a_configured_metrics_path_needs_no_api_key(redis: aioredis.Redis, keys: Keys) -> None:
+    async with client_for(redis, keys, {"LLMQ_API_KEYS": "k", "LLMQ_METRICS__PATH": "/prom"}) as http:
+        assert (await http.get("/prom")).status_code == 200
+        assert (await http.get("/api/v1/queues/status")).status_code == 401
+
+
+@pytest.mark.parametrize("ident", ["1-", "-1", "99999999999999999999-0", "\u0661-0", "1-2-3"])
+async def test_a_dead_letter_id_that_is_no_stream_id_is_not_found(
+    redis: aioredis.Redis, keys: Keys, ident: str
+) -> None:
+    async with client_for(redis, keys) as http:
+        shown = await http.get(f"/api/v1/dlq/{ident}")
+        replayed = await http.post(f"/api/v1/dlq/{ident}/replay")
+    assert shown.status_code == replayed.status_code == 404
+
+
+async def test_dead_letters_of_the_release_before_are_found_by_message_id(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given two dead letters written before the index existed, the second of the same message newer
+    msg = new_message(message_id=new_id(), level="normal", request=CHAT)
+    for reason in ("first", "second"):
+        await redis.xadd(keys.dlq, {FIELD: encode(msg), b"reason": reason, b"message_id": msg.id})
+    dead = DeadLetters(redis=redis, keys=keys, levels=["normal"])
+    assert await dead.find(msg.id) is None
+    # When the archive indexes them at start (once)
+    assert await dead.reindex() == 1  # one message
+    assert await dead.reindex() == 0
+    # Then the newest is found by message id
+    found = await dead.find(msg.id)
+    assert found is not None and found.reason == "second"
+
+
+async def test_a_cancel_acknowledged_before_an_end_decided_meanwhile_wins(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a message that expired while it waited, and a client whose DELETE was answered "cancelled" meanwhile
+    msg = new_message(message_id=new_id(), level="normal", request=CHAT)
+    await redis.hset(keys.msg(msg.id), mapping={"status": "cancelled"})
+    expired = Outcome(message=msg, status=Status.EXPIRED, finished_at=time.time())
+    commit = Commit(redis, stream=keys.level("normal"), group="schedule", channel=keys.finished)
+    # When the end is recorded
+    await commit([("", [outcome_effect(keys, expired, retention_s=60, cancellable=True)])])
+    # Then the message stays cancelled, and the archive gets a cancelled outcome
+    assert await redis.hget(keys.msg(msg.id), "status") == b"cancelled"
+    [(_, fields)] = await redis.xrange(keys.done)
+    assert decode_outcome(fields[FIELD]).status is Status.CANCELLED
+
+
+async def test_the_retry_timer_outlives_a_refused_write(
+    redis: aioredis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a retry stage whose first move of due messages is refused (out of memory, say)
+    config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix})
+    retry = Retry(config=config, redis=redis, keys=keys)
+    move = retry._move
+    refused = 0
+
+    async def refusing(keys_: object, args: object) -> object:
+        nonlocal refused
+        if not refused:
+            refused += 1
+            raise OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'.")
+        return await move(keys_, args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(retry, "_move", refusing)
+    msg = new_message(message_id=new_id(), level="normal", request=CHAT)
+    await redis.hset(keys.retry_payloads, f"normal:{msg.id}", encode(msg))
+    await redis.zadd(keys.retry_due, {f"normal:{msg.id}": time.time() - 1})
+    # When its timer runs, then the message still goes back to its level (the timer died on the error)
+    await retry.start()
+    try:
+        await eventually(lambda: _xlen(redis, keys.level("normal"), 1), within=5, what="the message moved back")
+    finally:
+        await retry.close()
+    assert refused == 1
+
+
+async def test_the_arbiter_outlives_a_failed_round(
+    redis: aioredis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a scheduler whose first admission round fails with an error that is not a connection's
+    async with Harness(redis, keys, backends={"a": MockSettings(latency_ms=1)}) as h:
+        arbiter = h.stages[0].arbiter  # type: ignore[attr-defined]
+        round_ = arbiter._round
+        failed = 0
+
+        async def failing() -> None:
+            nonlocal failed
+            if not failed:
+                failed += 1
+                raise ResponseError("BUSY Redis is busy running a script.")
+            await round_()
+
+        monkeypatch.setattr(arbiter, "_round", failing)
+        # When messages come, then they are still admitted and completed
+        mid = await h.submit()
+        status = (await h.wait_terminal([mid], within=10))[mid]
+    assert status["status"] == "completed" and failed == 1

@@ -151,6 +151,11 @@ async def test_random_lost_replies_lose_nothing_and_run_nothing_twice(
                 )
             except BaseException:
                 print(await describe_streams(redis, keys, database_url))
+                for proc in procs:  # what each stage had to say beyond "info"
+                    lines = [line for line in proc.lines() if line.get("level") not in (None, "info", "debug")]
+                    print(f"== {proc.popen.args[3:5]} exit {proc.popen.poll()}: {len(lines)} warnings and errors")
+                    for line in lines[-10:]:
+                        print("  ", str(line.get("msg"))[:200], str(line.get("exc", ""))[-300:])
                 raise
             elapsed = time.monotonic() - started
             redis_proxy.chaos()

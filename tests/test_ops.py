@@ -510,6 +510,23 @@ def _wait_for_text(proc: Proc, path: Path, text: str, timeout: float = 20) -> No
 # --- scripts: backup, restore, maintenance ------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("url", "password", "rest"),
+    [
+        ("redis://:p%2Fw%40x@redis:6379/0", "p/w@x", "redis://redis:6379/0"),  # percent-encoded, as the README asks
+        ("rediss://llmq:plain@redis:6380/1", "plain", "rediss://llmq@redis:6380/1"),
+        ("redis://:back\\slash%25@redis/0", "back\\slash%", "redis://redis/0"),
+        ("redis://redis:6379/0", "", "redis://redis:6379/0"),
+    ],
+)
+def test_the_scripts_give_redis_cli_the_password_llmq_reads(url: str, password: str, rest: str) -> None:
+    script = 'source ops/scripts/_redis_auth.sh; printf "%s\\n%s" "${REDISCLI_AUTH:-}" "$redis_url"'
+    out = subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, env={"LLMQ_REDIS_URL": url}, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split("\n") == [password, rest]
+
+
 def test_shell_scripts_pass_shellcheck() -> None:
     shellcheck = tool("shellcheck")
     # -x follows `source` into ops/scripts/_redis_auth.sh (its path is given from the repo root)

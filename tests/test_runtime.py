@@ -12,7 +12,7 @@ import httpx
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import ReadOnlyError, ResponseError
 
 from pipeline import tasks
 from pipeline.keys import Keys
@@ -177,7 +177,7 @@ async def test_entries_of_a_consumer_whose_lease_expired_are_taken_over_at_once(
     await add_jobs(redis, stream, [{"id": f"o{i}"} for i in range(3)])
     await redis.xreadgroup("work", "old-pod-1", {stream: ">"}, count=3)
     # When a consumer that takes over dead consumers' entries runs, with a claim timeout of a minute
-    runner = make_runner(redis, keys, stream, "new-pod-1", claim_timeout_s=60, claim_dead_consumers=True)
+    runner = make_runner(redis, keys, stream, "new-pod-1", claim_timeout_s=60, consumer_lease_s=0.5)
     async with running(runner):
         # Then it handles them within seconds, not after the claim timeout
         await eventually(lambda: _len_is(redis, f"{stream}:handled", 3), within=8, what="3 handled")
@@ -190,7 +190,7 @@ async def test_a_consumer_with_a_live_lease_keeps_its_entries(redis: aioredis.Re
     await add_jobs(redis, stream, [{"id": "mine"}])
     await redis.xreadgroup("work", "alive-1", {stream: ">"}, count=1)
     await redis.set(keys.consumer_lease("work", "alive-1"), "token", px=60_000)
-    runner = make_runner(redis, keys, stream, "other-1", claim_timeout_s=60, claim_dead_consumers=True)
+    runner = make_runner(redis, keys, stream, "other-1", claim_timeout_s=60, consumer_lease_s=0.5)
     assert await runner.reclaimer.claim_dead(10) == []
     assert await pending_count(redis, stream) == 1
 
@@ -517,3 +517,118 @@ async def test_a_task_that_swallows_a_cancellation_is_cancelled_again() -> None:
     done, _ = await asyncio.wait({stopping}, timeout=5)
     assert done, "cancel() waited on a task that went on"
     assert task.cancelled() and swallowed == 1
+
+
+# --- what the hostile review of issue 16 found ------------------------------------------------------------
+
+
+class HoldingStage(RecordingStage):
+    """Holds every entry until shutdown, then gives it back unhandled (as a scheduler's intake does with what
+    waits for admission)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._stop = asyncio.Event()
+
+    async def handle(self, batch: Any) -> None:
+        await self._stop.wait()
+
+    def on_stop(self) -> None:
+        self._stop.set()
+
+
+async def test_clean_restarts_of_a_holding_consumer_never_make_poison(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given entries held by a consumer that is stopped cleanly six times (max_deliveries 3)
+    stream = keys.level("normal")
+    await add_jobs(redis, stream, [{"id": f"w{i}"} for i in range(5)])
+    for _ in range(6):
+        stage = HoldingStage(redis=redis, stream=stream, group="work")
+        runner = Runner(stage, redis=redis, keys=keys, consumer="c1", settings=settings(max_deliveries=3))
+        async with running(runner):
+            await eventually(lambda r=runner: _holds(r, 5), what="5 held")  # type: ignore[misc]
+    # Then none is dead-lettered: a delivery handed back unhandled is not counted
+    assert await redis.xlen(keys.dlq) == 0
+    rows: Any = await redis.xpending_range(stream, "work", "-", "+", 10)
+    assert [r["times_delivered"] for r in rows] == [0] * 5
+
+
+async def _holds(runner: Runner, n: int) -> bool:
+    return len(runner.in_hand) >= n
+
+
+async def test_a_failed_commit_of_a_replica_is_retried_not_dropped(
+    redis: aioredis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a consumer whose first commit meets a failover (READONLY)
+    stream = keys.level("normal")
+    await add_jobs(redis, stream, [{"id": f"f{i}"} for i in range(3)])
+    runner = make_runner(redis, keys, stream, "c1")
+    script = runner.commit._script
+    calls = 0
+
+    async def failing_over(keys_: Any, args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ReadOnlyError("READONLY You can't write against a read only replica.")
+        return await script(keys_, args)
+
+    monkeypatch.setattr(runner.commit, "_script", failing_over)
+    # When it handles them, then the commit is made again, and each entry is handled once
+    async with running(runner):
+        await eventually(lambda: _len_is(redis, f"{stream}:handled", 3), what="3 handled")
+    assert sorted(await ids(redis, f"{stream}:started")) == ["f0", "f1", "f2"]
+    assert await pending_count(redis, stream) == 0
+
+
+async def test_after_an_outage_dead_consumers_are_taken_over_only_after_a_whole_lease(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given entries of a consumer with no lease, and a consumer that has just (re)connected: after an outage
+    # every lease has lapsed, the live ones' too, until they refresh them
+    stream = keys.level("normal")
+    await redis.xgroup_create(stream, "work", id="0", mkstream=True)
+    await add_jobs(redis, stream, [{"id": "o"}])
+    await redis.xreadgroup("work", "other-1", {stream: ">"}, count=1)
+    runner = make_runner(redis, keys, stream, "me-1", claim_timeout_s=60, consumer_lease_s=2.0)
+    async with running(runner):
+        # Then for a whole lease it takes nothing (the other may be refreshing its lease)
+        await asyncio.sleep(1.2)
+        assert await redis.llen(f"{stream}:handled") == 0
+        # and then it takes the entries over
+        await eventually(lambda: _len_is(redis, f"{stream}:handled", 1), within=5, what="taken over")
+
+
+async def test_a_consumer_that_read_after_the_check_is_not_forgotten(
+    redis: aioredis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a consumer seen idle with nothing pending, which then restarts under its name and reads an entry
+    stream = keys.level("normal")
+    await redis.xgroup_create(stream, "work", id="0", mkstream=True)
+    await redis.xgroup_createconsumer(stream, "work", "back-1")
+    runner = make_runner(redis, keys, stream, "other", claim_timeout_s=0.05)
+    await asyncio.sleep(0.1)
+    seen = await redis.xinfo_consumers(stream, "work")
+    await add_jobs(redis, stream, [{"id": "fresh"}])
+    await redis.xreadgroup("work", "back-1", {stream: ">"}, count=1)
+
+    async def stale(*_: Any) -> Any:
+        return seen
+
+    monkeypatch.setattr(runner.reclaimer.redis, "xinfo_consumers", stale)
+    # When the other consumer forgets the dead ones on what it saw
+    assert await runner.reclaimer.forget_dead_consumers() == []
+    # Then the entry it read is still pending (XGROUP DELCONSUMER would have dropped it)
+    assert await pending_count(redis, stream) == 1
+
+
+async def test_taking_over_stops_when_the_owner_took_its_lease_back(redis: aioredis.Redis, keys: Keys) -> None:
+    stream = keys.level("normal")
+    await redis.xgroup_create(stream, "work", id="0", mkstream=True)
+    await add_jobs(redis, stream, [{"id": "mine"}])
+    reply = await redis.xreadgroup("work", "owner-1", {stream: ">"}, count=1)
+    entry_id = reply[0][1][0][0].decode()
+    lease = keys.consumer_lease("work", "owner-1")
+    await redis.set(lease, "token", px=60_000)  # restarted under its name, re-reading its own entries
+    runner = make_runner(redis, keys, stream, "other-1")
+    assert await runner.reclaimer.take([entry_id], owner="owner-1", lease=lease) == []

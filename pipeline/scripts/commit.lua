@@ -75,13 +75,20 @@ function effects.status(kp, ap, na)
 end
 
 -- A message reached a terminal status: its outcome to the done stream (for the archive), its status hash
--- (kept for the retention), its in-flight slot released, and its id announced once the commit ends.
--- keys: done stream, status hash, in-flight set. args: message id, retention s, outcome payload, field,
--- value, ...
+-- (kept for the retention), its in-flight slot released, and its id announced once the commit ends. A
+-- cancel acknowledged to its client wins over an end decided meanwhile (expired, dead): then the cancelled
+-- outcome given goes to the archive instead, and the status stays cancelled.
+-- keys: done stream, status hash, in-flight set. args: message id, retention s, outcome payload, the
+-- cancelled outcome's payload ('' when the message cannot have been cancelled), field, value, ...
 function effects.finish(kp, ap, na)
   local hash = key(kp + 1)
-  redis.call('XADD', key(kp), '*', 'm', ARGV[ap + 2])
-  redis.call('HSET', hash, args(ap + 3, na - 3))
+  local cancelled = ARGV[ap + 3]
+  if cancelled ~= '' and redis.call('HGET', hash, 'status') == 'cancelled' then
+    redis.call('XADD', key(kp), '*', 'm', cancelled)
+  else
+    redis.call('XADD', key(kp), '*', 'm', ARGV[ap + 2])
+    redis.call('HSET', hash, args(ap + 4, na - 4))
+  end
   redis.call('EXPIRE', hash, ARGV[ap + 1])
   redis.call('ZREM', key(kp + 2), ARGV[ap])
   finished[#finished + 1] = ARGV[ap]

@@ -5,7 +5,9 @@ Safe to repeat: a message whose status hash exists already was queued by an earl
 reply was lost and redis-py sent it again), and is not queued twice. A level's depth is read once per call
 (lag + pending of the schedule group, XINFO GROUPS) and counted up as the call queues messages in it.
 
-KEYS       per message: its level stream, its status hash, its idempotency record ('' name when none)
+KEYS       per message: its level stream, its status hash, its idempotency record, and the record an
+           earlier release kept for the same key (the same record again when none; see pipeline/submit.py).
+           A message without an idempotency key names a record it never reads (keys share one hash tag).
 ARGV[1]    status hash TTL in seconds      ARGV[2]  idempotency record TTL in seconds
 ARGV[3..]  per message: payload, message id, level, enqueued_at, the level's max depth, the digest of
            the request ('' when it has no idempotency key)
@@ -26,12 +28,12 @@ end
 
 local hash_ttl, idem_ttl = ARGV[1], ARGV[2]
 local depths, out = {}, {}
-for i = 1, #KEYS / 3 do
-  local stream, hash, idem = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+for i = 1, #KEYS / 4 do
+  local stream, hash, idem, legacy = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
   local a = 3 + 6 * (i - 1)
   local payload, id, level, enqueued, max_depth, digest =
     ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5]
-  local first = digest ~= '' and redis.call('GET', idem)
+  local first = digest ~= '' and (redis.call('GET', idem) or (legacy ~= idem and redis.call('GET', legacy)))
   if redis.call('EXISTS', hash) == 1 then
     out[i] = {'queued', id, -1}
   elseif first then

@@ -1,9 +1,12 @@
 --[[ take: claim pending entries of a consumer group that belong to one consumer: to re-read one's own
 (after a restart or a failed batch) or to take over those of a consumer that died. Ownership is checked
-here, atomically, so an entry another consumer took meanwhile is never taken back from it. Each entry
-taken counts one more delivery (XCLAIM without JUSTID), as a re-read should for poison detection.
+here, atomically, so an entry another consumer took meanwhile is never taken back from it; taking over
+from a dead consumer also checks that its name lease is still gone (it may have restarted under its name
+and be re-reading them). Each entry taken counts one more delivery (XCLAIM without JUSTID), as a re-read
+should for poison detection.
 
 KEYS[1]    the stream
+KEYS[2]    (taking over only) the name lease of the consumer they belong to
 ARGV[1]    the group
 ARGV[2]    the consumer that takes them
 ARGV[3]    the consumer they must belong to
@@ -11,8 +14,10 @@ ARGV[4..]  entry ids
 Returns per entry taken: {id, its fields (field, value, ...), deliveries}. An entry trimmed from the stream
 while pending is dropped from the group's pending list by XCLAIM and not returned.
 ]]
-local stream, group, taker, owner = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local stream, lease = KEYS[1], KEYS[2]
+local group, taker, owner = ARGV[1], ARGV[2], ARGV[3]
 local out = {}
+if lease and redis.call('EXISTS', lease) == 1 then return out end
 for i = 4, #ARGV do
   local id = ARGV[i]
   local p = redis.call('XPENDING', stream, group, id, id, 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,7 +35,7 @@ from pipeline.keys import Keys
 from pipeline.models import Message, Status, new_id
 from pipeline.notify import Waiter
 from pipeline.queues import level_status
-from pipeline.redis import CONNECTION_ERRORS
+from pipeline.redis import UNAVAILABLE
 from pipeline.submit import Submission, Submitted, Submitter, Verdict, new_message, request_digest
 from stages.ingest.http_api import (
     INGESTED,
@@ -54,6 +55,8 @@ from stages.ingest.http_api import (
     server_error,
 )
 from stages.ingest.openai_facade import OpenAIFacade
+
+log = logging.getLogger("llmq.ingest")
 
 QUEUE_DEPTH = Gauge("queue_depth", "Messages waiting for admission in a level (lag + pending)", ["level"])
 
@@ -270,7 +273,7 @@ class IngestApi:
         checks = {"redis": "ok"}
         try:
             await asyncio.wait_for(self.redis.ping(), timeout=2)
-        except (TimeoutError, *CONNECTION_ERRORS):
+        except (TimeoutError, *UNAVAILABLE):
             checks["redis"] = "down"
         if self.pool is not None:
             try:
@@ -331,9 +334,13 @@ class IngestApi:
     async def refresh_depth(self) -> None:
         """Keeps ``queue_depth`` current for Prometheus even when nobody asks for the status."""
         while True:
-            with contextlib.suppress(*CONNECTION_ERRORS):
+            try:
                 for s in await level_status(self.redis, self.keys, self.config):
                     QUEUE_DEPTH.labels(level=s.level).set(s.depth)
+            except UNAVAILABLE:
+                pass
+            except Exception:  # a loop boundary: the gauge must stay current after one failed read
+                log.error("reading queue depths failed", exc_info=True)
             await asyncio.sleep(min(DEPTH_EVERY_S, self.config.queue.monitor_interval.seconds))
 
 
@@ -379,7 +386,7 @@ def create_app(
 
     return Starlette(
         routes=[Route(path, handled(path, fn), methods=methods) for path, fn, methods in routes],
-        middleware=[Middleware(ApiKeyMiddleware, keys=list(config.api_keys))],
+        middleware=[Middleware(ApiKeyMiddleware, keys=list(config.api_keys), metrics_path=config.metrics.path)],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )

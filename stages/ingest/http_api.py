@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pipeline import api
 from pipeline.models import Message, encode
-from pipeline.redis import CONNECTION_ERRORS
+from pipeline.redis import UNAVAILABLE
 
 T = TypeVar("T")
 
@@ -28,7 +28,8 @@ HTTP_DURATION = Histogram("http_request_duration_seconds", "HTTP request duratio
 INGESTED = Counter("llmq_messages_ingested_total", "Messages accepted into a level stream", ["level"])
 REJECTED = Counter("llmq_rejected_total", "Requests rejected, by reason", ["reason"])
 
-PUBLIC_PATHS = frozenset({"/api/v1/health", "/metrics", "/api/v1/metrics", "/openapi.json", "/docs"})
+PUBLIC_PATHS = frozenset({"/api/v1/health", "/api/v1/metrics", "/openapi.json", "/docs"})
+"""Served without an API key, with the configured ``metrics.path`` (Prometheus scrapes without one)."""
 REASONS = {
     400: "malformed",
     401: "auth",
@@ -89,12 +90,13 @@ class ApiKeyMiddleware:
     """401 unless ``Authorization: Bearer <key>`` or ``X-API-Key`` matches a configured key (constant-time
     comparison against every key; keys are never logged). The request's ``caller`` is set from the key."""
 
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: list[str], metrics_path: str) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
+        self.public = PUBLIC_PATHS | {metrics_path}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or not self.keys or scope["path"] in self.public:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
@@ -172,7 +174,7 @@ def handled(path: str, handler: Callable[[Request], Awaitable[Response]]) -> Cal
             response = await handler(request)
         except BadInput as exc:
             response = reject(exc.status, exc.message, exc.field)
-        except CONNECTION_ERRORS:
+        except UNAVAILABLE:
             response = reject(503, "queue storage unavailable; retry later", headers={"Retry-After": "1"})
         HTTP_REQUESTS.labels(request.method, path, str(response.status_code)).inc()
         HTTP_DURATION.labels(request.method, path).observe(time.perf_counter() - started)

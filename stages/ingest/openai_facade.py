@@ -49,6 +49,9 @@ class OpenAIFacade:
             return openai_error(exc.status, exc.message)
         if not isinstance(doc, dict) or not isinstance(doc.get("messages"), list) or not doc["messages"]:
             return openai_error(400, "messages must be a non-empty array", param="messages")
+        for i, item in enumerate(doc["messages"]):
+            if not isinstance(item, dict):
+                return openai_error(400, "each message must be an object", param=f"messages[{i}]")
         if doc.get("stream"):
             return openai_error(400, STREAM_UNSUPPORTED, param="stream")
         model = doc.get("model")
@@ -61,13 +64,20 @@ class OpenAIFacade:
             return openai_error(
                 400, f"unknown priority {level!r}; levels: {', '.join(self.ingest.levels)}", param="priority"
             )
+        # The headers hold what the native API's fields do, with the same limits; an empty one is none.
+        named = {}
+        for header in ("x-llmq-session-id", "x-llmq-tenant", "idempotency-key"):
+            value = request.headers.get(header) or None
+            if value is not None and len(value) > api.TEXT_MAX:
+                return openai_error(400, f"{header} is over {api.TEXT_MAX} characters", param=header)
+            named[header] = value
         msg = new_message(
             message_id=new_id(),
             level=level,
             request=doc,
-            session_id=request.headers.get("x-llmq-session-id"),
-            tenant=request.headers.get("x-llmq-tenant"),
-            idempotency_key=request.headers.get("idempotency-key"),
+            session_id=named["x-llmq-session-id"],
+            tenant=named["x-llmq-tenant"],
+            idempotency_key=named["idempotency-key"],
         )
         try:
             payload = encode_message(msg)
