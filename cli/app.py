@@ -203,7 +203,7 @@ def _parse_scale(values: list[str]) -> dict[str, int]:
     scale: dict[str, int] = {}
     for item in values:
         name, _, count = item.partition("=")
-        if name not in STAGES or not count.isdigit() or int(count) < 0:
+        if name not in STAGES or not (count.isascii() and count.isdigit()) or int(count) < 0:
             raise typer.BadParameter(f"{item!r}: expected STAGE=N with STAGE one of {', '.join(STAGES)}")
         scale[name] = int(count)
     return scale

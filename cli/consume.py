@@ -18,6 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from cli.exit_codes import ExitCode
+from pipeline.backoff import Backoff
 from pipeline.config import Config
 from pipeline.consumer import ConsumerLease
 from pipeline.errors import ConnectError, ConsumerNameTaken
@@ -75,7 +76,7 @@ async def consume(
         keys = Keys(config.redis.key_prefix)
         made = factory(config=config, redis=redis, keys=keys)
         stages = [made] if isinstance(made, Stage) else list(made)
-        return await _serve(stages, config, redis, keys, consumer, port, log_handler)
+        return await _serve(stages, config, redis, keys, consumer, port, log_handler, connect_timeout_s)
     finally:
         await redis.aclose()
 
@@ -88,14 +89,25 @@ async def _serve(
     consumer: str | None,
     port: int,
     log_handler: logging.Handler,
+    connect_timeout_s: float,
 ) -> ExitCode:
     group = stages[0].name
     lease = ConsumerLease(redis=redis, keys=keys, group=group, ttl_s=consumer_lease_s(config))
-    try:
-        name = await lease.acquire(consumer)
-    except ConsumerNameTaken as exc:
-        log.error("%s", exc)
-        return ExitCode.CONSUMER_NAME
+    backoff = Backoff(initial_s=0.1, max_s=5.0)
+    deadline = time.monotonic() + connect_timeout_s
+    while True:
+        try:
+            name = await lease.acquire(consumer)
+            break
+        except ConsumerNameTaken as exc:
+            log.error("%s", exc)
+            return ExitCode.CONSUMER_NAME
+        except UNAVAILABLE as exc:  # answering PING, but refusing writes (out of memory, a replica, ...)
+            if time.monotonic() >= deadline:
+                log.error("cannot take a consumer name at %s: %s", describe(config.redis), exc)
+                return ExitCode.CONNECT
+            log.warning("cannot take a consumer name yet, retrying: %s", exc)
+            await asyncio.sleep(backoff.next())
     settings = runner_settings(config)
     runners = [Runner(st, redis=redis, keys=keys, consumer=name, settings=settings) for st in stages]
     started = time.monotonic()

@@ -68,8 +68,8 @@ class MessageView(msgspec.Struct):
     started_at: float | None = None
     finished_at: float | None = None
     retry_at: float | None = None
-    result: dict[str, Any] | None = None
-    """The backend's response body, once completed."""
+    result: Annotated[msgspec.Raw, msgspec.Meta(extra_json_schema={"type": "object"})] | None = None
+    """The backend's response body, once completed (passed through as stored)."""
     error: str | None = None
 
 

@@ -32,6 +32,8 @@ class CallResult(msgspec.Struct, kw_only=True):
     """Seconds the backend asked to wait (Retry-After), clamped to ``queue.retry.max_backoff``."""
     tokens_used: int | None = None
     """Total tokens the response's ``usage`` reports."""
+    acquired_at: float = 0.0
+    """When the backend's slot was taken: the minute its rpm and tpm counted the call in."""
 
 
 def prompt_chars(request: dict[str, Any]) -> int:
@@ -96,6 +98,11 @@ def _body(response: httpx.Response) -> Any:
         raise ValueError("nested too deeply") from None
 
 
+def clean_text(text: str) -> str:
+    """``text`` with U+FFFD for each lone surrogate, so it can be stored (encoded as UTF-8)."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
+
+
 def storable(body: Any) -> tuple[Any, str | None]:
     """``body`` made storable (msgpack and JSON as UTF-8): strings with lone surrogates get U+FFFD in
     their place. With a value no store takes (an integer past 64 bits), None and the reason."""
@@ -103,7 +110,7 @@ def storable(body: Any) -> tuple[Any, str | None]:
 
     def clean(value: Any, path: str) -> Any:
         if isinstance(value, str):
-            return value if value.isascii() else _SURROGATE.sub("\ufffd", value)
+            return clean_text(value)
         if isinstance(value, bool) or value is None or isinstance(value, float):
             return value
         if isinstance(value, int):
@@ -136,7 +143,7 @@ def classify(name: str, response: httpx.Response, *, max_retry_after_s: float) -
             error = f"backend answered JSON that is not an object: {response.text[:100]}"
             return CallResult(status=Status.RETRYING, backend=name, error=error)
         return CallResult(status=Status.COMPLETED, backend=name, response=body)
-    detail = response.text[:500]
+    detail = clean_text(response.text[:500])  # its charset may be any: utf-7 decodes to lone surrogates
     error = f"backend {name} answered {response.status_code}: {detail}"
     if response.status_code in RETRYABLE_STATUS:
         wait = retry_after(response.headers.get("retry-after"), max_s=max_retry_after_s)

@@ -222,4 +222,4 @@ def _parses(url: str) -> bool:
 
 def _is_host_port(addr: str) -> bool:
     host, _, port = addr.rpartition(":")
-    return bool(host) and port.isdigit() and not any(c in host for c in "@/")
+    return bool(host) and port.isascii() and port.isdigit() and not any(c in host for c in "@/")

@@ -111,6 +111,7 @@ class DeadLetters:
         self.levels = levels
         self._replay = Lua(redis, script_source("dlq_replay"))
         self._trim = Lua(redis, script_source("dlq_trim"))
+        self._index = Lua(redis, script_source("dlq_index"))
 
     async def list(self, *, limit: int = 50, since: float | None = None) -> list[DeadLetter]:
         start = f"{int(since * 1000)}-0" if since and since > 0 else "-"
@@ -135,7 +136,8 @@ class DeadLetters:
 
     async def reindex(self) -> int:
         """Index the dead letters written before the index existed (by an earlier release), once: the index
-        remembers it has been done. Oldest first, so a message's newest dead letter wins. Returns how many."""
+        remembers it has been done. A message's newest dead letter wins (``scripts/dlq_index.lua``). Returns
+        how many index entries it wrote."""
         if await self.redis.hexists(self.keys.dlq_index, INDEXED):
             return 0
         indexed, start = 0, "-"
@@ -143,14 +145,13 @@ class DeadLetters:
             rows: Any = await self.redis.xrange(self.keys.dlq, min=start, count=TRIM_PER_CALL)
             if not rows:
                 break
-            mapping: dict[Any, Any] = {}
+            pairs: list[str] = []
             for eid, fields in rows:
                 dl = _parse(eid, fields)
                 if dl.message_id:
-                    mapping[dl.message_id] = dl.entry_id
-            if mapping:
-                await self.redis.hset(self.keys.dlq_index, mapping=mapping)
-                indexed += len(mapping)
+                    pairs += [dl.message_id, dl.entry_id]
+            if pairs:
+                indexed += int(await self._index([self.keys.dlq_index], pairs))
             start = "(" + as_str(rows[-1][0])
         await self.redis.hset(self.keys.dlq_index, INDEXED, "1")
         return indexed

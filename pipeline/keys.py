@@ -52,8 +52,15 @@ class Keys:
         """The status hash of one message."""
         return f"{self.prefix}:msg:{message_id}"
 
-    def idem(self, idempotency_key: str) -> str:
-        """Idempotency record; the client's key is hashed so no client text becomes key syntax."""
+    def idem(self, scope: str) -> str:
+        """Idempotency record of a scope (``pipeline.submit.idempotency_record``: caller, tenant and the client's
+        key); hashed so no client text becomes key syntax."""
+        digest = hashlib.sha256(scope.encode()).hexdigest()
+        return f"{self.prefix}:idem:v2:{digest}"
+
+    def legacy_idem(self, idempotency_key: str) -> str:
+        """The record the release before scoped keys kept for a client's key: in a namespace of its own, so no
+        key spelled as a scope reads another scope's record."""
         digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
         return f"{self.prefix}:idem:{digest}"
 

@@ -66,9 +66,17 @@ class BackendLimits:
         return [self.keys.backend_slots(backend), self._window(backend, "rpm", now), self._window(backend, "tpm", now)]
 
     async def acquire(
-        self, backend: str, member: str, *, max_concurrent: int, rpm: int | None, tpm: int | None, tokens: int
+        self,
+        backend: str,
+        member: str,
+        *,
+        max_concurrent: int,
+        rpm: int | None,
+        tpm: int | None,
+        tokens: int,
+        now: float,
     ) -> bool:
-        now = time.time()
+        """Take a slot of ``backend`` for ``member`` at ``now`` (whose minute its rpm and tpm count in)."""
         keys = self.keys_of(backend, now)
         args: list[str | float | int] = [now, now + self.lease_s, member, max_concurrent, rpm or 0, tpm or 0, tokens]
         return bool(await self._acquire(keys, args))
@@ -77,14 +85,16 @@ class BackendLimits:
         """The effect freeing ``member``'s slot: safe to repeat, so it runs with any commit."""
         return effects.zrem(self.keys.backend_slots(backend), member)
 
-    def correct(self, backend: str, *, tpm: int | None, estimated: int, used: int | None) -> list[Effect]:
-        """The effects correcting this minute's token count by the reported usage: committed with the
-        entry's ack, so once."""
+    def correct(
+        self, backend: str, *, tpm: int | None, estimated: int, used: int | None, acquired_at: float
+    ) -> list[Effect]:
+        """The effects correcting the token count of the minute the call was counted in (``acquired_at``) by
+        the reported usage: committed with the entry's ack, so once."""
         if not tpm or used is None:
             return []
         counted = min(estimated, tpm)  # what acquire added
         delta = max(-counted, min(used, MAX_ESTIMATE) - counted)  # bounded: INCRBY must never overflow
-        return [effects.incrby(self._window(backend, "tpm", time.time()), delta, ttl_s=120)] if delta else []
+        return [effects.incrby(self._window(backend, "tpm", acquired_at), delta, ttl_s=120)] if delta else []
 
     async def inflight(self, backends: list[str]) -> dict[str, int]:
         now = time.time()

@@ -84,7 +84,7 @@ class Reclaimer:
         self._forget = Lua(redis, script_source("forget"))
         self._give_back = Lua(redis, script_source("give_back"))
 
-    async def claim(self, count: int, *, skip: Collection[str] = ()) -> list[Entry]:
+    async def claim(self, count: int, *, skip: Collection[str] = ()) -> list[Delivered]:
         """Claim up to ``count`` entries idle past the claim timeout, except ``skip`` (in hand already);
         poison ones are dead-lettered."""
         claimed: list[Entry] = []
@@ -120,7 +120,7 @@ class Reclaimer:
         )
         return await self.drop_poison(await self._deliveries(claimed))
 
-    async def claim_dead(self, count: int) -> list[Entry]:
+    async def claim_dead(self, count: int) -> list[Delivered]:
         """Take up to ``count`` entries of consumers whose name lease has expired, at once."""
         taken: list[Delivered] = []
         for info in await self.redis.xinfo_consumers(self.stream, self.group):
@@ -163,9 +163,9 @@ class Reclaimer:
         # an entry no longer listed as ours was acked or claimed by someone else meanwhile
         return [(e, int(row[0]["times_delivered"])) for e, row in zip(entries, rows, strict=True) if row]
 
-    async def drop_poison(self, delivered: list[Delivered]) -> list[Entry]:
+    async def drop_poison(self, delivered: list[Delivered]) -> list[Delivered]:
         """Dead-letter and ack the entries delivered more than ``max_deliveries`` times; return the rest."""
-        keep = [e for e, n in delivered if n <= self.max_deliveries]
+        keep = [(e, n) for e, n in delivered if n <= self.max_deliveries]
         poison = [(e, n) for e, n in delivered if n > self.max_deliveries]
         if poison:
             acked = await self.commit([(e.id, self._dead(e, n)) for e, n in poison])
@@ -211,9 +211,11 @@ class Reclaimer:
             metrics.LEASES_LOST.labels(stage=self.group).inc(len(lost_ids))
         return lost_ids
 
-    async def give_back(self, entry_ids: list[str]) -> int:
-        """Undo the last delivery count of entries handed back unhandled on a clean stop."""
-        return int(await self._give_back([self.stream], [self.group, self.consumer, *entry_ids]))
+    async def give_back(self, delivered: list[Delivered]) -> int:
+        """Undo the last delivery of entries handed back unhandled on a clean stop, each delivered the number of
+        times given (so that a resent call undoes nothing more)."""
+        args = [x for e, n in delivered for x in (e.id, n)]
+        return int(await self._give_back([self.stream], [self.group, self.consumer, *args]))
 
     async def forget_dead_consumers(self) -> list[str]:
         """Delete consumers that have nothing pending, no live lease and have been idle a claim timeout."""

@@ -8,10 +8,18 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+from redis._parsers import _AsyncHiredisParser
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ClusterDownError, MasterDownError, OutOfMemoryError, ReadOnlyError, TryAgainError
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
@@ -22,11 +30,38 @@ from pipeline.errors import ConnectError
 log = logging.getLogger("llmq.redis")
 
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-UNAVAILABLE = (*CONNECTION_ERRORS, ReadOnlyError, MasterDownError, TryAgainError, OutOfMemoryError, ClusterDownError)
+
+
+class TemporaryError(ResponseError):
+    """Redis refuses a command for now, for a reason redis-py has no class of its own for: BUSY (a script runs
+    long), NOREPLICAS (too few replicas for min-replicas-to-write), MISCONF (it cannot save to disk)."""
+
+
+UNAVAILABLE = (
+    *CONNECTION_ERRORS,
+    ReadOnlyError,
+    MasterDownError,
+    TryAgainError,
+    OutOfMemoryError,
+    ClusterDownError,
+    TemporaryError,
+)
 """Redis cannot serve a command now, but may in a moment: unreachable or restarting (LOADING is a connection
 error to redis-py), a replica during a failover (READONLY, MASTERDOWN), a cluster resharding (TRYAGAIN,
-CLUSTERDOWN), out of memory (OOM). Every loop backs off and tries again; a commit whose outcome is known is
-retried, never dropped."""
+CLUSTERDOWN), out of memory (OOM), or a ``TemporaryError``. Every loop backs off and tries again; a commit
+whose outcome is known is retried, never dropped."""
+
+
+class _Parser(_AsyncHiredisParser):
+    """redis-py's parser with the temporary refusals it has no class for raised as ``TemporaryError`` (also
+    from inside a script, where Redis 7 keeps the error's code)."""
+
+    EXCEPTION_CLASSES = {  # noqa: RUF012 - read-only; typed as redis-py types it
+        **_AsyncHiredisParser.EXCEPTION_CLASSES,
+        "BUSY": TemporaryError,
+        "NOREPLICAS": TemporaryError,
+        "MISCONF": TemporaryError,
+    }
 
 
 STALE_RETRIES = 1
@@ -103,6 +138,7 @@ def make_redis(cfg: RedisConfig, *, pool_size: int | None = None) -> aioredis.Re
         "socket_timeout": None,
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
         "retry": Retry(NoBackoff(), STALE_RETRIES),
+        "parser_class": _Parser,
     }
     if not (cfg.url or "").startswith("unix:"):  # TCP only: a unix socket connection refuses these options
         options.update(socket_keepalive=True, socket_keepalive_options=KEEPALIVE)

@@ -29,7 +29,7 @@ from pipeline.backoff import Backoff
 from pipeline.effects import Commit, Effect, Record, xadd
 from pipeline.errors import GiveBack
 from pipeline.keys import Keys
-from pipeline.reclaim import Reclaimer
+from pipeline.reclaim import Delivered, Reclaimer
 from pipeline.redis import UNAVAILABLE
 from pipeline.streams import Entry, as_str, ensure_group, parse_entries
 
@@ -204,8 +204,11 @@ class Runner:
         self._connected_since = time.monotonic()
         """When this consumer last saw Redis unavailable: it trusts a missing lease only once it has reached
         Redis for a whole lease itself (after an outage every lease has lapsed, the live ones too)."""
-        self._given_back: set[str] = set()
-        """Entries left unsettled on a clean stop (never handled): their delivery is not counted."""
+        self._deliveries: dict[str, int] = {}
+        """Entry id -> how many times it had been delivered when taken into hand."""
+        self._given_back: dict[str, int] = {}
+        """Entries left unsettled on a clean stop (never handled), with their delivery counts: that last
+        delivery is not counted."""
         self._taking = asyncio.Lock()
         """Held while entries join this consumer's pending list and until they are in hand (a read, a
         claim), so a page of its own pending entries never mistakes them for ones it left behind."""
@@ -260,10 +263,15 @@ class Runner:
                     log.warning("redis unavailable: %s", exc, extra=self._ctx())
                     await self._sleep(backoff.next())
                 except ResponseError as exc:
-                    if not str(exc).startswith(GROUP_GONE):
-                        raise
-                    log.warning("read interrupted: %s", exc, extra=self._ctx())
-                    self._group_missing = True
+                    if str(exc).startswith(GROUP_GONE):
+                        log.warning("read interrupted: %s", exc, extra=self._ctx())
+                        self._group_missing = True
+                        continue
+                    # A loop boundary: an error Redis should not give (a key of another type, say) is logged
+                    # and waited out, not turned into a crash loop of the process.
+                    metrics.STAGE_ERRORS.labels(stage=self.group, kind="redis").inc()
+                    log.error("read failed", exc_info=True, extra=self._ctx())
+                    await self._sleep(backoff.next())
         finally:
             try:
                 await self._drain()  # leases are renewed meanwhile: a long call is not taken over while it ends
@@ -293,7 +301,7 @@ class Runner:
     async def _give_back(self) -> None:
         """Stopping cleanly, undo the delivery count of the entries given back unhandled, so that rolling
         restarts during a backlog never make poison of what waited through them."""
-        given_back = [eid for eid in self._given_back if eid not in self.in_hand]
+        given_back = [(Entry(eid, b""), n) for eid, n in self._given_back.items() if eid not in self.in_hand]
         self._given_back.clear()
         if given_back:
             with contextlib.suppress(*UNAVAILABLE):
@@ -323,9 +331,9 @@ class Runner:
             count = self._room()  # again: a claim may have taken entries while we waited for the lock
             if count is None:
                 return
-            entries = await (self._read_own(count) if self._own_cursor is not None else self._read_new(count))
-            if entries:
-                self._start(entries)
+            delivered = await (self._read_own(count) if self._own_cursor is not None else self._read_new(count))
+            if delivered:
+                self._start(delivered)
 
     def _room(self) -> int | None:
         """How many entries to read now, or None to wait for capacity. Under load, wait until a quarter batch
@@ -336,7 +344,7 @@ class Runner:
             return None
         return min(self.settings.batch_size, free)
 
-    async def _read_new(self, count: int) -> list[Entry]:
+    async def _read_new(self, count: int) -> list[Delivered]:
         read = asyncio.create_task(self._xreadgroup(">", count, block=self.settings.block_ms))
         stop = asyncio.create_task(self._stopping.wait())
         done, _ = await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -349,9 +357,9 @@ class Runner:
                 await read
             return []
         reply = read.result()
-        return parse_entries(reply[0][1]) if reply else []
+        return [(e, 1) for e in parse_entries(reply[0][1])] if reply else []
 
-    async def _read_own(self, count: int) -> list[Entry]:
+    async def _read_own(self, count: int) -> list[Delivered]:
         """Up to ``count`` of this consumer's own pending entries that it does not hold (left by a previous
         run of it, by a failed batch, or by a lost reply), from where paging left off. Paging ends with an
         empty page."""
@@ -383,10 +391,13 @@ class Runner:
     async def _xreadgroup(self, start: str, count: int, *, block: int | None) -> Any:
         return await self.redis.xreadgroup(self.group, self.consumer, {self.stream: start}, count=count, block=block)
 
-    def _start(self, entries: list[Entry]) -> None:
+    def _start(self, delivered: list[Delivered]) -> None:
         now = time.monotonic()
-        for e in entries:
+        entries = []
+        for e, n in delivered:
             self.in_hand[e.id] = now
+            self._deliveries[e.id] = n
+            entries.append(e)
         self._in_hand_gauge.set(len(self.in_hand))
         task = asyncio.create_task(self._handle(entries))
         self._tasks.add(task)
@@ -394,38 +405,55 @@ class Runner:
 
     async def _handle(self, entries: list[Entry]) -> None:
         started = time.perf_counter()
-        batch = Batch(entries, commit=self.commit, on_commit=self._committed)
         clean = False
         try:
-            await self.stage.handle(batch)
-            await batch.commit()
-            clean = True
-        except asyncio.CancelledError:
-            raise
-        except GiveBack:
-            clean = True
-        except Exception as exc:
-            # A loop boundary: what was not committed stays pending and is re-read after a pause.
-            kind = "redis" if isinstance(exc, UNAVAILABLE) else "handle"
-            metrics.STAGE_ERRORS.labels(stage=self.group, kind=kind).inc()
-            log.error("batch failed, entries stay pending", exc_info=True, extra=self._ctx(len(entries)))
-            await self._sleep(1.0)
+            clean = await self._settle(entries)
         finally:
-            batch.discard()
             left = [e.id for e in entries if e.id in self.in_hand]
             if left:
-                if clean and self.stopping:
-                    self._given_back.update(left)  # handed back unhandled, not failed
+                if clean and self.stopping:  # handed back unhandled, not failed
+                    self._given_back.update((eid, self._deliveries.get(eid, 1)) for eid in left)
                 self._reread_own()  # some were left unsettled: re-read them
                 for eid in left:
                     self.in_hand.pop(eid, None)
+                    self._deliveries.pop(eid, None)
                 self._capacity.set()
             self._in_hand_gauge.set(len(self.in_hand))
             self._batch_seconds.observe(time.perf_counter() - started)
 
+    async def _settle(self, entries: list[Entry]) -> bool:
+        """Hand the entries to the stage and commit its decisions. While Redis is unavailable the entries
+        not yet settled are handed to it again in this process, after a pause: re-reading them would count
+        a delivery each time, and a few seconds of a full Redis would make poison of them. False when the
+        stage failed: what it did not settle is re-read later, and that counts."""
+        backoff = Backoff(initial_s=0.05, max_s=2.0)
+        while True:
+            batch = Batch([e for e in entries if e.id in self.in_hand], commit=self.commit, on_commit=self._committed)
+            try:
+                if batch.entries:
+                    await self.stage.handle(batch)
+                    await batch.commit()
+                return True
+            except GiveBack:
+                return True
+            except UNAVAILABLE as exc:
+                metrics.STAGE_ERRORS.labels(stage=self.group, kind="redis").inc()
+                log.warning("batch paused, redis unavailable: %s", exc, extra=self._ctx(len(batch.entries)))
+                if await tasks.wait_event(self._stopping, backoff.next()):
+                    return True  # stopping: handed back, unhandled
+            except Exception:
+                # A loop boundary: what was not committed stays pending and is re-read after a pause.
+                metrics.STAGE_ERRORS.labels(stage=self.group, kind="handle").inc()
+                log.error("batch failed, entries stay pending", exc_info=True, extra=self._ctx(len(entries)))
+                await self._sleep(1.0)
+                return False
+            finally:
+                batch.discard()
+
     def _committed(self, entry_ids: list[str], elsewhere: int) -> None:
         for eid in entry_ids:
             self.in_hand.pop(eid, None)
+            self._deliveries.pop(eid, None)
         self.handled += len(entry_ids)
         self._acked.inc(len(entry_ids) - elsewhere)
         if elsewhere:
@@ -466,7 +494,7 @@ class Runner:
             except Exception:  # a loop boundary: leases must go on being renewed whatever failed once
                 log.error("maintenance failed", exc_info=True, extra=self._ctx())
 
-    async def _claim(self, claim: Callable[[int], Awaitable[list[Entry]]]) -> None:
+    async def _claim(self, claim: Callable[[int], Awaitable[list[Delivered]]]) -> None:
         """Start what ``claim(n)`` takes over, up to what this consumer has room for."""
         async with self._taking:
             free = self.max_in_hand - len(self.in_hand)

@@ -92,13 +92,16 @@ def legacy_record(keys: Keys, caller: str, idempotency_key: str) -> str | None:
     its records live after an upgrade, so a client that retries across it gets its first message. Only where
     the API has no keys: there every caller was the same one; with keys the record cannot be attributed.
     None otherwise."""
-    return keys.idem(idempotency_key) if caller == "" else None
+    return keys.legacy_idem(idempotency_key) if caller == "" else None
 
 
 def request_digest(doc: Any) -> str:
     """A digest of a request that does not depend on the order of its keys, nor on how a whole number was
-    written (``1`` or ``1.0``)."""
-    return hashlib.sha256(msgspec.json.encode(_canonical(doc), order="sorted")).hexdigest()[:32]
+    written (``1`` or ``1.0``). ValueError when it nests too deeply to be read so."""
+    try:
+        return hashlib.sha256(msgspec.json.encode(_canonical(doc), order="sorted")).hexdigest()[:32]
+    except RecursionError:
+        raise ValueError("nested too deeply for an idempotency key") from None
 
 
 def _canonical(value: Any) -> Any:

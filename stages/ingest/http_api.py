@@ -121,7 +121,7 @@ async def read_body(request: Request, *, limit: int) -> bytes:
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise BadInput(415, "content type must be application/json")
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise BadInput(413, f"body of {declared} bytes is over the limit of {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():

@@ -83,7 +83,10 @@ class OpenAIFacade:
             payload = encode_message(msg)
         except BadInput as exc:
             return openai_error(400, exc.message)
-        digest = request_digest([level, msg.session_id, msg.tenant, doc]) if msg.idempotency_key else ""
+        try:
+            digest = request_digest([level, msg.session_id, msg.tenant, doc]) if msg.idempotency_key else ""
+        except ValueError as exc:
+            return openai_error(400, f"the request is {exc}", param="messages")
         result = await self.ingest.submitter.submit(Submission(msg, payload, caller=caller(request), digest=digest))
         if result.verdict is Verdict.CONFLICT:
             return openai_error(422, idempotency_conflict(result.message_id), param="Idempotency-Key")
