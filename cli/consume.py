@@ -116,13 +116,17 @@ async def _serve(
         checks: dict[str, str] = {}
         try:
             await asyncio.wait_for(redis.ping(), timeout=1.0)
-            checks["redis"] = "ok"
+            # answering PING, but perhaps refusing this stage's writes (full, a replica) or its commands
+            refused = next((r.redis_error for r in runners if r.redis_error), None)
+            checks["redis"] = "ok" if all(r.redis_ok for r in runners) and not refused else "degraded"
+            if refused:
+                checks["redis_error"] = refused
         except (TimeoutError, *UNAVAILABLE):
             checks["redis"] = "down"
         for st in stages:
             checks.update(await st.health())
         status = "down" if checks["redis"] == "down" else "ok"
-        if status == "ok" and any(v != "ok" for v in checks.values()):
+        if status == "ok" and any(v != "ok" for k, v in checks.items() if k != "redis_error"):
             status = "degraded"
         return {
             "status": status,

@@ -32,8 +32,9 @@ class CallResult(msgspec.Struct, kw_only=True):
     """Seconds the backend asked to wait (Retry-After), clamped to ``queue.retry.max_backoff``."""
     tokens_used: int | None = None
     """Total tokens the response's ``usage`` reports."""
-    acquired_at: float = 0.0
-    """When the backend's slot was taken: the minute its rpm and tpm counted the call in."""
+    acquired_at: float | None = None
+    """When the backend's slot was taken: the minute its rpm and tpm counted the call in (None when this
+    attempt counted nothing: the slot was held already)."""
 
 
 def prompt_chars(request: dict[str, Any]) -> int:

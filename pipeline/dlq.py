@@ -81,6 +81,8 @@ class DeadLetter:
 
 
 def _parse(entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
+    """A dead letter as written by ``dead_letter`` or by an earlier release; whatever its fields hold (text
+    that is not UTF-8, errors that are not a JSON list, a time that is not a number), it is readable."""
     payload = fields.get(FIELD, b"")
     message: Message | None
     try:
@@ -90,18 +92,29 @@ def _parse(entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
             message = decode_outcome(payload).message
         except msgspec.DecodeError:
             message = None
-    errors = msgspec.json.decode(fields[b"errors"]) if b"errors" in fields else []
+    try:
+        errors = msgspec.json.decode(fields.get(b"errors", b"[]"))
+    except msgspec.DecodeError:
+        errors = [_text(fields[b"errors"])]
     eid = as_str(entry_id)
+    try:
+        at = float(fields.get(b"at", b"0") or 0)
+    except ValueError:
+        at = 0.0
     return DeadLetter(
         entry_id=eid,
-        at=float(fields.get(b"at", b"0") or 0) or int(eid.split("-")[0]) / 1000,
-        reason=as_str(fields.get(b"reason", b"")),
-        source=as_str(fields.get(b"stream", b"")),
+        at=at or int(eid.split("-")[0]) / 1000,
+        reason=_text(fields.get(b"reason", b"")),
+        source=_text(fields.get(b"stream", b"")),
         message=message,
         payload=payload,
-        error=as_str(fields[b"error"]) if b"error" in fields else None,
-        errors=list(errors),
+        error=_text(fields[b"error"]) if b"error" in fields else None,
+        errors=[_text(e) if isinstance(e, bytes) else str(e) for e in errors] if isinstance(errors, list) else [],
     )
+
+
+def _text(value: bytes) -> str:
+    return value.decode(errors="replace")
 
 
 class DeadLetters:

@@ -9,14 +9,18 @@ when another consumer took the entry over and settled it first, nothing happens 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from pipeline import metrics
 from pipeline.lua import Lua, script_source
 from pipeline.models import FIELD, Status
+
+log = logging.getLogger("llmq.commit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,15 +107,17 @@ Record = tuple[str, Sequence[Effect]]
 class Commit:
     """Sends records of one stream and group as one call of ``scripts/commit.lua``."""
 
-    def __init__(self, redis: aioredis.Redis, *, stream: str, group: str, channel: str) -> None:
+    def __init__(self, redis: aioredis.Redis, *, stream: str, group: str, channel: str, dlq: str) -> None:
         self.stream = stream
         self.group = group
         self.channel = channel
+        self.dlq = dlq
         self._script = Lua(redis, script_source("commit"))
 
     async def __call__(self, records: Sequence[Record]) -> list[bool]:
-        """Run the records; per record with an entry id, whether this call acked it (and ran its effects)."""
-        keys: dict[str, int] = {self.stream: 1}
+        """Run the records; per record with an entry id, whether this call acked it (and ran its effects, or
+        dead-lettered it when one failed)."""
+        keys: dict[str, int] = {self.stream: 1, self.dlq: 2}
         args: list[Any] = [self.group, self.channel]
         for entry_id, effects in records:
             args += [entry_id, len(effects)]
@@ -120,4 +126,9 @@ class Commit:
                 args += [keys.setdefault(k, len(keys) + 1) for k in e.keys]
                 args += [len(e.args), *e.args]
         flags = await self._script(list(keys), args)
+        if failed := flags.count(2):
+            metrics.POISON.labels(stage=self.group).inc(failed)
+            log.error(
+                "an effect failed in a commit of %s: %d entries dead-lettered with the error", self.stream, failed
+            )
         return [bool(f) for f in flags]

@@ -18,6 +18,7 @@ class Keys:
         "dlq_index",
         "done",
         "finished",
+        "health",
         "prefix",
         "retry",
         "retry_due",
@@ -39,6 +40,8 @@ class Keys:
         self.finished = f"{prefix}:finished"
         """Pub/Sub channel: the ids of the messages that reached a terminal status, space-separated, one notice
         per commit of outcomes."""
+        self.health = f"{prefix}:health"
+        """A key the ingest's health check writes (with a TTL): PING answers while writes are refused."""
         self.slots = f"{prefix}:slots"
         """Pub/Sub channel: an in-flight slot was released without the message finishing (retry)."""
         self.stagger = f"{prefix}:stagger"

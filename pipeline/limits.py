@@ -16,38 +16,7 @@ from pipeline import effects
 from pipeline.backend_calls import MAX_ESTIMATE
 from pipeline.effects import Effect
 from pipeline.keys import Keys
-from pipeline.lua import Coalesced, Lua
-
-ACQUIRE_FN = """
-local function acquire(slots, rpm_key, tpm_key, now, exp, member, max_concurrent, rpm, tpm, est)
-  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
-  if redis.call('ZSCORE', slots, member) then
-    redis.call('ZADD', slots, exp, member)
-    return 1
-  end
-  if tpm > 0 and est > tpm then est = tpm end  -- a call estimated past a whole minute's budget takes all of it
-  if redis.call('ZCARD', slots) >= max_concurrent then return 0 end
-  if rpm > 0 and tonumber(redis.call('GET', rpm_key) or '0') >= rpm then return 0 end
-  if tpm > 0 and tonumber(redis.call('GET', tpm_key) or '0') + est > tpm then return 0 end
-  redis.call('ZADD', slots, exp, member)
-  if rpm > 0 then redis.call('INCR', rpm_key); redis.call('EXPIRE', rpm_key, 120) end
-  if tpm > 0 then redis.call('INCRBY', tpm_key, est); redis.call('EXPIRE', tpm_key, 120) end
-  return 1
-end
-"""
-"""Lua: take a slot of one backend for ``member`` (its slots, rpm and tpm keys) unless a limit is reached;
-1 when taken (or already held: the lease is renewed), 0 at a limit. Shared by the script below and by
-the dispatcher's per-batch begin script, which takes each message's first slot."""
-
-# KEYS: slots, rpm counter, tpm counter. ARGV: now, lease expiry, member, max_concurrent, rpm (0 = none),
-# tpm (0 = none), estimated tokens. Returns 1 when the slot was taken, 0 at a limit.
-_ACQUIRE = (
-    ACQUIRE_FN
-    + """
-return acquire(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3],
-               tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]))
-"""
-)
+from pipeline.lua import Coalesced, Lua, script_source
 
 
 class BackendLimits:
@@ -56,7 +25,7 @@ class BackendLimits:
         self.keys = keys
         self.lease_s = lease_s
         # Every call in flight acquires on its own: those of one turn share a round trip.
-        self._acquire = Coalesced(Lua(redis, _ACQUIRE))
+        self._acquire = Coalesced(Lua(redis, script_source("acquire_slot")))
 
     def _window(self, backend: str, kind: str, now: float) -> str:
         return self.keys.backend_window(backend, kind, int(now // 60))
@@ -75,22 +44,24 @@ class BackendLimits:
         tpm: int | None,
         tokens: int,
         now: float,
-    ) -> bool:
-        """Take a slot of ``backend`` for ``member`` at ``now`` (whose minute its rpm and tpm count in)."""
+    ) -> int:
+        """Take a slot of ``backend`` for ``member`` at ``now`` (``scripts/acquire_slot.lua``): 1 when taken now
+        (counted in the minute of ``now``), 2 when held already (counted before), 0 at a limit."""
         keys = self.keys_of(backend, now)
         args: list[str | float | int] = [now, now + self.lease_s, member, max_concurrent, rpm or 0, tpm or 0, tokens]
-        return bool(await self._acquire(keys, args))
+        return int(await self._acquire(keys, args))
 
     def free(self, backend: str, member: str) -> Effect:
         """The effect freeing ``member``'s slot: safe to repeat, so it runs with any commit."""
         return effects.zrem(self.keys.backend_slots(backend), member)
 
     def correct(
-        self, backend: str, *, tpm: int | None, estimated: int, used: int | None, acquired_at: float
+        self, backend: str, *, tpm: int | None, estimated: int, used: int | None, acquired_at: float | None
     ) -> list[Effect]:
-        """The effects correcting the token count of the minute the call was counted in (``acquired_at``) by
-        the reported usage: committed with the entry's ack, so once."""
-        if not tpm or used is None:
+        """The effects correcting the token count of the minute the call was counted in (``acquired_at``; None
+        when this attempt counted nothing: its slot was held already) by the reported usage: committed with
+        the entry's ack, so once."""
+        if not tpm or used is None or acquired_at is None:
             return []
         counted = min(estimated, tpm)  # what acquire added
         delta = max(-counted, min(used, MAX_ESTIMATE) - counted)  # bounded: INCRBY must never overflow

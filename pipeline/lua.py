@@ -32,8 +32,19 @@ ENDED = "local ENDED = {" + ", ".join(f"['{s.value}'] = true" for s in Status if
 
 def script_source(name: str) -> str:
     """The script ``pipeline/scripts/<name>.lua`` (its header names its KEYS and ARGV), with ``ENDED``
-    prepended."""
-    return ENDED + resources.files("pipeline.scripts").joinpath(f"{name}.lua").read_text()
+    prepended and each ``--@include <piece>`` line replaced by ``pipeline/scripts/<piece>.lua``."""
+    lines = [
+        _read(line.removeprefix(INCLUDE).strip()) if line.startswith(INCLUDE) else line
+        for line in _read(name).splitlines()
+    ]
+    return ENDED + "\n".join(lines) + "\n"
+
+
+INCLUDE = "--@include "
+
+
+def _read(name: str) -> str:
+    return resources.files("pipeline.scripts").joinpath(f"{name}.lua").read_text()
 
 
 class Lua:

@@ -44,10 +44,35 @@ class Batch:
     (schedule) commit each as it finishes.
     """
 
-    __slots__ = ("_commit", "_committing", "_on_commit", "_records", "_settled", "entries")
+    __slots__ = (
+        "_commit",
+        "_committing",
+        "_on_commit",
+        "_records",
+        "_settled",
+        "consumer",
+        "entries",
+        "group",
+        "owned_for_sure",
+    )
 
-    def __init__(self, entries: list[Entry], *, commit: Commit, on_commit: Callable[[list[str], int], None]) -> None:
+    def __init__(
+        self,
+        entries: list[Entry],
+        *,
+        commit: Commit,
+        consumer: str,
+        on_commit: Callable[[list[str], int], None],
+        owned_for_sure: bool = True,
+    ) -> None:
         self.entries = entries
+        self.group = commit.group
+        self.consumer = consumer
+        """The consumer the entries were delivered to (a script may check it still owns them)."""
+        self.owned_for_sure = owned_for_sure
+        """The entries came into hand too recently for any other consumer to have taken one over (before the
+        first renewal of their lease); False for a batch handled again, or held long: check before acting
+        outside Redis."""
         self._commit = commit
         self._on_commit = on_commit
         self._records: list[Record] = []
@@ -190,6 +215,10 @@ class Runner:
         self.in_hand: dict[str, float] = {}
         """Entry id -> monotonic time it was taken; what lease renewal covers."""
         self.redis_ok = True
+        """False while Redis refuses this consumer's reads or writes (down, full, a replica, ...)."""
+        self.redis_error: str | None = None
+        """The last error Redis answered the read loop with that is not "unavailable" (a key of another type
+        on this prefix, say), until a read succeeds again: health says degraded meanwhile."""
         self.handled = 0
         self._stopping = asyncio.Event()
         self._capacity = asyncio.Event()
@@ -218,7 +247,7 @@ class Runner:
         self._batch_seconds = metrics.STAGE_BATCH_SECONDS.labels(stage=stage.name)
         self._acked = metrics.STAGE_ENTRIES.labels(stage=stage.name, outcome="acked")
         self._settled_elsewhere = metrics.STAGE_ENTRIES.labels(stage=stage.name, outcome="settled_elsewhere")
-        self.commit = Commit(redis, stream=self.stream, group=self.group, channel=keys.finished)
+        self.commit = Commit(redis, stream=self.stream, group=self.group, channel=keys.finished, dlq=keys.dlq)
         self.reclaimer = Reclaimer(
             redis=redis,
             keys=keys,
@@ -254,9 +283,9 @@ class Runner:
                 try:
                     if self._group_missing:
                         await self._recreate_group()
-                    await self._read_once()
-                    self.redis_ok = True
-                    backoff.reset()
+                    if await self._read_once():  # a read that wrote (XREADGROUP): Redis takes writes again
+                        self.redis_ok, self.redis_error = True, None
+                        backoff.reset()
                 except UNAVAILABLE as exc:
                     self._unavailable()
                     metrics.STAGE_ERRORS.labels(stage=self.group, kind="redis").inc()
@@ -267,9 +296,10 @@ class Runner:
                         log.warning("read interrupted: %s", exc, extra=self._ctx())
                         self._group_missing = True
                         continue
-                    # A loop boundary: an error Redis should not give (a key of another type, say) is logged
-                    # and waited out, not turned into a crash loop of the process.
-                    metrics.STAGE_ERRORS.labels(stage=self.group, kind="redis").inc()
+                    # A loop boundary: an error Redis should not give (a key of another type, say) is logged,
+                    # counted, shown by health and waited out, not turned into a crash loop of the process.
+                    self.redis_error = str(exc)[:200]
+                    metrics.STAGE_ERRORS.labels(stage=self.group, kind="server").inc()
                     log.error("read failed", exc_info=True, extra=self._ctx())
                     await self._sleep(backoff.next())
         finally:
@@ -310,7 +340,8 @@ class Runner:
     def _reread_own(self) -> None:
         self._own_cursor = "-"
 
-    async def _read_once(self) -> None:
+    async def _read_once(self) -> bool:
+        """One read (or a wait for capacity); True when it was a read of new entries that Redis answered."""
         if self._room() is None:
             # Under load, wait until a quarter batch is free: reading one entry per freed slot would make
             # the read loop, one round trip per XREADGROUP, the bottleneck of the stage.
@@ -320,7 +351,7 @@ class Runner:
             await asyncio.wait({stop, cap}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
             cap.cancel()
-            return
+            return False
         now = time.monotonic()
         if now >= self._next_own_sweep:
             # Entries can be left in our pending list without our knowing: a read whose reply was lost and
@@ -330,10 +361,12 @@ class Runner:
         async with self._taking:
             count = self._room()  # again: a claim may have taken entries while we waited for the lock
             if count is None:
-                return
-            delivered = await (self._read_own(count) if self._own_cursor is not None else self._read_new(count))
+                return False
+            new = self._own_cursor is None
+            delivered = await (self._read_new(count) if new else self._read_own(count))
             if delivered:
                 self._start(delivered)
+            return new
 
     def _room(self) -> int | None:
         """How many entries to read now, or None to wait for capacity. Under load, wait until a quarter batch
@@ -427,8 +460,20 @@ class Runner:
         a delivery each time, and a few seconds of a full Redis would make poison of them. False when the
         stage failed: what it did not settle is re-read later, and that counts."""
         backoff = Backoff(initial_s=0.05, max_s=2.0)
+        retry = False
+        taken = time.monotonic()
         while True:
-            batch = Batch([e for e in entries if e.id in self.in_hand], commit=self.commit, on_commit=self._committed)
+            if retry:
+                # Only what is still ours: another consumer may have taken entries over meanwhile (their lease
+                # lapsed while Redis was away); renewing does not count a delivery.
+                self._drop(await self.reclaimer.renew([e.id for e in entries if e.id in self.in_hand]))
+            batch = Batch(
+                [e for e in entries if e.id in self.in_hand],
+                commit=self.commit,
+                consumer=self.consumer,
+                on_commit=self._committed,
+                owned_for_sure=not retry and time.monotonic() - taken < self.settings.claim_timeout_s / 3,
+            )
             try:
                 if batch.entries:
                     await self.stage.handle(batch)
@@ -437,10 +482,12 @@ class Runner:
             except GiveBack:
                 return True
             except UNAVAILABLE as exc:
+                self.redis_ok = False
                 metrics.STAGE_ERRORS.labels(stage=self.group, kind="redis").inc()
                 log.warning("batch paused, redis unavailable: %s", exc, extra=self._ctx(len(batch.entries)))
                 if await tasks.wait_event(self._stopping, backoff.next()):
                     return True  # stopping: handed back, unhandled
+                retry = True
             except Exception:
                 # A loop boundary: what was not committed stays pending and is re-read after a pause.
                 metrics.STAGE_ERRORS.labels(stage=self.group, kind="handle").inc()
@@ -449,6 +496,17 @@ class Runner:
                 return False
             finally:
                 batch.discard()
+
+    def _drop(self, lost: set[str]) -> None:
+        """Entries another consumer owns now: no longer ours to renew, retry or give back (a batch that is
+        still handling one commits nothing for it: its ack finds it settled or owned elsewhere)."""
+        lost &= self.in_hand.keys()
+        if lost:
+            log.warning("lost %d in-hand entries to another consumer", len(lost), extra=self._ctx())
+            for eid in lost:
+                self.in_hand.pop(eid, None)
+                self._deliveries.pop(eid, None)
+            self._capacity.set()
 
     def _committed(self, entry_ids: list[str], elsewhere: int) -> None:
         for eid in entry_ids:
@@ -477,8 +535,7 @@ class Runner:
                     for eid in old:
                         if eid not in lost and eid in self.in_hand:
                             self.in_hand[eid] = now
-                    if lost:
-                        log.warning("lost %d in-hand entries to another consumer", len(lost), extra=self._ctx())
+                    self._drop(lost)
                 if self.stopping:
                     continue
                 lease_s = self.settings.consumer_lease_s

@@ -25,6 +25,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from pipeline import dlq, effects, metrics, tasks
 from pipeline.archive_rows import COLUMNS, copy_row
-from pipeline.config import Config
+from pipeline.config import Config, DeadLetterConfig
 from pipeline.db import migrate
 from pipeline.errors import GiveBack
 from pipeline.keys import Keys
@@ -228,30 +229,46 @@ class Archive(Stage):
 
     async def _cleanup_loop(self) -> None:
         """Every few seconds: the backlog gauge, and trimming what every group acked (so Redis holds what is in
-        flight, not what was done); every ``queue.cleanup_interval``: the dead-letter stream's bounds."""
+        flight, not what was done); every ``queue.cleanup_interval``: the dead-letter stream's bounds; once, the
+        index of dead letters written before it existed. Each apart: one failing never holds up the others."""
         bounds = self.config.queue.dead_letters
         interval = self.config.queue.cleanup_interval.seconds
         next_bound = time.monotonic()
         indexed = False
         while True:
-            try:
-                if not indexed:  # dead letters written before the index existed (an upgrade), once
-                    if n := await self.dead.reindex():
-                        log.info("indexed %d dead letters written before the dead-letter index", n)
-                    indexed = True
-                await self._update_backlog()
-                await self.cleanup()
+            if await self._chore("updating the backlog and trimming streams", self._trim_streams):
                 if time.monotonic() >= next_bound:
                     next_bound = time.monotonic() + interval
-                    dropped = await self.dead.trim(max_len=bounds.max_len, max_age_s=bounds.retention.seconds)
-                    if dropped:
-                        TRIMMED.labels(stream="dlq").inc(dropped)
-                        log.info("dropped %d dead letters past queue.dead_letters' bounds", dropped)
-            except UNAVAILABLE as exc:
-                log.warning("cleanup skipped, redis unavailable: %s", exc)
-            except Exception:  # a loop boundary: a bug here must not end trimming for the life of the process
-                log.error("cleanup failed", exc_info=True)
+                    await self._chore("bounding the dead letters", lambda: self._bound_dead_letters(bounds))
+                if not indexed:
+                    indexed = await self._chore("indexing dead letters of an earlier release", self._reindex)
             await asyncio.sleep(CLEANUP_EVERY_S)
+
+    async def _chore(self, what: str, chore: Callable[[], Awaitable[None]]) -> bool:
+        """Run one chore of the cleanup loop (a loop boundary): False when it failed."""
+        try:
+            await chore()
+        except UNAVAILABLE as exc:
+            log.warning("%s skipped, redis unavailable: %s", what, exc)
+            return False
+        except Exception:
+            log.error("%s failed", what, exc_info=True)
+            return False
+        return True
+
+    async def _trim_streams(self) -> None:
+        await self._update_backlog()
+        await self.cleanup()
+
+    async def _bound_dead_letters(self, bounds: DeadLetterConfig) -> None:
+        dropped = await self.dead.trim(max_len=bounds.max_len, max_age_s=bounds.retention.seconds)
+        if dropped:
+            TRIMMED.labels(stream="dlq").inc(dropped)
+            log.info("dropped %d dead letters past queue.dead_letters' bounds", dropped)
+
+    async def _reindex(self) -> None:
+        if n := await self.dead.reindex():
+            log.info("indexed %d dead letters written before the dead-letter index", n)
 
     async def _update_backlog(self) -> None:
         pipe = self.redis.pipeline(transaction=False)

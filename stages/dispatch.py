@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -28,8 +29,8 @@ from pipeline.echo import ECHO_SCHEME, completion
 from pipeline.errors import GiveBack
 from pipeline.http_pool import ShardedClient
 from pipeline.keys import Keys
-from pipeline.limits import ACQUIRE_FN, BackendLimits
-from pipeline.lua import Lua
+from pipeline.limits import BackendLimits
+from pipeline.lua import Lua, script_source
 from pipeline.models import Message, Outcome, Status, decode_message, encode
 from pipeline.outcomes import outcome_effect
 from pipeline.redis import UNAVAILABLE
@@ -49,43 +50,19 @@ BACKEND_UP = Gauge("llmq_backend_up", "1 when the backend's circuit is closed", 
 BACKEND_INFLIGHT = Gauge("llmq_backend_inflight", "Calls this process has running on the backend", ["backend"])
 TOKENS = Counter("llmq_tokens_total", "Tokens reported by backends", ["backend", "kind"])
 
-# KEYS: the status hashes of a batch's n messages, then (slots, rpm, tpm) of each of b backends.
-# ARGV: now, slot lease expiry, n, b, (max_concurrent, rpm, tpm) per backend, then per message its id,
-# token estimate, k and k backend numbers (1-based) in order of preference.
-# Marks each message dispatching unless it already ended (a terminal status, cancelled included) and takes
-# a slot for it on the first of its backends below its limits, all in one round trip. Returns, per message,
-# the status it had ('' for none) and the number of the backend whose slot it took (0 for none).
-_BEGIN = (
-    ACQUIRE_FN
-    + "local ended = {"
-    + ", ".join(f"['{s.value}'] = true" for s in Status if s.terminal)
-    + """}
-local now, exp, n, b = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local out, a = {}, 5 + 3 * b
-for i = 1, n do
-  local status = redis.call('HGET', KEYS[i], 'status')
-  local id, est, k = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local took = 0
-  if not (status and ended[status]) then
-    redis.call('HSET', KEYS[i], 'status', 'dispatching', 'started_at', now)
-    for p = 1, k do
-      local j = tonumber(ARGV[a + 2 + p])
-      local kb, ab = n + 3 * (j - 1), 4 + 3 * (j - 1)
-      if acquire(KEYS[kb + 1], KEYS[kb + 2], KEYS[kb + 3], now, exp, id, tonumber(ARGV[ab + 1]),
-                 tonumber(ARGV[ab + 2]), tonumber(ARGV[ab + 3]), est) == 1 then
-        took = j
-        break
-      end
-    end
-  end
-  out[2 * i - 1], out[2 * i] = status or '', took
-  a = a + 3 + k
-end
-return out
-"""
-)
 WAIT_FOR_SLOT_S = 0.01
+LOST = "lost"
+"""What the begin script says of a message whose entry another consumer owns now."""
 _json = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A backend slot a message holds: its backend, and when it was counted in that minute's rpm and tpm
+    (None when it was held already, and counted before)."""
+
+    backend: str
+    counted_at: float | None
 
 
 class _Meters:
@@ -143,7 +120,7 @@ class Dispatch(Stage):
         self.meters = {name: _Meters(name) for name in self.backends}
         self.http: ShardedClient | None = None
         self._probe: asyncio.Task[None] | None = None
-        self._begin = Lua(redis, _BEGIN)
+        self._begin = Lua(redis, script_source("begin"))
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
@@ -173,13 +150,11 @@ class Dispatch(Stage):
         messages = [decode_message(entry.data) for entry in batch.entries]
         tokens = [estimate_tokens(m.request) for m in messages]  # for the tpm limits of begin and _call alike
         started = time.time()
-        before, took = await self._begin_batch(messages, tokens, started)
+        before, took = await self._begin_batch(batch, messages, tokens, started)
         results = await asyncio.gather(
             *(
-                self._one(batch, entry, msg, Status(raw.decode()) if raw else None, started, backend, estimate)
-                for entry, msg, raw, backend, estimate in zip(
-                    batch.entries, messages, before, took, tokens, strict=True
-                )
+                self._one(batch, entry, msg, raw.decode(), started, held, estimate)
+                for entry, msg, raw, held, estimate in zip(batch.entries, messages, before, took, tokens, strict=True)
             ),
             return_exceptions=True,
         )
@@ -187,34 +162,41 @@ class Dispatch(Stage):
         # one must not discard the transaction the others are still committing on.
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            raise next((e for e in errors if not isinstance(e, GiveBack)), errors[0])
+            # A failure outranks "Redis unavailable" (which the runner answers by handing the batch again in
+            # this process), which outranks a give-back: a failed entry must be re-read, counting a delivery.
+            raise min(errors, key=lambda e: 2 if isinstance(e, GiveBack) else 1 if isinstance(e, UNAVAILABLE) else 0)
 
     def on_stop(self) -> None:
         self._stopping.set()
 
     async def _begin_batch(
-        self, messages: list[Message], tokens: list[int], now: float
-    ) -> tuple[list[bytes], list[str | None]]:
-        """Run the begin script: each message's status before, and the backend whose slot it already holds.
+        self, batch: Batch, messages: list[Message], tokens: list[int], now: float
+    ) -> tuple[list[bytes], list[Held | None]]:
+        """Run the begin script (``scripts/begin.lua``): each message's status before ("lost" when its entry
+        is no longer this consumer's), and the backend whose slot it holds.
 
         A message whose backends the process can order alone (every algorithm but least_connections, no
         session affinity) gets its slot here, in the batch's one round trip; the others, and those whose
         backends were all at a limit, take theirs in ``_call``."""
         order: dict[str, int] = {}
         per_message: list[Any] = []
-        for msg, estimate in zip(messages, tokens, strict=True):
+        for entry, msg, estimate in zip(batch.entries, messages, tokens, strict=True):
             names = self._local_preference(msg)
-            per_message += [msg.id, estimate, len(names)]
+            per_message += [msg.id, entry.id, estimate, len(names)]
             per_message += [order.setdefault(name, len(order) + 1) for name in names]
-        keys = [self.keys.msg(m.id) for m in messages]
-        args: list[Any] = [now, now + self.limits.lease_s, len(messages), len(order)]
+        keys = [self.keys.dispatch, *(self.keys.msg(m.id) for m in messages)]
+        # Ownership is checked only where another consumer could have taken an entry over: checking every
+        # fresh batch cost 5% end to end (an XPENDING per message on the busiest Redis path).
+        consumer = "" if batch.owned_for_sure else batch.consumer
+        args: list[Any] = [now, now + self.limits.lease_s, len(messages), len(order), batch.group, consumer]
         for name in order:
             backend = self.backends[name]
             keys += self.limits.keys_of(name, now)
             args += [backend.max_concurrent, backend.rpm or 0, backend.tpm or 0]
         reply = await self._begin(keys, args + per_message)
-        by_number: list[str | None] = [None, *order]
-        return reply[0::2], [by_number[int(j)] for j in reply[1::2]]
+        by_number: list[str] = ["", *order]
+        held = [Held(by_number[abs(int(j))], now if int(j) > 0 else None) if int(j) else None for j in reply[1::2]]
+        return reply[0::2], held
 
     def _local_preference(self, msg: Message) -> list[str]:
         """Backends in order of preference when this process can tell alone, else none."""
@@ -229,11 +211,16 @@ class Dispatch(Stage):
         batch: Batch,
         entry: Entry,
         msg: Message,
-        status: Status | None,
+        before: str,
         started: float,
-        backend: str | None,
+        held: Held | None,
         tokens: int,
     ) -> None:
+        if before == LOST:
+            # Another consumer took the entry over (this one's lease had lapsed): it is theirs to call.
+            batch.settled(entry)
+            return
+        status = Status(before) if before else None
         if status is Status.CANCELLED:
             self._finish(batch, entry, Outcome(message=msg, status=Status.CANCELLED, finished_at=time.time()))
         elif status is not None and status.terminal:
@@ -243,7 +230,10 @@ class Dispatch(Stage):
             msg.attempts += 1
             self.held[msg.id] = msg.level
             try:
-                result = await self._call(batch, msg, backend, tokens, started)
+                result = await self._call(batch, entry, msg, held, tokens)
+                if result is None:  # taken over while it waited: the other consumer's to call now
+                    batch.settled(entry)
+                    return
                 self._record(batch, entry, msg, result, started, tokens)
             except Exception:
                 # The entry stays pending, but the backend slot that _send freed in its ``finally`` must not
@@ -254,14 +244,17 @@ class Dispatch(Stage):
                 self.held.pop(msg.id, None)
         await batch.commit()
 
-    async def _call(self, batch: Batch, msg: Message, holding: str | None, tokens: int, begun: float) -> CallResult:
-        """Send ``msg`` (estimated at ``tokens``) to the backend whose slot it holds (taken at ``begun``), or to
-        the first usable one with a free slot."""
+    async def _call(
+        self, batch: Batch, entry: Entry, msg: Message, held: Held | None, tokens: int
+    ) -> CallResult | None:
+        """Send ``msg`` (estimated at ``tokens``) to the backend whose slot it holds, or to the first usable one
+        with a free slot. None when, after waiting long for a slot, its entry turned out another consumer's."""
         model = msg.request.get("model")
-        if holding is not None:
-            return await self._send(batch, self.backends[holding], msg, tokens, begun)
+        if held is not None:
+            return await self._send(batch, self.backends[held.backend], msg, tokens, held.counted_at)
         if not any(not b.models or model in b.models for b in self.backends.values()):
             return CallResult(status=Status.FAILED, backend="-", error=f"no backend serves model {model!r}")
+        waiting_since = time.monotonic()
         while True:
             eligible = self._eligible(model)
             if not eligible:
@@ -269,7 +262,7 @@ class Dispatch(Stage):
             for name in await self._preference(eligible, msg):
                 backend = self.backends[name]
                 now = time.time()
-                if await self.limits.acquire(
+                got = await self.limits.acquire(
                     name,
                     msg.id,
                     max_concurrent=backend.max_concurrent,
@@ -277,8 +270,12 @@ class Dispatch(Stage):
                     tpm=backend.tpm,
                     tokens=tokens,
                     now=now,
-                ):
-                    return await self._send(batch, backend, msg, tokens, now)
+                )
+                if got and time.monotonic() - waiting_since > self.renew_every_s and not await self._owns(batch, entry):
+                    batch.also(self.limits.free(name, msg.id))
+                    return None
+                if got:
+                    return await self._send(batch, backend, msg, tokens, now if got == 1 else None)
             # Every usable backend is at its limit (slots, rpm or tpm). Shutting down, a call that has not
             # started is given back: its entry stays pending for this consumer's restart or another's claim.
             if await tasks.wait_event(self._stopping, WAIT_FOR_SLOT_S):
@@ -286,6 +283,14 @@ class Dispatch(Stage):
             if msg.deadline is not None and time.time() > msg.deadline:
                 error = "expired waiting for a backend slot (rpm, tpm or max_concurrent)"
                 return CallResult(status=Status.EXPIRED, backend="-", error=error)
+
+    async def _owns(self, batch: Batch, entry: Entry) -> bool:
+        """Whether this consumer still owns the entry: after a wait longer than a lease renewal, another one may
+        have taken it over (its lease lapsed while this one could not reach Redis)."""
+        rows: Any = await self.redis.xpending_range(
+            self.keys.dispatch, batch.group, min=entry.id, max=entry.id, count=1, consumername=batch.consumer
+        )
+        return bool(rows)
 
     def _eligible(self, model: object) -> list[BackendConfig]:
         now = time.time()
@@ -328,7 +333,7 @@ class Dispatch(Stage):
         return order
 
     async def _send(
-        self, batch: Batch, backend: BackendConfig, msg: Message, tokens: int, acquired_at: float
+        self, batch: Batch, backend: BackendConfig, msg: Message, tokens: int, acquired_at: float | None
     ) -> CallResult:
         assert self.http is not None
         headers = {"X-LLMQ-Message-Id": msg.id}

@@ -444,7 +444,7 @@ async def _status_in_db(dsn: str, mid: str, status: str) -> bool:
 
 async def test_dlq_commands(redis: aioredis.Redis, keys: Keys, stage_env: dict[str, str]) -> None:
     # Given two dead messages, dead-lettered as the retry stage does
-    commit = Commit(redis, stream=keys.retry, group="retry", channel=keys.finished)
+    commit = Commit(redis, stream=keys.retry, group="retry", channel=keys.finished, dlq=keys.dlq)
     for level in ("high", "low"):
         msg = Message(id=new_id(), level=level, request=CHAT, enqueued_at=time.time(), attempts=4, errors=["e1", "e4"])
         fields = {b"error": b"e4", b"errors": json.dumps(msg.errors)}
@@ -499,7 +499,7 @@ async def test_an_archived_message_stays_in_redis_only_for_the_window(
 async def test_dead_letters_are_bounded_and_found_by_message_id(redis: aioredis.Redis, keys: Keys) -> None:
     # Given 30 dead letters, each of its own message
     dead = DeadLetters(redis=redis, keys=keys, levels=["normal"])
-    commit = Commit(redis, stream=keys.retry, group="retry", channel=keys.finished)
+    commit = Commit(redis, stream=keys.retry, group="retry", channel=keys.finished, dlq=keys.dlq)
     ids = [new_id() for _ in range(30)]
     for mid in ids:
         msg = Message(id=mid, level="normal", request=CHAT, enqueued_at=time.time())

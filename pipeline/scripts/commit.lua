@@ -2,20 +2,25 @@
 
 An entry's effects run only when its XACK acks it. So a commit that runs again after its reply was lost
 (redis-py sends it again on a new connection), or an entry that another consumer took over and settled
-first, changes nothing a second time: one hand-off, one outcome, one dead letter per entry. Effects given
-with no entry run whenever the commit runs, so they must be safe to repeat (freeing a backend slot).
+first, changes nothing a second time: one hand-off, one outcome, one dead letter per entry. Should an
+effect fail (a key of another type where a stream belongs: two deployments on one prefix), the entry's
+remaining effects are skipped and the entry goes to the dead-letter stream with the error: it is on
+record, never acked and gone. Effects given with no entry run whenever the commit runs, so they must be
+safe to repeat (freeing a backend slot).
 
 KEYS[1]     the stream the entries were read from
-KEYS[2..]   every key an effect names; an effect refers to a key by its position in KEYS
+KEYS[2]     the dead-letter stream
+KEYS[3..]   every key an effect names; an effect refers to a key by its position in KEYS
 ARGV[1]     the consumer group
 ARGV[2]     the channel on which the ids of messages that reached a terminal status are announced
 ARGV[3..]   records, one after another: an entry id ('' for none), the number of its effects, then per
             effect its name, the number of its keys, their positions in KEYS, the number of its
             arguments and the arguments
-Returns, per record with an entry id, in order: 1 when this call acked it and ran its effects, else 0.
+Returns, per record with an entry id, in order: 1 when this call acked it and ran its effects, 2 when an
+effect failed and it was dead-lettered instead, 0 when it was not pending (settled already).
 ENDED (prepended) is the set of terminal statuses.
 ]]
-local stream, group, channel = KEYS[1], ARGV[1], ARGV[2]
+local stream, dlq, group, channel = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 local finished = {}
 local effects = {}
 
@@ -108,18 +113,40 @@ function effects.shorten(kp, ap)
   redis.call('EXPIRE', key(kp), ARGV[ap], 'XX', 'LT')
 end
 
+-- The entry whose effect failed, to the dead-letter stream with the error (it was acked already).
+local function dead_letter(entry, err)
+  local row = redis.call('XRANGE', stream, entry, entry)[1]
+  local payload = ''
+  if row then
+    for j = 1, #row[2], 2 do
+      if row[2][j] == 'm' then payload = row[2][j + 1] end
+    end
+  end
+  local reason = type(err) == 'table' and err.err or tostring(err)
+  redis.call('XADD', dlq, '*', 'm', payload, 'reason', 'an effect of its commit failed: ' .. reason,
+             'stream', stream, 'group', group, 'entry_id', entry)
+end
+
 local flags, i = {}, 3
 while i <= #ARGV do
   local entry, n = ARGV[i], tonumber(ARGV[i + 1])
   i = i + 2
   local live = entry == '' or redis.call('XACK', stream, group, entry) == 1
-  if entry ~= '' then flags[#flags + 1] = live and 1 or 0 end
+  local flag = live and 1 or 0
   for _ = 1, n do
     local name, nk = ARGV[i], tonumber(ARGV[i + 1])
     local na = tonumber(ARGV[i + 2 + nk])
-    if live then effects[name](i + 2, i + 3 + nk, na) end
+    if live and flag == 1 then
+      local ok, err = pcall(effects[name], i + 2, i + 3 + nk, na)
+      if not ok then
+        if entry == '' then error(err) end
+        dead_letter(entry, err)
+        flag = 2
+      end
+    end
     i = i + 3 + nk + na
   end
+  if entry ~= '' then flags[#flags + 1] = flag end
 end
 if #finished > 0 then redis.call('PUBLISH', channel, table.concat(finished, ' ')) end
 return flags

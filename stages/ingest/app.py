@@ -35,12 +35,13 @@ from pipeline.keys import Keys
 from pipeline.models import Message, Status, new_id
 from pipeline.notify import Waiter
 from pipeline.queues import level_status
-from pipeline.redis import UNAVAILABLE
+from pipeline.redis import CONNECTION_ERRORS, UNAVAILABLE
 from pipeline.submit import Submission, Submitted, Submitter, Verdict, new_message, request_digest
 from stages.ingest.http_api import (
     INGESTED,
     REJECTED,
     ApiKeyMiddleware,
+    ArchiveUnavailable,
     BadInput,
     caller,
     decode_json,
@@ -131,7 +132,10 @@ class IngestApi:
         if result.verdict is Verdict.FULL:
             return reject(429, f"level {msg.level!r} is full ({result.depth} waiting)", headers={"Retry-After": "1"})
         if result.verdict is Verdict.DUPLICATE:
-            existing = await self.view(result.message_id or "")
+            try:
+                existing = await self.view(result.message_id or "")
+            except ArchiveUnavailable:  # its status is only in PostgreSQL, which cannot be asked now
+                existing = None
             doc = api.Accepted(
                 id=result.message_id or "", status=existing.status if existing else "queued", level=msg.level
             )
@@ -214,7 +218,7 @@ class IngestApi:
                 )
                 row = await cur.fetchone()
         except (psycopg.Error, OSError, TimeoutError):
-            return None
+            raise ArchiveUnavailable from None
         if row is None:
             return None
         status, level, attempts, backend, enq, started, finished, response, error = row
@@ -278,8 +282,12 @@ class IngestApi:
         checks = {"redis": "ok"}
         try:
             await asyncio.wait_for(self.redis.ping(), timeout=2)
-        except (TimeoutError, *UNAVAILABLE):
+            # PING answers while writes are refused (full, a replica, too few replicas): try one
+            await asyncio.wait_for(self.redis.set(self.keys.health, "1", px=10_000), timeout=2)
+        except TimeoutError:
             checks["redis"] = "down"
+        except UNAVAILABLE as exc:
+            checks["redis"] = "down" if isinstance(exc, CONNECTION_ERRORS) else "degraded"
         if self.pool is not None:
             try:
                 async with self.pool.connection(timeout=2) as conn:
@@ -287,7 +295,7 @@ class IngestApi:
                 checks["postgres"] = "ok"
             except (psycopg.Error, OSError, TimeoutError):
                 checks["postgres"] = "down"
-        status = "down" if checks["redis"] == "down" else "degraded" if "down" in checks.values() else "ok"
+        status = "down" if checks["redis"] == "down" else "ok" if set(checks.values()) == {"ok"} else "degraded"
         return respond(api.Health(status=status, checks=checks), 503 if status == "down" else 200)
 
     async def queues_status(self, _: Request) -> Response:

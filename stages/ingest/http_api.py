@@ -61,6 +61,10 @@ def openai_error(
     return respond({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
 
+class ArchiveUnavailable(Exception):
+    """PostgreSQL could not be asked (a message whose Redis status has expired): 503, not "no such message"."""
+
+
 class BadInput(Exception):
     def __init__(self, status: int, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -176,6 +180,8 @@ def handled(path: str, handler: Callable[[Request], Awaitable[Response]]) -> Cal
             response = reject(exc.status, exc.message, exc.field)
         except UNAVAILABLE:
             response = reject(503, "queue storage unavailable; retry later", headers={"Retry-After": "1"})
+        except ArchiveUnavailable:
+            response = reject(503, "the archive is unavailable; retry later", headers={"Retry-After": "5"})
         HTTP_REQUESTS.labels(request.method, path, str(response.status_code)).inc()
         HTTP_DURATION.labels(request.method, path).observe(time.perf_counter() - started)
         return response
