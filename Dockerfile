@@ -2,9 +2,7 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY pipeline ./pipeline
-COPY stages ./stages
-COPY cli ./cli
+COPY llmq ./llmq
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 
-from cli.embedded import EmbeddedPostgres, EmbeddedRedis
+from llmq.cli.embedded import EmbeddedPostgres, EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,7 +75,7 @@ def stages(env: dict[str, str], *argvs: list[str]) -> Iterator[list[subprocess.P
         else:  # the ingest stage
             health.append(f"http://127.0.0.1:{env['LLMQ_SERVER__PORT']}/api/v1/health")
         procs.append(
-            subprocess.Popen([sys.executable, "-m", "cli", *argv], env=full_env, cwd=ROOT, stdout=log, stderr=log)
+            subprocess.Popen([sys.executable, "-m", "llmq.cli", *argv], env=full_env, cwd=ROOT, stdout=log, stderr=log)
         )
     try:
         deadline = time.monotonic() + 60

@@ -26,10 +26,10 @@ import redis.asyncio as aioredis
 
 from benchmarks._procs import drop_prefix, free_port, machine, redis_url, stages, write_result
 from benchmarks.plots import plot_scaling
-from pipeline.config import load_config
-from pipeline.keys import Keys
-from pipeline.models import encode, new_id
-from pipeline.submit import Submission, Submitter, new_message
+from llmq.pipeline.config import load_config
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.models import encode, new_id
+from llmq.pipeline.submit import Submission, Submitter, new_message
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 200}], "max_tokens": 16}
 PER_PROCESS = 16

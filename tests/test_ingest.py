@@ -14,11 +14,11 @@ import pytest
 import redis.asyncio as aioredis
 from psycopg.types.json import Jsonb
 
-from pipeline.config import load_config
-from pipeline.keys import Keys
-from pipeline.models import FIELD, decode_message, encode, new_id
-from pipeline.submit import Submission, Submitted, Submitter, Verdict, new_message
-from stages.ingest import create_app
+from llmq.pipeline.config import load_config
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.models import FIELD, decode_message, encode, new_id
+from llmq.pipeline.submit import Submission, Submitted, Submitter, Verdict, new_message
+from llmq.stages.ingest import create_app
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -262,8 +262,8 @@ async def test_cancel_a_queued_message(http: httpx.AsyncClient, redis: aioredis.
 
 
 async def test_status_falls_back_to_the_archive(redis: aioredis.Redis, keys: Keys, database_url: str) -> None:
-    from pipeline.config import PostgresConfig
-    from pipeline.db import make_pool, migrate
+    from llmq.pipeline.config import PostgresConfig
+    from llmq.pipeline.db import make_pool, migrate
 
     await migrate(database_url)
     mid = new_id()

@@ -17,16 +17,16 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.config import RedisConfig, load_config
-from pipeline.consumer import ConsumerLease
-from pipeline.keys import Keys
-from pipeline.lua import script_source
-from pipeline.models import FIELD, Status, encode, new_id
-from pipeline.stage import Runner
-from pipeline.streams import ensure_group, parse_entries
-from pipeline.submit import new_message
-from stages.ingest import create_app
-from stages.schedule import Arbiter, Candidate, Decisions
+from llmq.pipeline.config import RedisConfig, load_config
+from llmq.pipeline.consumer import ConsumerLease
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.lua import script_source
+from llmq.pipeline.models import FIELD, Status, encode, new_id
+from llmq.pipeline.stage import Runner
+from llmq.pipeline.streams import ensure_group, parse_entries
+from llmq.pipeline.submit import new_message
+from llmq.stages.ingest import create_app
+from llmq.stages.schedule import Arbiter, Candidate, Decisions
 from tests.conftest import eventually
 from tests.faults import FaultProxy
 from tests.harness import CHAT
@@ -57,7 +57,7 @@ async def faulty(proxy: FaultProxy, redis_url: str) -> AsyncIterator[aioredis.Re
 
 
 def make(url: str) -> aioredis.Redis:
-    from pipeline.redis import make_redis
+    from llmq.pipeline.redis import make_redis
 
     return make_redis(RedisConfig(url=url))
 
@@ -152,7 +152,7 @@ async def test_an_entry_settled_by_another_consumer_is_not_handed_off_again(redi
 
 
 def _push(keys: Keys, value: str) -> Any:
-    from pipeline.effects import rpush
+    from llmq.pipeline.effects import rpush
 
     return rpush(f"{keys.prefix}:pushed", value)
 

@@ -9,8 +9,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from pipeline.keys import Keys
-from pipeline.lua import Coalesced, Lua
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.lua import Coalesced, Lua
 from tests.conftest import free_port
 
 INCRBY = "return redis.call('INCRBY', KEYS[1], ARGV[1])"

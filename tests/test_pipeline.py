@@ -12,15 +12,15 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.config import load_config
-from pipeline.keys import Keys
-from pipeline.models import FIELD, decode_outcome, encode, new_id
-from pipeline.stagger import MIN_CALLS
-from pipeline.streams import ensure_group, parse_entries
-from pipeline.submit import new_message
-from stages import dispatch
-from stages.mock_backend import MockSettings
-from stages.schedule import Arbiter, Candidate, Decisions
+from llmq.pipeline.config import load_config
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.models import FIELD, decode_outcome, encode, new_id
+from llmq.pipeline.stagger import MIN_CALLS
+from llmq.pipeline.streams import ensure_group, parse_entries
+from llmq.pipeline.submit import new_message
+from llmq.stages import dispatch
+from llmq.stages.mock_backend import MockSettings
+from llmq.stages.schedule import Arbiter, Candidate, Decisions
 from tests.conftest import eventually
 from tests.harness import CHAT, Harness
 

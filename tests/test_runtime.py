@@ -14,11 +14,11 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ReadOnlyError, ResponseError
 
-from pipeline import tasks
-from pipeline.keys import Keys
-from pipeline.models import FIELD, Status, decode_outcome, new_id
-from pipeline.stage import Runner, RunnerSettings
-from pipeline.submit import new_message
+from llmq.pipeline import tasks
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.models import FIELD, Status, decode_outcome, new_id
+from llmq.pipeline.stage import Runner, RunnerSettings
+from llmq.pipeline.submit import new_message
 from tests.conftest import eventually
 from tests.procs import worker
 from tests.worker import RecordingStage
@@ -454,8 +454,8 @@ async def _exists(path: Any) -> bool:
 async def test_consumer_names_are_unique_and_reused_after_release(
     redis: aioredis.Redis, keys: Keys, explicit: bool
 ) -> None:
-    from pipeline.consumer import ConsumerLease
-    from pipeline.errors import ConsumerNameTaken
+    from llmq.pipeline.consumer import ConsumerLease
+    from llmq.pipeline.errors import ConsumerNameTaken
 
     a = ConsumerLease(redis=redis, keys=keys, group="work", ttl_s=10)
     b = ConsumerLease(redis=redis, keys=keys, group="work", ttl_s=10)

@@ -1,5 +1,5 @@
 """A consuming stage for the runtime tests, run in-process or as a real process through the same
-``cli.consume`` path production stages use: ``python -m tests.worker --stream S --group G``.
+``llmq.cli.consume`` path production stages use: ``python -m tests.worker --stream S --group G``.
 
 Each entry is a msgpack job ``{"id", "sleep"?, "fail"?}``. The stage pushes ``<id>:<pid>`` to
 ``<stream>:started`` when it begins a job (outside the transaction) and to ``<stream>:handled`` inside
@@ -18,12 +18,12 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from cli.consume import consume
-from pipeline.config import Config, load_config
-from pipeline.effects import rpush
-from pipeline.keys import Keys
-from pipeline.logging import setup_logging
-from pipeline.stage import Batch, Stage
+from llmq.cli.consume import consume
+from llmq.pipeline.config import Config, load_config
+from llmq.pipeline.effects import rpush
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.logging import setup_logging
+from llmq.pipeline.stage import Batch, Stage
 
 
 class RecordingStage(Stage):

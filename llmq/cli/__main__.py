@@ -1,0 +1,3 @@
+from llmq.cli.app import main
+
+main()

@@ -1,0 +1,38 @@
+"""What every command shares: the --config option and loading the config or exiting with code 3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmq.cli.exit_codes import ExitCode
+from llmq.pipeline.config import Config, LoadedConfig, read_config
+from llmq.pipeline.errors import ConfigError
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config file. Default: $CONFIG_PATH, else built-in defaults. LLMQ_* variables override it.",
+        show_default=False,
+    ),
+]
+
+
+def load_or_exit(path: Path | None) -> Config:
+    """The config, or every problem printed with its path and exit code 3."""
+    return read_or_exit(path).config
+
+
+def read_or_exit(path: Path | None) -> LoadedConfig:
+    """``load_or_exit``, keeping which fields were given and the config's warnings."""
+    try:
+        return read_config(path)
+    except ConfigError as exc:
+        typer.echo(f"error: invalid configuration {exc.source}:", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(ExitCode.CONFIG) from None

@@ -1,0 +1,394 @@
+"""The configuration: the seed's YAML schema as frozen msgspec Structs.
+
+Loaded once by the CLI (``load_config``) from the YAML file plus ``LLMQ_*`` environment variables and
+passed down explicitly; nothing here reads the environment at import time. Durations stay in the seed's
+string form in YAML ("100ms", "30s") and are parsed once into seconds (fields ending in ``_s`` on the
+Structs' ``*_s`` properties are the parsed values).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from llmq.pipeline.config_rules import SECRET_FIELDS, config_warnings, holds_secret, semantic_problems
+from llmq.pipeline.durations import parse_duration
+from llmq.pipeline.errors import ConfigError
+from llmq.pipeline.validate import check
+
+
+class Duration(str):
+    """A duration string such as "100ms"; ``.seconds`` is its value. Invalid strings are rejected."""
+
+    __slots__ = ()
+
+    @property
+    def seconds(self) -> float:
+        return parse_duration(self)
+
+
+def _dec_hook(tp: type, obj: Any) -> Any:
+    if tp is Duration and isinstance(obj, str):
+        parse_duration(obj)
+        return Duration(obj)
+    raise NotImplementedError
+
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section, frozen=True):
+    host: str = "0.0.0.0"
+    """Address the API and every stage's ops port bind; ``llmq-stage up`` binds 127.0.0.1 unless it is set."""
+    port: Port = 8080
+    mode: Literal["development", "production"] = "development"
+    """``production`` refuses to start without ``api_keys`` unless ``allow_anonymous`` is true."""
+    allow_anonymous: bool = False
+    """Serve the API without keys in production mode (every result and the dead letters open to anyone)."""
+    max_body_bytes: Positive = 1_048_576
+    """Largest accepted request body in bytes (413 above it); a batch body may be four times larger."""
+    max_batch: Positive = 1000
+    """Most messages in one ``POST /api/v1/messages/batch``."""
+    max_poll_wait: Duration = Duration("60s")
+    """Longest ``GET /api/v1/messages/{id}?wait=`` may hold a request open."""
+    sync_timeout: Duration = Duration("120s")
+    """How long ``POST /v1/chat/completions`` waits for the result before answering 504 with the message id."""
+
+
+class PostgresConfig(_Section, frozen=True):
+    """PostgreSQL, either as fields or as one ``dsn`` (``postgresql://…``), which wins when set."""
+
+    host: str = "localhost"
+    port: Port = 5432
+    user: str = "llmqueue"
+    password: str = ""
+    dbname: str = "llm_queue"
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
+    dsn: str | None = None
+    store_bodies: bool = True
+    """Archive each request and response body (jsonb); switch off to keep only metadata."""
+
+    @property
+    def conninfo(self) -> str:
+        if self.dsn:
+            return self.dsn
+        parts = {
+            "host": self.host,
+            "port": str(self.port),
+            "user": self.user,
+            "dbname": self.dbname,
+            "sslmode": self.sslmode,
+        }
+        if self.password:
+            parts["password"] = self.password
+        return " ".join(f"{k}={_quote_conninfo(v)}" for k, v in parts.items())
+
+
+def _quote_conninfo(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+class RedisConfig(_Section, frozen=True):
+    """Redis, either as ``addr`` + ``password`` + ``db`` or as one ``url`` (``redis://`` or ``rediss://``)."""
+
+    addr: str = "localhost:6379"
+    password: str = ""
+    db: NonNegative = 0
+    pool_size: Positive = 100
+    url: str | None = None
+    key_prefix: str = "{llmq}"
+    """Prefix of every key; keep the braces: it is the Redis Cluster hash tag of the deployment."""
+
+
+class DatabaseConfig(_Section, frozen=True):
+    postgres: PostgresConfig | None = None
+    redis: RedisConfig | None = None
+
+
+class LevelConfig(_Section, frozen=True):
+    name: str
+    priority: NonNegative
+    """1 is served first."""
+    max_wait_time: Duration
+    """The level's queue-wait SLO; past it a message is aged ahead of fresher higher levels."""
+    max_concurrent: Positive
+    """How many messages of this level may be in flight (admitted, not finished) at once."""
+    max_size: NonNegative | None = None
+    """Backpressure threshold for this level; ``queue.default_max_size`` when unset."""
+    weight: Positive = 1
+    """Share of admissions under the ``weighted`` strategy."""
+    reserved: NonNegative = 0
+    """Backend slots kept free for this level: lower levels may not take them. Size it near the level's
+    usual concurrency (arrival rate × call latency) so its messages start at once even while lower levels
+    fill the backends."""
+
+
+class WorkerConfig(_Section, frozen=True):
+    max_batch_size: Positive = 100
+    """Entries read per XREADGROUP."""
+    process_interval: Duration = Duration("1s")
+    """Longest a consumer blocks waiting for new entries."""
+    max_concurrent: Positive = 50
+    """Entries one consumer process handles at once."""
+    claim_timeout: Duration = Duration("60s")
+    """An entry idle this long is a dead consumer's and is reclaimed; live owners renew before it."""
+    max_deliveries: Positive = 5
+    """After this many deliveries an entry is poison: it goes to the dead-letter stream and is acked."""
+    shutdown_grace: Duration = Duration("30s")
+    """On SIGTERM, how long in-hand work may take to finish before the process exits anyway."""
+
+
+class RetryConfig(_Section, frozen=True):
+    initial_backoff: Duration = Duration("1s")
+    max_backoff: Duration = Duration("60s")
+    factor: float = 2.0
+    max_retries: NonNegative = 3
+
+
+def _seed_levels() -> list[LevelConfig]:
+    """The seed's four levels; used when the file names none."""
+    return [
+        LevelConfig(name="realtime", priority=1, max_wait_time=Duration("100ms"), max_concurrent=10),
+        LevelConfig(name="high", priority=2, max_wait_time=Duration("5s"), max_concurrent=20),
+        LevelConfig(name="normal", priority=3, max_wait_time=Duration("30s"), max_concurrent=30),
+        LevelConfig(name="low", priority=4, max_wait_time=Duration("120s"), max_concurrent=20),
+    ]
+
+
+class DeadLetterConfig(_Section, frozen=True):
+    max_len: Positive = 100_000
+    """Most dead letters kept; the oldest go first (trimmed every ``queue.cleanup_interval``)."""
+    retention: Duration = Duration("14d")
+    """Dead letters older than this are dropped."""
+
+
+class QueueConfig(_Section, frozen=True):
+    levels: list[LevelConfig] = msgspec.field(default_factory=_seed_levels)
+    default_max_size: NonNegative = 10000
+    monitor_interval: Duration = Duration("30s")
+    cleanup_interval: Duration = Duration("5m")
+    """How often the dead-letter stream is trimmed to its bounds (acked stream entries go within seconds)."""
+    result_retention: Duration = Duration("24h")
+    """Longest a finished message's status hash (with its result) stays in Redis while its outcome waits to
+    be archived (PostgreSQL down); the outcome itself waits in the done stream, however long."""
+    archived_retention: Duration = Duration("1m")
+    """How long a finished message's status hash stays in Redis once PostgreSQL has its row (for long-polls
+    and reads just after it ended); reads fall back to PostgreSQL after."""
+    enable_metrics: bool = True
+    enable_auto_scaling: bool = True
+    worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    dead_letters: DeadLetterConfig = msgspec.field(default_factory=DeadLetterConfig)
+
+    def level(self, name: str) -> LevelConfig | None:
+        return next((lv for lv in self.levels if lv.name == name), None)
+
+    def max_size(self, level: LevelConfig) -> int:
+        return self.default_max_size if level.max_size is None else level.max_size
+
+
+class SchedulerConfig(_Section, frozen=True):
+    strategy: Literal["priority_based", "weighted", "deadline"] = "priority_based"
+    check_interval: Duration = Duration("1s")
+    max_retries: NonNegative = 3
+    timeout: Duration = Duration("30s")
+    """Longest a backend call may take."""
+    stagger: bool = True
+    """While a backlog waits and calls take a regular time, space out the admissions of every level but the
+    top one and those with ``reserved`` slots, so slots free one by one instead of in waves and an urgent
+    message finds one soon (``llmq.pipeline.stagger``)."""
+
+
+class LoadBalancerConfig(_Section, frozen=True):
+    algorithm: Literal["round_robin", "least_connections", "weighted"] = "round_robin"
+    health_check_interval: Duration = Duration("10s")
+    max_failures: Positive = 3
+    enable_session_affinity: bool = True
+    session_timeout: Duration = Duration("30m")
+
+
+class LoggingConfig(_Section, frozen=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+    output: str = "stdout"
+    """``stdout``, ``stderr`` or a file path (reopened on SIGUSR1 for logrotate)."""
+
+
+class MetricsConfig(_Section, frozen=True):
+    """Prometheus endpoints. ingest serves ``path`` on the API port; every other stage serves it on its
+    own port: ``port`` for schedule and the next ports for dispatch, retry, archive (8081-8084 by
+    default). The seed's 9090 is Prometheus's own port, so it is not the default here."""
+
+    enabled: bool = True
+    port: Port = 8081
+    path: str = "/metrics"
+
+
+class BackendConfig(_Section, frozen=True):
+    name: str
+    url: str
+    """Base URL of an OpenAI-compatible API, e.g. ``http://vllm:8000/v1``."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the backend's API key (never the key itself)."""
+    weight: Positive = 1
+    max_concurrent: Positive = 16
+    rpm: Positive | None = None
+    tpm: Positive | None = None
+    models: list[str] = msgspec.field(default_factory=list)
+    """Models this backend serves; empty means any."""
+
+
+class Config(_Section, frozen=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    loadbalancer: LoadBalancerConfig = msgspec.field(default_factory=LoadBalancerConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    backends: list[BackendConfig] = msgspec.field(default_factory=list)
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    """Accepted API keys for the HTTP API; empty means the API is open."""
+
+    @property
+    def redis(self) -> RedisConfig:
+        """The Redis settings, with the seed's defaults when the file names none."""
+        return self.database.redis or RedisConfig()
+
+
+# Environment variables with a name of their own; every other LLMQ_A__B__C sets the path a.b.c.
+_NAMED_ENV = {
+    "LLMQ_REDIS_URL": ("database", "redis", "url"),
+    "LLMQ_DATABASE_URL": ("database", "postgres", "dsn"),
+    "LLMQ_KEY_PREFIX": ("database", "redis", "key_prefix"),
+    "LLMQ_API_KEYS": ("api_keys",),
+}
+_ENV_PREFIX = "LLMQ_"
+_NOT_CONFIG_ENV = {"LLMQ_TEST_REDIS_URL", "LLMQ_TEST_DATABASE_URL", "LLMQ_TEST_REQUIRE_OPS_TOOLS", "LLMQ_HOME"}
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the YAML file (``CONFIG_PATH`` when ``path`` is None; defaults when neither is given),
+    apply ``LLMQ_*`` overrides and return the validated Config. Raise ConfigError listing every problem."""
+    return read_config(path, env).config
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A valid Config with what loading it found out besides."""
+
+    config: Config
+    given: frozenset[str]
+    """Dotted paths set by the file or the environment (``server.host``); every other field is a default."""
+    warnings: list[str]
+    """What is allowed but likely wrong, one line each (``llmq.pipeline.config_rules.config_warnings``)."""
+
+
+def read_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> LoadedConfig:
+    """``load_config``, keeping which fields were given and the config's warnings."""
+    env = os.environ if env is None else env
+    if path is None:
+        path = env.get("CONFIG_PATH") or None
+    source = str(path) if path else "<defaults>"
+    raw = _read_yaml(Path(path)) if path else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [f"<root>: expected a mapping of sections, got {type(raw).__name__}"])
+    origins = _apply_env(raw, env)
+    config = parse_config(raw, source=source, origins=origins)
+    given = _given(raw)
+    return LoadedConfig(config, given, config_warnings(config, given, origins))
+
+
+def parse_config(raw: dict[str, Any], *, source: str, origins: Mapping[str, str] | None = None) -> Config:
+    """Validate an already-parsed mapping; every error is reported with its dotted path."""
+    problems = check(raw, Config, duration_type=Duration, parse_duration=parse_duration, secret=holds_secret)
+    if not problems:
+        config = msgspec.convert(raw, Config, dec_hook=_dec_hook)
+        problems = semantic_problems(config)
+    if problems:
+        if origins:
+            problems = [_annotate(p, origins) for p in problems]
+        raise ConfigError(source, problems)
+    return config
+
+
+def _annotate(problem: str, origins: Mapping[str, str]) -> str:
+    path = problem.split(":", 1)[0]
+    for origin, var in origins.items():
+        if _within(path, origin) or _within(origin, path):
+            return f"{problem} (from {var})"
+    return problem
+
+
+def _within(path: str, ancestor: str) -> bool:
+    return path == ancestor or path.startswith((ancestor + ".", ancestor + "["))
+
+
+def _given(raw: Mapping[str, Any], prefix: str = "") -> frozenset[str]:
+    """The dotted path of every mapping key in ``raw`` (a list is one value)."""
+    paths = {prefix + str(key) for key in raw}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            paths |= _given(value, f"{prefix}{key}.")
+    return frozenset(paths)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), [f"<file>: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<file>"
+        raise ConfigError(str(path), [f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    return {} if data is None else data
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Merge LLMQ_* variables into ``raw``; return dotted path -> variable name for error messages."""
+    origins: dict[str, str] = {}
+    for var in sorted(env):
+        if not var.startswith(_ENV_PREFIX) or var in _NOT_CONFIG_ENV:
+            continue
+        value: Any = env[var]
+        if var in _NAMED_ENV:
+            path = _NAMED_ENV[var]
+            if var == "LLMQ_API_KEYS":
+                value = [k.strip() for k in value.split(",") if k.strip()]
+        else:
+            path = tuple(part.lower() for part in var[len(_ENV_PREFIX) :].split("__"))
+            # A secret stays the text it is: a password of digits is not a number.
+            value = value if ".".join(path) in SECRET_FIELDS else _env_scalar(value)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[path[-1]] = value
+        origins[".".join(path)] = var
+    return origins
+
+
+def _env_scalar(text: str) -> Any:
+    """Environment values are YAML scalars (``8080`` is an int, ``true`` a bool, ``[a, b]`` a list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text

@@ -1,0 +1,92 @@
+"""Every Redis key of a deployment, built from its prefix.
+
+The default prefix ``{llmq}`` is a Redis Cluster hash tag: all keys of one deployment hash to one
+slot, so the Lua scripts that touch several keys (hand-offs, admissions, moves) work on a cluster too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+
+class Keys:
+    """Key names for one deployment (one prefix)."""
+
+    __slots__ = (
+        "dispatch",
+        "dlq",
+        "dlq_index",
+        "done",
+        "finished",
+        "health",
+        "prefix",
+        "retry",
+        "retry_due",
+        "retry_payloads",
+        "slots",
+        "stagger",
+    )
+
+    def __init__(self, prefix: str = "{llmq}") -> None:
+        self.prefix = prefix
+        self.dispatch = f"{prefix}:dispatch"
+        self.retry = f"{prefix}:retry"
+        self.retry_due = f"{prefix}:retry:due"
+        self.retry_payloads = f"{prefix}:retry:payloads"
+        self.done = f"{prefix}:done"
+        self.dlq = f"{prefix}:dlq"
+        self.dlq_index = f"{prefix}:dlq:ids"
+        """Hash: message id -> the entry id of its newest dead letter (``llmq.pipeline.dlq``)."""
+        self.finished = f"{prefix}:finished"
+        """Pub/Sub channel: the ids of the messages that reached a terminal status, space-separated, one notice
+        per commit of outcomes."""
+        self.health = f"{prefix}:health"
+        """A key the ingest's health check writes (with a TTL): PING answers while writes are refused."""
+        self.slots = f"{prefix}:slots"
+        """Pub/Sub channel: an in-flight slot was released without the message finishing (retry)."""
+        self.stagger = f"{prefix}:stagger"
+        """When the next staggered admission may happen (``llmq.pipeline.stagger``), shared by all schedulers."""
+
+    def level(self, name: str) -> str:
+        """The stream of one priority level."""
+        return f"{self.prefix}:q:{name}"
+
+    def msg(self, message_id: str) -> str:
+        """The status hash of one message."""
+        return f"{self.prefix}:msg:{message_id}"
+
+    def idem(self, scope: str) -> str:
+        """Idempotency record of a scope (``llmq.pipeline.submit.idempotency_record``: caller, tenant and the client's
+        key); hashed so no client text becomes key syntax."""
+        digest = hashlib.sha256(scope.encode()).hexdigest()
+        return f"{self.prefix}:idem:v2:{digest}"
+
+    def legacy_idem(self, idempotency_key: str) -> str:
+        """The record the release before scoped keys kept for a client's key: in a namespace of its own, so no
+        key spelled as a scope reads another scope's record."""
+        digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
+        return f"{self.prefix}:idem:{digest}"
+
+    def inflight(self, level: str) -> str:
+        """Sorted set of admitted message ids of one level, scored by lease expiry."""
+        return f"{self.prefix}:inflight:{level}"
+
+    def backend_slots(self, backend: str) -> str:
+        """Sorted set of calls running on a backend, scored by lease expiry (shared by all dispatchers)."""
+        return f"{self.prefix}:backend:{backend}:slots"
+
+    def backend_window(self, backend: str, kind: str, minute: int) -> str:
+        """Requests (``rpm``) or tokens (``tpm``) sent to a backend in one minute."""
+        return f"{self.prefix}:backend:{backend}:{kind}:{minute}"
+
+    def affinity(self, session_id: str) -> str:
+        """The backend a session is pinned to; the client's id is hashed like idempotency keys."""
+        digest = hashlib.sha256(session_id.encode()).hexdigest()
+        return f"{self.prefix}:affinity:{digest}"
+
+    def consumer_lease(self, group: str, consumer: str) -> str:
+        """Liveness lease of a consumer name: held by exactly one live process."""
+        return f"{self.prefix}:consumer:{group}:{consumer}"
+
+    def consumer_lease_pattern(self, group: str) -> str:
+        return f"{self.prefix}:consumer:{group}:*"

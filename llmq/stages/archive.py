@@ -1,0 +1,327 @@
+"""archive: write every terminal outcome to PostgreSQL, and keep the streams trimmed.
+
+Each batch of ``done`` entries becomes one transaction: a COPY straight into ``messages`` (rows
+formatted by ``llmq.pipeline.archive_rows``), or, when an id is there already, a COPY into a temporary table
+and INSERT … ON CONFLICT (id) DO UPDATE, which never replaces a row with an older outcome (a late
+redelivery after the message was replayed and completed). Entries are acked only after the commit, so a
+crash redelivers them and the upsert makes the rows come out the same. While PostgreSQL is down or
+unreachable, the batch is retried with backoff (nothing acked, health "degraded", ``llmq_archive_backlog``
+growing) until it lands.
+
+When PostgreSQL refuses a batch for what a row holds (a value out of range, a constraint), no retry would
+cure it: the batch is halved until each refused row stands alone, every other row is archived, and each
+refused one is dead-lettered with the database's reason, acked in the same Redis transaction and counted
+in ``llmq_poison_total{stage="archive"}``. ``llmq-stage dlq replay`` puts it back into ``done`` once the
+cause is fixed. An entry that is not an outcome at all is dead-lettered the same way.
+
+Every few seconds the stage trims what every group has acked from every stream, and a message archived
+keeps its status hash in Redis only for ``queue.archived_retention``: Redis holds what is in flight plus
+that window. Every ``queue.cleanup_interval`` it trims the dead-letter stream to ``queue.dead_letters``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import psycopg
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Gauge, Histogram
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from redis.exceptions import ResponseError
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+
+from llmq.pipeline import dlq, effects, metrics, tasks
+from llmq.pipeline.archive_rows import COLUMNS, copy_row
+from llmq.pipeline.config import Config, DeadLetterConfig
+from llmq.pipeline.db import migrate
+from llmq.pipeline.errors import GiveBack
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.models import Outcome, decode_outcome
+from llmq.pipeline.queues import group_depth
+from llmq.pipeline.redis import UNAVAILABLE
+from llmq.pipeline.stage import Batch, Stage
+from llmq.pipeline.streams import Entry, as_str
+from llmq.pipeline.trim import trim_acked
+
+log = logging.getLogger("llmq.archive")
+
+ARCHIVED = Counter("llmq_archived_total", "Outcomes committed to PostgreSQL", ["status"])
+BATCH_SECONDS = Histogram(
+    "llmq_archive_batch_seconds",
+    "Time to write one batch to PostgreSQL",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+BACKLOG = Gauge("llmq_archive_backlog", "Outcomes in the done stream not yet archived (lag + pending)")
+TRIMMED = Counter("llmq_trimmed_total", "Stream entries trimmed after every group acked them", ["stream"])
+
+_COLS = ", ".join(COLUMNS)
+_UPDATE = ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS if c != "id")
+GROUP = "archive"
+CLEANUP_EVERY_S = 5.0
+IN_FLIGHT_BATCHES = 3
+DB_ERRORS = (psycopg.OperationalError, psycopg.errors.AdminShutdown, PoolTimeout)
+REFUSED_SQLSTATE_CLASSES = ("22", "23", "54")
+"""SQLSTATE classes of errors about what the rows hold, which no retry cures: data exception (a value out
+of range, text the type cannot take), integrity constraint violation, program limit exceeded (a value too
+large; psycopg counts this class among its OperationalErrors)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """One message's row of a batch: its newest outcome, formatted."""
+
+    outcome: Outcome
+    entry: Entry
+    """The entry that carried ``outcome``."""
+    superseded: list[Entry]
+    """Entries of the same message with older outcomes: settled with the row, never written."""
+    data: bytes
+
+
+class Archive(Stage):
+    def __init__(
+        self, *, config: Config, redis: aioredis.Redis, keys: Keys, pool: AsyncConnectionPool, conninfo: str
+    ) -> None:
+        self.name = GROUP
+        self.stream = keys.done
+        self.config = config
+        self.redis = redis
+        self.keys = keys
+        self.pool = pool
+        self.conninfo = conninfo
+        pg = config.database.postgres
+        self.store_bodies = pg.store_bodies if pg else True
+        self.window_s = max(1, int(config.queue.archived_retention.seconds))
+        self.dead = dlq.DeadLetters(redis=redis, keys=keys, levels=[lv.name for lv in config.queue.levels])
+        self.db_ok = True
+        # A few batches in flight (one per pooled connection) so decoding the next overlaps the write.
+        self.max_in_hand = config.queue.worker.max_batch_size * IN_FLIGHT_BATCHES
+        self._stopping = asyncio.Event()
+        self._cleanup: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.pool.open(wait=False)
+        async for attempt in self._retrying():
+            with attempt:
+                await migrate(self.conninfo)
+        self._cleanup = asyncio.create_task(self._cleanup_loop(), name="cleanup")
+
+    async def close(self) -> None:
+        await tasks.cancel(self._cleanup)
+        await self.pool.close()
+
+    def on_stop(self) -> None:
+        self._stopping.set()
+
+    async def health(self) -> dict[str, str]:
+        return {"postgres": "ok" if self.db_ok else "degraded"}
+
+    async def handle(self, batch: Batch) -> None:
+        """Idempotent: rows are upserted by message id and never replaced by an older outcome, so a
+        redelivered batch writes the same rows (and dead-letters the same refused ones)."""
+        newest: dict[str, tuple[Outcome, Entry]] = {}
+        superseded: dict[str, list[Entry]] = collections.defaultdict(list)
+        for entry in batch.entries:
+            try:
+                outcome = decode_outcome(entry.data)
+            except msgspec.DecodeError as exc:
+                dead_letter(batch, self.keys, entry, f"not an outcome: {exc}", message_id=None)
+                continue
+            mid = outcome.message.id
+            # One row per id per statement: the newest outcome (of equals, the later entry), as the upsert would.
+            kept = newest.get(mid)
+            if kept is not None and outcome.finished_at < kept[0].finished_at:
+                superseded[mid].append(entry)
+                continue
+            if kept is not None:
+                superseded[mid].append(kept[1])
+            newest[mid] = (outcome, entry)
+        # Sorted by id, so concurrent batches lock conflicting rows in the same order (no deadlock).
+        rows = [
+            _Row(o, e, superseded[mid], copy_row(o, store_bodies=self.store_bodies))
+            for mid, (o, e) in sorted(newest.items())
+        ]
+        started = time.perf_counter()
+        await self._archive(batch, rows)
+        BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    async def _archive(self, batch: Batch, rows: list[_Row]) -> None:
+        """Write the rows and ack their entries. When PostgreSQL refuses them for what a row holds, each
+        half is written on its own, down to single rows, so every row it accepts is archived and each one it
+        refuses is dead-lettered alone (one bad row of 100 costs about 14 more statements)."""
+        try:
+            async for attempt in self._retrying():
+                with attempt:
+                    await self._write(b"".join([r.data for r in rows]))
+        except psycopg.Error as exc:
+            if not _refused(exc):
+                raise
+            if len(rows) > 1:
+                half = len(rows) // 2
+                await self._archive(batch, rows[:half])
+                await self._archive(batch, rows[half:])
+                return
+            [row] = rows
+            reason = f"refused by PostgreSQL: {exc.diag.message_primary or exc}"
+            dead_letter(batch, self.keys, row.entry, reason, message_id=row.outcome.message.id)
+        else:
+            for status, n in collections.Counter(r.outcome.status for r in rows).items():
+                ARCHIVED.labels(status=status.value).inc(n)
+            for row in rows:
+                # PostgreSQL has it now: Redis keeps the status only for a short window (reads fall back)
+                batch.ack(row.entry, effects.shorten(self.keys.msg(row.outcome.message.id), self.window_s))
+        for row in rows:
+            for entry in row.superseded:
+                batch.ack(entry)
+
+    async def _write(self, rows: bytes) -> None:
+        """COPY the rows straight into ``messages``, each row written once. When an id is there already (a
+        redelivered batch, a replayed dead letter), that transaction rolls back and the batch is upserted
+        through a temporary table instead, each row only over an outcome that is not newer."""
+        async with self.pool.connection() as conn:
+            # A COPY is one statement, atomic and durable on its own: without BEGIN and COMMIT around it a
+            # batch costs one round trip to PostgreSQL instead of three.
+            await conn.set_autocommit(True)
+            try:
+                await _copy(conn, "messages", rows)
+            except psycopg.errors.UniqueViolation:
+                async with conn.transaction():
+                    await conn.execute(
+                        "CREATE TEMP TABLE IF NOT EXISTS archive_in (LIKE messages INCLUDING DEFAULTS)"
+                        " ON COMMIT DELETE ROWS"
+                    )
+                    await _copy(conn, "archive_in", rows)
+                    await conn.execute(
+                        f"INSERT INTO messages ({_COLS}) SELECT {_COLS} FROM archive_in "
+                        f"ON CONFLICT (id) DO UPDATE SET {_UPDATE}, archived_at = now()"
+                        " WHERE messages.finished_at <= EXCLUDED.finished_at"
+                    )
+        if not self.db_ok:
+            log.info("postgres is back; archiving resumed")
+        self.db_ok = True
+
+    def _retrying(self) -> AsyncRetrying:
+        """Retry while PostgreSQL is unavailable, backing off up to 10 s; give up only when stopping."""
+
+        def failed(state: Any) -> None:
+            self.db_ok = False
+            log.warning(
+                "postgres unavailable, retrying (attempt %d): %s", state.attempt_number, state.outcome.exception()
+            )
+
+        async def wait_unless_stopping(seconds: float) -> None:
+            if await tasks.wait_event(self._stopping, seconds):
+                raise GiveBack  # the batch stays pending and is re-read after the restart
+
+        return AsyncRetrying(
+            retry=retry_if_exception(_unavailable),
+            wait=wait_exponential_jitter(multiplier=0.2, max=10, jitter=0.2),
+            before_sleep=failed,
+            sleep=wait_unless_stopping,
+        )
+
+    async def _cleanup_loop(self) -> None:
+        """Every few seconds: the backlog gauge, and trimming what every group acked (so Redis holds what is in
+        flight, not what was done); every ``queue.cleanup_interval``: the dead-letter stream's bounds; once, the
+        index of dead letters written before it existed. Each apart: one failing never holds up the others."""
+        bounds = self.config.queue.dead_letters
+        interval = self.config.queue.cleanup_interval.seconds
+        next_bound = time.monotonic()
+        indexed = False
+        while True:
+            if await self._chore("updating the backlog and trimming streams", self._trim_streams):
+                if time.monotonic() >= next_bound:
+                    next_bound = time.monotonic() + interval
+                    await self._chore("bounding the dead letters", lambda: self._bound_dead_letters(bounds))
+                if not indexed:
+                    indexed = await self._chore("indexing dead letters of an earlier release", self._reindex)
+            await asyncio.sleep(CLEANUP_EVERY_S)
+
+    async def _chore(self, what: str, chore: Callable[[], Awaitable[None]]) -> bool:
+        """Run one chore of the cleanup loop (a loop boundary): False when it failed."""
+        try:
+            await chore()
+        except UNAVAILABLE as exc:
+            log.warning("%s skipped, redis unavailable: %s", what, exc)
+            return False
+        except Exception:
+            log.error("%s failed", what, exc_info=True)
+            return False
+        return True
+
+    async def _trim_streams(self) -> None:
+        await self._update_backlog()
+        await self.cleanup()
+
+    async def _bound_dead_letters(self, bounds: DeadLetterConfig) -> None:
+        dropped = await self.dead.trim(max_len=bounds.max_len, max_age_s=bounds.retention.seconds)
+        if dropped:
+            TRIMMED.labels(stream="dlq").inc(dropped)
+            log.info("dropped %d dead letters past queue.dead_letters' bounds", dropped)
+
+    async def _reindex(self) -> None:
+        if n := await self.dead.reindex():
+            log.info("indexed %d dead letters written before the dead-letter index", n)
+
+    async def _update_backlog(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xinfo_groups(self.stream)
+        pipe.xlen(self.stream)
+        groups, length = await pipe.execute(raise_on_error=False)
+        if isinstance(groups, ResponseError):  # no done stream yet: nothing to archive
+            BACKLOG.set(0)
+            return
+        for g in groups:
+            if as_str(g["name"]) == self.name:
+                BACKLOG.set(group_depth(g, length))
+
+    async def cleanup(self) -> dict[str, int]:
+        """Trim every stream of the pipeline below what all its groups acked (the DLQ has bounds of its own)."""
+        streams = [self.keys.level(lv.name) for lv in self.config.queue.levels]
+        streams += [self.keys.dispatch, self.keys.retry, self.keys.done]
+        trimmed = {}
+        for stream in streams:
+            n = await trim_acked(self.redis, stream)
+            if n:
+                TRIMMED.labels(stream=stream.rsplit(":", 1)[-1]).inc(n)
+                trimmed[stream] = n
+        return trimmed
+
+
+def dead_letter(batch: Batch, keys: Keys, entry: Entry, reason: str, *, message_id: str | None) -> None:
+    """Move one entry of the batch to the dead-letter stream with the reason, acked in the batch's commit.
+    ``llmq-stage dlq`` lists, shows and replays it (an outcome goes back into ``done``)."""
+    fields: dict[bytes, Any] = {b"group": GROUP, b"entry_id": entry.id}
+    letter = dlq.dead_letter(
+        keys, payload=entry.data, message_id=message_id, reason=reason, source=keys.done, fields=fields
+    )
+    batch.ack(entry, letter)
+    metrics.POISON.labels(stage=GROUP).inc()
+    log.error(
+        "dead-lettered entry %s: %s",
+        entry.id,
+        reason,
+        extra={"stage": GROUP, "entry_id": entry.id, "message_id": message_id},
+    )
+
+
+def _refused(exc: BaseException) -> bool:
+    """PostgreSQL refused the statement for what its rows hold."""
+    return isinstance(exc, psycopg.Error) and (exc.sqlstate or "")[:2] in REFUSED_SQLSTATE_CLASSES
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """PostgreSQL is down, unreachable or shutting down: the same statement may pass later."""
+    return isinstance(exc, DB_ERRORS) and not _refused(exc)
+
+
+async def _copy(conn: psycopg.AsyncConnection[Any], table: str, rows: bytes) -> None:
+    async with conn.cursor().copy(f"COPY {table} ({_COLS}) FROM STDIN") as copy:
+        await copy.write(rows)

@@ -1,0 +1,135 @@
+"""The OpenAI-compatible facade of the ingest API: ``POST /v1/chat/completions`` queues the standard body
+at the priority named by ``X-LLMQ-Priority`` (or a ``priority`` field), waits for the outcome up to
+``server.sync_timeout`` and returns the backend's response unchanged; ``GET /v1/models`` lists what the
+configured backends serve. Errors come in OpenAI's shape, so the official SDK raises its own exceptions."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from llmq.pipeline import api
+from llmq.pipeline.models import Status, new_id
+from llmq.pipeline.submit import Submission, Verdict, new_message, request_digest
+from llmq.stages.ingest.http_api import (
+    INGESTED,
+    BadInput,
+    caller,
+    decode_json,
+    encode_message,
+    idempotency_conflict,
+    openai_error,
+    read_body,
+    respond,
+)
+
+if TYPE_CHECKING:
+    from llmq.stages.ingest.app import IngestApi
+
+STREAM_UNSUPPORTED = (
+    "stream=true is not supported: llmq queues the request and returns the whole completion; send stream=false"
+)
+_answered = re.compile(r"answered (\d{3}):")
+_any_decoder = msgspec.json.Decoder()
+
+
+class OpenAIFacade:
+    def __init__(self, ingest: IngestApi) -> None:
+        self.ingest = ingest
+
+    async def chat_completions(self, request: Request) -> Response:
+        try:
+            body = await read_body(request, limit=self.ingest.max_body)
+            doc = decode_json(_any_decoder, body)
+        except BadInput as exc:
+            return openai_error(exc.status, exc.message)
+        if not isinstance(doc, dict) or not isinstance(doc.get("messages"), list) or not doc["messages"]:
+            return openai_error(400, "messages must be a non-empty array", param="messages")
+        for i, item in enumerate(doc["messages"]):
+            if not isinstance(item, dict):
+                return openai_error(400, "each message must be an object", param=f"messages[{i}]")
+        if doc.get("stream"):
+            return openai_error(400, STREAM_UNSUPPORTED, param="stream")
+        model = doc.get("model")
+        backends = self.ingest.config.backends
+        if backends and not any(not b.models or model in b.models for b in backends):
+            return openai_error(404, f"no backend serves model {model!r}", param="model", kind="model_not_found")
+        body_priority = doc.pop("priority", None)  # llmq's field, not the backend's
+        level = request.headers.get("x-llmq-priority") or body_priority or "normal"
+        if level not in self.ingest.levels:
+            return openai_error(
+                400, f"unknown priority {level!r}; levels: {', '.join(self.ingest.levels)}", param="priority"
+            )
+        # The headers hold what the native API's fields do, with the same limits; an empty one is none.
+        named = {}
+        for header in ("x-llmq-session-id", "x-llmq-tenant", "idempotency-key"):
+            value = request.headers.get(header) or None
+            if value is not None and len(value) > api.TEXT_MAX:
+                return openai_error(400, f"{header} is over {api.TEXT_MAX} characters", param=header)
+            named[header] = value
+        msg = new_message(
+            message_id=new_id(),
+            level=level,
+            request=doc,
+            session_id=named["x-llmq-session-id"],
+            tenant=named["x-llmq-tenant"],
+            idempotency_key=named["idempotency-key"],
+        )
+        try:
+            payload = encode_message(msg)
+        except BadInput as exc:
+            return openai_error(400, exc.message)
+        try:
+            digest = request_digest([level, msg.session_id, msg.tenant, doc]) if msg.idempotency_key else ""
+        except ValueError as exc:
+            return openai_error(400, f"the request is {exc}", param="messages")
+        result = await self.ingest.submitter.submit(Submission(msg, payload, caller=caller(request), digest=digest))
+        if result.verdict is Verdict.CONFLICT:
+            return openai_error(422, idempotency_conflict(result.message_id), param="Idempotency-Key")
+        if result.verdict is Verdict.FULL:
+            return openai_error(429, f"priority level {level!r} is full; retry later", kind="rate_limit_error")
+        message_id = result.message_id or msg.id
+        if result.verdict is Verdict.QUEUED:
+            INGESTED.labels(level=level).inc()
+        headers = {"X-LLMQ-Message-Id": message_id}
+        finished = await self.ingest.waiter.wait(
+            message_id, lambda: self.ingest.terminal(message_id), self.ingest.config.server.sync_timeout.seconds
+        )
+        view = await self.ingest.view(message_id)
+        if not finished or view is None:
+            response = openai_error(
+                504,
+                f"no result within {self.ingest.config.server.sync_timeout}; poll GET /api/v1/messages/{message_id}",
+                kind="timeout",
+            )
+        elif view.status == Status.COMPLETED.value and view.result is not None:
+            return respond(view.result, headers=headers)
+        else:
+            response = failure(view)
+        response.headers.update(headers)
+        return response
+
+    async def models(self, _: Request) -> Response:
+        seen: dict[str, str] = {}
+        for b in self.ingest.config.backends:
+            for m in b.models:
+                seen.setdefault(m, b.name)
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": owner} for m, owner in seen.items()]
+        return respond({"object": "list", "data": data})
+
+
+def failure(view: api.MessageView) -> Response:
+    """An ended-without-result message as an OpenAI error; a backend's own 4xx keeps its status."""
+    error = view.error or view.status
+    match = _answered.search(error)
+    if view.status == Status.FAILED.value and match and 400 <= int(match.group(1)) < 500:
+        return openai_error(int(match.group(1)), error)
+    if view.status == Status.EXPIRED.value:
+        return openai_error(504, "the request expired before a backend was free", kind="timeout")
+    if view.status == Status.CANCELLED.value:
+        return openai_error(409, "the request was cancelled", kind="cancelled")
+    return openai_error(502, f"the request {view.status}: {error}", kind="api_error")

@@ -1,0 +1,147 @@
+"""mock-backend: an OpenAI-compatible server for development, tests and benchmarks.
+
+``POST /v1/chat/completions`` answers after a configurable latency with a realistic body and ``usage``;
+it can fail a fraction of calls with a chosen status (and Retry-After), and answers 429 beyond a
+concurrency limit. ``GET /stats`` counts calls (per ``X-LLMQ-Message-Id``, to find duplicates) and the
+highest concurrency seen; ``POST /admin/config`` changes the behaviour at run time (tests use it to make a
+backend fail and recover). Not a stand-in for Redis or Postgres: those are always real servers.
+
+Its answers are ``llmq.pipeline.echo.completion``, which the dispatcher also gives for ``echo://`` backend URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from llmq.pipeline.echo import completion
+
+
+class MockSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    latency_ms: float = 50.0
+    jitter_ms: float = 0.0
+    """Latency is uniform in latency_ms ± jitter_ms."""
+    fail_rate: float = 0.0
+    fail_status: int = 500
+    retry_after_s: float | None = None
+    """Sent with failures and with 429s from the concurrency limit."""
+    max_concurrent: int = 0
+    """Calls beyond this many at once get 429; 0 means unlimited."""
+    models: list[str] = msgspec.field(default_factory=lambda: ["mock-1"])
+    body: str | None = None
+    """Answer this text (as application/json) instead of a completion: a backend that answers garbage."""
+    trickle_s: float = 0.0
+    """Send the answer in ten pieces over this many seconds after the latency: a backend that streams its
+    answer slowly, each piece well within a read timeout."""
+
+
+_json = msgspec.json.Encoder()
+_settings_decoder = msgspec.json.Decoder(MockSettings)
+
+
+def _response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_json.encode(doc), status_code=status, media_type="application/json", headers=headers)
+
+
+async def _trickle(answer: bytes, seconds: float) -> AsyncIterator[bytes]:
+    step = max(1, len(answer) // 10 + 1)
+    for i in range(0, len(answer), step):
+        yield answer[i : i + step]
+        await asyncio.sleep(seconds / 10)
+
+
+class MockBackend:
+    def __init__(self, settings: MockSettings, *, name: str = "mock") -> None:
+        self.settings = settings
+        self.name = name
+        self.calls = 0
+        self.by_message: Counter[str] = Counter()
+        self.current = 0
+        self.peak = 0
+        self.started_at = time.time()
+
+    async def chat(self, request: Request) -> Response:
+        try:
+            body = msgspec.json.decode(await request.body())
+        except msgspec.DecodeError:
+            return _response({"error": {"message": "invalid JSON", "type": "invalid_request_error"}}, 400)
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return _response({"error": {"message": "messages is required", "type": "invalid_request_error"}}, 400)
+        s = self.settings
+        self.calls += 1
+        message_id = request.headers.get("x-llmq-message-id")
+        if message_id:
+            self.by_message[message_id] += 1
+        retry_headers = {"Retry-After": f"{s.retry_after_s:g}"} if s.retry_after_s is not None else None
+        if s.max_concurrent and self.current >= s.max_concurrent:
+            return _response({"error": {"message": "too many requests", "type": "rate_limit"}}, 429, retry_headers)
+        self.current += 1
+        self.peak = max(self.peak, self.current)
+        try:
+            latency = max(0.0, s.latency_ms + random.uniform(-s.jitter_ms, s.jitter_ms)) / 1000
+            await asyncio.sleep(latency)
+            if s.fail_rate and random.random() < s.fail_rate:
+                return _response(
+                    {"error": {"message": "mock failure", "type": "server_error"}}, s.fail_status, retry_headers
+                )
+        finally:
+            self.current -= 1
+        answer = (
+            s.body.encode()
+            if s.body is not None
+            else _json.encode(completion(body, name=self.name, default_model=self.settings.models[0]))
+        )
+        if s.trickle_s:
+            return StreamingResponse(_trickle(answer, s.trickle_s), media_type="application/json")
+        return Response(answer, media_type="application/json")
+
+    async def models(self, _: Request) -> Response:
+        data = [
+            {"id": m, "object": "model", "created": int(self.started_at), "owned_by": "llmq-mock"}
+            for m in self.settings.models
+        ]
+        return _response({"object": "list", "data": data})
+
+    async def health(self, _: Request) -> Response:
+        return _response({"status": "ok"})
+
+    async def stats(self, _: Request) -> Response:
+        duplicates = sum(n - 1 for n in self.by_message.values() if n > 1)
+        return _response(
+            {
+                "name": self.name,
+                "calls": self.calls,
+                "messages": len(self.by_message),
+                "duplicates": duplicates,
+                "current": self.current,
+                "peak_concurrency": self.peak,
+            }
+        )
+
+    async def configure(self, request: Request) -> Response:
+        try:
+            self.settings = _settings_decoder.decode(await request.body())
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return _response({"error": str(exc)}, 422)
+        return _response(msgspec.to_builtins(self.settings))
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/models", self.models),
+                Route("/health", self.health),
+                Route("/stats", self.stats),
+                Route("/admin/config", self.configure, methods=["POST"]),
+            ]
+        )
