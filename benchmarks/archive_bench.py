@@ -17,10 +17,10 @@ import psycopg
 import redis.asyncio as aioredis
 
 from benchmarks._procs import drop_prefix, postgres_url, redis_url, stages, write_result
-from llmq.pipeline.archive_rows import COLUMNS, copy_rows
 from llmq.pipeline.db import migrate
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, Message, Outcome, Status, encode, new_id
+from llmq.stages.archive.rows import COLUMNS, copy_rows
 
 
 def outcomes(n: int) -> list[Outcome]:

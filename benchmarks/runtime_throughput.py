@@ -3,7 +3,7 @@
 Same shape, same Redis, same process model, one run: N entries are preloaded into stream A; a mover
 hands each to stream B (XADD B + XACK A in one MULTI/EXEC) and a sink acks them from B. The *ceiling* is
 a hand-written mover/sink (batched XREADGROUP, pipelined XADD/XACK, nothing else); *llmq* is two
-``llmq.pipeline.stage.Runner``s (a forwarding stage and an acking stage) with everything production has:
+``llmq.pipeline.runtime.runner.Runner``s (a forwarding stage and an acking stage) with everything production has:
 leases, reclaimer, metrics, per-batch transactions.
 
     .venv/bin/python benchmarks/runtime_throughput.py [--redis-url URL] [--n 100000] [--batch 100]
@@ -26,7 +26,9 @@ import redis.asyncio as aioredis
 from benchmarks._procs import machine, write_result
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD
-from llmq.pipeline.stage import Batch, Runner, RunnerSettings, Stage
+from llmq.pipeline.runtime.batch import Batch
+from llmq.pipeline.runtime.runner import Runner, RunnerSettings
+from llmq.pipeline.runtime.stage import Stage
 
 PAYLOAD = b"x" * 200
 

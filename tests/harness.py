@@ -18,8 +18,9 @@ from llmq.cli.consume import runner_settings
 from llmq.cli.stages import make_archive
 from llmq.pipeline.config import Config, load_config
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.ops import OpsServer
-from llmq.pipeline.stage import Runner, Stage
+from llmq.pipeline.runtime.ops_server import OpsServer
+from llmq.pipeline.runtime.runner import Runner
+from llmq.pipeline.runtime.stage import Stage
 from llmq.stages.dispatch import Dispatch
 from llmq.stages.ingest import create_app
 from llmq.stages.mock_backend import MockBackend, MockSettings

@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.ops import OpsServer, ops_app
+from llmq.pipeline.runtime.ops_server import OpsServer, ops_app
 from llmq.stages.ingest import create_app
 from llmq.stages.mock_backend import MockSettings
 from tests.conftest import free_port

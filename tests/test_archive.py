@@ -24,15 +24,15 @@ from prometheus_client import REGISTRY
 from llmq.cli.consume import runner_settings
 from llmq.cli.embedded import EmbeddedPostgres
 from llmq.cli.stages import make_archive
-from llmq.pipeline.archive_rows import COLUMNS, copy_rows
 from llmq.pipeline.config import load_config
 from llmq.pipeline.db import migrate
 from llmq.pipeline.dlq import DeadLetters, dead_letter
-from llmq.pipeline.effects import Commit
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, Message, Outcome, Status, encode, new_id
-from llmq.pipeline.stage import Runner
-from llmq.pipeline.trim import trim_acked
+from llmq.pipeline.runtime.effects import Commit
+from llmq.pipeline.runtime.runner import Runner
+from llmq.stages.archive.rows import COLUMNS, copy_rows
+from llmq.stages.archive.trim import trim_acked
 from llmq.stages.mock_backend import MockSettings
 from tests.conftest import eventually
 from tests.harness import CHAT, Harness

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from llmq.cli.app import app
 from llmq.pipeline.config import Config, load_config
-from llmq.pipeline.durations import format_duration, parse_duration
+from llmq.pipeline.config.durations import format_duration, parse_duration
 from llmq.pipeline.errors import ConfigError
 from tests.procs import ROOT
 

@@ -8,14 +8,14 @@ from collections import Counter
 import httpx
 import pytest
 
-from llmq.pipeline.admission import LevelView, select
-from llmq.pipeline.backend_calls import classify, estimate_tokens, retry_after
 from llmq.pipeline.backoff import retry_delay
-from llmq.pipeline.balance import BackendView, Balancer, Circuit
-from llmq.pipeline.http_pool import CONNECTIONS_PER_SHARD, ShardedClient
 from llmq.pipeline.models import Status
-from llmq.pipeline.stagger import MIN_CALLS, Stagger, stagger
+from llmq.stages.dispatch.calls import classify, estimate_tokens, retry_after
+from llmq.stages.dispatch.http_pool import CONNECTIONS_PER_SHARD, ShardedClient
+from llmq.stages.dispatch.routing import BackendView, Balancer, Circuit
 from llmq.stages.retry import reason_of
+from llmq.stages.schedule.admission import LevelView, select
+from llmq.stages.schedule.stagger import MIN_CALLS, Stagger, stagger
 
 NOW = 1000.0
 

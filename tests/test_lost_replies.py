@@ -18,15 +18,15 @@ import pytest
 import redis.asyncio as aioredis
 
 from llmq.pipeline.config import RedisConfig, load_config
-from llmq.pipeline.consumer import ConsumerLease
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import script_source
 from llmq.pipeline.models import FIELD, Status, encode, new_id
-from llmq.pipeline.stage import Runner
-from llmq.pipeline.streams import ensure_group, parse_entries
-from llmq.pipeline.submit import new_message
+from llmq.pipeline.runtime.names import ConsumerLease
+from llmq.pipeline.runtime.runner import Runner
+from llmq.pipeline.runtime.streams import ensure_group, parse_entries
 from llmq.stages.ingest import create_app
-from llmq.stages.schedule import Arbiter, Candidate, Decisions
+from llmq.stages.ingest.submit import new_message
+from llmq.stages.schedule.arbiter import Arbiter, Candidate, Decisions
 from tests.conftest import eventually
 from tests.faults import FaultProxy
 from tests.harness import CHAT
@@ -152,7 +152,7 @@ async def test_an_entry_settled_by_another_consumer_is_not_handed_off_again(redi
 
 
 def _push(keys: Keys, value: str) -> Any:
-    from llmq.pipeline.effects import rpush
+    from llmq.pipeline.runtime.effects import rpush
 
     return rpush(f"{keys.prefix}:pushed", value)
 

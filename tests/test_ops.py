@@ -29,8 +29,8 @@ from typer.testing import CliRunner
 from llmq.cli.app import app
 from llmq.cli.stages import STAGES
 from llmq.pipeline.config import load_config
+from llmq.pipeline.config.durations import parse_duration
 from llmq.pipeline.db import migrate
-from llmq.pipeline.durations import parse_duration
 from llmq.pipeline.errors import ConfigError
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD

@@ -15,12 +15,12 @@ import redis.asyncio as aioredis
 from llmq.pipeline.config import load_config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, decode_outcome, encode, new_id
-from llmq.pipeline.stagger import MIN_CALLS
-from llmq.pipeline.streams import ensure_group, parse_entries
-from llmq.pipeline.submit import new_message
+from llmq.pipeline.runtime.streams import ensure_group, parse_entries
 from llmq.stages import dispatch
+from llmq.stages.ingest.submit import new_message
 from llmq.stages.mock_backend import MockSettings
-from llmq.stages.schedule import Arbiter, Candidate, Decisions
+from llmq.stages.schedule.arbiter import Arbiter, Candidate, Decisions
+from llmq.stages.schedule.stagger import MIN_CALLS
 from tests.conftest import eventually
 from tests.harness import CHAT, Harness
 

@@ -14,11 +14,11 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ReadOnlyError, ResponseError
 
-from llmq.pipeline import tasks
+from llmq.pipeline import background
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, Status, decode_outcome, new_id
-from llmq.pipeline.stage import Runner, RunnerSettings
-from llmq.pipeline.submit import new_message
+from llmq.pipeline.runtime.runner import Runner, RunnerSettings
+from llmq.stages.ingest.submit import new_message
 from tests.conftest import eventually
 from tests.procs import worker
 from tests.worker import RecordingStage
@@ -454,8 +454,8 @@ async def _exists(path: Any) -> bool:
 async def test_consumer_names_are_unique_and_reused_after_release(
     redis: aioredis.Redis, keys: Keys, explicit: bool
 ) -> None:
-    from llmq.pipeline.consumer import ConsumerLease
     from llmq.pipeline.errors import ConsumerNameTaken
+    from llmq.pipeline.runtime.names import ConsumerLease
 
     a = ConsumerLease(redis=redis, keys=keys, group="work", ttl_s=10)
     b = ConsumerLease(redis=redis, keys=keys, group="work", ttl_s=10)
@@ -480,7 +480,7 @@ async def test_a_loop_waiting_on_an_event_stops_when_cancelled_as_the_event_fire
 
     async def loop() -> None:
         while True:
-            await tasks.wait_event(event, 0.1)
+            await background.wait_event(event, 0.1)
             event.clear()
 
     for _ in range(20):
@@ -491,7 +491,7 @@ async def test_a_loop_waiting_on_an_event_stops_when_cancelled_as_the_event_fire
         task.cancel()
         done, _ = await asyncio.wait({task}, timeout=1.0)
         assert done and task.cancelled()
-    assert not await tasks.wait_event(asyncio.Event(), 0.01)
+    assert not await background.wait_event(asyncio.Event(), 0.01)
 
 
 async def test_a_task_that_swallows_a_cancellation_is_cancelled_again() -> None:
@@ -513,7 +513,7 @@ async def test_a_task_that_swallows_a_cancellation_is_cancelled_again() -> None:
 
     task = asyncio.create_task(loop())
     await asyncio.sleep(0.05)
-    stopping = asyncio.create_task(tasks.cancel(task))
+    stopping = asyncio.create_task(background.cancel(task))
     done, _ = await asyncio.wait({stopping}, timeout=5)
     assert done, "cancel() waited on a task that went on"
     assert task.cancelled() and swallowed == 1

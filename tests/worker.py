@@ -20,10 +20,11 @@ import redis.asyncio as aioredis
 
 from llmq.cli.consume import consume
 from llmq.pipeline.config import Config, load_config
-from llmq.pipeline.effects import rpush
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.logging import setup_logging
-from llmq.pipeline.stage import Batch, Stage
+from llmq.pipeline.runtime.batch import Batch
+from llmq.pipeline.runtime.effects import rpush
+from llmq.pipeline.runtime.stage import Stage
 
 
 class RecordingStage(Stage):

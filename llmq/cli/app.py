@@ -26,10 +26,10 @@ from llmq.pipeline.db import describe as describe_postgres
 from llmq.pipeline.db import make_pool, migrate, wait_for_postgres
 from llmq.pipeline.errors import ConnectError, ListenError
 from llmq.pipeline.keys import Keys
+from llmq.pipeline.level_status import LevelStatus, level_status
 from llmq.pipeline.logging import reopen_logs, setup_logging
-from llmq.pipeline.ops import listen
-from llmq.pipeline.queues import LevelStatus, level_status
 from llmq.pipeline.redis import describe, make_redis, wait_for_redis
+from llmq.pipeline.runtime.ops_server import listen
 from llmq.stages.mock_backend import MockBackend, MockSettings
 
 log = logging.getLogger("llmq.cli")

@@ -20,13 +20,14 @@ import redis.asyncio as aioredis
 from llmq.cli.exit_codes import ExitCode
 from llmq.pipeline.backoff import Backoff
 from llmq.pipeline.config import Config
-from llmq.pipeline.consumer import ConsumerLease
 from llmq.pipeline.errors import ConnectError, ConsumerNameTaken
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.logging import reopen_logs
-from llmq.pipeline.ops import OpsServer, ops_app
 from llmq.pipeline.redis import UNAVAILABLE, describe, make_redis, wait_for_redis
-from llmq.pipeline.stage import Runner, RunnerSettings, Stage
+from llmq.pipeline.runtime.names import ConsumerLease
+from llmq.pipeline.runtime.ops_server import OpsServer, ops_app
+from llmq.pipeline.runtime.runner import Runner, RunnerSettings
+from llmq.pipeline.runtime.stage import Stage
 
 log = logging.getLogger("llmq.cli")
 

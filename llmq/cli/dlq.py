@@ -14,8 +14,8 @@ import typer
 
 from llmq.cli.common import ConfigOption, load_or_exit
 from llmq.cli.exit_codes import ExitCode
+from llmq.pipeline.config.durations import parse_duration
 from llmq.pipeline.dlq import DeadLetter, DeadLetters
-from llmq.pipeline.durations import parse_duration
 from llmq.pipeline.errors import ConnectError
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.redis import make_redis, wait_for_redis

@@ -20,11 +20,11 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from llmq.pipeline import effects
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import Lua, script_source
 from llmq.pipeline.models import FIELD, Message, Status, decode_message, decode_outcome, encode
-from llmq.pipeline.streams import as_str
+from llmq.pipeline.runtime import effects
+from llmq.pipeline.runtime.streams import as_str
 
 TRIM_PER_CALL = 1000
 """Dead letters dropped per script call when trimming, so one call never holds Redis long."""

@@ -10,7 +10,13 @@ import os
 import time
 from typing import Any
 
-from llmq.pipeline.backend_calls import prompt_chars
+
+def prompt_chars(request: dict[str, Any]) -> int:
+    """Characters of the messages' contents (about 4 to a token)."""
+    messages = request.get("messages")
+    if not isinstance(messages, list):
+        return 0
+    return sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
 
 
 def completion(body: dict[str, Any], *, name: str, default_model: str) -> dict[str, Any]:

@@ -45,7 +45,7 @@ class Keys:
         self.slots = f"{prefix}:slots"
         """Pub/Sub channel: an in-flight slot was released without the message finishing (retry)."""
         self.stagger = f"{prefix}:stagger"
-        """When the next staggered admission may happen (``llmq.pipeline.stagger``), shared by all schedulers."""
+        """When the next staggered admission may happen (``llmq.stages.schedule.stagger``), shared by all schedulers."""
 
     def level(self, name: str) -> str:
         """The stream of one priority level."""
@@ -56,8 +56,8 @@ class Keys:
         return f"{self.prefix}:msg:{message_id}"
 
     def idem(self, scope: str) -> str:
-        """Idempotency record of a scope (``llmq.pipeline.submit.idempotency_record``: caller, tenant and the client's
-        key); hashed so no client text becomes key syntax."""
+        """Idempotency record of a scope (the ingest's ``idempotency_record``: caller, tenant and the client's key);
+        hashed so no client text becomes key syntax."""
         digest = hashlib.sha256(scope.encode()).hexdigest()
         return f"{self.prefix}:idem:v2:{digest}"
 

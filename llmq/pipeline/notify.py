@@ -17,11 +17,11 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
-from llmq.pipeline import tasks
+from llmq.pipeline import background
 from llmq.pipeline.backoff import Backoff
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.redis import UNAVAILABLE
-from llmq.pipeline.streams import as_str
+from llmq.pipeline.runtime.streams import as_str
 
 log = logging.getLogger("llmq.notify")
 CLOSE_TIMEOUT_S = 2.0
@@ -69,7 +69,7 @@ class Listener:
             finally:
                 # Bounded: closing a connection whose read was just cancelled must not hold up shutdown.
                 with contextlib.suppress(TimeoutError, *UNAVAILABLE):
-                    await asyncio.wait_for(pubsub.aclose(), timeout=CLOSE_TIMEOUT_S)  # type: ignore[no-untyped-call]
+                    await asyncio.wait_for(pubsub.aclose(), timeout=CLOSE_TIMEOUT_S)  # type: ignore[no-untyped-call,unused-ignore]  # untyped before redis 8
 
 
 class Waiter:
@@ -96,7 +96,7 @@ class Waiter:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         try:
-            await tasks.wait_event(self._listener.subscribed, min(timeout_s, 2.0))
+            await background.wait_event(self._listener.subscribed, min(timeout_s, 2.0))
             while True:
                 if await is_done():
                     return True
@@ -104,7 +104,7 @@ class Waiter:
                 if remaining <= 0:
                     return False
                 # A notice wakes us; without the subscription (Redis restarting) re-check every second.
-                await tasks.wait_event(event, min(remaining, 1.0))
+                await background.wait_event(event, min(remaining, 1.0))
                 event.clear()
         finally:
             waiters = self._waiting.get(message_id)

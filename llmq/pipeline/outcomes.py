@@ -1,7 +1,7 @@
 """A message's terminal outcome as the effect that records it: one place, used by every stage that ends a
 message.
 
-Committed with the entry's ack (``llmq.pipeline.effects``): the ``done`` entry (for the archive), the status
+Committed with the entry's ack (``llmq.pipeline.runtime.effects``): the ``done`` entry (for the archive), the status
 hash (for clients, with a retention TTL) and the release of the message's in-flight slot. The commit
 announces the ids of every message it finished in one notice on the ``finished`` channel: one PUBLISH per
 commit, not per message, wakes the scheduler and every ingest process once for a whole batch of outcomes.
@@ -13,9 +13,9 @@ from typing import Any
 
 import msgspec
 
-from llmq.pipeline import effects
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import Outcome, Status, encode
+from llmq.pipeline.runtime import effects
 
 _json = msgspec.json.Encoder()
 

@@ -71,9 +71,9 @@ failure failed a whole batch, counting one more delivery for every entry in it: 
 entries over ``max_deliveries``. One immediate retry on a connection error reconnects instead.
 
 The retry resends a command whose reply was lost after Redis ran it, so it runs twice: every write llmq
-makes is safe to repeat (``llmq.pipeline.effects``, the scripts in ``llmq/pipeline/scripts``), and a read that
+makes is safe to repeat (``llmq.pipeline.runtime.effects``, the scripts in ``llmq/pipeline/scripts``), and a read that
 delivered entries to a lost reply leaves them in the consumer's own pending list, which it pages through
-(``llmq.pipeline.stage``). ``tests/test_lost_replies.py`` drops such replies on purpose."""
+(``llmq.pipeline.runtime.runner``). ``tests/test_lost_replies.py`` drops such replies on purpose."""
 POOL_WAIT_S = 10.0
 """How long a command waits for a free pooled connection before failing (a burst queues, not errors)."""
 CONNECT_TIMEOUT_S = 5.0

@@ -18,7 +18,7 @@ import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
-from llmq.pipeline import effects, tasks
+from llmq.pipeline import background
 from llmq.pipeline.backoff import retry_delay
 from llmq.pipeline.config import Config
 from llmq.pipeline.dlq import dead_letter
@@ -27,8 +27,10 @@ from llmq.pipeline.lua import Lua, script_source
 from llmq.pipeline.models import Message, Outcome, Status, decode_message
 from llmq.pipeline.outcomes import outcome_effect
 from llmq.pipeline.redis import UNAVAILABLE
-from llmq.pipeline.stage import Batch, Stage
-from llmq.pipeline.streams import Entry
+from llmq.pipeline.runtime import effects
+from llmq.pipeline.runtime.batch import Batch
+from llmq.pipeline.runtime.stage import Stage
+from llmq.pipeline.runtime.streams import Entry
 
 log = logging.getLogger("llmq.retry")
 
@@ -66,7 +68,7 @@ class Retry(Stage):
         self._timer = asyncio.create_task(self._timer_loop(), name="retry-timer")
 
     async def close(self) -> None:
-        await tasks.cancel(self._timer)
+        await background.cancel(self._timer)
 
     async def handle(self, batch: Batch) -> None:
         """Idempotent: the due set is keyed by level and message id, and each entry's effects commit with its

@@ -1,6 +1,6 @@
 """ingest: the HTTP API through which requests enter the queue (Starlette on uvicorn).
 
-Submissions go through ``llmq.pipeline.submit`` (backpressure, idempotency, XADD and status hash in one atomic
+Submissions go through ``llmq.stages.ingest.submit`` (backpressure, idempotency, XADD and status hash in one atomic
 script). Status reads long-poll on the ``finished`` channel, and fall back to the PostgreSQL archive once
 the status hash has expired. The OpenAI-compatible routes are in ``llmq.stages.ingest.openai_facade``; how
 requests are read and answered (bodies, errors naming the field, API keys, per-route counters) in
@@ -28,15 +28,14 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from llmq.pipeline import api
 from llmq.pipeline.config import Config
 from llmq.pipeline.dlq import DeadLetters
 from llmq.pipeline.keys import Keys
+from llmq.pipeline.level_status import level_status
 from llmq.pipeline.models import Message, Status, new_id
 from llmq.pipeline.notify import Waiter
-from llmq.pipeline.queues import level_status
 from llmq.pipeline.redis import CONNECTION_ERRORS, UNAVAILABLE
-from llmq.pipeline.submit import Submission, Submitted, Submitter, Verdict, new_message, request_digest
+from llmq.stages.ingest import schema
 from llmq.stages.ingest.http_api import (
     INGESTED,
     REJECTED,
@@ -56,13 +55,14 @@ from llmq.stages.ingest.http_api import (
     server_error,
 )
 from llmq.stages.ingest.openai_facade import OpenAIFacade
+from llmq.stages.ingest.submit import Submission, Submitted, Submitter, Verdict, new_message, request_digest
 
 log = logging.getLogger("llmq.ingest")
 
 QUEUE_DEPTH = Gauge("queue_depth", "Messages waiting for admission in a level (lag + pending)", ["level"])
 
 DEPTH_EVERY_S = 5.0
-_submit_decoder = msgspec.json.Decoder(api.SubmitBody)
+_submit_decoder = msgspec.json.Decoder(schema.SubmitBody)
 _any_decoder = msgspec.json.Decoder()
 
 
@@ -82,7 +82,7 @@ class IngestApi:
 
     # --- input ---------------------------------------------------------------------------------------
 
-    def _message(self, sub: api.SubmitBody, request: Request, where: str = "") -> Submission:
+    def _message(self, sub: schema.SubmitBody, request: Request, where: str = "") -> Submission:
         """The message to submit; BadInput naming the field when it cannot be queued."""
         if sub.level not in self.levels:
             raise BadInput(422, f"unknown level {sub.level!r}; valid levels: {', '.join(self.levels)}", f"{where}level")
@@ -116,11 +116,11 @@ class IngestApi:
 
     # --- messages ------------------------------------------------------------------------------------
 
-    def _accepted(self, msg: Message, result: Submitted) -> tuple[int, api.Accepted]:
+    def _accepted(self, msg: Message, result: Submitted) -> tuple[int, schema.Accepted]:
         if result.verdict is Verdict.DUPLICATE:
-            return 200, api.Accepted(id=result.message_id or "", status="duplicate", level=msg.level)
+            return 200, schema.Accepted(id=result.message_id or "", status="duplicate", level=msg.level)
         INGESTED.labels(level=msg.level).inc()
-        return 202, api.Accepted(id=msg.id, status=Status.QUEUED.value, level=msg.level, position=result.depth)
+        return 202, schema.Accepted(id=msg.id, status=Status.QUEUED.value, level=msg.level, position=result.depth)
 
     async def submit(self, request: Request) -> Response:
         body = await read_body(request, limit=self.max_body)
@@ -136,7 +136,7 @@ class IngestApi:
                 existing = await self.view(result.message_id or "")
             except ArchiveUnavailable:  # its status is only in PostgreSQL, which cannot be asked now
                 existing = None
-            doc = api.Accepted(
+            doc = schema.Accepted(
                 id=result.message_id or "", status=existing.status if existing else "queued", level=msg.level
             )
             return respond(doc, 200)
@@ -150,38 +150,38 @@ class IngestApi:
             raise BadInput(422, "the body must be a JSON array of messages")
         if len(items) > self.config.server.max_batch:
             raise BadInput(413, f"{len(items)} messages; a batch holds at most {self.config.server.max_batch}")
-        results: list[api.BatchItem | None] = [None] * len(items)
+        results: list[schema.BatchItem | None] = [None] * len(items)
         valid: list[tuple[int, Submission]] = []
         for i, item in enumerate(items):
             try:
-                sub = msgspec.convert(item, api.SubmitBody)
+                sub = msgspec.convert(item, schema.SubmitBody)
                 valid.append((i, self._message(sub, request, f"[{i}].")))
             except msgspec.ValidationError as exc:
                 message, field = field_of(exc)
-                results[i] = api.BatchItem(
+                results[i] = schema.BatchItem(
                     index=i, status_code=422, error=message, field=f"[{i}].{field}" if field else f"[{i}]"
                 )
             except BadInput as exc:
-                results[i] = api.BatchItem(index=i, status_code=exc.status, error=exc.message, field=exc.field)
+                results[i] = schema.BatchItem(index=i, status_code=exc.status, error=exc.message, field=exc.field)
         outcomes = await self.submitter.submit_many([item for _, item in valid])
         for (i, submission), result in zip(valid, outcomes, strict=True):
             msg = submission.message
             if result.verdict is Verdict.CONFLICT:
                 REJECTED.labels(reason="invalid").inc()
                 error = idempotency_conflict(result.message_id)
-                results[i] = api.BatchItem(index=i, status_code=422, error=error, field=f"[{i}].idempotency_key")
+                results[i] = schema.BatchItem(index=i, status_code=422, error=error, field=f"[{i}].idempotency_key")
                 continue
             if result.verdict is Verdict.FULL:
                 REJECTED.labels(reason="backpressure").inc()
-                results[i] = api.BatchItem(
+                results[i] = schema.BatchItem(
                     index=i, status_code=429, error=f"level {msg.level!r} is full", level=msg.level
                 )
                 continue
             code, doc = self._accepted(msg, result)
-            results[i] = api.BatchItem(index=i, status_code=code, id=doc.id, status=doc.status, level=msg.level)
+            results[i] = schema.BatchItem(index=i, status_code=code, id=doc.id, status=doc.status, level=msg.level)
         return respond(results)
 
-    async def view(self, message_id: str) -> api.MessageView | None:
+    async def view(self, message_id: str) -> schema.MessageView | None:
         fields: Any = await self.redis.hgetall(self.keys.msg(message_id))
         if fields:
             raw_result = fields.pop(b"result", None)
@@ -189,7 +189,7 @@ class IngestApi:
             # The stored JSON as it is: decoding it could fail on an answer nested deeper than this stack
             result = msgspec.Raw(raw_result) if raw_result is not None else None
             floats = ("enqueued_at", "scheduled_at", "started_at", "finished_at", "retry_at")
-            return api.MessageView(
+            return schema.MessageView(
                 id=message_id,
                 status=doc.get("status", "unknown"),
                 level=doc.get("level"),
@@ -201,7 +201,7 @@ class IngestApi:
             )
         return await self._archived(message_id)
 
-    async def _archived(self, message_id: str) -> api.MessageView | None:
+    async def _archived(self, message_id: str) -> schema.MessageView | None:
         try:
             key = uuid.UUID(message_id)  # the primary key's type: compared as text, no index would serve
         except ValueError:
@@ -222,7 +222,7 @@ class IngestApi:
         if row is None:
             return None
         status, level, attempts, backend, enq, started, finished, response, error = row
-        return api.MessageView(
+        return schema.MessageView(
             id=message_id,
             status=status,
             level=level,
@@ -273,8 +273,8 @@ class IngestApi:
         if status is None:
             raise BadInput(404, "no such message")
         if status != Status.CANCELLED.value:
-            return respond(api.ApiError(error=f"cannot cancel a message that is {status}", status=status), 409)
-        return respond(api.MessageView(id=message_id, status=status))
+            return respond(schema.ApiError(error=f"cannot cancel a message that is {status}", status=status), 409)
+        return respond(schema.MessageView(id=message_id, status=status))
 
     # --- operations ----------------------------------------------------------------------------------
 
@@ -296,7 +296,7 @@ class IngestApi:
             except (psycopg.Error, OSError, TimeoutError):
                 checks["postgres"] = "down"
         status = "down" if checks["redis"] == "down" else "ok" if set(checks.values()) == {"ok"} else "degraded"
-        return respond(api.Health(status=status, checks=checks), 503 if status == "down" else 200)
+        return respond(schema.Health(status=status, checks=checks), 503 if status == "down" else 200)
 
     async def queues_status(self, _: Request) -> Response:
         statuses = await level_status(self.redis, self.keys, self.config)
@@ -332,7 +332,7 @@ class IngestApi:
         return respond({"replayed": dl.entry_id, "message_id": dl.message_id})
 
     async def openapi_json(self, _: Request) -> Response:
-        doc = api.openapi(
+        doc = schema.openapi(
             title="llmq",
             version="0.1.0",
             levels=self.levels,

@@ -17,9 +17,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llmq.pipeline import api
 from llmq.pipeline.models import Message, encode
 from llmq.pipeline.redis import UNAVAILABLE
+from llmq.stages.ingest import schema
 
 T = TypeVar("T")
 
@@ -51,7 +51,7 @@ def respond(doc: Any, status: int = 200, headers: dict[str, str] | None = None) 
 
 def reject(status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> Response:
     REJECTED.labels(reason=REASONS.get(status, str(status))).inc()
-    return respond(api.ApiError(error=message, field=field), status, headers)
+    return respond(schema.ApiError(error=message, field=field), status, headers)
 
 
 def openai_error(
@@ -192,9 +192,9 @@ def handled(path: str, handler: Callable[[Request], Awaitable[Response]]) -> Cal
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     HTTP_REQUESTS.labels(request.method, "<unmatched>", str(exc.status_code)).inc()
-    return respond(api.ApiError(error=str(exc.detail)), exc.status_code, dict(exc.headers or {}))
+    return respond(schema.ApiError(error=str(exc.detail)), exc.status_code, dict(exc.headers or {}))
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
     HTTP_REQUESTS.labels(request.method, "<error>", "500").inc()
-    return respond(api.ApiError(error="internal error; see the server log"), 500)
+    return respond(schema.ApiError(error="internal error; see the server log"), 500)

@@ -12,9 +12,8 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from llmq.pipeline import api
 from llmq.pipeline.models import Status, new_id
-from llmq.pipeline.submit import Submission, Verdict, new_message, request_digest
+from llmq.stages.ingest import schema
 from llmq.stages.ingest.http_api import (
     INGESTED,
     BadInput,
@@ -26,6 +25,7 @@ from llmq.stages.ingest.http_api import (
     read_body,
     respond,
 )
+from llmq.stages.ingest.submit import Submission, Verdict, new_message, request_digest
 
 if TYPE_CHECKING:
     from llmq.stages.ingest.app import IngestApi
@@ -68,8 +68,8 @@ class OpenAIFacade:
         named = {}
         for header in ("x-llmq-session-id", "x-llmq-tenant", "idempotency-key"):
             value = request.headers.get(header) or None
-            if value is not None and len(value) > api.TEXT_MAX:
-                return openai_error(400, f"{header} is over {api.TEXT_MAX} characters", param=header)
+            if value is not None and len(value) > schema.TEXT_MAX:
+                return openai_error(400, f"{header} is over {schema.TEXT_MAX} characters", param=header)
             named[header] = value
         msg = new_message(
             message_id=new_id(),
@@ -122,7 +122,7 @@ class OpenAIFacade:
         return respond({"object": "list", "data": data})
 
 
-def failure(view: api.MessageView) -> Response:
+def failure(view: schema.MessageView) -> Response:
     """An ended-without-result message as an OpenAI error; a backend's own 4xx keeps its status."""
     error = view.error or view.status
     match = _answered.search(error)

@@ -1,16 +1,14 @@
-"""schedule: admit messages from the level streams to the dispatch stream, in priority order, only as many
-as the backends can start now.
+"""The arbiter: one per scheduler process, it orders the waiting messages of every level and admits them as
+backend slots free up.
 
-One intake per level reads that level's stream alone (group ``schedule``), so a batch read from ``low``
-never rides ahead of ``realtime``. Intakes hand their messages to one Arbiter per process, which picks the
-next messages with ``llmq.pipeline.admission.select`` and admits them with one Lua script per level run: the
-script re-checks the limits against in-flight leases (a sorted set per level scored by lease expiry, so a
-crashed dispatcher's slots free themselves) and does the hand-off — ZADD in-flight, XADD dispatch, XACK
-level, status "scheduled" — atomically. Several scheduler processes therefore never over-admit.
-
-While a backlog waits and calls take a regular time, the admissions of every level but the top one and
-those with reserved slots are staggered (``llmq.pipeline.stagger``); the time of the next one is kept in Redis
-for every scheduler process.
+It picks the next messages with ``admission.select`` and admits them with one call of
+``scripts/admit.lua`` per run of one level: the script re-checks the limits against in-flight leases (a
+sorted set per level scored by lease expiry, so a crashed dispatcher's slots free themselves), acks each
+message in its level and does the hand-off — ZADD in-flight, XADD dispatch, status "scheduled" —
+atomically. Several scheduler processes therefore never over-admit, and a repeated admission admits
+nothing twice. While a backlog waits and calls take a regular time, the admissions of every level but the
+top one and those with reserved slots are staggered (``stagger``); the time of the next one is kept in
+Redis for every scheduler process.
 """
 
 from __future__ import annotations
@@ -25,18 +23,16 @@ from typing import Literal
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
-from llmq.pipeline import tasks
-from llmq.pipeline.admission import LevelView, select
+from llmq.pipeline import background
 from llmq.pipeline.config import Config, LevelConfig
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import Lua, script_source
-from llmq.pipeline.models import Message, Outcome, Status, decode_message
+from llmq.pipeline.models import Message, Status
 from llmq.pipeline.notify import Listener
-from llmq.pipeline.outcomes import outcome_effect
 from llmq.pipeline.redis import UNAVAILABLE
-from llmq.pipeline.stage import Batch, Stage
-from llmq.pipeline.stagger import Stagger, stagger
-from llmq.pipeline.streams import Entry, as_str
+from llmq.pipeline.runtime.streams import Entry, as_str
+from llmq.stages.schedule.admission import LevelView, select
+from llmq.stages.schedule.stagger import Stagger, stagger
 
 log = logging.getLogger("llmq.schedule")
 
@@ -54,7 +50,6 @@ QUEUE_WAIT = Histogram(
 SLO_VIOLATIONS = Counter("llmq_slo_violations_total", "Admissions later than the level's max_wait_time", ["level"])
 INFLIGHT = Gauge("llmq_inflight", "Admitted messages not yet finished", ["level"])
 SCHEDULED = Counter("llmq_scheduled_total", "Messages admitted for dispatch", ["level"])
-DROPPED = Counter("llmq_not_dispatched_total", "Messages ended before dispatch", ["level", "status"])
 STAGGER = Gauge("llmq_admission_stagger_seconds", "Spacing between staggered admissions (0: not staggering)")
 
 GONE: Literal["gone"] = "gone"
@@ -139,7 +134,7 @@ class Arbiter:
         self._task = asyncio.create_task(self._run(), name="arbiter")
 
     async def close(self) -> None:
-        await tasks.cancel(self._task)
+        await background.cancel(self._task)
         await self._freed.close()
         self.give_back()
 
@@ -156,7 +151,7 @@ class Arbiter:
             timeout_s = POLL_S if self._has_waiting() else idle_s
             if self._held:
                 timeout_s = min(timeout_s, max(0.0, self._stagger_next - time.time()))
-            await tasks.wait_event(self._wake, timeout_s)
+            await background.wait_event(self._wake, timeout_s)
             self._wake.clear()
             try:
                 await self._round()
@@ -295,85 +290,3 @@ def _runs(order: list[str]) -> list[tuple[str, int]]:
         else:
             runs.append((name, 1))
     return runs
-
-
-class LevelIntake(Stage):
-    """Reads one level's stream and waits for the arbiter to admit each message."""
-
-    def __init__(self, level: LevelConfig, *, config: Config, redis: aioredis.Redis, keys: Keys, arbiter: Arbiter):
-        self.name = GROUP
-        self.stream = keys.level(level.name)
-        self.level = level
-        self.redis = redis
-        self.keys = keys
-        self.arbiter = arbiter
-        self.retention_s = config.queue.result_retention.seconds
-        self.max_in_hand = level.max_concurrent + config.queue.worker.max_batch_size
-
-    async def handle(self, batch: Batch) -> None:
-        """Idempotent: admission is keyed by message id (a redelivered message re-takes its own slot), and an
-        expired or cancelled message is recorded once more with the same outcome."""
-        now = time.time()
-        messages = [decode_message(e.data) for e in batch.entries]
-        pipe = self.redis.pipeline(transaction=False)
-        for m in messages:
-            pipe.hget(self.keys.msg(m.id), "status")
-        statuses = await pipe.execute()
-        decisions: Decisions = asyncio.Queue()
-        waiting: list[Candidate] = []
-        for entry, msg, status in zip(batch.entries, messages, statuses, strict=True):
-            if status == Status.CANCELLED.value.encode():
-                self._end(batch, entry, msg, Status.CANCELLED, now)
-            elif msg.deadline is not None and msg.deadline < now:
-                self._end(batch, entry, msg, Status.EXPIRED, now)
-            else:
-                waiting.append(Candidate(entry, msg, decisions))
-        if batch.decided:
-            await batch.commit()
-        if not waiting:
-            return
-        self.arbiter.offer(self.level.name, waiting)
-        left = len(waiting)
-        while left:
-            decided = [await decisions.get()]
-            while not decisions.empty():
-                decided.append(decisions.get_nowait())
-            left -= len(decided)
-            for cand, outcome in decided:
-                if outcome is None:
-                    continue  # shutting down: left pending
-                if outcome is Status.SCHEDULED or outcome == GONE:
-                    batch.settled(cand.entry)
-                elif outcome in (Status.EXPIRED, Status.CANCELLED):
-                    self._end(batch, cand.entry, cand.message, Status(outcome), time.time())
-                else:
-                    batch.ack(cand.entry)  # its message ended elsewhere: nothing to record again
-            await batch.commit()
-
-    def on_stop(self) -> None:
-        self.arbiter.give_back()
-
-    def _end(self, batch: Batch, entry: Entry, msg: Message, status: Status, now: float) -> None:
-        DROPPED.labels(level=msg.level, status=status.value).inc()
-        outcome = Outcome(message=msg, status=status, finished_at=now)
-        effect = outcome_effect(self.keys, outcome, retention_s=self.retention_s, cancellable=True)
-        batch.ack(entry, effect)
-
-
-class _OwningIntake(LevelIntake):
-    """The first intake of a process starts and stops the shared arbiter."""
-
-    async def start(self) -> None:
-        self.arbiter.start()
-
-    async def close(self) -> None:
-        await self.arbiter.close()
-
-
-def make_stages(*, config: Config, redis: aioredis.Redis, keys: Keys) -> list[Stage]:
-    arbiter = Arbiter(config, redis=redis, keys=keys)
-    levels = sorted(config.queue.levels, key=lambda lv: lv.priority)
-    return [
-        (_OwningIntake if i == 0 else LevelIntake)(lv, config=config, redis=redis, keys=keys, arbiter=arbiter)
-        for i, lv in enumerate(levels)
-    ]

@@ -1,6 +1,6 @@
 """Configuration rules that span fields: duplicates, orderings, cross-section constraints.
 
-The schema (types, ranges, known values) is checked field by field in ``llmq.pipeline.validate``; these run on
+The schema (types, ranges, known values) is checked field by field in ``llmq.pipeline.config.check``; these run on
 the parsed Config once that passed. Problems stop every command; warnings (``config_warnings``) are printed
 by ``config validate`` and logged once when a process starts.
 

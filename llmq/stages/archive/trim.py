@@ -13,7 +13,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from llmq.pipeline.streams import as_str
+from llmq.pipeline.runtime.streams import as_str
 
 
 def _after(entry_id: str) -> str:

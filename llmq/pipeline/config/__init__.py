@@ -17,10 +17,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from llmq.pipeline.config_rules import SECRET_FIELDS, config_warnings, holds_secret, semantic_problems
-from llmq.pipeline.durations import parse_duration
+from llmq.pipeline.config.check import check
+from llmq.pipeline.config.durations import parse_duration
+from llmq.pipeline.config.rules import SECRET_FIELDS, config_warnings, holds_secret, semantic_problems
 from llmq.pipeline.errors import ConfigError
-from llmq.pipeline.validate import check
 
 
 class Duration(str):
@@ -209,7 +209,7 @@ class SchedulerConfig(_Section, frozen=True):
     stagger: bool = True
     """While a backlog waits and calls take a regular time, space out the admissions of every level but the
     top one and those with ``reserved`` slots, so slots free one by one instead of in waves and an urgent
-    message finds one soon (``llmq.pipeline.stagger``)."""
+    message finds one soon (``llmq.stages.schedule.stagger``)."""
 
 
 class LoadBalancerConfig(_Section, frozen=True):
@@ -294,7 +294,7 @@ class LoadedConfig:
     given: frozenset[str]
     """Dotted paths set by the file or the environment (``server.host``); every other field is a default."""
     warnings: list[str]
-    """What is allowed but likely wrong, one line each (``llmq.pipeline.config_rules.config_warnings``)."""
+    """What is allowed but likely wrong, one line each (``llmq.pipeline.config.rules.config_warnings``)."""
 
 
 def read_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> LoadedConfig:

@@ -1,18 +1,14 @@
 """The consumer loop every stage shares: read a batch, hand it to the stage, commit what it decided.
 
-A stage implements ``handle(batch)``; it decides per entry and records the decision on the Batch: ``ack``
-it with the effects of the decision (``llmq.pipeline.effects``: a hand-off to the next stream, an outcome, a
-status…), or ``forward`` it. The runner commits the batch's decisions in one script call that acks each
-entry and runs its effects only when that XACK acked it, so a commit is safe to repeat: it is retried
-while Redis is unreachable, and a resent one (a lost reply) changes nothing twice. Entries the stage leaves
-unsettled (or all of them when ``handle`` raises) stay pending; the runner pages through its own pending
-entries (never those it holds) before reading new ones: at start, after a failed batch, after an error
-that may have lost a reply, and every third of the claim timeout.
+Entries the stage leaves unsettled (or all of them when ``handle`` raises) stay pending; the runner pages
+through its own pending entries (never those it holds) before reading new ones: at start, after a failed
+batch, after an error that may have lost a reply, and every third of the claim timeout. Beside the loop,
+its maintenance renews the leases of what it holds and takes over dead consumers' entries
+(``llmq.pipeline.runtime.reclaim``).
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import contextlib
 import logging
@@ -24,144 +20,18 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from llmq.pipeline import metrics, tasks
+from llmq.pipeline import background, metrics
 from llmq.pipeline.backoff import Backoff
-from llmq.pipeline.effects import Commit, Effect, Record, xadd
 from llmq.pipeline.errors import GiveBack
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.reclaim import Delivered, Reclaimer
 from llmq.pipeline.redis import UNAVAILABLE
-from llmq.pipeline.streams import Entry, as_str, ensure_group, parse_entries
+from llmq.pipeline.runtime.batch import Batch
+from llmq.pipeline.runtime.effects import Commit
+from llmq.pipeline.runtime.reclaim import Delivered, Reclaimer
+from llmq.pipeline.runtime.stage import Stage
+from llmq.pipeline.runtime.streams import Entry, as_str, ensure_group, parse_entries
 
 log = logging.getLogger("llmq.stage")
-
-
-class Batch:
-    """The entries handed to a stage in one call, and what the stage decided for each.
-
-    Decisions commit together in one script call: when ``handle`` returns, or earlier at each ``await
-    batch.commit()``, which lets a stage that handles entries concurrently (dispatch) or over time
-    (schedule) commit each as it finishes.
-    """
-
-    __slots__ = (
-        "_commit",
-        "_committing",
-        "_on_commit",
-        "_records",
-        "_settled",
-        "consumer",
-        "entries",
-        "group",
-        "owned_for_sure",
-    )
-
-    def __init__(
-        self,
-        entries: list[Entry],
-        *,
-        commit: Commit,
-        consumer: str,
-        on_commit: Callable[[list[str], int], None],
-        owned_for_sure: bool = True,
-    ) -> None:
-        self.entries = entries
-        self.group = commit.group
-        self.consumer = consumer
-        """The consumer the entries were delivered to (a script may check it still owns them)."""
-        self.owned_for_sure = owned_for_sure
-        """The entries came into hand too recently for any other consumer to have taken one over (before the
-        first renewal of their lease); False for a batch handled again, or held long: check before acting
-        outside Redis."""
-        self._commit = commit
-        self._on_commit = on_commit
-        self._records: list[Record] = []
-        self._settled: list[str] = []
-        self._committing = asyncio.Lock()
-
-    def ack(self, entry: Entry, *effects: Effect) -> None:
-        """The entry is finished; it is acked at the next commit, and its effects run only if that ack
-        acked it (not when another consumer settled it first)."""
-        self._records.append((entry.id, effects))
-
-    def forward(self, entry: Entry, stream: str, payload: bytes) -> None:
-        """Hand the entry to the next stream: XADD there and XACK here, in the same commit."""
-        self.ack(entry, xadd(stream, payload))
-
-    def also(self, *effects: Effect) -> None:
-        """Effects of no entry, run at the next commit whatever it acks: they must be safe to repeat."""
-        self._records.append(("", effects))
-
-    def settled(self, entry: Entry) -> None:
-        """The entry was already acked by a script of the stage, atomically with its hand-off."""
-        self._settled.append(entry.id)
-
-    @property
-    def decided(self) -> bool:
-        """Something waits to be committed."""
-        return bool(self._records or self._settled)
-
-    async def commit(self) -> None:
-        """Execute what was decided so far.
-
-        Group commit: the decisions are swapped out before executing, so other coroutines of the same
-        stage keep deciding meanwhile, and those that call ``commit`` during an execute wait for it, then
-        the first of them commits everything decided by all of them in one call. The call is retried
-        while Redis is unreachable: it is safe to repeat, and giving up would leave the entries to be
-        handled again (another backend call) although their outcome is known.
-        """
-        async with self._committing:
-            records, settled = self._records, self._settled
-            self._records, self._settled = [], []
-            acked: list[bool] = []
-            if records:
-                acked = await self._send(records)
-            entry_ids = [entry_id for entry_id, _ in records if entry_id]
-            if entry_ids or settled:
-                self._on_commit(entry_ids + settled, acked.count(False))
-
-    async def _send(self, records: list[Record]) -> list[bool]:
-        backoff = Backoff(initial_s=0.05, max_s=2.0)
-        while True:
-            try:
-                return await self._commit(records)
-            except UNAVAILABLE as exc:
-                log.warning("commit failed, retrying: %s", exc, extra={"stage": self._commit.group})
-                await asyncio.sleep(backoff.next())
-
-    def discard(self) -> None:
-        self._records, self._settled = [], []
-
-
-class Stage(abc.ABC):
-    """A consuming stage: its own decision per batch; the runner owns the loop around it."""
-
-    name: str
-    """Also the consumer group name."""
-    stream: str
-    """The stream the stage consumes."""
-
-    @abc.abstractmethod
-    async def handle(self, batch: Batch) -> None:
-        """Decide for each entry of the batch (``batch.ack`` / ``batch.forward``). Must be idempotent:
-        an entry can be delivered again after its consumer died."""
-
-    async def start(self) -> None:
-        """Open what the stage needs beyond Redis (pools, clients). Called before the first read."""
-
-    async def close(self) -> None:
-        """Release what ``start`` opened. Called after the last batch committed."""
-
-    def on_stop(self) -> None:
-        """Shutdown began: a stage whose ``handle`` waits (for capacity, say) should give entries back now
-        (leave them unsettled) instead of holding them through the grace period."""
-
-    async def health(self) -> dict[str, str]:
-        """Component checks beyond Redis, e.g. ``{"postgres": "ok"}``; "degraded" or "down" values count."""
-        return {}
-
-    max_in_hand: int | None = None
-    """Most entries this stage holds at once (read, not committed); the runner's setting when None."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +46,7 @@ class RunnerSettings:
     result_retention_s: float = 24 * 3600
     """How long the status of a message dead-lettered as poison stays readable (queue.result_retention)."""
     consumer_lease_s: float | None = None
-    """How long a consumer's name lease (``llmq.pipeline.consumer``) lasts without being refreshed. When set, the
+    """How long a consumer's name lease (``llmq.pipeline.runtime.names``) lasts without being refreshed. When set, the
     entries of a consumer whose lease has expired are taken over at once (a pod replaced under a new name),
     instead of after the claim timeout. Only where every consumer of the group holds a lease, as every
     ``llmq-stage run`` process does. A live consumer cut off from Redis for longer than this is taken for
@@ -485,7 +355,7 @@ class Runner:
                 self.redis_ok = False
                 metrics.STAGE_ERRORS.labels(stage=self.group, kind="redis").inc()
                 log.warning("batch paused, redis unavailable: %s", exc, extra=self._ctx(len(batch.entries)))
-                if await tasks.wait_event(self._stopping, backoff.next()):
+                if await background.wait_event(self._stopping, backoff.next()):
                     return True  # stopping: handed back, unhandled
                 retry = True
             except Exception:
@@ -575,7 +445,7 @@ class Runner:
             log.warning("grace period over, %d batches left pending", len(late), extra=self._ctx())
 
     async def _sleep(self, seconds: float) -> None:
-        await tasks.wait_event(self._stopping, seconds)
+        await background.wait_event(self._stopping, seconds)
 
     def _ctx(self, entries: int | None = None) -> dict[str, Any]:
         ctx: dict[str, Any] = {"stage": self.group, "consumer": self.consumer}

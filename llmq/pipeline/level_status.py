@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 
 from llmq.pipeline.config import Config
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.streams import as_str
+from llmq.pipeline.runtime.streams import as_str
 
 SCHEDULE_GROUP = "schedule"
 """The consumer group that reads the level streams."""

@@ -12,11 +12,11 @@ import time
 
 import redis.asyncio as aioredis
 
-from llmq.pipeline import effects
-from llmq.pipeline.backend_calls import MAX_ESTIMATE
-from llmq.pipeline.effects import Effect
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import Coalesced, Lua, script_source
+from llmq.pipeline.runtime import effects
+from llmq.pipeline.runtime.effects import Effect
+from llmq.stages.dispatch.calls import MAX_ESTIMATE
 
 
 class BackendLimits:

@@ -27,12 +27,12 @@ import redis.asyncio as aioredis
 
 from llmq.pipeline import metrics
 from llmq.pipeline.dlq import dead_letter
-from llmq.pipeline.effects import Commit, Effect
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import Lua, script_source
 from llmq.pipeline.models import FIELD, Outcome, Status, decode_message
 from llmq.pipeline.outcomes import outcome_effect
-from llmq.pipeline.streams import Entry, as_str, parse_entries
+from llmq.pipeline.runtime.effects import Commit, Effect
+from llmq.pipeline.runtime.streams import Entry, as_str, parse_entries
 
 log = logging.getLogger("llmq.reclaim")
 

@@ -1,7 +1,7 @@
 """archive: write every terminal outcome to PostgreSQL, and keep the streams trimmed.
 
 Each batch of ``done`` entries becomes one transaction: a COPY straight into ``messages`` (rows
-formatted by ``llmq.pipeline.archive_rows``), or, when an id is there already, a COPY into a temporary table
+formatted by ``llmq.stages.archive.rows``), or, when an id is there already, a COPY into a temporary table
 and INSERT … ON CONFLICT (id) DO UPDATE, which never replaces a row with an older outcome (a late
 redelivery after the message was replayed and completed). Entries are acked only after the commit, so a
 crash redelivers them and the upsert makes the rows come out the same. While PostgreSQL is down or
@@ -37,18 +37,20 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from redis.exceptions import ResponseError
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from llmq.pipeline import dlq, effects, metrics, tasks
-from llmq.pipeline.archive_rows import COLUMNS, copy_row
+from llmq.pipeline import background, dlq, metrics
 from llmq.pipeline.config import Config, DeadLetterConfig
 from llmq.pipeline.db import migrate
 from llmq.pipeline.errors import GiveBack
 from llmq.pipeline.keys import Keys
+from llmq.pipeline.level_status import group_depth
 from llmq.pipeline.models import Outcome, decode_outcome
-from llmq.pipeline.queues import group_depth
 from llmq.pipeline.redis import UNAVAILABLE
-from llmq.pipeline.stage import Batch, Stage
-from llmq.pipeline.streams import Entry, as_str
-from llmq.pipeline.trim import trim_acked
+from llmq.pipeline.runtime import effects
+from llmq.pipeline.runtime.batch import Batch
+from llmq.pipeline.runtime.stage import Stage
+from llmq.pipeline.runtime.streams import Entry, as_str
+from llmq.stages.archive.rows import COLUMNS, copy_row
+from llmq.stages.archive.trim import trim_acked
 
 log = logging.getLogger("llmq.archive")
 
@@ -114,7 +116,7 @@ class Archive(Stage):
         self._cleanup = asyncio.create_task(self._cleanup_loop(), name="cleanup")
 
     async def close(self) -> None:
-        await tasks.cancel(self._cleanup)
+        await background.cancel(self._cleanup)
         await self.pool.close()
 
     def on_stop(self) -> None:
@@ -217,7 +219,7 @@ class Archive(Stage):
             )
 
         async def wait_unless_stopping(seconds: float) -> None:
-            if await tasks.wait_event(self._stopping, seconds):
+            if await background.wait_event(self._stopping, seconds):
                 raise GiveBack  # the batch stays pending and is re-read after the restart
 
         return AsyncRetrying(

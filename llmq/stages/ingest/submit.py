@@ -30,7 +30,7 @@ from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import Coalesced, Lua, script_source
 from llmq.pipeline.models import Message
 from llmq.pipeline.redis import UNAVAILABLE
-from llmq.pipeline.streams import as_str
+from llmq.pipeline.runtime.streams import as_str
 
 # KEYS: status hash. ARGV: now, finished channel. Returns the status after the call (nil: no such message).
 _CANCEL = """

@@ -1,0 +1,270 @@
+"""A call to a backend: what it costs before (the token estimate, for tpm limits), making it (``Caller``),
+and what its answer means after (``classify``: completed, retried or failed; ``storable``).
+
+The echo backend counts its reported prompt tokens with the same ``prompt_chars``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import re
+import time
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import msgspec
+from prometheus_client import Counter, Gauge, Histogram
+
+from llmq.pipeline.config import BackendConfig, Config
+from llmq.pipeline.echo import ECHO_SCHEME, completion, prompt_chars
+from llmq.pipeline.models import Message, Status
+from llmq.pipeline.runtime.batch import Batch
+from llmq.pipeline.runtime.effects import Effect
+from llmq.stages.dispatch.http_pool import ShardedClient
+
+if TYPE_CHECKING:
+    from llmq.stages.dispatch.routing import Router
+
+log = logging.getLogger("llmq.dispatch")
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+"""A lone surrogate: ``json.loads`` joins an escaped pair into one character, so any left is alone."""
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
+
+
+class CallResult(msgspec.Struct, kw_only=True):
+    status: Status
+    backend: str
+    response: dict[str, Any] | None = None
+    error: str | None = None
+    retry_after: float | None = None
+    """Seconds the backend asked to wait (Retry-After), clamped to ``queue.retry.max_backoff``."""
+    tokens_used: int | None = None
+    """Total tokens the response's ``usage`` reports."""
+    acquired_at: float | None = None
+    """When the backend's slot was taken: the minute its rpm and tpm counted the call in (None when this
+    attempt counted nothing: the slot was held already)."""
+
+
+MAX_ESTIMATE = 10**9
+"""No estimate is larger: a client's max_tokens of 1e15 must not overflow a minute's token counter."""
+TOKENS_MAX = 2**63 - 1
+
+
+def estimate_tokens(request: dict[str, Any]) -> int:
+    """Prompt characters / 4 plus the requested completion budget (256 when unset or not a positive number),
+    at most ``MAX_ESTIMATE``."""
+    budget = request.get("max_completion_tokens") or request.get("max_tokens")
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
+        budget = 256
+    return int(min(MAX_ESTIMATE, prompt_chars(request) // 4 + min(budget, MAX_ESTIMATE)))
+
+
+def token_count(value: object) -> int | None:
+    """A token count a backend reported, when it is one: an integer from 0 to what PostgreSQL's bigint holds."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= TOKENS_MAX:
+        return value
+    return None
+
+
+def retry_after(value: str | None, *, max_s: float, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date (RFC 9110), never negative,
+    at most ``max_s``. None when absent or unreadable: ``inf``, ``nan`` and garbage are ignored rather than
+    parking a message, or a backend's circuit, for ever."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), max_s)
+
+
+def _body(response: httpx.Response) -> Any:
+    """The JSON body: msgspec's parser, or the standard one for what msgspec refuses (escaped lone
+    surrogates, NaN), which ``storable`` then cleans."""
+    try:
+        try:
+            return msgspec.json.decode(response.content)
+        except msgspec.DecodeError:
+            return json.loads(response.content)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def clean_text(text: str) -> str:
+    """``text`` with U+FFFD for each lone surrogate, so it can be stored (encoded as UTF-8)."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
+
+
+def storable(body: Any) -> tuple[Any, str | None]:
+    """``body`` made storable (msgpack and JSON as UTF-8): strings with lone surrogates get U+FFFD in
+    their place. With a value no store takes (an integer past 64 bits), None and the reason."""
+    problems: list[str] = []
+
+    def clean(value: Any, path: str) -> Any:
+        if isinstance(value, str):
+            return clean_text(value)
+        if isinstance(value, bool) or value is None or isinstance(value, float):
+            return value
+        if isinstance(value, int):
+            if not -(2**63) <= value < 2**64:
+                problems.append(f"an integer past 64 bits at {path or '<root>'}")
+            return value
+        if isinstance(value, dict):
+            cleaned: dict[Any, Any] = {}
+            for k, v in value.items():
+                key = clean(k, path)  # the path names the key as it will be stored
+                cleaned[key] = clean(v, f"{path}.{key}" if path else str(key))
+            return cleaned
+        if isinstance(value, list):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    cleaned = clean(body, "")
+    return (None, problems[0]) if problems else (cleaned, None)
+
+
+def classify(name: str, response: httpx.Response, *, max_retry_after_s: float) -> CallResult:
+    """The outcome a backend's answer gives: a completion body (a JSON object) completes; a success whose
+    body is not one, or a retryable status, is retried; any other status fails."""
+    if response.is_success:
+        try:
+            body = _body(response)
+        except ValueError:
+            return CallResult(status=Status.RETRYING, backend=name, error="backend answered invalid JSON")
+        if not isinstance(body, dict):
+            error = f"backend answered JSON that is not an object: {response.text[:100]}"
+            return CallResult(status=Status.RETRYING, backend=name, error=error)
+        return CallResult(status=Status.COMPLETED, backend=name, response=body)
+    detail = clean_text(response.text[:500])  # its charset may be any: utf-7 decodes to lone surrogates
+    error = f"backend {name} answered {response.status_code}: {detail}"
+    if response.status_code in RETRYABLE_STATUS:
+        wait = retry_after(response.headers.get("retry-after"), max_s=max_retry_after_s)
+        return CallResult(status=Status.RETRYING, backend=name, error=error, retry_after=wait)
+    return CallResult(status=Status.FAILED, backend=name, error=error)
+
+
+DISPATCHED = Counter("llmq_dispatch_total", "Backend calls by outcome", ["backend", "outcome"])
+DURATION = Histogram(
+    "llmq_dispatch_duration_seconds",
+    "Backend call duration",
+    ["backend"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+BACKEND_INFLIGHT = Gauge("llmq_backend_inflight", "Calls this process has running on the backend", ["backend"])
+TOKENS = Counter("llmq_tokens_total", "Tokens reported by backends", ["backend", "kind"])
+_json = msgspec.json.Encoder()
+
+
+class _Meters:
+    """One backend's labelled metric children, looked up once: labels() costs about 2 µs a call, and a
+    call used six."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.inflight = BACKEND_INFLIGHT.labels(backend=backend)
+        self.duration = DURATION.labels(backend=backend)
+        self.prompt_tokens = TOKENS.labels(backend=backend, kind="prompt")
+        self.completion_tokens = TOKENS.labels(backend=backend, kind="completion")
+        self._outcomes: dict[Status, Counter] = {}
+
+    def outcome(self, status: Status) -> Counter:
+        if status not in self._outcomes:  # only the outcomes that happen get a series
+            self._outcomes[status] = DISPATCHED.labels(backend=self.backend, outcome=status.value)
+        return self._outcomes[status]
+
+
+class Caller:
+    """Makes the calls: over pooled HTTP (or in-process for ``echo://``), bounded by ``scheduler.timeout`` as a
+    whole, each answer read into a ``CallResult`` and counted; the backend's circuit learns of it."""
+
+    def __init__(self, config: Config, *, http: ShardedClient, router: Router) -> None:
+        self.timeout_s = config.scheduler.timeout.seconds
+        self.max_retry_after_s = config.queue.retry.max_backoff.seconds
+        self.http = http
+        self.router = router
+        self.local_inflight = dict.fromkeys(router.backends, 0)
+        self.meters = {name: _Meters(name) for name in router.backends}
+
+    async def send(
+        self, batch: Batch, backend: BackendConfig, msg: Message, *, free: Effect, acquired_at: float | None
+    ) -> CallResult:
+        """Call ``backend`` for ``msg`` (its slot held); the slot is freed with the next commit (``free``)."""
+        headers = {"X-LLMQ-Message-Id": msg.id}
+        if backend.api_key_env and os.environ.get(backend.api_key_env):
+            headers["Authorization"] = f"Bearer {os.environ[backend.api_key_env]}"
+        meters = self.meters[backend.name]
+        self.local_inflight[backend.name] += 1
+        meters.inflight.set(self.local_inflight[backend.name])
+        started = time.perf_counter()
+        try:
+            if backend.url.startswith(ECHO_SCHEME):
+                body = completion(msg.request, name=backend.name, default_model="echo")
+                result = CallResult(status=Status.COMPLETED, backend=backend.name, response=body)
+            else:
+                # scheduler.timeout bounds the whole call: httpx's timeouts are per read, so a backend that
+                # trickles its answer would hold the call (and its backend slot, past its lease) for longer.
+                async with self.http.client() as http, asyncio.timeout(self.timeout_s):
+                    response = await http.post(
+                        backend.url.rstrip("/") + "/chat/completions",
+                        content=_json.encode(msg.request),
+                        headers=headers,
+                    )
+                result = self._read(backend.name, response)
+            if result.response is not None:
+                result.tokens_used = self._count_tokens(backend.name, result.response)
+        except (TimeoutError, httpx.TimeoutException):
+            result = CallResult(
+                status=Status.RETRYING, backend=backend.name, error=f"timeout after {self.timeout_s:g}s"
+            )
+        except httpx.HTTPError as exc:
+            result = CallResult(status=Status.RETRYING, backend=backend.name, error=f"connection error: {exc!r}")
+        finally:
+            self.local_inflight[backend.name] -= 1
+            meters.inflight.set(self.local_inflight[backend.name])
+            meters.duration.observe(time.perf_counter() - started)
+            # The slot is freed with the outcome's commit, which follows at once (the lease expires anyway)
+            batch.also(free)
+        result.acquired_at = acquired_at
+        self.router.record(backend.name, result)
+        meters.outcome(result.status).inc()
+        return result
+
+    def _read(self, name: str, response: httpx.Response) -> CallResult:
+        """What the backend's answer means. Once a call has been made, nothing it answered may leave the
+        message to be called again: an answer that breaks the reading fails the message, with the reason."""
+        try:
+            return classify(name, response, max_retry_after_s=self.max_retry_after_s)
+        except Exception as exc:
+            log.warning("backend %s answered what cannot be read", name, exc_info=True)
+            error = (
+                f"backend {name} answered {response.status_code} with a body that cannot be read: {type(exc).__name__}"
+            )
+            return CallResult(status=Status.FAILED, backend=name, error=error)
+
+    def _count_tokens(self, name: str, body: dict[str, Any]) -> int | None:
+        """Count what ``usage`` reports (a number that is not a token count, negative say, is ignored) and
+        return its total."""
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if not isinstance(usage, dict):
+            return None
+        prompt, completion = token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
+        if prompt is not None:
+            self.meters[name].prompt_tokens.inc(prompt)
+        if completion is not None:
+            self.meters[name].completion_tokens.inc(completion)
+        return token_count(usage.get("total_tokens"))
