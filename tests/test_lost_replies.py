@@ -104,7 +104,7 @@ async def test_a_hand_off_whose_reply_is_lost_is_committed_once(
     await add_jobs(redis, stream, [{"id": f"j{i}"} for i in range(20)])
     stage = RecordingStage(redis=faulty, stream=stream, group="work")
     runner = Runner(stage, redis=faulty, keys=keys, consumer="c1", settings=settings(batch_size=20, max_in_hand=20))
-    await redis.script_load(script_source("commit"))
+    await redis.script_load(script_source("commit").text)
     proxy.arm("drop", EVALSHA)
     # When it handles the batch
     task = asyncio.create_task(runner.run())
@@ -166,7 +166,7 @@ async def test_an_admission_whose_reply_is_lost_admits_once(
     decisions: Decisions = asyncio.Queue()
     candidates = await _pending(redis, keys, 3, decisions)
     arbiter.offer("normal", candidates)
-    await redis.script_load(script_source("admit"))
+    await redis.script_load(script_source("admit").text)
     proxy.arm("drop", EVALSHA)
     # When it runs an admission round
     await arbiter._round()

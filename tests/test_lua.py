@@ -10,11 +10,43 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.lua import Coalesced, Lua
+from llmq.pipeline.lua import Coalesced, Lua, Source, script_names, script_source
+from llmq.pipeline.models import FIELD, Status
 from tests.conftest import free_port
 
-INCRBY = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
-CHECKED = "if ARGV[1] == 'bad' then return redis.error_reply('bad argument') end return ARGV[1]"
+INCRBY = Source("incrby", "return redis.call('INCRBY', KEYS[1], ARGV[1])", 1)
+CHECKED = Source(
+    "checked", "if ARGV[1] == 'bad' then return redis.error_reply('bad argument') end return ARGV[1]", None
+)
+
+
+async def test_every_script_file_loads_on_the_server(redis: aioredis.Redis) -> None:
+    # Given every script of the package, with its includes and the generated constants (pieces too)
+    names = script_names()
+    assert {"commit", "submit", "cancel", "status", "inflight"} <= set(names)
+    # When each is loaded, then the server compiles it (a syntax error or a bad include fails here)
+    for name in names:
+        assert len(await redis.script_load(script_source(name).text)) == 40, name
+
+
+async def test_the_generated_constants_are_the_python_words(redis: aioredis.Redis) -> None:
+    # Given a script reading the preamble's constants
+    probe = Source("probe", script_source("status").text + "return {QUEUED, CANCELLED, M, tostring(ENDED[DEAD])}", 0)
+    # When it runs, then they are Status's values and the message field, and DEAD is terminal
+    assert await Lua(redis, probe)([]) == [b"queued", b"cancelled", FIELD, b"true"]
+    assert Status.QUEUED.value == "queued"
+
+
+async def test_a_call_with_the_wrong_number_of_keys_is_refused_before_it_runs(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given a script whose file name says it takes one key (renew-1.lua)
+    script = Lua(redis, "renew")
+    # When it is called with two, then it is refused naming the script, and nothing ran
+    with pytest.raises(ValueError, match="renew takes 1 keys, was given 2"):
+        await script([f"{keys.prefix}:a", f"{keys.prefix}:b"], ["g", "c"])
+    with pytest.raises(ValueError, match="renew takes 1 keys"):
+        await script.many([([], ["g", "c"])])
 
 
 async def test_a_script_the_server_forgot_is_loaded_again(redis: aioredis.Redis, keys: Keys) -> None:

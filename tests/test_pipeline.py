@@ -16,7 +16,7 @@ from llmq.pipeline.config import load_config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, decode_outcome, encode, new_id
 from llmq.pipeline.runtime.streams import ensure_group, parse_entries
-from llmq.stages import dispatch
+from llmq.stages.dispatch import calls
 from llmq.stages.ingest.submit import new_message
 from llmq.stages.mock_backend import MockSettings
 from llmq.stages.schedule.arbiter import Arbiter, Candidate, Decisions
@@ -247,7 +247,7 @@ async def test_a_call_that_fails_unexpectedly_frees_its_backend_slot_at_once(
     def broken(*_: object) -> None:
         raise RuntimeError("a bug reading the answer")
 
-    monkeypatch.setattr(dispatch, "classify", broken)
+    monkeypatch.setattr(calls, "classify", broken)
     async with Harness(redis, keys, backends={"a": MockSettings(latency_ms=5)}) as h:
         # When a message's call ends in it
         await h.submit("normal")

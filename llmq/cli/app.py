@@ -106,7 +106,7 @@ def run(
                 fail_rate=fail_rate,
                 fail_status=fail_status,
                 retry_after_s=retry_after,
-                max_concurrent=max_concurrent,
+                busy_above=max_concurrent,
             )
             code = loop.run(_serve_mock(cfg, listen_port, settings, handler))
         elif spec.factory is None:

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.lua import Lua, script_source
+from llmq.pipeline.lua import Lua
 from llmq.pipeline.models import FIELD, Message, Status, decode_message, decode_outcome, encode
 from llmq.pipeline.runtime import effects
 from llmq.pipeline.runtime.streams import as_str
@@ -122,9 +122,9 @@ class DeadLetters:
         self.redis = redis
         self.keys = keys
         self.levels = levels
-        self._replay = Lua(redis, script_source("dlq_replay"))
-        self._trim = Lua(redis, script_source("dlq_trim"))
-        self._index = Lua(redis, script_source("dlq_index"))
+        self._replay = Lua(redis, "dlq_replay")
+        self._trim = Lua(redis, "dlq_trim")
+        self._index = Lua(redis, "dlq_index")
 
     async def list(self, *, limit: int = 50, since: float | None = None) -> list[DeadLetter]:
         start = f"{int(since * 1000)}-0" if since and since > 0 else "-"

@@ -14,45 +14,91 @@ paid once per turn instead of once per call.
 from __future__ import annotations
 
 import asyncio
+import functools
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from llmq.pipeline.models import Status
+from llmq.pipeline.models import FIELD, Status
 
 Call = tuple[Sequence[Any], Sequence[Any]]
 """The keys and the arguments of one call."""
 
-ENDED = "local ENDED = {" + ", ".join(f"['{s.value}'] = true" for s in Status if s.terminal) + "}\n"
-"""Lua: the set of terminal statuses, generated from ``Status`` so a script never spells them itself."""
-
-
-def script_source(name: str) -> str:
-    """The script ``llmq/pipeline/scripts/<name>.lua`` (its header names its KEYS and ARGV), with ``ENDED``
-    prepended and each ``--@include <piece>`` line replaced by ``llmq/pipeline/scripts/<piece>.lua``."""
-    lines = [
-        _read(line.removeprefix(INCLUDE).strip()) if line.startswith(INCLUDE) else line
-        for line in _read(name).splitlines()
-    ]
-    return ENDED + "\n".join(lines) + "\n"
-
+PREAMBLE = (
+    "".join(f"local {s.name} = '{s.value}'\n" for s in Status)
+    + "local ENDED = {"
+    + ", ".join(f"[{s.name}] = true" for s in Status if s.terminal)
+    + "}\n"
+    + f"local M = '{FIELD.decode()}'\n"
+)
+"""Lua prepended to every script: each status word as a constant (``QUEUED`` ... ``DEAD``), ``ENDED`` the set
+of terminal ones, and ``M`` the stream field that holds a message: generated from ``Status`` and
+``FIELD``, so no script spells them itself."""
 
 INCLUDE = "--@include "
+_NAME = re.compile(r"(?P<name>[a-z_]+)(?:-(?P<keys>\d+))?\.lua")
 
 
-def _read(name: str) -> str:
-    return resources.files("llmq.pipeline.scripts").joinpath(f"{name}.lua").read_text()
+@dataclass(frozen=True, slots=True)
+class Source:
+    name: str
+    text: str
+    key_count: int | None
+    """The number of KEYS every call passes, from the file name (``take_over-2.lua``, as BullMQ names
+    its scripts); None when it varies (the header says how)."""
+
+
+@functools.cache
+def _files() -> dict[str, tuple[str, int | None]]:
+    found: dict[str, tuple[str, int | None]] = {}
+    for entry in resources.files("llmq.pipeline.scripts").iterdir():
+        match = _NAME.fullmatch(entry.name)
+        if match:
+            count = match["keys"]
+            found[match["name"]] = (entry.name, int(count) if count else None)
+    return found
+
+
+def script_source(name: str) -> Source:
+    """The script ``llmq/pipeline/scripts/<name>[-<key count>].lua`` (its header names its KEYS and ARGV),
+    with ``PREAMBLE`` prepended and each ``--@include <piece>`` line replaced by that piece's file."""
+    file, key_count = _files()[name]
+    lines = [
+        _read(_files()[line.removeprefix(INCLUDE).strip()][0]) if line.startswith(INCLUDE) else line
+        for line in _read(file).splitlines()
+    ]
+    return Source(name, PREAMBLE + "\n".join(lines) + "\n", key_count)
+
+
+def script_names() -> list[str]:
+    """Every script and included piece, by name."""
+    return sorted(_files())
+
+
+def _read(file: str) -> str:
+    return resources.files("llmq.pipeline.scripts").joinpath(file).read_text()
 
 
 class Lua:
-    def __init__(self, redis: aioredis.Redis, source: str) -> None:
+    """One script, by its name in ``llmq/pipeline/scripts`` (or as a ``Source``), run by its SHA."""
+
+    def __init__(self, redis: aioredis.Redis, script: str | Source) -> None:
         self._redis = redis
-        self._script = redis.register_script(source)
+        self._source = script if isinstance(script, Source) else script_source(script)
+        self._script = redis.register_script(self._source.text)
+
+    def _check(self, keys: Sequence[Any]) -> None:
+        expected = self._source.key_count
+        if expected is not None and len(keys) != expected:
+            raise ValueError(f"script {self._source.name} takes {expected} keys, was given {len(keys)}")
 
     async def __call__(self, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:
+        self._check(keys)
         sha = self._script.sha
         try:
             return await self._redis.evalsha(sha, len(keys), *keys, *args)
@@ -74,6 +120,7 @@ class Lua:
     async def _pipelined(self, calls: Sequence[Call]) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
         for keys, args in calls:
+            self._check(keys)
             pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
         return list(await pipe.execute(raise_on_error=False))
 

@@ -35,8 +35,8 @@ class MockSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     fail_status: int = 500
     retry_after_s: float | None = None
     """Sent with failures and with 429s from the concurrency limit."""
-    max_concurrent: int = 0
-    """Calls beyond this many at once get 429; 0 means unlimited."""
+    busy_above: int = msgspec.field(default=0, name="max_concurrent")
+    """Calls beyond this many at once get 429; 0 means unlimited (``max_concurrent`` in its settings)."""
     models: list[str] = msgspec.field(default_factory=lambda: ["mock-1"])
     body: str | None = None
     """Answer this text (as application/json) instead of a completion: a backend that answers garbage."""
@@ -83,7 +83,7 @@ class MockBackend:
         if message_id:
             self.by_message[message_id] += 1
         retry_headers = {"Retry-After": f"{s.retry_after_s:g}"} if s.retry_after_s is not None else None
-        if s.max_concurrent and self.current >= s.max_concurrent:
+        if s.busy_above and self.current >= s.busy_above:
             return _response({"error": {"message": "too many requests", "type": "rate_limit"}}, 429, retry_headers)
         self.current += 1
         self.peak = max(self.peak, self.current)

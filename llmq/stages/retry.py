@@ -18,14 +18,13 @@ import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
-from llmq.pipeline import background
+from llmq.pipeline import background, transitions
 from llmq.pipeline.backoff import retry_delay
 from llmq.pipeline.config import Config
 from llmq.pipeline.dlq import dead_letter
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.lua import Lua, script_source
+from llmq.pipeline.lua import Lua
 from llmq.pipeline.models import Message, Outcome, Status, decode_message
-from llmq.pipeline.outcomes import outcome_effect
 from llmq.pipeline.redis import UNAVAILABLE
 from llmq.pipeline.runtime import effects
 from llmq.pipeline.runtime.batch import Batch
@@ -61,7 +60,7 @@ class Retry(Stage):
         self.keys = keys
         self.levels = [lv.name for lv in config.queue.levels]
         self.retention_s = config.queue.result_retention.seconds
-        self._move = Lua(redis, script_source("move_due"))
+        self._move = Lua(redis, "move_due")
         self._timer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -86,7 +85,7 @@ class Retry(Stage):
             if status is Status.CANCELLED:
                 # cancelled while it waited to be retried: it never runs again
                 outcome = Outcome(message=msg, status=Status.CANCELLED, finished_at=now)
-                batch.ack(entry, outcome_effect(self.keys, outcome, retention_s=self.retention_s))
+                batch.ack(entry, transitions.ended(self.keys, outcome, retention_s=self.retention_s))
                 continue
             if status is not None and status.terminal:
                 batch.ack(entry)  # ended already (a redelivery of an entry settled meanwhile): nothing more
@@ -114,7 +113,7 @@ class Retry(Stage):
                 entry,
                 effects.hset(self.keys.retry_payloads, {member: entry.data}),
                 effects.zadd(self.keys.retry_due, member, now + delay),
-                effects.status(self.keys.msg(msg.id), Status.RETRYING, retry_at=now + delay),
+                transitions.retrying(self.keys, msg.id, retry_at=now + delay),
             )
             RETRIES.labels(level=msg.level, reason=reason_of(last_error)).inc()
 
@@ -128,7 +127,7 @@ class Retry(Stage):
             fields={b"error": error, b"errors": msgspec.json.encode(msg.errors)},
         )
         outcome = Outcome(message=msg, status=Status.DEAD, error=error, finished_at=now)
-        effect = outcome_effect(self.keys, outcome, retention_s=self.retention_s, cancellable=True)
+        effect = transitions.ended(self.keys, outcome, retention_s=self.retention_s, cancellable=True)
         batch.ack(entry, letter, effect)
         DEAD.inc()
 

@@ -124,8 +124,9 @@ class LevelConfig(_Section, frozen=True):
     """1 is served first."""
     max_wait_time: Duration
     """The level's queue-wait SLO; past it a message is aged ahead of fresher higher levels."""
-    max_concurrent: Positive
-    """How many messages of this level may be in flight (admitted, not finished) at once."""
+    in_flight_cap: Positive = msgspec.field(name="max_concurrent")
+    """How many messages of this level may be in flight (admitted, not finished) at once (``max_concurrent``
+    in the config, as the seed names it)."""
     max_size: NonNegative | None = None
     """Backpressure threshold for this level; ``queue.default_max_size`` when unset."""
     weight: Positive = 1
@@ -141,8 +142,8 @@ class WorkerConfig(_Section, frozen=True):
     """Entries read per XREADGROUP."""
     process_interval: Duration = Duration("1s")
     """Longest a consumer blocks waiting for new entries."""
-    max_concurrent: Positive = 50
-    """Entries one consumer process handles at once."""
+    in_hand: Positive = msgspec.field(default=50, name="max_concurrent")
+    """Entries one consumer process handles at once (``max_concurrent`` in the config)."""
     claim_timeout: Duration = Duration("60s")
     """An entry idle this long is a dead consumer's and is reclaimed; live owners renew before it."""
     max_deliveries: Positive = 5
@@ -161,10 +162,10 @@ class RetryConfig(_Section, frozen=True):
 def _seed_levels() -> list[LevelConfig]:
     """The seed's four levels; used when the file names none."""
     return [
-        LevelConfig(name="realtime", priority=1, max_wait_time=Duration("100ms"), max_concurrent=10),
-        LevelConfig(name="high", priority=2, max_wait_time=Duration("5s"), max_concurrent=20),
-        LevelConfig(name="normal", priority=3, max_wait_time=Duration("30s"), max_concurrent=30),
-        LevelConfig(name="low", priority=4, max_wait_time=Duration("120s"), max_concurrent=20),
+        LevelConfig(name="realtime", priority=1, max_wait_time=Duration("100ms"), in_flight_cap=10),
+        LevelConfig(name="high", priority=2, max_wait_time=Duration("5s"), in_flight_cap=20),
+        LevelConfig(name="normal", priority=3, max_wait_time=Duration("30s"), in_flight_cap=30),
+        LevelConfig(name="low", priority=4, max_wait_time=Duration("120s"), in_flight_cap=20),
     ]
 
 
@@ -244,7 +245,8 @@ class BackendConfig(_Section, frozen=True):
     api_key_env: str | None = None
     """Name of the environment variable holding the backend's API key (never the key itself)."""
     weight: Positive = 1
-    max_concurrent: Positive = 16
+    slots: Positive = msgspec.field(default=16, name="max_concurrent")
+    """Calls the backend runs at once, over every dispatcher (``max_concurrent`` in the config)."""
     rpm: Positive | None = None
     tpm: Positive | None = None
     models: list[str] = msgspec.field(default_factory=list)

@@ -125,8 +125,8 @@ def semantic_problems(config: Config) -> list[str]:
                 f"(also queue.levels[{seen_prio[level.priority]}])"
             )
         seen_prio.setdefault(level.priority, i)
-        if level.reserved > level.max_concurrent:
-            problems.append(f"{where}.reserved: {level.reserved} exceeds max_concurrent {level.max_concurrent}")
+        if level.reserved > level.in_flight_cap:
+            problems.append(f"{where}.reserved: {level.reserved} exceeds max_concurrent {level.in_flight_cap}")
         if not level.name or not level.name.replace("-", "").replace("_", "").isalnum():
             problems.append(f"{where}.name: {level.name!r} must be letters, digits, '-' or '_'")
     r = q.retry

@@ -17,8 +17,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from llmq.pipeline import metrics
-from llmq.pipeline.lua import Lua, script_source
-from llmq.pipeline.models import FIELD, Status
+from llmq.pipeline.lua import Lua
+from llmq.pipeline.models import FIELD
 
 log = logging.getLogger("llmq.commit")
 
@@ -61,10 +61,15 @@ def publish(channel: str, message: str) -> Effect:
     return Effect("publish", (), (channel, message))
 
 
-def status(key: str, value: Status, **fields: Any) -> Effect:
-    """Set a message's status (and fields) unless it has ended already: a message cancelled meanwhile
-    stays cancelled."""
-    return Effect("status", (key,), (value.value, *_pairs(fields)))
+def retrying(key: str, **fields: Any) -> Effect:
+    """A message waits for another attempt (status ``retrying`` and ``fields``) unless it has ended already: a
+    message cancelled meanwhile stays cancelled."""
+    return Effect("retrying", (key,), _pairs(fields))
+
+
+def release(inflight: str, message_id: str) -> Effect:
+    """A message's slot in its level's in-flight set is free."""
+    return Effect("release", (inflight,), (message_id,))
 
 
 def finish(
@@ -112,7 +117,7 @@ class Commit:
         self.group = group
         self.channel = channel
         self.dlq = dlq
-        self._script = Lua(redis, script_source("commit"))
+        self._script = Lua(redis, "commit")
 
     async def __call__(self, records: Sequence[Record]) -> list[bool]:
         """Run the records; per record with an entry id, whether this call acked it (and ran its effects, or

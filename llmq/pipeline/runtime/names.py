@@ -24,19 +24,6 @@ from llmq.pipeline.redis import UNAVAILABLE
 
 log = logging.getLogger("llmq.consumer")
 
-_REFRESH = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
 MAX_SLOTS = 1024
 
 
@@ -50,8 +37,8 @@ class ConsumerLease:
         self.ttl_ms = max(int(ttl_s * 1000), 1000)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self.name = ""
-        self._refresh = Lua(redis, _REFRESH)
-        self._release = Lua(redis, _RELEASE)
+        self._refresh = Lua(redis, "lease_refresh")
+        self._release = Lua(redis, "lease_release")
 
     async def acquire(self, name: str | None) -> str:
         """Take ``name`` (ConsumerNameTaken if a live process holds it) or the lowest free ``<host>-<n>``."""

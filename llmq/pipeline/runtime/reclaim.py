@@ -25,32 +25,15 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from llmq.pipeline import metrics
+from llmq.pipeline import metrics, transitions
 from llmq.pipeline.dlq import dead_letter
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.lua import Lua, script_source
+from llmq.pipeline.lua import Lua
 from llmq.pipeline.models import FIELD, Outcome, Status, decode_message
-from llmq.pipeline.outcomes import outcome_effect
 from llmq.pipeline.runtime.effects import Commit, Effect
 from llmq.pipeline.runtime.streams import Entry, as_str, parse_entries
 
 log = logging.getLogger("llmq.reclaim")
-
-# KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3..] entry ids. Returns the ids not renewed
-# because another consumer owns them now (or they are no longer pending).
-_RENEW = """
-local lost = {}
-for i = 3, #ARGV do
-  local id = ARGV[i]
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-  if p[1] and p[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
-  else
-    table.insert(lost, id)
-  end
-end
-return lost
-"""
 
 Delivered = tuple[Entry, int]
 """An entry and how many times it has been delivered, this time included."""
@@ -79,10 +62,10 @@ class Reclaimer:
         self.claim_timeout_ms = int(claim_timeout_s * 1000)
         self.max_deliveries = max_deliveries
         self.result_retention_s = result_retention_s
-        self._renew = Lua(redis, _RENEW)
-        self._take = Lua(redis, script_source("take"))
-        self._forget = Lua(redis, script_source("forget"))
-        self._give_back = Lua(redis, script_source("give_back"))
+        self._renew = Lua(redis, "renew")
+        self._take = Lua(redis, "take")
+        self._forget = Lua(redis, "forget")
+        self._give_back = Lua(redis, "give_back")
 
     async def claim(self, count: int, *, skip: Collection[str] = ()) -> list[Delivered]:
         """Claim up to ``count`` entries idle past the claim timeout, except ``skip`` (in hand already);
@@ -200,7 +183,7 @@ class Reclaimer:
         ]
         if msg is not None:
             outcome = Outcome(message=msg, status=Status.DEAD, error=f"poison: {reason}", finished_at=time.time())
-            effects.append(outcome_effect(self.keys, outcome, retention_s=self.result_retention_s, cancellable=True))
+            effects.append(transitions.ended(self.keys, outcome, retention_s=self.result_retention_s, cancellable=True))
         return effects
 
     async def renew(self, entry_ids: list[str]) -> set[str]:

@@ -22,6 +22,8 @@ Returns one code per candidate examined, in order (candidates after the limits w
 has ended already (left pending).
 A staggered run admits one candidate, and none before the stagger key's time.
 ]]
+--@include status
+--@include inflight
 local now, exp, group = ARGV[1], ARGV[2], ARGV[3]
 local lmax, cap, floor, n = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local gap = tonumber(ARGV[8])
@@ -30,22 +32,21 @@ local out = {}
 if gap > 0 and tonumber(now) < tonumber(redis.call('GET', stagger) or '0') then return out end
 local total = 0
 for i = 1, n do
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-  total = total + redis.call('ZCARD', KEYS[i])
+  total = total + inflight_count(KEYS[i], now)
 end
-local mine = redis.call('ZCARD', inflight)
+local mine = redis.call('ZCARD', inflight)  -- counted (and its expired leases dropped) above
 local admitted, a, m = 0, 9, n + 5
 while a <= #ARGV do
   if mine >= lmax or total >= cap - floor or (gap > 0 and admitted > 0) then break end
-  local status = redis.call('HGET', KEYS[m], 'status')
+  local status = status_of(KEYS[m])
   if ENDED[status] then
     out[#out + 1] = status
-  elseif redis.call('XACK', level, group, ARGV[a + 1]) == 0 or (status and status ~= 'queued') then
+  elseif redis.call('XACK', level, group, ARGV[a + 1]) == 0 or (status and status ~= QUEUED) then
     out[#out + 1] = -1
   else
-    redis.call('ZADD', inflight, exp, ARGV[a])
-    redis.call('XADD', dispatch, '*', 'm', ARGV[a + 2])
-    redis.call('HSET', KEYS[m], 'status', 'scheduled', 'scheduled_at', now)
+    inflight_hold(inflight, ARGV[a], exp)
+    redis.call('XADD', dispatch, '*', M, ARGV[a + 2])
+    status_scheduled(KEYS[m], now)
     mine, total, admitted = mine + 1, total + 1, admitted + 1
     out[#out + 1] = 1
   end

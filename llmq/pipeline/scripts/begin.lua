@@ -15,6 +15,7 @@ consumer's), and the number of the backend whose slot it holds: positive when ta
 minute's rpm and tpm), negative when held already, 0 for none.
 ]]
 --@include acquire
+--@include status
 local stream = KEYS[1]
 local now, exp, n, b = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local group, consumer = ARGV[5], ARGV[6]
@@ -22,13 +23,13 @@ local out, a = {}, 7 + 3 * b
 for i = 1, n do
   local hash = KEYS[1 + i]
   local id, entry, est, k = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local status = redis.call('HGET', hash, 'status')
+  local status = status_of(hash)
   local took = 0
   local p = consumer ~= '' and redis.call('XPENDING', stream, group, entry, entry, 1)
   if p and not (p[1] and p[1][2] == consumer) then
     status = 'lost'
   elseif not ENDED[status] then
-    redis.call('HSET', hash, 'status', 'dispatching', 'started_at', now)
+    status_dispatching(hash, now)
     for q = 1, k do
       local j = tonumber(ARGV[a + 3 + q])
       local kb, ab = 1 + n + 3 * (j - 1), 6 + 3 * (j - 1)

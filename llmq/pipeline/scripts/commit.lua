@@ -18,8 +18,10 @@ ARGV[3..]   records, one after another: an entry id ('' for none), the number of
             arguments and the arguments
 Returns, per record with an entry id, in order: 1 when this call acked it and ran its effects, 2 when an
 effect failed and it was dead-lettered instead, 0 when it was not pending (settled already).
-ENDED (prepended) is the set of terminal statuses.
+The status words, ENDED (the terminal ones) and M (the message field) are prepended: llmq/pipeline/lua.py.
 ]]
+--@include status
+--@include inflight
 local stream, dlq, group, channel = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 local finished = {}
 local effects = {}
@@ -70,13 +72,16 @@ function effects.publish(kp, ap)
   redis.call('PUBLISH', ARGV[ap], ARGV[ap + 1])
 end
 
--- A message's status and fields, unless it has ended already (a cancel won the race: it stays cancelled).
--- keys: status hash. args: status, field, value, ...
-function effects.status(kp, ap, na)
-  local hash = key(kp)
-  if not ENDED[redis.call('HGET', hash, 'status')] then
-    redis.call('HSET', hash, 'status', args(ap, na))
-  end
+-- A message waits for another attempt (see status_retrying).
+-- keys: status hash. args: field, value, ...
+function effects.retrying(kp, ap, na)
+  status_retrying(key(kp), args(ap, na))
+end
+
+-- A message's in-flight slot is free.
+-- keys: in-flight set. args: message id
+function effects.release(kp, ap)
+  inflight_release(key(kp), ARGV[ap])
 end
 
 -- A message reached a terminal status: its outcome to the done stream (for the archive), its status hash
@@ -88,14 +93,14 @@ end
 function effects.finish(kp, ap, na)
   local hash = key(kp + 1)
   local cancelled = ARGV[ap + 3]
-  if cancelled ~= '' and redis.call('HGET', hash, 'status') == 'cancelled' then
-    redis.call('XADD', key(kp), '*', 'm', cancelled)
+  if cancelled ~= '' and status_of(hash) == CANCELLED then
+    redis.call('XADD', key(kp), '*', M, cancelled)
+    status_cancel_kept(hash, ARGV[ap + 1])
   else
-    redis.call('XADD', key(kp), '*', 'm', ARGV[ap + 2])
-    redis.call('HSET', hash, args(ap + 4, na - 4))
+    redis.call('XADD', key(kp), '*', M, ARGV[ap + 2])
+    status_ended(hash, ARGV[ap + 1], args(ap + 4, na - 4))
   end
-  redis.call('EXPIRE', hash, ARGV[ap + 1])
-  redis.call('ZREM', key(kp + 2), ARGV[ap])
+  inflight_release(key(kp + 2), ARGV[ap])
   finished[#finished + 1] = ARGV[ap]
 end
 
@@ -110,7 +115,7 @@ end
 -- replay made live again).
 -- keys: status hash. args: TTL in seconds
 function effects.shorten(kp, ap)
-  redis.call('EXPIRE', key(kp), ARGV[ap], 'XX', 'LT')
+  status_shortened(key(kp), ARGV[ap])
 end
 
 -- The entry whose effect failed, to the dead-letter stream with the error (it was acked already).
@@ -119,11 +124,11 @@ local function dead_letter(entry, err)
   local payload = ''
   if row then
     for j = 1, #row[2], 2 do
-      if row[2][j] == 'm' then payload = row[2][j + 1] end
+      if row[2][j] == M then payload = row[2][j + 1] end
     end
   end
   local reason = type(err) == 'table' and err.err or tostring(err)
-  redis.call('XADD', dlq, '*', 'm', payload, 'reason', 'an effect of its commit failed: ' .. reason,
+  redis.call('XADD', dlq, '*', M, payload, 'reason', 'an effect of its commit failed: ' .. reason,
              'stream', stream, 'group', group, 'entry_id', entry)
 end
 

@@ -15,6 +15,7 @@ ARGV[3]    the status-hash key prefix (same hash tag: the same cluster slot)
 ARGV[4..]  the configured level names
 Returns the number of messages moved.
 ]]
+--@include status
 local due, payloads, retry = KEYS[1], KEYS[2], KEYS[3]
 local members = redis.call('ZRANGEBYSCORE', due, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local streams = {}
@@ -27,11 +28,10 @@ for _, member in ipairs(members) do
   if payload then
     local stream = streams[level]
     if stream then
-      redis.call('XADD', stream, '*', 'm', payload)
-      local hash = ARGV[3] .. id
-      if not ENDED[redis.call('HGET', hash, 'status')] then redis.call('HSET', hash, 'status', 'queued') end
+      redis.call('XADD', stream, '*', M, payload)
+      status_requeued(ARGV[3] .. id)
     else
-      redis.call('XADD', retry, '*', 'm', payload)
+      redis.call('XADD', retry, '*', M, payload)
     end
     moved = moved + 1
   end

@@ -26,6 +26,7 @@ local function waiting(stream)
   return redis.call('XLEN', stream)
 end
 
+--@include status
 local hash_ttl, idem_ttl = ARGV[1], ARGV[2]
 local depths, out = {}, {}
 for i = 1, #KEYS / 4 do
@@ -50,9 +51,8 @@ for i = 1, #KEYS / 4 do
       out[i] = {'full', depth}
     else
       if digest ~= '' then redis.call('SET', idem, id .. ' ' .. digest, 'EX', idem_ttl) end
-      redis.call('XADD', stream, '*', 'm', payload)
-      redis.call('HSET', hash, 'status', 'queued', 'level', level, 'attempts', 0, 'enqueued_at', enqueued)
-      redis.call('EXPIRE', hash, hash_ttl)
+      redis.call('XADD', stream, '*', M, payload)
+      status_queued(hash, level, enqueued, hash_ttl)
       out[i] = {'queued', id, depth}
       depth = depth + 1
     end

@@ -1,4 +1,4 @@
-"""archive: write every terminal outcome to PostgreSQL, and keep the streams trimmed.
+"""archive: write every terminal outcome to PostgreSQL (and, in ``cleanup``, keep the streams trimmed).
 
 Each batch of ``done`` entries becomes one transaction: a COPY straight into ``messages`` (rows
 formatted by ``llmq.stages.archive.rows``), or, when an id is there already, a COPY into a temporary table
@@ -14,9 +14,9 @@ refused one is dead-lettered with the database's reason, acked in the same Redis
 in ``llmq_poison_total{stage="archive"}``. ``llmq-stage dlq replay`` puts it back into ``done`` once the
 cause is fixed. An entry that is not an outcome at all is dead-lettered the same way.
 
-Every few seconds the stage trims what every group has acked from every stream, and a message archived
-keeps its status hash in Redis only for ``queue.archived_retention``: Redis holds what is in flight plus
-that window. Every ``queue.cleanup_interval`` it trims the dead-letter stream to ``queue.dead_letters``.
+A message archived keeps its status hash in Redis only for ``queue.archived_retention``: Redis holds what
+is in flight plus that window. The stage's housekeeping (trimming streams, bounding the dead letters) is
+in ``cleanup``.
 """
 
 from __future__ import annotations
@@ -25,32 +25,27 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import psycopg
 import redis.asyncio as aioredis
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
-from redis.exceptions import ResponseError
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from llmq.pipeline import background, dlq, metrics
-from llmq.pipeline.config import Config, DeadLetterConfig
+from llmq.pipeline import background, dlq, metrics, transitions
+from llmq.pipeline.config import Config
 from llmq.pipeline.db import migrate
 from llmq.pipeline.errors import GiveBack
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.level_status import group_depth
 from llmq.pipeline.models import Outcome, decode_outcome
-from llmq.pipeline.redis import UNAVAILABLE
-from llmq.pipeline.runtime import effects
 from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.stage import Stage
-from llmq.pipeline.runtime.streams import Entry, as_str
+from llmq.pipeline.runtime.streams import Entry
+from llmq.stages.archive.cleanup import GROUP, Cleanup
 from llmq.stages.archive.rows import COLUMNS, copy_row
-from llmq.stages.archive.trim import trim_acked
 
 log = logging.getLogger("llmq.archive")
 
@@ -60,13 +55,9 @@ BATCH_SECONDS = Histogram(
     "Time to write one batch to PostgreSQL",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-BACKLOG = Gauge("llmq_archive_backlog", "Outcomes in the done stream not yet archived (lag + pending)")
-TRIMMED = Counter("llmq_trimmed_total", "Stream entries trimmed after every group acked them", ["stream"])
 
 _COLS = ", ".join(COLUMNS)
 _UPDATE = ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS if c != "id")
-GROUP = "archive"
-CLEANUP_EVERY_S = 5.0
 IN_FLIGHT_BATCHES = 3
 DB_ERRORS = (psycopg.OperationalError, psycopg.errors.AdminShutdown, PoolTimeout)
 REFUSED_SQLSTATE_CLASSES = ("22", "23", "54")
@@ -101,7 +92,6 @@ class Archive(Stage):
         pg = config.database.postgres
         self.store_bodies = pg.store_bodies if pg else True
         self.window_s = max(1, int(config.queue.archived_retention.seconds))
-        self.dead = dlq.DeadLetters(redis=redis, keys=keys, levels=[lv.name for lv in config.queue.levels])
         self.db_ok = True
         # A few batches in flight (one per pooled connection) so decoding the next overlaps the write.
         self.max_in_hand = config.queue.worker.max_batch_size * IN_FLIGHT_BATCHES
@@ -113,7 +103,8 @@ class Archive(Stage):
         async for attempt in self._retrying():
             with attempt:
                 await migrate(self.conninfo)
-        self._cleanup = asyncio.create_task(self._cleanup_loop(), name="cleanup")
+        cleanup = Cleanup(config=self.config, redis=self.redis, keys=self.keys)
+        self._cleanup = asyncio.create_task(cleanup.run(), name="cleanup")
 
     async def close(self) -> None:
         await background.cancel(self._cleanup)
@@ -178,7 +169,7 @@ class Archive(Stage):
                 ARCHIVED.labels(status=status.value).inc(n)
             for row in rows:
                 # PostgreSQL has it now: Redis keeps the status only for a short window (reads fall back)
-                batch.ack(row.entry, effects.shorten(self.keys.msg(row.outcome.message.id), self.window_s))
+                batch.ack(row.entry, transitions.shortened(self.keys, row.outcome.message.id, self.window_s))
         for row in rows:
             for entry in row.superseded:
                 batch.ack(entry)
@@ -228,73 +219,6 @@ class Archive(Stage):
             before_sleep=failed,
             sleep=wait_unless_stopping,
         )
-
-    async def _cleanup_loop(self) -> None:
-        """Every few seconds: the backlog gauge, and trimming what every group acked (so Redis holds what is in
-        flight, not what was done); every ``queue.cleanup_interval``: the dead-letter stream's bounds; once, the
-        index of dead letters written before it existed. Each apart: one failing never holds up the others."""
-        bounds = self.config.queue.dead_letters
-        interval = self.config.queue.cleanup_interval.seconds
-        next_bound = time.monotonic()
-        indexed = False
-        while True:
-            if await self._chore("updating the backlog and trimming streams", self._trim_streams):
-                if time.monotonic() >= next_bound:
-                    next_bound = time.monotonic() + interval
-                    await self._chore("bounding the dead letters", lambda: self._bound_dead_letters(bounds))
-                if not indexed:
-                    indexed = await self._chore("indexing dead letters of an earlier release", self._reindex)
-            await asyncio.sleep(CLEANUP_EVERY_S)
-
-    async def _chore(self, what: str, chore: Callable[[], Awaitable[None]]) -> bool:
-        """Run one chore of the cleanup loop (a loop boundary): False when it failed."""
-        try:
-            await chore()
-        except UNAVAILABLE as exc:
-            log.warning("%s skipped, redis unavailable: %s", what, exc)
-            return False
-        except Exception:
-            log.error("%s failed", what, exc_info=True)
-            return False
-        return True
-
-    async def _trim_streams(self) -> None:
-        await self._update_backlog()
-        await self.cleanup()
-
-    async def _bound_dead_letters(self, bounds: DeadLetterConfig) -> None:
-        dropped = await self.dead.trim(max_len=bounds.max_len, max_age_s=bounds.retention.seconds)
-        if dropped:
-            TRIMMED.labels(stream="dlq").inc(dropped)
-            log.info("dropped %d dead letters past queue.dead_letters' bounds", dropped)
-
-    async def _reindex(self) -> None:
-        if n := await self.dead.reindex():
-            log.info("indexed %d dead letters written before the dead-letter index", n)
-
-    async def _update_backlog(self) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xinfo_groups(self.stream)
-        pipe.xlen(self.stream)
-        groups, length = await pipe.execute(raise_on_error=False)
-        if isinstance(groups, ResponseError):  # no done stream yet: nothing to archive
-            BACKLOG.set(0)
-            return
-        for g in groups:
-            if as_str(g["name"]) == self.name:
-                BACKLOG.set(group_depth(g, length))
-
-    async def cleanup(self) -> dict[str, int]:
-        """Trim every stream of the pipeline below what all its groups acked (the DLQ has bounds of its own)."""
-        streams = [self.keys.level(lv.name) for lv in self.config.queue.levels]
-        streams += [self.keys.dispatch, self.keys.retry, self.keys.done]
-        trimmed = {}
-        for stream in streams:
-            n = await trim_acked(self.redis, stream)
-            if n:
-                TRIMMED.labels(stream=stream.rsplit(":", 1)[-1]).inc(n)
-                trimmed[stream] = n
-        return trimmed
 
 
 def dead_letter(batch: Batch, keys: Keys, entry: Entry, reason: str, *, message_id: str | None) -> None:

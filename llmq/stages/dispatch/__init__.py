@@ -23,13 +23,12 @@ import httpx
 import msgspec
 import redis.asyncio as aioredis
 
-from llmq.pipeline import background
+from llmq.pipeline import background, inflight, transitions
 from llmq.pipeline.config import Config
 from llmq.pipeline.errors import GiveBack
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.lua import Lua, script_source
+from llmq.pipeline.lua import Lua
 from llmq.pipeline.models import Message, Outcome, Status, decode_message, encode
-from llmq.pipeline.outcomes import outcome_effect
 from llmq.pipeline.redis import UNAVAILABLE
 from llmq.pipeline.runtime import effects
 from llmq.pipeline.runtime.batch import Batch
@@ -74,7 +73,7 @@ class Dispatch(Stage):
         self.config = config
         self.redis = redis
         self.keys = keys
-        self.max_in_hand: int = config.queue.worker.max_concurrent
+        self.max_in_hand: int = config.queue.worker.in_hand
         self.timeout_s = config.scheduler.timeout.seconds
         self.limits = BackendLimits(redis=redis, keys=keys, lease_s=self.timeout_s + 5)
         self.router = Router(config, redis=redis, keys=keys, limits=self.limits)
@@ -88,7 +87,7 @@ class Dispatch(Stage):
         self.retention_s = config.queue.result_retention.seconds
         self.caller: Caller | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._begin = Lua(redis, script_source("begin"))
+        self._begin = Lua(redis, "begin")
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
@@ -158,7 +157,7 @@ class Dispatch(Stage):
         for name in order:
             backend = self.backends[name]
             keys += self.limits.keys_of(name, now)
-            args += [backend.max_concurrent, backend.rpm or 0, backend.tpm or 0]
+            args += [backend.slots, backend.rpm or 0, backend.tpm or 0]
         reply = await self._begin(keys, args + per_message)
         by_number: list[str] = ["", *order]
         held = [Held(by_number[abs(int(j))], now if int(j) > 0 else None) if int(j) else None for j in reply[1::2]]
@@ -183,7 +182,7 @@ class Dispatch(Stage):
             self._finish(batch, entry, Outcome(message=msg, status=Status.CANCELLED, finished_at=time.time()))
         elif status is not None and status.terminal:
             # a redelivery of a finished message: nothing to send
-            batch.ack(entry, effects.zrem(self.keys.inflight(msg.level), msg.id))
+            batch.ack(entry, inflight.released(self.keys, msg.level, msg.id))
         else:
             msg.attempts += 1
             self.held[msg.id] = msg.level
@@ -227,7 +226,7 @@ class Dispatch(Stage):
                 got = await self.limits.acquire(
                     name,
                     msg.id,
-                    max_concurrent=backend.max_concurrent,
+                    slots=backend.slots,
                     rpm=backend.rpm,
                     tpm=backend.tpm,
                     tokens=tokens,
@@ -274,8 +273,8 @@ class Dispatch(Stage):
             batch.ack(
                 entry,
                 effects.xadd(self.keys.retry, encode(msg)),
-                effects.status(self.keys.msg(msg.id), Status.RETRYING, attempts=msg.attempts, error=result.error or ""),
-                effects.zrem(self.keys.inflight(msg.level), msg.id),
+                transitions.retrying(self.keys, msg.id, attempts=msg.attempts, error=result.error or ""),
+                inflight.released(self.keys, msg.level, msg.id),
                 effects.publish(self.keys.slots, msg.level),
                 *correction,
             )
@@ -297,16 +296,16 @@ class Dispatch(Stage):
 
     def _finish(self, batch: Batch, entry: Entry, outcome: Outcome, *more: effects.Effect) -> None:
         try:
-            effect = outcome_effect(self.keys, outcome, retention_s=self.retention_s)
+            effect = transitions.ended(self.keys, outcome, retention_s=self.retention_s)
         except (UnicodeEncodeError, OverflowError, msgspec.EncodeError, RecursionError):
             # A backend answer that parsed but cannot be stored (a lone surrogate, an integer past 64 bits):
             # recorded as it can be, never left to be called again.
             try:
-                effect = outcome_effect(self.keys, _storable(outcome), retention_s=self.retention_s)
+                effect = transitions.ended(self.keys, _storable(outcome), retention_s=self.retention_s)
             except Exception:  # nothing it answered may leave the message to be called again
                 error = f"backend {outcome.backend} answered a body that cannot be stored"
                 bare = msgspec.structs.replace(outcome, status=Status.FAILED, response=None, error=error)
-                effect = outcome_effect(self.keys, bare, retention_s=self.retention_s)
+                effect = transitions.ended(self.keys, bare, retention_s=self.retention_s)
         batch.ack(entry, effect, *more)
 
     async def _renew_loop(self) -> None:
@@ -318,8 +317,7 @@ class Dispatch(Stage):
                 continue
             expiry = time.time() + self.inflight_lease_s
             pipe = self.redis.pipeline(transaction=False)
-            for message_id, level in self.held.items():
-                pipe.zadd(self.keys.inflight(level), {message_id: expiry}, xx=True, gt=True)
+            inflight.renew(pipe, self.keys, self.held, expiry)
             try:
                 await pipe.execute()
             except UNAVAILABLE as exc:

@@ -13,7 +13,7 @@ import time
 import redis.asyncio as aioredis
 
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.lua import Coalesced, Lua, script_source
+from llmq.pipeline.lua import Coalesced, Lua
 from llmq.pipeline.runtime import effects
 from llmq.pipeline.runtime.effects import Effect
 from llmq.stages.dispatch.calls import MAX_ESTIMATE
@@ -25,7 +25,7 @@ class BackendLimits:
         self.keys = keys
         self.lease_s = lease_s
         # Every call in flight acquires on its own: those of one turn share a round trip.
-        self._acquire = Coalesced(Lua(redis, script_source("acquire_slot")))
+        self._acquire = Coalesced(Lua(redis, "acquire_slot"))
 
     def _window(self, backend: str, kind: str, now: float) -> str:
         return self.keys.backend_window(backend, kind, int(now // 60))
@@ -39,7 +39,7 @@ class BackendLimits:
         backend: str,
         member: str,
         *,
-        max_concurrent: int,
+        slots: int,
         rpm: int | None,
         tpm: int | None,
         tokens: int,
@@ -48,7 +48,7 @@ class BackendLimits:
         """Take a slot of ``backend`` for ``member`` at ``now`` (``scripts/acquire_slot.lua``): 1 when taken now
         (counted in the minute of ``now``), 2 when held already (counted before), 0 at a limit."""
         keys = self.keys_of(backend, now)
-        args: list[str | float | int] = [now, now + self.lease_s, member, max_concurrent, rpm or 0, tpm or 0, tokens]
+        args: list[str | float | int] = [now, now + self.lease_s, member, slots, rpm or 0, tpm or 0, tokens]
         return int(await self._acquire(keys, args))
 
     def free(self, backend: str, member: str) -> Effect:

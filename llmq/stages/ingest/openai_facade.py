@@ -6,12 +6,13 @@ configured backends serve. Errors come in OpenAI's shape, so the official SDK ra
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from llmq.pipeline.config import Config
 from llmq.pipeline.models import Status, new_id
 from llmq.stages.ingest import schema
 from llmq.stages.ingest.http_api import (
@@ -25,10 +26,7 @@ from llmq.stages.ingest.http_api import (
     read_body,
     respond,
 )
-from llmq.stages.ingest.submit import Submission, Verdict, new_message, request_digest
-
-if TYPE_CHECKING:
-    from llmq.stages.ingest.app import IngestApi
+from llmq.stages.ingest.submit import Submission, Submitted, Verdict, new_message, request_digest
 
 STREAM_UNSUPPORTED = (
     "stream=true is not supported: llmq queues the request and returns the whole completion; send stream=false"
@@ -37,13 +35,25 @@ _answered = re.compile(r"answered (\d{3}):")
 _any_decoder = msgspec.json.Decoder()
 
 
+class Queue(Protocol):
+    """What the facade needs of the queue: the native message API (``messages.Messages``) provides it."""
+
+    levels: list[str]
+    max_body: int
+
+    async def enqueue(self, submission: Submission) -> Submitted: ...
+
+    async def wait_result(self, message_id: str, timeout_s: float) -> tuple[bool, schema.MessageView | None]: ...
+
+
 class OpenAIFacade:
-    def __init__(self, ingest: IngestApi) -> None:
-        self.ingest = ingest
+    def __init__(self, queue: Queue, config: Config) -> None:
+        self.queue = queue
+        self.config = config
 
     async def chat_completions(self, request: Request) -> Response:
         try:
-            body = await read_body(request, limit=self.ingest.max_body)
+            body = await read_body(request, limit=self.queue.max_body)
             doc = decode_json(_any_decoder, body)
         except BadInput as exc:
             return openai_error(exc.status, exc.message)
@@ -55,14 +65,14 @@ class OpenAIFacade:
         if doc.get("stream"):
             return openai_error(400, STREAM_UNSUPPORTED, param="stream")
         model = doc.get("model")
-        backends = self.ingest.config.backends
+        backends = self.config.backends
         if backends and not any(not b.models or model in b.models for b in backends):
             return openai_error(404, f"no backend serves model {model!r}", param="model", kind="model_not_found")
         body_priority = doc.pop("priority", None)  # llmq's field, not the backend's
         level = request.headers.get("x-llmq-priority") or body_priority or "normal"
-        if level not in self.ingest.levels:
+        if level not in self.queue.levels:
             return openai_error(
-                400, f"unknown priority {level!r}; levels: {', '.join(self.ingest.levels)}", param="priority"
+                400, f"unknown priority {level!r}; levels: {', '.join(self.queue.levels)}", param="priority"
             )
         # The headers hold what the native API's fields do, with the same limits; an empty one is none.
         named = {}
@@ -87,7 +97,7 @@ class OpenAIFacade:
             digest = request_digest([level, msg.session_id, msg.tenant, doc]) if msg.idempotency_key else ""
         except ValueError as exc:
             return openai_error(400, f"the request is {exc}", param="messages")
-        result = await self.ingest.submitter.submit(Submission(msg, payload, caller=caller(request), digest=digest))
+        result = await self.queue.enqueue(Submission(msg, payload, caller=caller(request), digest=digest))
         if result.verdict is Verdict.CONFLICT:
             return openai_error(422, idempotency_conflict(result.message_id), param="Idempotency-Key")
         if result.verdict is Verdict.FULL:
@@ -96,14 +106,11 @@ class OpenAIFacade:
         if result.verdict is Verdict.QUEUED:
             INGESTED.labels(level=level).inc()
         headers = {"X-LLMQ-Message-Id": message_id}
-        finished = await self.ingest.waiter.wait(
-            message_id, lambda: self.ingest.terminal(message_id), self.ingest.config.server.sync_timeout.seconds
-        )
-        view = await self.ingest.view(message_id)
+        finished, view = await self.queue.wait_result(message_id, self.config.server.sync_timeout.seconds)
         if not finished or view is None:
             response = openai_error(
                 504,
-                f"no result within {self.ingest.config.server.sync_timeout}; poll GET /api/v1/messages/{message_id}",
+                f"no result within {self.config.server.sync_timeout}; poll GET /api/v1/messages/{message_id}",
                 kind="timeout",
             )
         elif view.status == Status.COMPLETED.value and view.result is not None:
@@ -115,7 +122,7 @@ class OpenAIFacade:
 
     async def models(self, _: Request) -> Response:
         seen: dict[str, str] = {}
-        for b in self.ingest.config.backends:
+        for b in self.config.backends:
             for m in b.models:
                 seen.setdefault(m, b.name)
         data = [{"id": m, "object": "model", "created": 0, "owned_by": owner} for m, owner in seen.items()]

@@ -27,22 +27,10 @@ import redis.asyncio as aioredis
 from llmq.pipeline.backoff import Backoff
 from llmq.pipeline.config import Config
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.lua import Coalesced, Lua, script_source
+from llmq.pipeline.lua import Coalesced, Lua
 from llmq.pipeline.models import Message
 from llmq.pipeline.redis import UNAVAILABLE
 from llmq.pipeline.runtime.streams import as_str
-
-# KEYS: status hash. ARGV: now, finished channel. Returns the status after the call (nil: no such message).
-_CANCEL = """
-local s = redis.call('HGET', KEYS[1], 'status')
-if not s then return false end
-if s == 'queued' or s == 'scheduled' or s == 'retrying' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1])
-  redis.call('PUBLISH', ARGV[2], string.match(KEYS[1], '[^:]+$'))
-  return 'cancelled'
-end
-return s
-"""
 
 HASH_TTL_S = 7 * 24 * 3600
 """A queued message's status hash lives this long at most; finishing sets ``queue.result_retention``."""
@@ -121,9 +109,9 @@ class Submitter:
         self.config = config
         self.redis = redis
         self.keys = keys
-        self._script = Lua(redis, script_source("submit"))
+        self._script = Lua(redis, "submit")
         self._one = Coalesced(self._script)
-        self._cancel = Lua(redis, _CANCEL)
+        self._cancel = Lua(redis, "cancel")
         self._max_size = {lv.name: config.queue.max_size(lv) for lv in config.queue.levels}
 
     async def cancel(self, message_id: str) -> str | None:

@@ -23,10 +23,10 @@ from typing import Literal
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
-from llmq.pipeline import background
+from llmq.pipeline import background, inflight
 from llmq.pipeline.config import Config, LevelConfig
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.lua import Lua, script_source
+from llmq.pipeline.lua import Lua
 from llmq.pipeline.models import Message, Status
 from llmq.pipeline.notify import Listener
 from llmq.pipeline.redis import UNAVAILABLE
@@ -82,8 +82,8 @@ class Candidate:
 def capacity(config: Config) -> int:
     """In-flight slots of the whole deployment: what the backends can run at once."""
     if config.backends:
-        return sum(b.max_concurrent for b in config.backends)
-    return config.queue.worker.max_concurrent
+        return sum(b.slots for b in config.backends)
+    return config.queue.worker.in_hand
 
 
 class Arbiter:
@@ -100,7 +100,7 @@ class Arbiter:
         self.waiting: dict[str, deque[Candidate]] = {lv.name: deque() for lv in self.levels}
         self._wake = asyncio.Event()
         self._wrr: dict[str, int] = {}
-        self._admit = Lua(redis, script_source("admit"))
+        self._admit = Lua(redis, "admit")
         self._task: asyncio.Task[None] | None = None
         self._freed = Listener(redis=redis, channels=[keys.finished, keys.slots], on_message=self._slot_freed)
         top = self.levels[0].priority
@@ -170,15 +170,15 @@ class Arbiter:
         self._expire(now)
         pipe = self.redis.pipeline(transaction=False)
         for lv in self.levels:
-            pipe.zcount(self.keys.inflight(lv.name), now, "+inf")
-        inflight = dict(zip((lv.name for lv in self.levels), map(int, await pipe.execute()), strict=True))
-        for name, count in inflight.items():
+            inflight.count_live(pipe, self.keys, lv.name, now)
+        held = dict(zip((lv.name for lv in self.levels), map(int, await pipe.execute()), strict=True))
+        for name, count in held.items():
             INFLIGHT.labels(level=name).set(count)
         if not self._has_waiting():
             return
-        views = [_view(lv, inflight[lv.name]) for lv in self.levels]
+        views = [_view(lv, held[lv.name]) for lv in self.levels]
         heads = {name: [c.message.enqueued_at for c in q] for name, q in self.waiting.items()}
-        free_total = self.capacity - sum(inflight.values())
+        free_total = self.capacity - sum(held.values())
         order = select(heads, views, free_total, now, self.config.scheduler.strategy, self._wrr)
         gap_s = self.stagger.interval_s() if self.staggered else 0.0
         STAGGER.set(gap_s)
@@ -225,7 +225,7 @@ class Arbiter:
             now,
             now + self.lease_s,
             GROUP,
-            lv.max_concurrent,
+            lv.in_flight_cap,
             self.capacity,
             floor,
             len(self.levels),
@@ -270,14 +270,14 @@ class Arbiter:
             self.waiting[name] = deque(c for c in queue if not c.decided)
 
 
-def _view(lv: LevelConfig, inflight: int) -> LevelView:
+def _view(lv: LevelConfig, held: int) -> LevelView:
     return LevelView(
         name=lv.name,
         priority=lv.priority,
         max_wait_s=lv.max_wait_time.seconds,
         weight=lv.weight,
-        free=lv.max_concurrent - inflight,
-        reserved_unused=max(0, lv.reserved - inflight),
+        free=lv.in_flight_cap - held,
+        reserved_unused=max(0, lv.reserved - held),
     )
 
 

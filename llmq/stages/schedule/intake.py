@@ -9,10 +9,10 @@ import time
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
+from llmq.pipeline import transitions
 from llmq.pipeline.config import Config, LevelConfig
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import Message, Outcome, Status, decode_message
-from llmq.pipeline.outcomes import outcome_effect
 from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.stage import Stage
 from llmq.pipeline.runtime.streams import Entry
@@ -32,7 +32,7 @@ class LevelIntake(Stage):
         self.keys = keys
         self.arbiter = arbiter
         self.retention_s = config.queue.result_retention.seconds
-        self.max_in_hand = level.max_concurrent + config.queue.worker.max_batch_size
+        self.max_in_hand = level.in_flight_cap + config.queue.worker.max_batch_size
 
     async def handle(self, batch: Batch) -> None:
         """Idempotent: admission is keyed by message id (a redelivered message re-takes its own slot), and an
@@ -80,7 +80,7 @@ class LevelIntake(Stage):
     def _end(self, batch: Batch, entry: Entry, msg: Message, status: Status, now: float) -> None:
         DROPPED.labels(level=msg.level, status=status.value).inc()
         outcome = Outcome(message=msg, status=status, finished_at=now)
-        effect = outcome_effect(self.keys, outcome, retention_s=self.retention_s, cancellable=True)
+        effect = transitions.ended(self.keys, outcome, retention_s=self.retention_s, cancellable=True)
         batch.ack(entry, effect)
 
 

@@ -11,15 +11,12 @@ ARGV[4]  now (Unix seconds)
 ARGV[5]  the message id ('' for none)
 Returns 1 when replayed, 0 when it was replayed (or purged) already.
 ]]
+--@include status
 local dlq, target, hash, index = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local entry, payload, status, now, message = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 if #redis.call('XRANGE', dlq, entry, entry) == 0 then return 0 end
 redis.call('XDEL', dlq, entry)
 if message ~= '' and redis.call('HGET', index, message) == entry then redis.call('HDEL', index, message) end
-redis.call('XADD', target, '*', 'm', payload)
-if status ~= '' then
-  redis.call('PERSIST', hash)
-  redis.call('HSET', hash, 'status', status, 'attempts', 0, 'replayed_at', now)
-  redis.call('HDEL', hash, 'error', 'result', 'finished_at')
-end
+redis.call('XADD', target, '*', M, payload)
+if status ~= '' then status_replayed(hash, status, now) end
 return 1

@@ -1,0 +1,65 @@
+--[[ status: every change of a message's status hash (<prefix>msg:<id>), one function per transition.
+Included by each script that changes it; llmq/pipeline/transitions.py builds the commit effects that call
+them. The hash's fields: status, level, attempts, enqueued_at, scheduled_at, started_at, retry_at,
+finished_at, cancelled_at, replayed_at, backend, result, error.
+]]
+local function status_of(hash)
+  return redis.call('HGET', hash, 'status')
+end
+
+-- Submitted: queued in its level; the hash lives ttl seconds at most until the message ends.
+local function status_queued(hash, level, now, ttl)
+  redis.call('HSET', hash, 'status', QUEUED, 'level', level, 'attempts', 0, 'enqueued_at', now)
+  redis.call('EXPIRE', hash, ttl)
+end
+
+-- Admitted by the scheduler: handed to dispatch.
+local function status_scheduled(hash, now)
+  redis.call('HSET', hash, 'status', SCHEDULED, 'scheduled_at', now)
+end
+
+-- Taken by a dispatcher, about to be sent to a backend.
+local function status_dispatching(hash, now)
+  redis.call('HSET', hash, 'status', DISPATCHING, 'started_at', now)
+end
+
+-- Waiting for another attempt, with fields (field, value, ...), unless it ended meanwhile (a cancel won
+-- the race: it stays cancelled).
+local function status_retrying(hash, ...)
+  if not ENDED[status_of(hash)] then redis.call('HSET', hash, 'status', RETRYING, ...) end
+end
+
+-- Its retry fell due: queued in its level again, unless it ended meanwhile.
+local function status_requeued(hash)
+  if not ENDED[status_of(hash)] then redis.call('HSET', hash, 'status', QUEUED) end
+end
+
+-- Reached its end: the terminal status and the outcome's fields (field, value, ..., 'status' among
+-- them); the hash is kept ttl seconds.
+local function status_ended(hash, ttl, ...)
+  redis.call('HSET', hash, ...)
+  redis.call('EXPIRE', hash, ttl)
+end
+
+-- An end that a cancel overtook: the hash stays cancelled, and is kept ttl seconds.
+local function status_cancel_kept(hash, ttl)
+  redis.call('EXPIRE', hash, ttl)
+end
+
+-- Cancelled by its client before it reached a backend.
+local function status_cancelled(hash, now)
+  redis.call('HSET', hash, 'status', CANCELLED, 'cancelled_at', now)
+end
+
+-- Replayed from the dead-letter queue: live again as `status`, attempts reset, kept until it ends.
+local function status_replayed(hash, status, now)
+  redis.call('PERSIST', hash)
+  redis.call('HSET', hash, 'status', status, 'attempts', 0, 'replayed_at', now)
+  redis.call('HDEL', hash, 'error', 'result', 'finished_at')
+end
+
+-- Archived: kept only ttl seconds more (never lengthened, and none given to a hash that has none: a
+-- message a replay made live again).
+local function status_shortened(hash, ttl)
+  redis.call('EXPIRE', hash, ttl, 'XX', 'LT')
+end

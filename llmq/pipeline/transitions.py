@@ -1,0 +1,65 @@
+"""A message's status hash (``keys.msg(id)``): how its status changes, in one place.
+
+In Lua, every change is a function of ``scripts/status.lua``, included by each script that makes it: queued
+(submit), scheduled (admit), dispatching (begin), requeued (move_due), cancelled (cancel), replayed
+(dlq_replay), and the commit effects below. Here, the effects a stage commits with an entry's ack
+(``llmq.pipeline.runtime.effects``):
+
+- ``ended``: a terminal outcome: the ``done`` entry (for the archive), the status hash (for clients, with a
+  retention TTL) and the release of the message's in-flight slot. The commit announces the ids of every
+  message it finished in one notice on the ``finished`` channel: one PUBLISH per commit, not per message,
+  wakes the scheduler and every ingest process once for a whole batch of outcomes.
+- ``retrying``: waiting for another attempt, unless a cancel ended it meanwhile.
+- ``shortened``: archived, so Redis keeps it only for a short window.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.models import Outcome, Status, encode
+from llmq.pipeline.runtime import effects
+
+_json = msgspec.json.Encoder()
+
+
+def ended(keys: Keys, outcome: Outcome, *, retention_s: float, cancellable: bool = False) -> effects.Effect:
+    """The effect that records ``outcome``; its status hash is kept ``retention_s`` (at least 1 s). An end
+    that a client's cancel may have overtaken (the message was queued, waiting or retrying) is
+    ``cancellable``: a cancel acknowledged meanwhile wins, and the archive gets a cancelled outcome."""
+    msg = outcome.message
+    fields: list[Any] = ["status", outcome.status.value, "attempts", msg.attempts, "finished_at", outcome.finished_at]
+    if outcome.backend:
+        fields += ["backend", outcome.backend]
+    if outcome.response is not None:
+        fields += ["result", _json.encode(outcome.response)]
+    if outcome.error:
+        fields += ["error", outcome.error]
+    if outcome.started_at:
+        fields += ["started_at", outcome.started_at]
+    cancelled = b""
+    if cancellable and outcome.status is not Status.CANCELLED:
+        cancelled = encode(Outcome(message=msg, status=Status.CANCELLED, finished_at=outcome.finished_at))
+    return effects.finish(
+        done=keys.done,
+        hash_key=keys.msg(msg.id),
+        inflight=keys.inflight(msg.level),
+        message_id=msg.id,
+        retention_s=max(1, int(retention_s)),
+        payload=encode(outcome),
+        cancelled=cancelled,
+        fields=fields,
+    )
+
+
+def retrying(keys: Keys, message_id: str, **fields: Any) -> effects.Effect:
+    """The message waits for another attempt (with ``fields``: attempts, error, retry_at)."""
+    return effects.retrying(keys.msg(message_id), **fields)
+
+
+def shortened(keys: Keys, message_id: str, ttl_s: float) -> effects.Effect:
+    """The message is archived: its status hash is kept ``ttl_s`` more at most."""
+    return effects.shorten(keys.msg(message_id), max(1, int(ttl_s)))

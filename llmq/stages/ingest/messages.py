@@ -1,0 +1,232 @@
+"""The native message API: submit one or a batch, read (long-polling for the outcome), cancel.
+
+Submissions go through ``llmq.stages.ingest.submit`` (backpressure, idempotency, XADD and status hash in
+one atomic script). Reads long-poll on the ``finished`` channel and fall back to the PostgreSQL archive
+(``archived``) once the status hash has expired. ``Messages`` is also what the OpenAI facade queues
+through: ``enqueue`` and ``wait_result``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from psycopg_pool import AsyncConnectionPool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from llmq.pipeline.config import Config
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.models import Message, Status, new_id
+from llmq.pipeline.notify import Waiter
+from llmq.stages.ingest import schema
+from llmq.stages.ingest.archived import read_archived
+from llmq.stages.ingest.http_api import (
+    INGESTED,
+    REJECTED,
+    ArchiveUnavailable,
+    BadInput,
+    caller,
+    decode_json,
+    encode_message,
+    field_of,
+    idempotency_conflict,
+    read_body,
+    reject,
+    respond,
+)
+from llmq.stages.ingest.submit import Submission, Submitted, Submitter, Verdict, new_message, request_digest
+
+_submit_decoder = msgspec.json.Decoder(schema.SubmitBody)
+_any_decoder = msgspec.json.Decoder()
+_TIMES = ("enqueued_at", "scheduled_at", "started_at", "finished_at", "retry_at")
+
+
+class Messages:
+    def __init__(
+        self, config: Config, *, redis: aioredis.Redis, keys: Keys, pool: AsyncConnectionPool | None = None
+    ) -> None:
+        self.config = config
+        self.redis = redis
+        self.keys = keys
+        self.pool = pool
+        self.levels = [lv.name for lv in config.queue.levels]
+        self.submitter = Submitter(config, redis=redis, keys=keys)
+        self.waiter = Waiter(redis=redis, keys=keys)
+        self.max_body = config.server.max_body_bytes
+
+    async def enqueue(self, submission: Submission) -> Submitted:
+        """Submit one message (the OpenAI facade's way in)."""
+        return await self.submitter.submit(submission)
+
+    async def wait_result(self, message_id: str, timeout_s: float) -> tuple[bool, schema.MessageView | None]:
+        """Wait up to ``timeout_s`` for the message to end: whether it did, and its view."""
+        finished = await self.waiter.wait(message_id, lambda: self.terminal(message_id), timeout_s)
+        return finished, await self.view(message_id)
+
+    def _message(self, sub: schema.SubmitBody, request: Request, where: str = "") -> Submission:
+        """The message to submit; BadInput naming the field when it cannot be queued."""
+        if sub.level not in self.levels:
+            raise BadInput(422, f"unknown level {sub.level!r}; valid levels: {', '.join(self.levels)}", f"{where}level")
+        messages = sub.request.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadInput(
+                422, "request.messages must be a non-empty list of chat messages", f"{where}request.messages"
+            )
+        for i, item in enumerate(messages):
+            if not isinstance(item, dict):
+                raise BadInput(422, "each chat message must be an object", f"{where}request.messages[{i}]")
+        if sub.request.get("stream"):
+            raise BadInput(
+                422, "stream=true is not supported: the result is the whole completion", f"{where}request.stream"
+            )
+        msg = new_message(
+            message_id=new_id(),
+            level=sub.level,
+            request=sub.request,
+            session_id=sub.session_id,
+            tenant=sub.tenant,
+            idempotency_key=sub.idempotency_key,
+            deadline_ms=sub.deadline_ms,
+            metadata=sub.metadata,
+        )
+        try:
+            digest = request_digest(sub) if sub.idempotency_key else ""
+        except ValueError as exc:
+            raise BadInput(422, f"the request is {exc}", f"{where}request") from None
+        return Submission(msg, encode_message(msg, where), caller=caller(request), digest=digest)
+
+    def _accepted(self, msg: Message, result: Submitted) -> tuple[int, schema.Accepted]:
+        if result.verdict is Verdict.DUPLICATE:
+            return 200, schema.Accepted(id=result.message_id or "", status="duplicate", level=msg.level)
+        INGESTED.labels(level=msg.level).inc()
+        return 202, schema.Accepted(id=msg.id, status=Status.QUEUED.value, level=msg.level, position=result.depth)
+
+    async def submit(self, request: Request) -> Response:
+        body = await read_body(request, limit=self.max_body)
+        submission = self._message(decode_json(_submit_decoder, body), request)
+        msg = submission.message
+        result = await self.submitter.submit(submission)
+        if result.verdict is Verdict.CONFLICT:
+            raise BadInput(422, idempotency_conflict(result.message_id), "idempotency_key")
+        if result.verdict is Verdict.FULL:
+            return reject(429, f"level {msg.level!r} is full ({result.depth} waiting)", headers={"Retry-After": "1"})
+        if result.verdict is Verdict.DUPLICATE:
+            try:
+                existing = await self.view(result.message_id or "")
+            except ArchiveUnavailable:  # its status is only in PostgreSQL, which cannot be asked now
+                existing = None
+            doc = schema.Accepted(
+                id=result.message_id or "", status=existing.status if existing else "queued", level=msg.level
+            )
+            return respond(doc, 200)
+        code, doc = self._accepted(msg, result)
+        return respond(doc, code)
+
+    async def submit_batch(self, request: Request) -> Response:
+        body = await read_body(request, limit=self.max_body * 4)
+        items = decode_json(_any_decoder, body)
+        if not isinstance(items, list):
+            raise BadInput(422, "the body must be a JSON array of messages")
+        if len(items) > self.config.server.max_batch:
+            raise BadInput(413, f"{len(items)} messages; a batch holds at most {self.config.server.max_batch}")
+        results: list[schema.BatchItem | None] = [None] * len(items)
+        valid: list[tuple[int, Submission]] = []
+        for i, item in enumerate(items):
+            try:
+                sub = msgspec.convert(item, schema.SubmitBody)
+                valid.append((i, self._message(sub, request, f"[{i}].")))
+            except msgspec.ValidationError as exc:
+                message, field = field_of(exc)
+                results[i] = schema.BatchItem(
+                    index=i, status_code=422, error=message, field=f"[{i}].{field}" if field else f"[{i}]"
+                )
+            except BadInput as exc:
+                results[i] = schema.BatchItem(index=i, status_code=exc.status, error=exc.message, field=exc.field)
+        outcomes = await self.submitter.submit_many([item for _, item in valid])
+        for (i, submission), result in zip(valid, outcomes, strict=True):
+            msg = submission.message
+            if result.verdict is Verdict.CONFLICT:
+                REJECTED.labels(reason="invalid").inc()
+                error = idempotency_conflict(result.message_id)
+                results[i] = schema.BatchItem(index=i, status_code=422, error=error, field=f"[{i}].idempotency_key")
+                continue
+            if result.verdict is Verdict.FULL:
+                REJECTED.labels(reason="backpressure").inc()
+                results[i] = schema.BatchItem(
+                    index=i, status_code=429, error=f"level {msg.level!r} is full", level=msg.level
+                )
+                continue
+            code, doc = self._accepted(msg, result)
+            results[i] = schema.BatchItem(index=i, status_code=code, id=doc.id, status=doc.status, level=msg.level)
+        return respond(results)
+
+    async def view(self, message_id: str) -> schema.MessageView | None:
+        """The message's status hash, or its archived row once the hash has expired."""
+        fields: Any = await self.redis.hgetall(self.keys.msg(message_id))
+        if fields:
+            return _from_hash(message_id, fields)
+        return await read_archived(self.pool, message_id) if self.pool is not None else None
+
+    async def get_message(self, request: Request) -> Response:
+        message_id = request.path_params["id"]
+        wait = request.query_params.get("wait")
+        wait_s = 0.0
+        if wait is not None:
+            try:
+                wait_s = float(wait)
+            except ValueError:
+                raise BadInput(422, f"wait must be a number of seconds, got {wait!r}", "wait") from None
+            max_wait = self.config.server.max_poll_wait.seconds
+            if not 0 <= wait_s <= max_wait:
+                raise BadInput(422, f"wait must be between 0 and {max_wait:g} seconds", "wait")
+        if not valid_id(message_id):
+            raise BadInput(404, "no such message")
+        view = await self.view(message_id)
+        if view is None:
+            raise BadInput(404, "no such message")
+        if wait_s and not Status(view.status).terminal:
+            await self.waiter.wait(message_id, lambda: self.terminal(message_id), wait_s)
+            view = await self.view(message_id) or view
+        return respond(view)
+
+    async def terminal(self, message_id: str) -> bool:
+        raw: Any = await self.redis.hget(self.keys.msg(message_id), "status")
+        return raw is None or Status(raw.decode()).terminal
+
+    async def message(self, request: Request) -> Response:
+        """One route for both methods, so a 405 lists every allowed method."""
+        return await (self.cancel(request) if request.method == "DELETE" else self.get_message(request))
+
+    async def cancel(self, request: Request) -> Response:
+        message_id = request.path_params["id"]
+        if not valid_id(message_id):
+            raise BadInput(404, "no such message")
+        status = await self.submitter.cancel(message_id)
+        if status is None:
+            raise BadInput(404, "no such message")
+        if status != Status.CANCELLED.value:
+            return respond(schema.ApiError(error=f"cannot cancel a message that is {status}", status=status), 409)
+        return respond(schema.MessageView(id=message_id, status=status))
+
+
+def valid_id(message_id: str) -> bool:
+    return 0 < len(message_id) <= 64 and all(c.isalnum() or c == "-" for c in message_id)
+
+
+def _from_hash(message_id: str, fields: dict[bytes, bytes]) -> schema.MessageView:
+    raw_result = fields.pop(b"result", None)
+    doc = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+    # The stored JSON as it is: decoding it could fail on an answer nested deeper than this stack
+    result = msgspec.Raw(raw_result) if raw_result is not None else None
+    return schema.MessageView(
+        id=message_id,
+        status=doc.get("status", "unknown"),
+        level=doc.get("level"),
+        attempts=int(doc.get("attempts", 0)),
+        backend=doc.get("backend"),
+        result=result,
+        error=doc.get("error") or None,
+        **{f: float(doc[f]) for f in _TIMES if doc.get(f)},
+    )
