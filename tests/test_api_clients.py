@@ -19,8 +19,8 @@ from llmq.pipeline.runtime.ops_server import OpsServer, ops_app
 from llmq.stages.ingest import create_app
 from llmq.stages.mock_backend import MockSettings
 from tests.conftest import free_port
-from tests.harness import Harness
-from tests.procs import llmq_stage
+from tests.support.harness import Harness
+from tests.support.procs import llmq_stage
 
 
 @pytest.fixture

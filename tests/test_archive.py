@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import shutil
 import signal
 import subprocess
@@ -26,18 +25,16 @@ from llmq.cli.embedded import EmbeddedPostgres
 from llmq.cli.stages import make_archive
 from llmq.pipeline.config import load_config
 from llmq.pipeline.db import migrate
-from llmq.pipeline.dlq import DeadLetters, dead_letter
+from llmq.pipeline.dlq import DeadLetters
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, Message, Outcome, Status, encode, new_id
-from llmq.pipeline.runtime.effects import Commit
 from llmq.pipeline.runtime.runner import Runner
 from llmq.stages.archive.rows import COLUMNS, copy_rows
 from llmq.stages.archive.trim import trim_acked
-from llmq.stages.mock_backend import MockSettings
 from tests.conftest import eventually
-from tests.harness import CHAT, Harness
-from tests.procs import ROOT, llmq_stage
-from tests.settle import archived_rows
+from tests.support.archive import status_in_db
+from tests.support.procs import ROOT, llmq_stage
+from tests.support.settle import archived_rows
 
 
 def outcome(i: int, status: Status = Status.COMPLETED) -> Outcome:
@@ -275,15 +272,15 @@ async def test_an_older_outcome_never_overwrites_a_newer_row(
     b_dead = msgspec.structs.replace(b_completed, status=Status.DEAD, finished_at=b_completed.finished_at - 60)
     await push(redis, keys, [dead, b_completed, b_dead])
     async with archiving(redis, keys, database_url):
-        await eventually(lambda: _status_in_db(database_url, mid, "dead"), what="A dead")
+        await eventually(lambda: status_in_db(database_url, mid, "dead"), what="A dead")
         await push(redis, keys, [completed])
-        await eventually(lambda: _status_in_db(database_url, mid, "completed"), what="A completed")
+        await eventually(lambda: status_in_db(database_url, mid, "completed"), what="A completed")
         # When A's dead outcome is delivered again
         await push(redis, keys, [dead])
         await eventually(lambda: _pending_zero_and_read(redis, keys, 5), what="redelivery handled")
     # Then both rows hold their newest outcome: completed
-    assert await _status_in_db(database_url, mid, "completed")
-    assert await _status_in_db(database_url, b_completed.message.id, "completed")
+    assert await status_in_db(database_url, mid, "completed")
+    assert await status_in_db(database_url, b_completed.message.id, "completed")
 
 
 def _poison(stage: str) -> float:
@@ -409,71 +406,6 @@ async def test_a_stream_without_groups_is_not_trimmed(redis: aioredis.Redis, key
     assert await redis.xlen(keys.dispatch) == 1
 
 
-async def test_dead_letters_replay_once_and_complete(redis: aioredis.Redis, keys: Keys, database_url: str) -> None:
-    # Given a message that died on a failing backend (no retries), archived as dead
-    env = {"LLMQ_QUEUE__RETRY__MAX_RETRIES": "0"}
-    failing = {"a": MockSettings(fail_rate=1.0, fail_status=502, latency_ms=1)}
-    async with Harness(redis, keys, backends=failing, env=env, database_url=database_url) as h:
-        mid = await h.submit("high")
-        assert (await h.wait_terminal([mid]))[mid]["status"] == "dead"
-        await eventually(lambda: _status_in_db(database_url, mid, "dead"), what="dead row")
-        dlq = DeadLetters(redis=redis, keys=keys, levels=["realtime", "high", "normal", "low"])
-        [dead] = await dlq.list()
-        assert dead.message_id == mid and "answered 502" in (dead.error or "")
-        # When the backend recovers and the dead letter is replayed twice
-        h.mocks["a"].settings = MockSettings(latency_ms=1)
-        assert await dlq.replay(dead) is True
-        assert await dlq.replay(dead) is False
-        # Then the message completes once, with its replay on record
-        status = (await h.wait_terminal([mid]))[mid]
-        await eventually(lambda: _status_in_db(database_url, mid, "completed"), what="completed row")
-        calls = h.mocks["a"].by_message[mid]
-    assert status["status"] == "completed"
-    assert calls == 2  # the failed attempt and the replayed one
-    assert await dlq.count() == 0
-
-
-async def _status_in_db(dsn: str, mid: str, status: str) -> bool:
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        try:
-            row = await (await conn.execute("SELECT status FROM messages WHERE id = %s", (mid,))).fetchone()
-        except psycopg.errors.UndefinedTable:
-            return False
-    return row is not None and row[0] == status
-
-
-async def test_dlq_commands(redis: aioredis.Redis, keys: Keys, stage_env: dict[str, str]) -> None:
-    # Given two dead messages, dead-lettered as the retry stage does
-    commit = Commit(redis, stream=keys.retry, group="retry", channel=keys.finished, dlq=keys.dlq)
-    for level in ("high", "low"):
-        msg = Message(id=new_id(), level=level, request=CHAT, enqueued_at=time.time(), attempts=4, errors=["e1", "e4"])
-        fields = {b"error": b"e4", b"errors": json.dumps(msg.errors)}
-        letter = dead_letter(
-            keys, payload=encode(msg), message_id=msg.id, reason="failed 4 attempts", source=keys.retry, fields=fields
-        )
-        await commit([("", [letter])])
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "llmq.cli", "dlq", *args], env=stage_env, cwd=ROOT, capture_output=True, text=True
-        )
-
-    listed = cli("list", "--json")
-    docs = [json.loads(line) for line in listed.stdout.splitlines()]
-    assert [d["level"] for d in docs] == ["high", "low"] and docs[0]["errors"] == ["e1", "e4"]
-    shown = cli("show", docs[0]["message_id"])
-    assert shown.returncode == 0 and json.loads(shown.stdout)["request"] == CHAT
-    # replay one into another level, then the rest
-    assert cli("replay", docs[0]["entry_id"], "--level", "realtime").stdout.strip() == "replayed 1 of 1 dead letters"
-    again = cli("replay", docs[0]["entry_id"])
-    assert again.returncode == 1 and "already replayed" in again.stderr
-    assert cli("replay", "--all").stdout.strip() == "replayed 1 of 1 dead letters"
-    assert await redis.xlen(keys.level("realtime")) == 1 and await redis.xlen(keys.level("low")) == 1
-    assert cli("replay").returncode == 2
-    assert cli("list", "--since", "5 min").returncode == 2  # a bad duration is named
-    assert cli("purge", "--older-than", "0s").stdout.startswith("purged 0")
-
-
 async def test_an_archived_message_stays_in_redis_only_for_the_window(
     redis: aioredis.Redis, keys: Keys, database_url: str
 ) -> None:
@@ -494,30 +426,6 @@ async def test_an_archived_message_stays_in_redis_only_for_the_window(
     for o in outcomes[:2]:
         assert 0 < await redis.ttl(keys.msg(o.message.id)) <= 30
     assert await redis.ttl(keys.msg(outcomes[2].message.id)) == -1
-
-
-async def test_dead_letters_are_bounded_and_found_by_message_id(redis: aioredis.Redis, keys: Keys) -> None:
-    # Given 30 dead letters, each of its own message
-    dead = DeadLetters(redis=redis, keys=keys, levels=["normal"])
-    commit = Commit(redis, stream=keys.retry, group="retry", channel=keys.finished, dlq=keys.dlq)
-    ids = [new_id() for _ in range(30)]
-    for mid in ids:
-        msg = Message(id=mid, level="normal", request=CHAT, enqueued_at=time.time())
-        letter = dead_letter(keys, payload=encode(msg), message_id=mid, reason="failed", source=keys.retry)
-        await commit([("", [letter])])
-    # Then each is found by its message id without a scan
-    found = await dead.find(ids[3])
-    assert found is not None and found.message_id == ids[3]
-    # When the stream is bounded to 10, then the 20 oldest go, with their index entries
-    assert await dead.trim(max_len=10, max_age_s=3600) == 20
-    assert await redis.xlen(keys.dlq) == 10 and await redis.hlen(keys.dlq_index) == 10
-    assert await dead.find(ids[3]) is None
-    kept = await dead.find(ids[25])
-    assert kept is not None and kept.message_id == ids[25]
-    # and by age: all of them are older than 50 ms a moment later
-    await asyncio.sleep(0.1)
-    assert await dead.trim(max_len=1000, max_age_s=0.05) == 10
-    assert await redis.xlen(keys.dlq) == 0 and await redis.hlen(keys.dlq_index) == 0
 
 
 async def test_a_trim_point_is_found_when_the_pending_entries_were_acked_meanwhile(

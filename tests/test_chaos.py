@@ -20,9 +20,9 @@ import redis.asyncio as aioredis
 
 from llmq.pipeline.keys import Keys
 from tests.conftest import eventually, free_port
-from tests.harness import CHAT
-from tests.procs import Proc, llmq_stage, stop_all
-from tests.settle import LEVELS, archived_rows, describe_streams, groups_settled
+from tests.support.harness import CHAT
+from tests.support.procs import Proc, llmq_stage, stop_all
+from tests.support.settle import LEVELS, archived_rows, describe_streams, groups_settled
 
 # `make soak` runs the same scenario longer through these variables.
 MESSAGES = int(os.environ.get("CHAOS_MESSAGES", "3000"))

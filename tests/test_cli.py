@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from llmq.cli.stages import STAGES
 from llmq.pipeline.keys import Keys
 from tests.conftest import eventually, free_port
-from tests.procs import ROOT, Proc, llmq_stage, stop_all
+from tests.support.procs import ROOT, Proc, llmq_stage, stop_all
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

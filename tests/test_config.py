@@ -14,7 +14,7 @@ from llmq.cli.app import app
 from llmq.pipeline.config import Config, load_config
 from llmq.pipeline.config.durations import format_duration, parse_duration
 from llmq.pipeline.errors import ConfigError
-from tests.procs import ROOT
+from tests.support.procs import ROOT
 
 EXAMPLE = ROOT / "configs" / "config.yaml.example"
 

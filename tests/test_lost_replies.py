@@ -21,6 +21,7 @@ from llmq.pipeline.config import RedisConfig, load_config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import script_source
 from llmq.pipeline.models import FIELD, Status, encode, new_id
+from llmq.pipeline.redis import make_redis
 from llmq.pipeline.runtime.names import ConsumerLease
 from llmq.pipeline.runtime.runner import Runner
 from llmq.pipeline.runtime.streams import ensure_group, parse_entries
@@ -28,10 +29,10 @@ from llmq.stages.ingest import create_app
 from llmq.stages.ingest.submit import new_message
 from llmq.stages.schedule.arbiter import Arbiter, Candidate, Decisions
 from tests.conftest import eventually
-from tests.faults import FaultProxy
-from tests.harness import CHAT
-from tests.test_runtime import add_jobs, ids, pending_count, settings
-from tests.worker import RecordingStage
+from tests.support.faults import FaultProxy
+from tests.support.harness import CHAT
+from tests.support.runner import add_jobs, ids, make_runner, pending_count, settings
+from tests.support.worker import RecordingStage
 
 EVALSHA = b"EVALSHA"
 
@@ -57,7 +58,6 @@ async def faulty(proxy: FaultProxy, redis_url: str) -> AsyncIterator[aioredis.Re
 
 
 def make(url: str) -> aioredis.Redis:
-    from llmq.pipeline.redis import make_redis
 
     return make_redis(RedisConfig(url=url))
 
@@ -230,3 +230,20 @@ async def test_a_consumer_name_whose_lease_reply_is_lost_is_still_taken(
     assert proxy.counts.dropped_replies == 1
     assert name == "worker-a"
     assert await redis.get(keys.consumer_lease("work", "worker-a")) == lease.token.encode()
+
+
+async def test_a_give_back_resent_after_a_lost_reply_undoes_one_delivery(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given an entry delivered four times to c1
+    stream = keys.level("normal")
+    await redis.xgroup_create(stream, "work", id="0", mkstream=True)
+    await add_jobs(redis, stream, [{"id": "g"}])
+    reply = await redis.xreadgroup("work", "c1", {stream: ">"})
+    entry = parse_entries(reply[0][1])[0]
+    await redis.xclaim(stream, "work", "c1", 0, [entry.id], retrycount=4, justid=True)
+    runner = make_runner(redis, keys, stream, "c1")
+    # When it is given back twice (a resent script) with the count it was read with
+    for _ in range(2):
+        await runner.reclaimer.give_back([(entry, 4)])
+    # Then one delivery is undone, not two
+    rows: Any = await redis.xpending_range(stream, "work", "-", "+", 1)
+    assert rows[0]["times_delivered"] == 3

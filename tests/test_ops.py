@@ -35,8 +35,8 @@ from llmq.pipeline.errors import ConfigError
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD
 from tests.conftest import free_port
-from tests.harness import CHAT
-from tests.procs import ROOT, Proc, llmq_stage, stop_all
+from tests.support.harness import CHAT
+from tests.support.procs import ROOT, Proc, llmq_stage, stop_all
 
 OPS = ROOT / "ops"
 EXAMPLE_CONFIG = ROOT / "configs" / "config.yaml.example"

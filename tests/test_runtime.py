@@ -3,69 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
-from collections.abc import AsyncIterator
+import time
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ReadOnlyError, ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
-from llmq.pipeline import background
+from llmq.pipeline import background, transitions
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.models import FIELD, Status, decode_outcome, new_id
-from llmq.pipeline.runtime.runner import Runner, RunnerSettings
+from llmq.pipeline.models import FIELD, Outcome, Status, decode_outcome, new_id
+from llmq.pipeline.runtime.effects import Commit, xadd
+from llmq.pipeline.runtime.runner import Runner
+from llmq.pipeline.runtime.streams import ensure_group, parse_entries
 from llmq.stages.ingest.submit import new_message
 from tests.conftest import eventually
-from tests.procs import worker
-from tests.worker import RecordingStage
-
-
-def settings(**overrides: Any) -> RunnerSettings:
-    base: dict[str, Any] = {
-        "batch_size": 10,
-        "block_ms": 100,
-        "max_in_hand": 10,
-        "claim_timeout_s": 1.0,
-        "max_deliveries": 3,
-        "grace_s": 10.0,
-    }
-    base.update(overrides)
-    return RunnerSettings(**base)
-
-
-async def add_jobs(redis: aioredis.Redis, stream: str, jobs: list[dict[str, Any]]) -> None:
-    pipe = redis.pipeline(transaction=False)
-    for job in jobs:
-        pipe.xadd(stream, {FIELD: msgspec.msgpack.encode(job)})
-    await pipe.execute()
-
-
-async def ids(redis: aioredis.Redis, key: str) -> list[str]:
-    return [v.decode().split(":")[0] for v in await redis.lrange(key, 0, -1)]
-
-
-async def pending_count(redis: aioredis.Redis, stream: str, group: str = "work") -> int:
-    info: Any = await redis.xpending(stream, group)
-    return int(info["pending"])
-
-
-@contextlib.asynccontextmanager
-async def running(runner: Runner) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(runner.run())
-    try:
-        yield task
-    finally:
-        runner.stop()
-        await asyncio.wait_for(task, timeout=15)
-
-
-def make_runner(redis: aioredis.Redis, keys: Keys, stream: str, consumer: str, **kw: Any) -> Runner:
-    stage = RecordingStage(redis=redis, stream=stream, group="work")
-    return Runner(stage, redis=redis, keys=keys, consumer=consumer, settings=settings(**kw))
+from tests.support.harness import CHAT
+from tests.support.procs import worker
+from tests.support.runner import add_jobs, ids, make_runner, pending_count, running, settings
+from tests.support.worker import RecordingStage
 
 
 async def test_handled_entries_are_acked(redis: aioredis.Redis, keys: Keys) -> None:
@@ -632,3 +591,89 @@ async def test_taking_over_stops_when_the_owner_took_its_lease_back(redis: aiore
     await redis.set(lease, "token", px=60_000)  # restarted under its name, re-reading its own entries
     runner = make_runner(redis, keys, stream, "other-1")
     assert await runner.reclaimer.take([entry_id], owner="owner-1", lease=lease) == []
+
+
+class _RefusingStage(RecordingStage):
+    """Fails its first handlings as a full Redis would (OOM), before it has done anything."""
+
+    def __init__(self, refusals: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.refusals = refusals
+
+    async def handle(self, batch: Any) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            raise OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+        await super().handle(batch)
+
+
+async def _llen(redis: aioredis.Redis, key: str, n: int) -> bool:
+    return int(await redis.llen(key)) >= n
+
+
+async def _has_error(runner: Runner) -> bool:
+    return runner.redis_error is not None
+
+
+async def test_a_cancel_acknowledged_before_an_end_decided_meanwhile_wins(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a message that expired while it waited, and a client whose DELETE was answered "cancelled" meanwhile
+    msg = new_message(message_id=new_id(), level="normal", request=CHAT)
+    await redis.hset(keys.msg(msg.id), mapping={"status": "cancelled"})
+    expired = Outcome(message=msg, status=Status.EXPIRED, finished_at=time.time())
+    commit = Commit(redis, stream=keys.level("normal"), group="schedule", channel=keys.finished, dlq=keys.dlq)
+    # When the end is recorded
+    await commit([("", [transitions.ended(keys, expired, retention_s=60, cancellable=True)])])
+    # Then the message stays cancelled, and the archive gets a cancelled outcome
+    assert await redis.hget(keys.msg(msg.id), "status") == b"cancelled"
+    [(_, fields)] = await redis.xrange(keys.done)
+    assert decode_outcome(fields[FIELD]).status is Status.CANCELLED
+
+
+async def test_a_batch_that_meets_a_full_redis_is_handled_again_without_counting_deliveries(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given entries whose handling meets a full Redis five times, where one more delivery makes poison
+    stream = keys.level("normal")
+    await add_jobs(redis, stream, [{"id": f"o{i}"} for i in range(3)])
+    stage = _RefusingStage(5, redis=redis, stream=stream, group="work")
+    runner = Runner(stage, redis=redis, keys=keys, consumer="c1", settings=settings(max_deliveries=1))
+    # When it runs, then each is handled once, and none is poison
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventually(lambda: _llen(redis, f"{stream}:handled", 3), what="3 handled")
+    finally:
+        runner.stop()
+        await task
+    assert await redis.xlen(keys.dlq) == 0 and stage.refusals == 0
+
+
+async def test_an_effect_that_fails_dead_letters_its_entry_not_loses_it(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given an entry whose hand-off goes to a key of another type (two deployments on one prefix, say)
+    stream = keys.level("normal")
+    await add_jobs(redis, stream, [{"id": "x"}])
+    await ensure_group(redis, stream, "work")
+    reply = await redis.xreadgroup("work", "c1", {stream: ">"})
+    [entry] = parse_entries(reply[0][1])
+    await redis.set(keys.dispatch, "not a stream")
+    commit = Commit(redis, stream=stream, group="work", channel=keys.finished, dlq=keys.dlq)
+    # When it is committed, then it goes to the dead-letter stream with the error, on record, not vanish
+    # acked with its hand-off undone
+    assert await commit([(entry.id, [xadd(keys.dispatch, b"m")])]) == [True]
+    [(_, letter)] = await redis.xrange(keys.dlq)
+    assert b"WRONGTYPE" in letter[b"reason"] and msgspec.msgpack.decode(letter[FIELD]) == {"id": "x"}
+
+
+async def test_a_read_loop_refused_for_good_shows_in_its_health(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a stream key that holds a string (a collision with another deployment's key)
+    stream = keys.level("normal")
+    await redis.set(stream, "not a stream")
+    runner = make_runner(redis, keys, stream, "c1")
+    task = asyncio.create_task(runner.run())
+    try:
+        # Then the consumer does not crash: it says what Redis answers, for health to show
+        await eventually(lambda: _has_error(runner), what="the error recorded")
+        assert not task.done()
+    finally:
+        runner.stop()
+        await task
+    assert "WRONGTYPE" in (runner.redis_error or "")

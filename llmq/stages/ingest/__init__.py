@@ -1,5 +1,5 @@
-"""The ingest stage: one stage in three modules. ``app`` holds the API and its routes, ``http_api`` how
-requests are read and answered, and ``openai_facade`` the OpenAI-compatible routes."""
+"""The ingest stage: the HTTP API. ``app`` builds it from ``messages`` (the native message API), ``admin``
+(the operator's routes) and ``openai_facade``; ``http_api`` is how requests are read and answered."""
 
 from llmq.stages.ingest.app import create_app
 

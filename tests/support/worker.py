@@ -1,5 +1,5 @@
 """A consuming stage for the runtime tests, run in-process or as a real process through the same
-``llmq.cli.consume`` path production stages use: ``python -m tests.worker --stream S --group G``.
+``llmq.cli.consume`` path production stages use: ``python -m tests.support.worker --stream S --group G``.
 
 Each entry is a msgpack job ``{"id", "sleep"?, "fail"?}``. The stage pushes ``<id>:<pid>`` to
 ``<stream>:started`` when it begins a job (outside the transaction) and to ``<stream>:handled`` inside

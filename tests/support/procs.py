@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _LOGS = tempfile.TemporaryDirectory(prefix="llmq-test-logs-", ignore_cleanup_errors=True)
 """Every test process's log, removed when the test session ends; a failing assertion prints the log."""
 
@@ -83,7 +83,7 @@ def stop_all(procs: list[Proc], timeout: float = 30) -> None:
 
 
 def worker(env: dict[str, str], stream: str, *, group: str = "work", consumer: str | None = None) -> Proc:
-    argv = [sys.executable, "-m", "tests.worker", "--stream", stream, "--group", group]
+    argv = [sys.executable, "-m", "tests.support.worker", "--stream", stream, "--group", group]
     if consumer:
         argv += ["--consumer", consumer]
     return Proc(argv, env)

@@ -1,0 +1,28 @@
+"""The ingest API called in-process, as under uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import redis.asyncio as aioredis
+
+from llmq.pipeline.config import load_config
+from llmq.pipeline.keys import Keys
+from llmq.stages.ingest import create_app
+
+
+@contextlib.asynccontextmanager
+async def client_for(
+    redis: aioredis.Redis, keys: Keys, env: dict[str, str] | None = None, pool: Any = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The ingest app with its lifespan running (as under uvicorn), called in-process."""
+    config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix, **(env or {})})
+    app = create_app(config, redis=redis, keys=keys, pool=pool)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
+        yield client
