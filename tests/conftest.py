@@ -107,10 +107,21 @@ def stage_env(redis_url: str, prefix: str) -> dict[str, str]:
     return env
 
 
+_given_ports: set[int] = set()
+NEXT_PORTS = 4
+"""A stage given a base ops port takes the next ones (``llmq-stage up``): never hand those out either."""
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now that this run has not handed out before (nor one of the ``NEXT_PORTS`` after one):
+    the kernel may give a port just closed again, and two parts of one test on one port fail at random."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if not any(port - k in _given_ports or port + k in _given_ports for k in range(NEXT_PORTS + 1)):
+            _given_ports.add(port)
+            return port
 
 
 async def eventually(

@@ -9,9 +9,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from llmq.pipeline.keys import Keys
+from llmq.pipeline.keys import Group, Keys
 from llmq.pipeline.lua import Coalesced, Lua, Source, script_names, script_source
-from llmq.pipeline.models import FIELD, Status
+from llmq.pipeline.models import FIELD
 from tests.conftest import free_port
 
 INCRBY = Source("incrby", "return redis.call('INCRBY', KEYS[1], ARGV[1])", 1)
@@ -31,10 +31,13 @@ async def test_every_script_file_loads_on_the_server(redis: aioredis.Redis) -> N
 
 async def test_the_generated_constants_are_the_python_words(redis: aioredis.Redis) -> None:
     # Given a script reading the preamble's constants
-    probe = Source("probe", script_source("status").text + "return {QUEUED, CANCELLED, M, tostring(ENDED[DEAD])}", 0)
+    probe = Source(
+        "probe",
+        script_source("status").text + "return {QUEUED, CANCELLED, M, tostring(ENDED[DEAD]), SCHEDULE_GROUP}",
+        0,
+    )
     # When it runs, then they are Status's values and the message field, and DEAD is terminal
-    assert await Lua(redis, probe)([]) == [b"queued", b"cancelled", FIELD, b"true"]
-    assert Status.QUEUED.value == "queued"
+    assert await Lua(redis, probe)([]) == [b"queued", b"cancelled", FIELD, b"true", Group.SCHEDULE.value.encode()]
 
 
 async def test_a_call_with_the_wrong_number_of_keys_is_refused_before_it_runs(

@@ -6,7 +6,19 @@ slot, so the Lua scripts that touch several keys (hand-offs, admissions, moves) 
 
 from __future__ import annotations
 
+import enum
 import hashlib
+
+
+class Group(enum.StrEnum):
+    """The consumer group that reads each stream: one per consuming stage, named after it."""
+
+    SCHEDULE = "schedule"
+    """Reads every level stream."""
+    DISPATCH = "dispatch"
+    RETRY = "retry"
+    ARCHIVE = "archive"
+    """Reads ``done``."""
 
 
 class Keys:

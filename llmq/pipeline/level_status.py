@@ -16,10 +16,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from llmq.pipeline.config import Config
-from llmq.pipeline.keys import Keys
+from llmq.pipeline.keys import Group, Keys
 from llmq.pipeline.runtime.streams import as_str
 
-SCHEDULE_GROUP = "schedule"
+SCHEDULE_GROUP = Group.SCHEDULE.value
 """The consumer group that reads the level streams."""
 
 

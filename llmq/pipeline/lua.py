@@ -24,6 +24,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from llmq.pipeline.keys import Group
 from llmq.pipeline.models import FIELD, Status
 
 Call = tuple[Sequence[Any], Sequence[Any]]
@@ -35,10 +36,11 @@ PREAMBLE = (
     + ", ".join(f"[{s.name}] = true" for s in Status if s.terminal)
     + "}\n"
     + f"local M = '{FIELD.decode()}'\n"
+    + "".join(f"local {g.name}_GROUP = '{g.value}'\n" for g in Group)
 )
 """Lua prepended to every script: each status word as a constant (``QUEUED`` ... ``DEAD``), ``ENDED`` the set
-of terminal ones, and ``M`` the stream field that holds a message: generated from ``Status`` and
-``FIELD``, so no script spells them itself."""
+of terminal ones, ``M`` the stream field that holds a message, and each consumer group (``SCHEDULE_GROUP``
+...): generated from ``Status``, ``FIELD`` and ``Group``, so no script spells them itself."""
 
 INCLUDE = "--@include "
 _NAME = re.compile(r"(?P<name>[a-z_]+)(?:-(?P<keys>\d+))?\.lua")

@@ -22,7 +22,7 @@ from llmq.pipeline import background, transitions
 from llmq.pipeline.backoff import retry_delay
 from llmq.pipeline.config import Config
 from llmq.pipeline.dlq import dead_letter
-from llmq.pipeline.keys import Keys
+from llmq.pipeline.keys import Group, Keys
 from llmq.pipeline.lua import Lua
 from llmq.pipeline.models import Message, Outcome, Status, decode_message
 from llmq.pipeline.redis import UNAVAILABLE
@@ -53,7 +53,7 @@ def reason_of(error: str) -> str:
 
 class Retry(Stage):
     def __init__(self, *, config: Config, redis: aioredis.Redis, keys: Keys) -> None:
-        self.name = "retry"
+        self.name = Group.RETRY.value
         self.stream = keys.retry
         self.config = config
         self.redis = redis

@@ -20,7 +20,7 @@ local function waiting(stream)
     for _, g in ipairs(groups) do
       local f = {}
       for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
-      if f['name'] == 'schedule' and f['lag'] then return tonumber(f['pending']) + tonumber(f['lag']) end
+      if f['name'] == SCHEDULE_GROUP and f['lag'] then return tonumber(f['pending']) + tonumber(f['lag']) end
     end
   end
   return redis.call('XLEN', stream)

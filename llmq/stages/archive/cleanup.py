@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 
 from llmq.pipeline import dlq
 from llmq.pipeline.config import Config, DeadLetterConfig
-from llmq.pipeline.keys import Keys
+from llmq.pipeline.keys import Group, Keys
 from llmq.pipeline.level_status import group_depth
 from llmq.pipeline.redis import UNAVAILABLE
 from llmq.pipeline.runtime.streams import as_str
@@ -27,7 +27,7 @@ log = logging.getLogger("llmq.archive")
 
 BACKLOG = Gauge("llmq_archive_backlog", "Outcomes in the done stream not yet archived (lag + pending)")
 TRIMMED = Counter("llmq_trimmed_total", "Stream entries trimmed after every group acked them", ["stream"])
-GROUP = "archive"
+GROUP = Group.ARCHIVE.value
 CLEANUP_EVERY_S = 5.0
 
 

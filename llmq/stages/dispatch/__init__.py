@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from llmq.pipeline import background, inflight, transitions
 from llmq.pipeline.config import Config
 from llmq.pipeline.errors import GiveBack
-from llmq.pipeline.keys import Keys
+from llmq.pipeline.keys import Group, Keys
 from llmq.pipeline.lua import Lua
 from llmq.pipeline.models import Message, Outcome, Status, decode_message, encode
 from llmq.pipeline.redis import UNAVAILABLE
@@ -68,7 +68,7 @@ def _storable(outcome: Outcome) -> Outcome:
 
 class Dispatch(Stage):
     def __init__(self, *, config: Config, redis: aioredis.Redis, keys: Keys) -> None:
-        self.name = "dispatch"
+        self.name = Group.DISPATCH.value
         self.stream = keys.dispatch
         self.config = config
         self.redis = redis

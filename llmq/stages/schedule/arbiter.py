@@ -25,7 +25,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from llmq.pipeline import background, inflight
 from llmq.pipeline.config import Config, LevelConfig
-from llmq.pipeline.keys import Keys
+from llmq.pipeline.keys import Group, Keys
 from llmq.pipeline.lua import Lua
 from llmq.pipeline.models import Message, Status
 from llmq.pipeline.notify import Listener
@@ -36,7 +36,7 @@ from llmq.stages.schedule.stagger import Stagger, stagger
 
 log = logging.getLogger("llmq.schedule")
 
-GROUP = "schedule"
+GROUP = Group.SCHEDULE.value
 POLL_S = 0.05
 """While messages wait, how often the arbiter re-reads the in-flight counts even without a notice (a
 missed notice, an expired lease). Normally it wakes on the ``finished``/``slots`` notice of a freed slot."""
