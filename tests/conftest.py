@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import tempfile
 import uuid
@@ -112,16 +113,39 @@ NEXT_PORTS = 4
 """A stage given a base ops port takes the next ones (``llmq-stage up``): never hand those out either."""
 
 
-def free_port() -> int:
-    """A port free now that this run has not handed out before (nor one of the ``NEXT_PORTS`` after one):
-    the kernel may give a port just closed again, and two parts of one test on one port fail at random."""
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS = range(10_000, max(10_001, _ephemeral_low() - NEXT_PORTS))
+"""Ports below the kernel's ephemeral range: no client connection of the run takes one as its own local
+port between the moment a test picks it and the moment a server binds it (which made a stage exit on a
+taken port at random, under the full suite's hundreds of connections)."""
+
+
+def free_port(span: int = 1) -> int:
+    """A port free now, below the ephemeral range, that this run has not handed out before (nor one of the
+    ``NEXT_PORTS`` after one); with ``span``, the ``span - 1`` ports after it are free too (a base port
+    whose stages take the next)."""
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if not any(port - k in _given_ports or port + k in _given_ports for k in range(NEXT_PORTS + 1)):
+        port = random.choice(_PORTS)
+        if any(port - k in _given_ports or port + k in _given_ports for k in range(NEXT_PORTS + 1)):
+            continue
+        if all(_bindable(port + k) for k in range(span)):
             _given_ports.add(port)
             return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 async def eventually(

@@ -82,8 +82,10 @@ async def test_the_openai_sdk_works_unchanged(api_url: str) -> None:
 
 async def test_the_sdk_gets_openai_shaped_errors(api_url: str) -> None:
     client = openai.AsyncOpenAI(base_url=api_url, api_key="sk-test", max_retries=0)
-    with pytest.raises(openai.BadRequestError, match="stream=true is not supported"):
-        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stream=True)
+    with pytest.raises(openai.BadRequestError, match="stream must be true or false"):
+        await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], extra_body={"stream": "yes"}
+        )
     with pytest.raises(openai.BadRequestError, match="unknown priority 'urgent'"):
         await client.chat.completions.create(
             model="m", messages=[{"role": "user", "content": "x"}], extra_headers={"X-LLMQ-Priority": "urgent"}

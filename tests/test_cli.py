@@ -157,7 +157,7 @@ async def test_up_runs_the_queue_on_embedded_servers_and_stops_cleanly(tmp_path:
     port = free_port()
     env["LLMQ_SERVER__PORT"] = str(port)
     env["LLMQ_SERVER__HOST"] = "127.0.0.1"
-    env["LLMQ_METRICS__PORT"] = str(free_port())  # schedule; dispatch, retry, archive take the next ports
+    env["LLMQ_METRICS__PORT"] = str(free_port(span=4))  # schedule; dispatch, retry, archive take the next ports
     data_dir = tmp_path / "data"
     # When `llmq-stage up` starts
     proc = llmq_stage(env, "up", "--data-dir", str(data_dir), "--mock-port", str(free_port()))
@@ -183,7 +183,7 @@ async def test_up_runs_the_queue_on_embedded_servers_and_stops_cleanly(tmp_path:
             # (the other stages may still be starting: the long-poll waits for them, the client longer still)
             done = await http.get(f"/api/v1/messages/{created.json()['id']}", params={"wait": "30"}, timeout=40)
         assert health["status"] == "ok" and health["checks"] == {"redis": "ok", "postgres": "ok"}
-        assert done.json()["status"] == "completed", done.text
+        assert done.json()["status"] == "completed", done.text + "\n" + proc.text()[-4000:]
         assert done.json()["result"]["choices"][0]["message"]["content"] == "mock reply from mock"
         assert "embedded Redis (valkey) listening on redis://127.0.0.1:" in proc.text()
         assert "embedded PostgreSQL listening on postgresql://" in proc.text()

@@ -363,11 +363,16 @@ async def test_the_openai_facade_scopes_idempotency_keys_too(redis: aioredis.Red
         assert changed.status_code == 422 and changed.json()["error"]["param"] == "Idempotency-Key"
 
 
-async def test_the_native_api_refuses_stream_true(redis: aioredis.Redis, keys: Keys) -> None:
+async def test_the_native_api_takes_stream_true_and_refuses_a_stream_that_is_no_boolean(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
     async with client_for(redis, keys) as http:
-        response = await http.post("/api/v1/messages", json={"request": {**CHAT, "stream": True}})
-    assert response.status_code == 422 and response.json()["field"] == "request.stream"
-    assert await redis.xlen(keys.level("normal")) == 0
+        taken = await http.post("/api/v1/messages", json={"request": {**CHAT, "stream": True}})
+        refused = await http.post("/api/v1/messages", json={"request": {**CHAT, "stream": "yes"}})
+    assert taken.status_code == 202, taken.text
+    assert await redis.hget(keys.msg(taken.json()["id"]), "streamed") == b"1"
+    assert refused.status_code == 422 and refused.json()["field"] == "request.stream"
+    assert await redis.xlen(keys.level("normal")) == 1  # the streamed one
 
 
 async def test_an_idempotency_key_of_the_release_before_is_honoured_after_the_upgrade(

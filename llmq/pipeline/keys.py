@@ -79,6 +79,10 @@ class Keys:
         digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
         return f"{self.prefix}:idem:{digest}"
 
+    def events(self, message_id: str) -> str:
+        """The stream of a streamed message's events (``llmq.pipeline.streamed``): its chunks, then its end."""
+        return f"{self.prefix}:ev:{message_id}"
+
     def inflight(self, level: str) -> str:
         """Sorted set of admitted message ids of one level, scored by lease expiry."""
         return f"{self.prefix}:inflight:{level}"

@@ -20,8 +20,9 @@ from typing import Any
 import msgspec
 
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.models import Outcome, Status, encode
+from llmq.pipeline.models import Message, Outcome, Status, encode
 from llmq.pipeline.runtime import effects
+from llmq.pipeline.streamed import end_event, is_streamed
 
 _json = msgspec.json.Encoder()
 
@@ -31,6 +32,7 @@ def ended(keys: Keys, outcome: Outcome, *, retention_s: float, cancellable: bool
     that a client's cancel may have overtaken (the message was queued, waiting or retrying) is
     ``cancellable``: a cancel acknowledged meanwhile wins, and the archive gets a cancelled outcome."""
     msg = outcome.message
+    streamed = is_streamed(msg)
     fields: list[Any] = ["status", outcome.status.value, "attempts", msg.attempts, "finished_at", outcome.finished_at]
     if outcome.backend:
         fields += ["backend", outcome.backend]
@@ -52,6 +54,8 @@ def ended(keys: Keys, outcome: Outcome, *, retention_s: float, cancellable: bool
         payload=encode(outcome),
         cancelled=cancelled,
         fields=fields,
+        events=keys.events(msg.id) if streamed else None,
+        end_event=end_event(outcome) if streamed else b"",
     )
 
 
@@ -60,6 +64,7 @@ def retrying(keys: Keys, message_id: str, **fields: Any) -> effects.Effect:
     return effects.retrying(keys.msg(message_id), **fields)
 
 
-def shortened(keys: Keys, message_id: str, ttl_s: float) -> effects.Effect:
-    """The message is archived: its status hash is kept ``ttl_s`` more at most."""
-    return effects.shorten(keys.msg(message_id), max(1, int(ttl_s)))
+def shortened(keys: Keys, msg: Message, ttl_s: float) -> effects.Effect:
+    """The message is archived: its status hash (and events stream) are kept ``ttl_s`` more at most."""
+    events = keys.events(msg.id) if is_streamed(msg) else None
+    return effects.shorten(keys.msg(msg.id), max(1, int(ttl_s)), events)

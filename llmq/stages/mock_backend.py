@@ -2,7 +2,9 @@
 
 ``POST /v1/chat/completions`` answers after a configurable latency with a realistic body and ``usage``;
 it can fail a fraction of calls with a chosen status (and Retry-After), and answers 429 beyond a
-concurrency limit. ``GET /stats`` counts calls (per ``X-LLMQ-Message-Id``, to find duplicates) and the
+concurrency limit. A request with ``stream: true`` is answered as server-sent events, ``stream_tokens`` chunks
+at ``tokens_per_s`` (and, to test a backend dying mid-stream, broken off after ``die_after_chunks``).
+``GET /stats`` counts calls (per ``X-LLMQ-Message-Id``, to find duplicates) and the
 highest concurrency seen; ``POST /admin/config`` changes the behaviour at run time (tests use it to make a
 backend fail and recover). Not a stand-in for Redis or Postgres: those are always real servers.
 
@@ -24,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from llmq.pipeline.chunks import made_up_chunks
 from llmq.pipeline.echo import completion
 
 
@@ -43,6 +46,13 @@ class MockSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     trickle_s: float = 0.0
     """Send the answer in ten pieces over this many seconds after the latency: a backend that streams its
     answer slowly, each piece well within a read timeout."""
+    stream_tokens: int = 20
+    """Tokens of a streamed answer (``stream: true``), one chunk each."""
+    tokens_per_s: float = 50.0
+    """How fast a streamed answer's chunks come (0: all at once)."""
+    die_after_chunks: int = 0
+    """Break the connection off after this many chunks of a streamed answer: a backend dying mid-stream
+    (0: never)."""
 
 
 _json = msgspec.json.Encoder()
@@ -96,6 +106,9 @@ class MockBackend:
                 )
         finally:
             self.current -= 1
+        if body.get("stream") is True and s.body is None:
+            chunks = made_up_chunks(body, name=self.name, default_model=s.models[0], tokens=s.stream_tokens)
+            return StreamingResponse(self._stream(chunks), media_type="text/event-stream")
         answer = (
             s.body.encode()
             if s.body is not None
@@ -104,6 +117,17 @@ class MockBackend:
         if s.trickle_s:
             return StreamingResponse(_trickle(answer, s.trickle_s), media_type="application/json")
         return Response(answer, media_type="application/json")
+
+    async def _stream(self, chunks: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+        s = self.settings
+        gap = 1 / s.tokens_per_s if s.tokens_per_s > 0 else 0.0
+        for i, chunk in enumerate(chunks):
+            if s.die_after_chunks and i >= s.die_after_chunks:
+                raise ConnectionAbortedError("mock backend: dying mid-stream, as configured")
+            if i and gap:
+                await asyncio.sleep(gap)
+            yield b"data: " + _json.encode(chunk) + b"\n\n"
+        yield b"data: [DONE]\n\n"
 
     async def models(self, _: Request) -> Response:
         data = [

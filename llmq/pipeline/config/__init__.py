@@ -131,6 +131,9 @@ class LevelConfig(_Section, frozen=True):
     """Backpressure threshold for this level; ``queue.default_max_size`` when unset."""
     weight: Positive = 1
     """Share of admissions under the ``weighted`` strategy."""
+    cancel_on_disconnect: bool | None = None
+    """Cancel a streamed request whose client went away before it reached a backend (after, it runs on and
+    stays retrievable). Unset: true for the two levels served first (realtime and high in the seed)."""
     reserved: NonNegative = 0
     """Backend slots kept free for this level: lower levels may not take them. Size it near the level's
     usual concurrency (arrival rate × call latency) so its messages start at once even while lower levels

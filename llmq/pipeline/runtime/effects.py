@@ -82,12 +82,16 @@ def finish(
     payload: bytes,
     cancelled: bytes,
     fields: Sequence[Any],
+    events: str | None = None,
+    end_event: bytes = b"",
 ) -> Effect:
     """A terminal outcome: to the done stream, into the status hash (with the retention TTL), out of the
     in-flight set, and its id announced on the finished channel once the commit ends. When the message was
     cancelled meanwhile, ``cancelled`` (an outcome saying so; empty when no cancel can race this end) goes
-    to the done stream instead and the status stays cancelled."""
-    return Effect("finish", (done, hash_key, inflight), (message_id, retention_s, payload, cancelled, *fields))
+    to the done stream instead and the status stays cancelled. A streamed message's ``events`` stream gets
+    ``end_event`` (or a cancelled one) and the retention TTL."""
+    keys = (done, hash_key, inflight) if events is None else (done, hash_key, inflight, events)
+    return Effect("finish", keys, (message_id, retention_s, payload, cancelled, end_event, *fields))
 
 
 def deadletter(stream: str, index: str, message_id: str | None, fields: dict[Any, Any]) -> Effect:
@@ -95,10 +99,10 @@ def deadletter(stream: str, index: str, message_id: str | None, fields: dict[Any
     return Effect("deadletter", (stream, index), (message_id or "", *_pairs(fields)))
 
 
-def shorten(key: str, ttl_s: int) -> Effect:
-    """Shorten a message's status hash to ``ttl_s``: never lengthen it, and give no TTL to one that has none
-    (a message a replay made live again has none)."""
-    return Effect("shorten", (key,), (ttl_s,))
+def shorten(key: str, ttl_s: int, events: str | None = None) -> Effect:
+    """Shorten a message's status hash (and its ``events`` stream, when streamed) to ``ttl_s``: never
+    lengthen it, and give no TTL to one that has none (a message a replay made live again has none)."""
+    return Effect("shorten", (key,) if events is None else (key, events), (ttl_s,))
 
 
 def _pairs(fields: dict[Any, Any]) -> tuple[Any, ...]:

@@ -27,7 +27,8 @@ local finished = {}
 local effects = {}
 
 -- Each effect is called with the ARGV positions of its first key position (kp) and first argument (ap),
--- and its number of arguments (na): it reads them from ARGV, so a commit builds no table per effect.
+-- its number of arguments (na) and of keys (nk): it reads them from ARGV, so a commit builds no table per
+-- effect.
 local function key(i)
   return KEYS[tonumber(ARGV[i])]
 end
@@ -88,17 +89,25 @@ end
 -- (kept for the retention), its in-flight slot released, and its id announced once the commit ends. A
 -- cancel acknowledged to its client wins over an end decided meanwhile (expired, dead): then the cancelled
 -- outcome given goes to the archive instead, and the status stays cancelled.
--- keys: done stream, status hash, in-flight set. args: message id, retention s, outcome payload, the
--- cancelled outcome's payload ('' when the message cannot have been cancelled), field, value, ...
-function effects.finish(kp, ap, na)
+-- A streamed message's events stream (a fourth key) gets the end event, and the retention TTL.
+-- keys: done stream, status hash, in-flight set[, events stream]. args: message id, retention s, outcome
+-- payload, the cancelled outcome's payload ('' when the message cannot have been cancelled), the end
+-- event ('' when not streamed), field, value, ...
+function effects.finish(kp, ap, na, nk)
   local hash = key(kp + 1)
   local cancelled = ARGV[ap + 3]
+  local event = ARGV[ap + 4]
   if cancelled ~= '' and status_of(hash) == CANCELLED then
     redis.call('XADD', key(kp), '*', M, cancelled)
     status_cancel_kept(hash, ARGV[ap + 1])
+    event = '{"status":"' .. CANCELLED .. '"}'
   else
     redis.call('XADD', key(kp), '*', M, ARGV[ap + 2])
-    status_ended(hash, ARGV[ap + 1], args(ap + 4, na - 4))
+    status_ended(hash, ARGV[ap + 1], args(ap + 5, na - 5))
+  end
+  if nk > 3 then
+    redis.call('XADD', key(kp + 3), '*', 'end', event)
+    redis.call('EXPIRE', key(kp + 3), ARGV[ap + 1])
   end
   inflight_release(key(kp + 2), ARGV[ap])
   finished[#finished + 1] = ARGV[ap]
@@ -113,9 +122,10 @@ end
 
 -- Shorten a status hash's TTL, never lengthen it, and give none to a hash that has none (a message that a
 -- replay made live again).
--- keys: status hash. args: TTL in seconds
-function effects.shorten(kp, ap)
+-- keys: status hash[, events stream]. args: TTL in seconds
+function effects.shorten(kp, ap, _, nk)
   status_shortened(key(kp), ARGV[ap])
+  if nk > 1 then redis.call('EXPIRE', key(kp + 1), ARGV[ap], 'XX', 'LT') end
 end
 
 -- The entry whose effect failed, to the dead-letter stream with the error (it was acked already).
@@ -142,7 +152,7 @@ while i <= #ARGV do
     local name, nk = ARGV[i], tonumber(ARGV[i + 1])
     local na = tonumber(ARGV[i + 2 + nk])
     if live and flag == 1 then
-      local ok, err = pcall(effects[name], i + 2, i + 3 + nk, na)
+      local ok, err = pcall(effects[name], i + 2, i + 3 + nk, na, nk)
       if not ok then
         if entry == '' then error(err) end
         dead_letter(entry, err)

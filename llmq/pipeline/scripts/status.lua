@@ -1,15 +1,17 @@
 --[[ status: every change of a message's status hash (<prefix>msg:<id>), one function per transition.
 Included by each script that changes it; llmq/pipeline/transitions.py builds the commit effects that call
 them. The hash's fields: status, level, attempts, enqueued_at, scheduled_at, started_at, retry_at,
-finished_at, cancelled_at, replayed_at, backend, result, error.
+finished_at, cancelled_at, replayed_at, backend, result, error, streamed.
 ]]
 local function status_of(hash)
   return redis.call('HGET', hash, 'status')
 end
 
--- Submitted: queued in its level; the hash lives ttl seconds at most until the message ends.
-local function status_queued(hash, level, now, ttl)
+-- Submitted: queued in its level; the hash lives ttl seconds at most until the message ends. A streamed
+-- message (streamed '1') says so: its events are in its events stream.
+local function status_queued(hash, level, now, ttl, streamed)
   redis.call('HSET', hash, 'status', QUEUED, 'level', level, 'attempts', 0, 'enqueued_at', now)
+  if streamed == '1' then redis.call('HSET', hash, 'streamed', 1) end
   redis.call('EXPIRE', hash, ttl)
 end
 

@@ -10,7 +10,7 @@ KEYS       per message: its level stream, its status hash, its idempotency recor
            A message without an idempotency key names a record it never reads (keys share one hash tag).
 ARGV[1]    status hash TTL in seconds      ARGV[2]  idempotency record TTL in seconds
 ARGV[3..]  per message: payload, message id, level, enqueued_at, the level's max depth, the digest of
-           the request ('' when it has no idempotency key)
+           the request ('' when it has no idempotency key), '1' when it is streamed ('' when not)
 Returns per message one of: {'queued', id, depth before it (-1: queued by an earlier run)},
 {'duplicate', first id}, {'conflict', first id} (the key came with another request), {'full', depth}.
 ]]
@@ -31,9 +31,9 @@ local hash_ttl, idem_ttl = ARGV[1], ARGV[2]
 local depths, out = {}, {}
 for i = 1, #KEYS / 4 do
   local stream, hash, idem, legacy = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
-  local a = 3 + 6 * (i - 1)
-  local payload, id, level, enqueued, max_depth, digest =
-    ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5]
+  local a = 3 + 7 * (i - 1)
+  local payload, id, level, enqueued, max_depth, digest, streamed =
+    ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5], ARGV[a + 6]
   local first = digest ~= '' and (redis.call('GET', idem) or (legacy ~= idem and redis.call('GET', legacy)))
   if redis.call('EXISTS', hash) == 1 then
     out[i] = {'queued', id, -1}
@@ -52,7 +52,7 @@ for i = 1, #KEYS / 4 do
     else
       if digest ~= '' then redis.call('SET', idem, id .. ' ' .. digest, 'EX', idem_ttl) end
       redis.call('XADD', stream, '*', M, payload)
-      status_queued(hash, level, enqueued, hash_ttl)
+      status_queued(hash, level, enqueued, hash_ttl, streamed)
       out[i] = {'queued', id, depth}
       depth = depth + 1
     end

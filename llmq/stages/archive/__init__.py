@@ -169,7 +169,7 @@ class Archive(Stage):
                 ARCHIVED.labels(status=status.value).inc(n)
             for row in rows:
                 # PostgreSQL has it now: Redis keeps the status only for a short window (reads fall back)
-                batch.ack(row.entry, transitions.shortened(self.keys, row.outcome.message.id, self.window_s))
+                batch.ack(row.entry, transitions.shortened(self.keys, row.outcome.message, self.window_s))
         for row in rows:
             for entry in row.superseded:
                 batch.ack(entry)

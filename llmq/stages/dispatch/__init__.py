@@ -94,7 +94,7 @@ class Dispatch(Stage):
         http = ShardedClient(
             concurrency=self.max_in_hand, timeout=httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s))
         )
-        self.caller = Caller(self.config, http=http, router=self.router)
+        self.caller = Caller(self.config, http=http, router=self.router, redis=self.redis, keys=self.keys)
         prober = Prober(self.config, router=self.router, http=http)
         self._tasks = [
             asyncio.create_task(prober.run(), name="health-probe"),

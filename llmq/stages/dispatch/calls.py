@@ -7,6 +7,7 @@ The echo backend counts its reported prompt tokens with the same ``prompt_chars`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -18,14 +19,19 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import msgspec
+import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
 
+from llmq.pipeline.chunks import Assembler
 from llmq.pipeline.config import BackendConfig, Config
 from llmq.pipeline.echo import ECHO_SCHEME, completion, prompt_chars
+from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import Message, Status
 from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.effects import Effect
+from llmq.pipeline.streamed import CHUNK, END, USAGE, is_streamed
 from llmq.stages.dispatch.http_pool import ShardedClient
+from llmq.stages.dispatch.relay import Relay
 
 if TYPE_CHECKING:
     from llmq.stages.dispatch.routing import Router
@@ -167,6 +173,18 @@ DURATION = Histogram(
 )
 BACKEND_INFLIGHT = Gauge("llmq_backend_inflight", "Calls this process has running on the backend", ["backend"])
 TOKENS = Counter("llmq_tokens_total", "Tokens reported by backends", ["backend", "kind"])
+FIRST_TOKEN = Histogram(
+    "llmq_time_to_first_token_seconds",
+    "From sending a streamed call to its first chunk",
+    ["level", "backend"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+INTER_TOKEN = Histogram(
+    "llmq_inter_token_seconds",
+    "Between two chunks of a streamed call",
+    ["backend"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 _json = msgspec.json.Encoder()
 
 
@@ -180,7 +198,14 @@ class _Meters:
         self.duration = DURATION.labels(backend=backend)
         self.prompt_tokens = TOKENS.labels(backend=backend, kind="prompt")
         self.completion_tokens = TOKENS.labels(backend=backend, kind="completion")
+        self.gap = INTER_TOKEN.labels(backend=backend)
         self._outcomes: dict[Status, Counter] = {}
+        self._first: dict[str, Histogram] = {}
+
+    def first_token(self, level: str) -> Histogram:
+        if level not in self._first:
+            self._first[level] = FIRST_TOKEN.labels(level=level, backend=self.backend)
+        return self._first[level]
 
     def outcome(self, status: Status) -> Counter:
         if status not in self._outcomes:  # only the outcomes that happen get a series
@@ -192,7 +217,11 @@ class Caller:
     """Makes the calls: over pooled HTTP (or in-process for ``echo://``), bounded by ``scheduler.timeout`` as a
     whole, each answer read into a ``CallResult`` and counted; the backend's circuit learns of it."""
 
-    def __init__(self, config: Config, *, http: ShardedClient, router: Router) -> None:
+    def __init__(
+        self, config: Config, *, http: ShardedClient, router: Router, redis: aioredis.Redis, keys: Keys
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
         self.timeout_s = config.scheduler.timeout.seconds
         self.max_retry_after_s = config.queue.retry.max_backoff.seconds
         self.http = http
@@ -211,6 +240,8 @@ class Caller:
         self.local_inflight[backend.name] += 1
         meters.inflight.set(self.local_inflight[backend.name])
         started = time.perf_counter()
+        relay = Relay(self.redis, self.keys.events(msg.id)) if is_streamed(msg) else None
+        assembled = Assembler()
         try:
             if backend.url.startswith(ECHO_SCHEME):
                 body = completion(msg.request, name=backend.name, default_model="echo")
@@ -219,21 +250,28 @@ class Caller:
                 # scheduler.timeout bounds the whole call: httpx's timeouts are per read, so a backend that
                 # trickles its answer would hold the call (and its backend slot, past its lease) for longer.
                 async with self.http.client() as http, asyncio.timeout(self.timeout_s):
-                    response = await http.post(
-                        backend.url.rstrip("/") + "/chat/completions",
-                        content=_json.encode(msg.request),
-                        headers=headers,
-                    )
-                result = self._read(backend.name, response)
+                    earlier = await self._streamed_before(backend.name, relay) if relay is not None else None
+                    if earlier is not None:
+                        result = earlier
+                    elif relay is not None:
+                        result = await self._stream(http, backend, msg, headers, relay, assembled)
+                    else:
+                        response = await http.post(
+                            backend.url.rstrip("/") + "/chat/completions",
+                            content=_json.encode(msg.request),
+                            headers=headers,
+                        )
+                        result = self._read(backend.name, response)
             if result.response is not None:
                 result.tokens_used = self._count_tokens(backend.name, result.response)
         except (TimeoutError, httpx.TimeoutException):
-            result = CallResult(
-                status=Status.RETRYING, backend=backend.name, error=f"timeout after {self.timeout_s:g}s"
-            )
+            error = f"timeout after {self.timeout_s:g}s"
+            result = self._broken_off(backend.name, error, relay, assembled)
         except httpx.HTTPError as exc:
-            result = CallResult(status=Status.RETRYING, backend=backend.name, error=f"connection error: {exc!r}")
+            result = self._broken_off(backend.name, f"connection error: {exc!r}", relay, assembled)
         finally:
+            if relay is not None:
+                await relay.close()
             self.local_inflight[backend.name] -= 1
             meters.inflight.set(self.local_inflight[backend.name])
             meters.duration.observe(time.perf_counter() - started)
@@ -243,6 +281,88 @@ class Caller:
         self.router.record(backend.name, result)
         meters.outcome(result.status).inc()
         return result
+
+    async def _stream(
+        self,
+        http: httpx.AsyncClient,
+        backend: BackendConfig,
+        msg: Message,
+        headers: dict[str, str],
+        relay: Relay,
+        assembled: Assembler,
+    ) -> CallResult:
+        """A streamed call: each chunk to the message's events stream as it comes, and into the whole answer,
+        which is the outcome (archived like a non-streamed one). ``usage`` is asked of the backend to count
+        tokens; clients that did not ask for it do not get it."""
+        body = dict(msg.request)
+        options = body.get("stream_options")
+        body["stream_options"] = (options if isinstance(options, dict) else {}) | {"include_usage": True}
+        url = backend.url.rstrip("/") + "/chat/completions"
+        meters = self.meters[backend.name]
+        started = time.perf_counter()
+        last = 0.0
+        async with http.stream("POST", url, content=_json.encode(body), headers=headers) as response:
+            if not response.is_success:
+                await response.aread()
+                return self._read(backend.name, response)
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                try:
+                    chunk = msgspec.json.decode(data)
+                except msgspec.DecodeError:
+                    return self._broken_off(backend.name, "backend streamed a chunk that is not JSON", relay, assembled)
+                if not isinstance(chunk, dict):
+                    continue
+                now = time.perf_counter()
+                if last:
+                    meters.gap.observe(now - last)
+                else:
+                    meters.first_token(msg.level).observe(now - started)
+                last = now
+                assembled.add(chunk)
+                relay.add(data.encode(), usage_only=chunk.get("choices") == [] and "usage" in chunk)
+        if relay.written == 0:
+            return CallResult(status=Status.RETRYING, backend=backend.name, error="backend streamed no chunk")
+        answer, problem = storable(assembled.completion())
+        if problem:
+            return CallResult(status=Status.FAILED, backend=backend.name, error=f"the answer holds {problem}")
+        return CallResult(status=Status.COMPLETED, backend=backend.name, response=answer)
+
+    async def _streamed_before(self, name: str, relay: Relay) -> CallResult | None:
+        """An earlier attempt whose chunks clients may have seen (its dispatcher died mid-stream): the message
+        fails with them, as a stream broken off does. A stream that ended (the message was replayed from the
+        dead letters) starts again. None: nothing was streamed, call."""
+        last: Any = await self.redis.xrevrange(relay.key, count=1)
+        if not last:
+            return None
+        if END in last[0][1]:
+            await self.redis.delete(relay.key)
+            return None
+        earlier = Assembler()
+        entries: Any = await self.redis.xrange(relay.key)
+        for _, fields in entries:
+            data = fields.get(CHUNK) or fields.get(USAGE)
+            if data:
+                with contextlib.suppress(msgspec.DecodeError):
+                    chunk = msgspec.json.decode(data)
+                    if isinstance(chunk, dict):
+                        earlier.add(chunk)
+        partial, _ = storable(earlier.completion())
+        error = f"the stream broke off after {earlier.chunks} chunks: its dispatcher stopped mid-stream"
+        return CallResult(status=Status.FAILED, backend=name, error=error, response=partial)
+
+    def _broken_off(self, name: str, error: str, relay: Relay | None, assembled: Assembler) -> CallResult:
+        """A call that failed: retried as any other while its client saw nothing of it; once chunks were
+        relayed, failed with what was answered so far (never a second generation spliced into the first)."""
+        if relay is None or relay.written == 0:
+            return CallResult(status=Status.RETRYING, backend=name, error=error)
+        partial, _ = storable(assembled.completion())
+        error = f"backend {name} broke off the stream after {relay.written} chunks: {error}"
+        return CallResult(status=Status.FAILED, backend=name, error=error, response=partial)
 
     def _read(self, name: str, response: httpx.Response) -> CallResult:
         """What the backend's answer means. Once a call has been made, nothing it answered may leave the

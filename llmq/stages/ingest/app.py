@@ -37,6 +37,7 @@ def create_app(
         ("/api/v1/messages", messages.submit, ["POST"]),
         ("/api/v1/messages/batch", messages.submit_batch, ["POST"]),
         ("/api/v1/messages/{id}", messages.message, ["GET", "DELETE"]),
+        ("/api/v1/messages/{id}/events", messages.events, ["GET"]),
         ("/v1/chat/completions", openai.chat_completions, ["POST"]),
         ("/v1/models", openai.models, ["GET"]),
         ("/api/v1/health", admin.health, ["GET"]),
@@ -53,6 +54,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         messages.waiter.start()
+        messages.hub.start()
         depth = asyncio.create_task(admin.refresh_depth())
         if pool is not None:
             await pool.open(wait=False)
@@ -61,6 +63,7 @@ def create_app(
         finally:
             depth.cancel()
             await messages.waiter.close()
+            await messages.hub.close()
             if pool is not None:
                 await pool.close()
 

@@ -8,20 +8,25 @@ through: ``enqueue`` and ``wait_result``.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from llmq.pipeline.config import Config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import Message, Status, new_id
 from llmq.pipeline.notify import Waiter
-from llmq.stages.ingest import schema
+from llmq.pipeline.streamed import valid_event_id
+from llmq.stages.ingest import schema, sse
 from llmq.stages.ingest.archived import read_archived
+from llmq.stages.ingest.events import EventHub
 from llmq.stages.ingest.http_api import (
     INGESTED,
     REJECTED,
@@ -36,8 +41,13 @@ from llmq.stages.ingest.http_api import (
     reject,
     respond,
 )
+from llmq.stages.ingest.sse import Item, life
 from llmq.stages.ingest.submit import Submission, Submitted, Submitter, Verdict, new_message, request_digest
 
+RESUMES = Counter("llmq_stream_resumes_total", "Event streams opened after an event id (a client resuming)")
+DISCONNECT_CANCELS = Counter(
+    "llmq_disconnect_cancels_total", "Streamed messages cancelled before dispatch because their client went away"
+)
 _submit_decoder = msgspec.json.Decoder(schema.SubmitBody)
 _any_decoder = msgspec.json.Decoder()
 _TIMES = ("enqueued_at", "scheduled_at", "started_at", "finished_at", "retry_at")
@@ -55,6 +65,13 @@ class Messages:
         self.submitter = Submitter(config, redis=redis, keys=keys)
         self.waiter = Waiter(redis=redis, keys=keys)
         self.max_body = config.server.max_body_bytes
+        self.hub = EventHub(redis)
+        self._first_levels = {lv.name for lv in sorted(config.queue.levels, key=lambda lv: lv.priority)[:2]}
+        self._cancel_on_disconnect = {
+            lv.name: lv.cancel_on_disconnect if lv.cancel_on_disconnect is not None else lv.name in self._first_levels
+            for lv in config.queue.levels
+        }
+        self._withdrawing: set[asyncio.Task[Any]] = set()
 
     async def enqueue(self, submission: Submission) -> Submitted:
         """Submit one message (the OpenAI facade's way in)."""
@@ -77,10 +94,8 @@ class Messages:
         for i, item in enumerate(messages):
             if not isinstance(item, dict):
                 raise BadInput(422, "each chat message must be an object", f"{where}request.messages[{i}]")
-        if sub.request.get("stream"):
-            raise BadInput(
-                422, "stream=true is not supported: the result is the whole completion", f"{where}request.stream"
-            )
+        if not isinstance(sub.request.get("stream", False), bool):
+            raise BadInput(422, "request.stream must be true or false", f"{where}request.stream")
         msg = new_message(
             message_id=new_id(),
             level=sub.level,
@@ -190,6 +205,55 @@ class Messages:
             await self.waiter.wait(message_id, lambda: self.terminal(message_id), wait_s)
             view = await self.view(message_id) or view
         return respond(view)
+
+    async def follow(self, message_id: str, *, after: str = "0-0") -> AsyncIterator[Item]:
+        """The message's life from ``after`` (an events stream id) to its end."""
+        streamed = await self.redis.hget(self.keys.msg(message_id), "streamed")
+
+        async def wait_end(seconds: float) -> bool:
+            return await self.waiter.wait(message_id, lambda: self.terminal(message_id), seconds)
+
+        async for item in life(
+            self.redis, self.keys, self.hub, message_id, streamed=bool(streamed), after=after, wait_end=wait_end
+        ):
+            yield item
+
+    def gone_away(self, message_id: str, level: str) -> None:
+        """The client of a streamed message went away before its end: cancel it if it has not reached a
+        backend and its level says so (``cancel_on_disconnect``); after, it runs on and stays retrievable."""
+        if not self._cancel_on_disconnect.get(level, False):
+            return
+        task = asyncio.create_task(self.submitter.cancel(message_id))
+        self._withdrawing.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._withdrawn)
+
+    def _withdrawn(self, task: asyncio.Task[Any]) -> None:
+        self._withdrawing.discard(task)
+        if not task.cancelled() and task.exception() is None and task.result() == Status.CANCELLED.value:
+            DISCONNECT_CANCELS.inc()
+
+    async def events(self, request: Request) -> Response:
+        """``GET /api/v1/messages/{id}/events``: the message's life as server-sent events, from after
+        ``Last-Event-ID`` (or ``?after=``) when given."""
+        message_id = request.path_params["id"]
+        after = request.headers.get("last-event-id") or request.query_params.get("after") or "0-0"
+        if not valid_event_id(after):
+            field = "Last-Event-ID" if request.headers.get("last-event-id") else "after"
+            raise BadInput(422, f"{field} must be an event id as sent (<ms>-<seq>)", field)
+        if not valid_id(message_id) or not await self.redis.exists(self.keys.msg(message_id)):
+            raise BadInput(404, "no such message (or its events have expired)")
+        if request.headers.get("last-event-id") or request.query_params.get("after"):
+            RESUMES.inc()
+
+        async def body() -> AsyncIterator[bytes]:
+            sse.OPEN_STREAMS.inc()
+            try:
+                async for item in self.follow(message_id, after=after):
+                    yield sse.native(item)
+            finally:
+                sse.OPEN_STREAMS.dec()
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers=sse.SSE_HEADERS)
 
     async def terminal(self, message_id: str) -> bool:
         raw: Any = await self.redis.hget(self.keys.msg(message_id), "status")

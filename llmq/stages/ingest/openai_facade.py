@@ -6,15 +6,17 @@ configured backends serve. Errors come in OpenAI's shape, so the official SDK ra
 from __future__ import annotations
 
 import re
-from typing import Protocol
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from llmq.pipeline.config import Config
+from llmq.pipeline.echo import prompt_chars
 from llmq.pipeline.models import Status, new_id
-from llmq.stages.ingest import schema
+from llmq.stages.ingest import schema, sse
 from llmq.stages.ingest.http_api import (
     INGESTED,
     BadInput,
@@ -26,11 +28,9 @@ from llmq.stages.ingest.http_api import (
     read_body,
     respond,
 )
+from llmq.stages.ingest.sse import OPEN_STREAMS, SSE_HEADERS, Item
 from llmq.stages.ingest.submit import Submission, Submitted, Verdict, new_message, request_digest
 
-STREAM_UNSUPPORTED = (
-    "stream=true is not supported: llmq queues the request and returns the whole completion; send stream=false"
-)
 _answered = re.compile(r"answered (\d{3}):")
 _any_decoder = msgspec.json.Decoder()
 
@@ -44,6 +44,10 @@ class Queue(Protocol):
     async def enqueue(self, submission: Submission) -> Submitted: ...
 
     async def wait_result(self, message_id: str, timeout_s: float) -> tuple[bool, schema.MessageView | None]: ...
+
+    def follow(self, message_id: str, *, after: str = "0-0") -> AsyncIterator[Item]: ...
+
+    def gone_away(self, message_id: str, level: str) -> None: ...
 
 
 class OpenAIFacade:
@@ -62,8 +66,14 @@ class OpenAIFacade:
         for i, item in enumerate(doc["messages"]):
             if not isinstance(item, dict):
                 return openai_error(400, "each message must be an object", param=f"messages[{i}]")
-        if doc.get("stream"):
-            return openai_error(400, STREAM_UNSUPPORTED, param="stream")
+        stream = doc.get("stream", False)
+        if not isinstance(stream, bool):
+            return openai_error(400, "stream must be true or false", param="stream")
+        options = doc.get("stream_options")
+        if options is not None and (not stream or not isinstance(options, dict)):
+            return openai_error(
+                400, "stream_options must be an object, and only with stream=true", param="stream_options"
+            )
         model = doc.get("model")
         backends = self.config.backends
         if backends and not any(not b.models or model in b.models for b in backends):
@@ -106,6 +116,10 @@ class OpenAIFacade:
         if result.verdict is Verdict.QUEUED:
             INGESTED.labels(level=level).inc()
         headers = {"X-LLMQ-Message-Id": message_id}
+        if stream:
+            usage = isinstance(options, dict) and options.get("include_usage") is True
+            relay = self._relay(message_id, level, doc, result.depth, include_usage=usage)
+            return StreamingResponse(relay, media_type="text/event-stream", headers=headers | SSE_HEADERS)
         finished, view = await self.queue.wait_result(message_id, self.config.server.sync_timeout.seconds)
         if not finished or view is None:
             response = openai_error(
@@ -120,6 +134,42 @@ class OpenAIFacade:
         response.headers.update(headers)
         return response
 
+    async def _relay(
+        self, message_id: str, level: str, doc: dict[str, Any], position: int | None, *, include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        """The stream a client of ``stream: true`` reads: comments while its request waits, then the backend's
+        chunks as they come (each with the ``id:`` to resume from), then ``[DONE]``, or an error event."""
+        ended = False
+        content = 0
+        usage_sent = False
+        OPEN_STREAMS.inc()
+        try:
+            yield sse.comment(f"queued in {level}" + (f", position {position + 1}" if position is not None else ""))
+            async for item in self.queue.follow(message_id):
+                if item.kind == "chunk":
+                    content += 1
+                    yield sse.openai_chunk(item)
+                elif item.kind == "usage":
+                    if include_usage:
+                        usage_sent = True
+                        yield sse.openai_chunk(item)
+                elif item.kind == "status":
+                    yield sse.comment(item.data.decode())
+                else:
+                    ended = True
+                    end = _any_decoder.decode(item.data)
+                    if end.get("status") == Status.COMPLETED.value:
+                        if include_usage and not usage_sent:
+                            yield sse.openai_chunk(sse.Item("usage", counted_usage(doc, content)))
+                        yield sse.DONE
+                    else:
+                        yield sse.openai_error(_ended_without_answer(end))
+                    return
+        finally:
+            OPEN_STREAMS.dec()
+            if not ended:
+                self.queue.gone_away(message_id, level)
+
     async def models(self, _: Request) -> Response:
         seen: dict[str, str] = {}
         for b in self.config.backends:
@@ -127,6 +177,23 @@ class OpenAIFacade:
                 seen.setdefault(m, b.name)
         data = [{"id": m, "object": "model", "created": 0, "owned_by": owner} for m, owner in seen.items()]
         return respond({"object": "list", "data": data})
+
+
+def counted_usage(doc: dict[str, Any], chunks: int) -> bytes:
+    """A usage chunk llmq counted, for a client that asked for one when the backend sent none: the prompt at
+    about 4 characters a token, one token per chunk."""
+    prompt = max(1, prompt_chars(doc) // 4)
+    usage = {"prompt_tokens": prompt, "completion_tokens": chunks, "total_tokens": prompt + chunks}
+    return msgspec.json.encode({"object": "chat.completion.chunk", "choices": [], "usage": usage})
+
+
+def _ended_without_answer(end: dict[str, Any]) -> str:
+    status = end.get("status")
+    if status == Status.EXPIRED.value:
+        return "the request expired before a backend was free"
+    if status == Status.CANCELLED.value:
+        return "the request was cancelled"
+    return f"the request {status}: {end.get('error') or status}"
 
 
 def failure(view: schema.MessageView) -> Response:

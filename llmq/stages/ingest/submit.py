@@ -31,6 +31,7 @@ from llmq.pipeline.lua import Coalesced, Lua
 from llmq.pipeline.models import Message
 from llmq.pipeline.redis import UNAVAILABLE
 from llmq.pipeline.runtime.streams import as_str
+from llmq.pipeline.streamed import is_streamed
 
 HASH_TTL_S = 7 * 24 * 3600
 """A queued message's status hash lives this long at most; finishing sets ``queue.result_retention``."""
@@ -159,7 +160,8 @@ class Submitter:
             keys += [self.keys.level(msg.level), self.keys.msg(msg.id), record, legacy]
             # callers validate the level
             digest = (sub.digest or "-") if idem else ""
-            args += [sub.payload, msg.id, msg.level, msg.enqueued_at, self._max_size[msg.level], digest]
+            streamed = "1" if is_streamed(msg) else ""
+            args += [sub.payload, msg.id, msg.level, msg.enqueued_at, self._max_size[msg.level], digest, streamed]
         return keys, args
 
 

@@ -1,0 +1,193 @@
+"""Streaming through the queue: the official OpenAI SDK with ``stream=True``, resuming with Last-Event-ID,
+a backend dying mid-stream, a client going away before dispatch; real Redis, the ingest under uvicorn,
+mock backends over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import msgspec
+import openai
+import pytest
+import redis.asyncio as aioredis
+
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.runtime.ops_server import OpsServer
+from llmq.stages.ingest import create_app
+from llmq.stages.mock_backend import MockSettings
+from tests.conftest import eventually
+from tests.support.harness import CHAT, Harness
+
+TOKENS = [f"t{i} " for i in range(8)]
+
+
+@contextlib.asynccontextmanager
+async def served(h: Harness) -> AsyncIterator[str]:
+    """The ingest API of the harness's config under uvicorn (its lifespan running): the base URL."""
+    server = OpsServer(create_app(h.config, redis=h.redis, keys=h.keys), host="127.0.0.1", port=0, lifespan=True)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.stop()
+
+
+def streaming(**overrides: Any) -> MockSettings:
+    return MockSettings(latency_ms=5, stream_tokens=len(TOKENS), tokens_per_s=200, **overrides)
+
+
+async def events(http: httpx.AsyncClient, path: str, *, headers: dict[str, str] | None = None, stop_after: int = 0):
+    """The server-sent events of ``path`` as (id, event, data) until the end event (or ``stop_after`` chunks)."""
+    got: list[tuple[str | None, str, str]] = []
+    current: dict[str, str] = {}
+    async with http.stream("GET", path, headers=headers or {}) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if line == "":
+                if "data" in current:
+                    got.append((current.get("id"), current.get("event", "message"), current["data"]))
+                    if current.get("event") == "end":
+                        return got
+                    if stop_after and sum(1 for g in got if g[1] == "chunk") >= stop_after:
+                        return got
+                current = {}
+            elif not line.startswith(":"):
+                field, _, value = line.partition(": ")
+                current[field] = value
+    return got
+
+
+def contents(chunks: list[str]) -> str:
+    out = []
+    for data in chunks:
+        doc = msgspec.json.decode(data)
+        for choice in doc.get("choices", []):
+            out.append(choice.get("delta", {}).get("content") or "")
+    return "".join(out)
+
+
+async def test_the_async_openai_sdk_streams_a_queued_request_with_usage(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a streaming backend behind the queue
+    async with Harness(redis, keys, backends={"a": streaming()}) as h, served(h) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        # When the official SDK asks for a stream with usage, on the realtime level
+        stream = await client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "hello"}],
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"X-LLMQ-Priority": "realtime"},
+        )
+        chunks = [chunk async for chunk in stream]
+        # Then every token comes in order, then a usage chunk, and the message completed once
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == "".join(TOKENS)
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(TOKENS)
+        [mid] = h.mocks["a"].by_message
+        status = (await h.wait_terminal([mid]))[mid]
+    assert status["status"] == "completed" and h.mocks["a"].calls == 1
+    # and the stored result is the whole completion, as a non-streamed call stores it
+    assert msgspec.json.decode(status["result"])["choices"][0]["message"]["content"] == "".join(TOKENS)
+
+
+async def test_the_sync_sdk_streams_and_gets_no_usage_it_did_not_ask_for(redis: aioredis.Redis, keys: Keys) -> None:
+    async with Harness(redis, keys, backends={"a": streaming()}) as h, served(h) as url:
+
+        def call() -> list[Any]:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stream=True)
+            return list(stream)
+
+        chunks = await asyncio.to_thread(call)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "".join(TOKENS)
+    assert all(c.usage is None for c in chunks)
+
+
+async def test_a_client_resumes_with_last_event_id_and_misses_nothing(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a streamed message submitted on the native API, slow enough to read part of it
+    slow = MockSettings(latency_ms=5, stream_tokens=len(TOKENS), tokens_per_s=40)
+    async with (
+        Harness(redis, keys, backends={"a": slow}) as h,
+        served(h) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        created = await http.post("/api/v1/messages", json={"level": "high", "request": CHAT | {"stream": True}})
+        assert created.status_code == 202, created.text
+        mid = created.json()["id"]
+        # When a client reads three chunks and goes away
+        first = await events(http, f"/api/v1/messages/{mid}/events", stop_after=3)
+        last_id = [g for g in first if g[1] == "chunk"][-1][0]
+        assert last_id is not None
+        # and comes back with Last-Event-ID
+        rest = await events(http, f"/api/v1/messages/{mid}/events", headers={"Last-Event-ID": last_id})
+    # Then it gets what it missed and the rest, each chunk once, in order, then the end
+    chunks = [g for g in first + rest if g[1] == "chunk"]
+    ids = [g[0] for g in chunks]
+    assert len(ids) == len(set(ids))
+    assert contents([g[2] for g in chunks]) == "".join(TOKENS)
+    assert rest[-1][1] == "end" and msgspec.json.decode(rest[-1][2])["status"] == "completed"
+
+
+@pytest.mark.parametrize("value", ["abc", "1-", "-1", "1-2-3", "99999999999999999999999-0", "\u0661-0"])
+async def test_a_hostile_last_event_id_is_a_422_naming_it(redis: aioredis.Redis, keys: Keys, value: str) -> None:
+    async with (
+        Harness(redis, keys, backends={"a": streaming()}) as h,
+        served(h) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        mid = (await http.post("/api/v1/messages", json={"level": "high", "request": CHAT})).json()["id"]
+        response = await http.get(f"/api/v1/messages/{mid}/events", params={"after": value})
+    assert response.status_code == 422 and response.json()["field"] == "after", response.text
+
+
+async def test_a_backend_dying_mid_stream_fails_the_message_with_its_partial_output(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given a backend that breaks the connection off after three chunks
+    async with Harness(redis, keys, backends={"a": streaming(die_after_chunks=3)}) as h, served(h) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+        got: list[str] = []
+        # When a client streams it, then it gets the chunks sent, then an error the SDK raises
+        with pytest.raises(openai.APIError, match="broke off the stream after"):
+            async for chunk in stream:
+                got += [c.delta.content or "" for c in chunk.choices]
+        [mid] = h.mocks["a"].by_message
+        status = (await h.wait_terminal([mid]))[mid]
+    # and the message failed once, with what was answered, never called again to splice a second answer in
+    assert status["status"] == "failed" and h.mocks["a"].calls == 1
+    assert msgspec.json.decode(status["result"])["choices"][0]["message"]["content"] == "".join(got) == "t0 t1 "
+
+
+async def test_a_client_gone_before_dispatch_cancels_its_realtime_message(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a backend with one slot, busy with a long call
+    busy = MockSettings(latency_ms=1500, stream_tokens=2, tokens_per_s=0)
+    config = {"a": {"max_concurrent": 1}}
+    async with (
+        Harness(redis, keys, backends={"a": busy}, backend_config=config) as h,
+        served(h) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        await http.post("/api/v1/messages", json={"level": "low", "request": CHAT})
+        await eventually(lambda: _calls(h, 1), what="the slot taken")
+        # When a realtime streamed request waits, and its client goes away
+        body = CHAT | {"stream": True}
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers={"X-LLMQ-Priority": "realtime"}) as r:
+            mid = r.headers["x-llmq-message-id"]
+            async for line in r.aiter_lines():
+                if line.startswith(":"):
+                    break  # the first comment (its position): then the client closes
+        # Then the message is cancelled and never sent
+        status = (await h.wait_terminal([mid], within=10))[mid]
+    assert status["status"] == "cancelled"
+    assert mid not in h.mocks["a"].by_message
+
+
+async def _calls(h: Harness, n: int) -> bool:
+    return h.mocks["a"].calls >= n
