@@ -1,0 +1,115 @@
+"""Streaming through the queue at idle: what llmq adds to a streamed call's time to first token, and to a
+non-streamed OpenAI-facade round trip, each beside the same call made directly to the same backend in the
+same run.
+
+The backend is the mock (a separate process) answering at once: 8 chunks with no pause between them, so
+its own time to first token is a few milliseconds and what llmq adds is what the figures show. The stages
+run as processes (ingest, schedule, dispatch, retry) on the machine's Redis (or an embedded one); calls are
+sequential, on the realtime level, through one keep-alive HTTP client, alternating direct and through
+llmq so drifts of the machine hit both.
+
+    .venv/bin/python -m benchmarks.stream_bench [--redis-url URL] [--n 300]
+
+Prints figures and writes JSON to benchmarks/out/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import httpx
+import redis.asyncio as aioredis
+
+from benchmarks._procs import drop_prefix, free_port, machine, pct, redis_url, stages, write_result
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
+WARM_UP = 20
+
+
+async def first_token_ms(http: httpx.AsyncClient, url: str, headers: dict[str, str]) -> float:
+    """Milliseconds from sending a streamed request to its first chunk with content."""
+    started = time.perf_counter()
+    async with http.stream("POST", url, json=CHAT | {"stream": True}, headers=headers) as response:
+        response.raise_for_status()
+        first = None
+        async for line in response.aiter_lines():
+            if first is None and line.startswith("data:") and '"content":"t' in line:
+                first = (time.perf_counter() - started) * 1000
+    assert first is not None, "no content chunk"
+    return first
+
+
+async def round_trip_ms(http: httpx.AsyncClient, url: str, headers: dict[str, str]) -> float:
+    started = time.perf_counter()
+    response = await http.post(url, json=CHAT, headers=headers)
+    response.raise_for_status()
+    return (time.perf_counter() - started) * 1000
+
+
+def summary(direct: list[float], through: list[float]) -> dict[str, Any]:
+    return {
+        "direct_ms": {"p50": pct(direct, 0.5), "p99": pct(direct, 0.99)},
+        "llmq_ms": {"p50": pct(through, 0.5), "p99": pct(through, 0.99)},
+        "added_ms": {"p50": pct(through, 0.5) - pct(direct, 0.5), "p99": pct(through, 0.99) - pct(direct, 0.99)},
+    }
+
+
+async def run(url: str, n: int) -> dict[str, Any]:
+    prefix = "{strm" + uuid.uuid4().hex[:6] + "}"
+    api, mock = free_port(), free_port()
+    env = {
+        "LLMQ_REDIS_URL": url,
+        "LLMQ_KEY_PREFIX": prefix,
+        "LLMQ_LOGGING__LEVEL": "warning",
+        "LLMQ_SERVER__HOST": "127.0.0.1",
+        "LLMQ_SERVER__PORT": str(api),
+        "LLMQ_BACKENDS": f'[{{name: mock, url: "http://127.0.0.1:{mock}/v1", max_concurrent: 16}}]',
+    }
+    argvs = [["run", "mock-backend", "--port", str(mock), "--latency-ms", "0"], ["run", "ingest"]]
+    argvs += [["run", s, "--port", "0"] for s in ("schedule", "dispatch", "retry")]
+    realtime = {"X-LLMQ-Priority": "realtime"}
+    results: dict[str, Any] = {}
+    with stages(env, *argvs):
+        async with httpx.AsyncClient(timeout=30) as http:
+            settings = {"latency_ms": 0, "stream_tokens": 8, "tokens_per_s": 0}
+            (await http.post(f"http://127.0.0.1:{mock}/admin/config", json=settings)).raise_for_status()
+            direct_url = f"http://127.0.0.1:{mock}/v1/chat/completions"
+            llmq_url = f"http://127.0.0.1:{api}/v1/chat/completions"
+            for name, measure in (("first_token", first_token_ms), ("round_trip", round_trip_ms)):
+                print(f"stream: {name}, {n} sequential calls each way ...", flush=True)
+                direct: list[float] = []
+                through: list[float] = []
+                for i in range(n + WARM_UP):
+                    d = await measure(http, direct_url, {})
+                    t = await measure(http, llmq_url, realtime)
+                    if i >= WARM_UP:  # connections, script caches, the first streams followed
+                        direct.append(d)
+                        through.append(t)
+                results[name] = summary(direct, through)
+                s = results[name]
+                print(
+                    f"  direct p50 {s['direct_ms']['p50']:.2f} ms p99 {s['direct_ms']['p99']:.2f} ms; "
+                    f"through llmq p50 {s['llmq_ms']['p50']:.2f} ms p99 {s['llmq_ms']['p99']:.2f} ms; "
+                    f"added p50 {s['added_ms']['p50']:.2f} ms p99 {s['added_ms']['p99']:.2f} ms",
+                    flush=True,
+                )
+    await drop_prefix(aioredis.Redis.from_url(url), prefix)
+    return {"n": n, **results}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--redis-url")
+    parser.add_argument("--n", type=int, default=300)
+    args = parser.parse_args()
+    with redis_url(args.redis_url) as url:
+        result = await run(url, args.n)
+    write_result("stream_bench", {"machine": machine(), **result})
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
