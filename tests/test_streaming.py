@@ -191,3 +191,68 @@ async def test_a_client_gone_before_dispatch_cancels_its_realtime_message(redis:
 
 async def _calls(h: Harness, n: int) -> bool:
     return h.mocks["a"].calls >= n
+
+
+async def test_legacy_completions_stream_and_embeddings_are_queued_through_the_sdk(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    async with Harness(redis, keys, backends={"a": streaming()}) as h, served(h) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        # A legacy completion, whole and streamed
+        whole = await client.completions.create(model="m", prompt="say hi")
+        streamed = [c async for c in await client.completions.create(model="m", prompt="say hi", stream=True)]
+        # and embeddings of two inputs
+        vectors = await client.embeddings.create(model="m", input=["a", "bb"])
+        # Each reached the backend's own path, through the queue
+        by_path = {m: h.mocks["a"].by_message[m] for m in h.mocks["a"].by_message}
+        ended = await h.wait_terminal(list(by_path))
+    assert whole.choices[0].text == "mock reply from a"
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == "".join(TOKENS)
+    assert [len(d.embedding) for d in vectors.data] == [8, 8]
+    assert len(ended) == 3 and {s["status"] for s in ended.values()} == {"completed"}
+    stored = [msgspec.json.decode(s["result"]) for s in ended.values()]
+    assert sorted(d["object"] for d in stored) == ["list", "text_completion", "text_completion"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/embeddings", {"model": "m", "input": "x", "stream": True}, "stream"),
+        ("/v1/completions", {"model": "m"}, "prompt"),
+        ("/v1/embeddings", {"model": "m", "input": []}, "input"),
+        (
+            "/v1/chat/completions",
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_options": {}},
+            "stream_options",
+        ),
+    ],
+)
+async def test_a_request_an_endpoint_cannot_take_is_a_400_naming_the_field(
+    redis: aioredis.Redis, keys: Keys, path: str, body: dict[str, Any], param: str
+) -> None:
+    async with (
+        Harness(redis, keys, backends={"a": streaming()}, stages=()) as h,
+        served(h) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        response = await http.post(path, json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+async def test_an_events_stream_with_nothing_to_say_ends_and_says_to_reconnect(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given a message that waits (no stage runs), and streams that may stay idle 1 s
+    env = {"LLMQ_SERVER__MAX_POLL_WAIT": "1s"}
+    async with (
+        Harness(redis, keys, backends={"a": streaming()}, stages=(), env=env) as h,
+        served(h) as url,
+        httpx.AsyncClient(base_url=url, timeout=10) as http,
+    ):
+        mid = (await http.post("/api/v1/messages", json={"level": "low", "request": CHAT})).json()["id"]
+        # When a client follows its events
+        response = await http.get(f"/api/v1/messages/{mid}/events")
+    # Then it hears the status, then, after a quiet second, that it should reconnect: no end, as none came
+    body = response.text
+    assert body.startswith("retry: 1000\n\n") and 'event: status\ndata: {"status":"queued"}' in body
+    assert body.rstrip().endswith("reconnect with Last-Event-ID to go on") and "event: end" not in body

@@ -11,18 +11,24 @@ from typing import Any
 from llmq.pipeline.echo import prompt_chars
 
 
-def made_up_chunks(body: dict[str, Any], *, name: str, default_model: str, tokens: int) -> list[dict[str, Any]]:
+def made_up_chunks(
+    body: dict[str, Any], *, name: str, default_model: str, tokens: int, legacy: bool = False
+) -> list[dict[str, Any]]:
     """The chunks of a made-up answer of ``tokens`` tokens (one word each): a first chunk with the role, one
-    per token, one with the finish reason, and one with ``usage`` when ``stream_options.include_usage``."""
+    per token, one with the finish reason, and one with ``usage`` when ``stream_options.include_usage``. A
+    ``legacy`` completion's chunks carry ``text``."""
     base = {
-        "id": "chatcmpl-" + os.urandom(12).hex(),
-        "object": "chat.completion.chunk",
+        "id": ("cmpl-" if legacy else "chatcmpl-") + os.urandom(12).hex(),
+        "object": "text_completion" if legacy else "chat.completion.chunk",
         "created": int(time.time()),
         "model": body.get("model") or default_model,
         "system_fingerprint": f"mock-{name}",
     }
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        if legacy:
+            text = delta.get("content", "")
+            return base | {"choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
         return base | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
     out = [chunk({"role": "assistant", "content": ""})]
@@ -79,6 +85,20 @@ class Assembler:
         """The whole completion so far (a partial one when the stream broke off)."""
         first = self.first or {}
         indexes = sorted(set(self.parts) | set(self.roles) | set(self.finish)) or [0]
+        if first.get("object") == "text_completion":
+            texts = [
+                {
+                    "index": i,
+                    "text": "".join(self.parts.get(i, [])),
+                    "finish_reason": self.finish.get(i),
+                    "logprobs": None,
+                }
+                for i in indexes
+            ]
+            legacy = {"id": first.get("id"), "object": "text_completion", "created": first.get("created")}
+            return (
+                legacy | {"model": first.get("model"), "choices": texts} | ({"usage": self.usage} if self.usage else {})
+            )
         choices = [
             {
                 "index": i,

@@ -12,11 +12,53 @@ from typing import Any
 
 
 def prompt_chars(request: dict[str, Any]) -> int:
-    """Characters of the messages' contents (about 4 to a token)."""
+    """Characters of the messages' contents, or of a legacy ``prompt`` or an embedding's ``input`` (about 4
+    to a token)."""
     messages = request.get("messages")
-    if not isinstance(messages, list):
-        return 0
-    return sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
+    if isinstance(messages, list):
+        return sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
+    given = request.get("prompt", request.get("input"))
+    if isinstance(given, str):
+        return len(given)
+    if isinstance(given, list):
+        return sum(len(g) if isinstance(g, str) else 4 for g in given)
+    return 0
+
+
+def answer(endpoint: str, body: dict[str, Any], *, name: str, default_model: str) -> dict[str, Any]:
+    """The made-up answer of ``endpoint`` (one of ``ENDPOINTS``)."""
+    if endpoint == "completions":
+        return text_completion(body, name=name, default_model=default_model)
+    if endpoint == "embeddings":
+        return embeddings(body, default_model=default_model)
+    return completion(body, name=name, default_model=default_model)
+
+
+def text_completion(body: dict[str, Any], *, name: str, default_model: str) -> dict[str, Any]:
+    """A legacy completion (``POST /v1/completions``) answering ``body``."""
+    chat = completion(body, name=name, default_model=default_model)
+    return chat | {
+        "id": "cmpl-" + os.urandom(12).hex(),
+        "object": "text_completion",
+        "choices": [{"index": 0, "text": f"mock reply from {name}", "finish_reason": "stop", "logprobs": None}],
+    }
+
+
+def embeddings(body: dict[str, Any], *, default_model: str) -> dict[str, Any]:
+    """Embeddings (``POST /v1/embeddings``): one 8-number vector per input, made from its length."""
+    given = body.get("input")
+    inputs = given if isinstance(given, list) else [given]
+    data = [
+        {"object": "embedding", "index": i, "embedding": [((len(str(x)) + k) % 10) / 10 for k in range(8)]}
+        for i, x in enumerate(inputs)
+    ]
+    tokens = max(1, prompt_chars(body) // 4)
+    return {
+        "object": "list",
+        "data": data,
+        "model": body.get("model") or default_model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def completion(body: dict[str, Any], *, name: str, default_model: str) -> dict[str, Any]:

@@ -40,7 +40,9 @@ class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str
     level: str
     request: dict[str, Any]
-    """The OpenAI chat-completions body, kept as the client gave it."""
+    """The OpenAI request body, kept as the client gave it."""
+    endpoint: str = "chat/completions"
+    """The backend path it goes to (``ENDPOINTS``): chat completions, legacy completions or embeddings."""
     session_id: str | None = None
     tenant: str | None = None
     idempotency_key: str | None = None
@@ -76,6 +78,9 @@ class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
 
+
+ENDPOINTS = ("chat/completions", "completions", "embeddings")
+"""The OpenAI API paths a message may go to, under a backend's base URL."""
 
 FIELD = b"m"
 """The single field of every stream entry; its value is the msgpack-encoded payload."""

@@ -27,7 +27,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from llmq.pipeline.chunks import made_up_chunks
-from llmq.pipeline.echo import completion
+from llmq.pipeline.echo import answer
 
 
 class MockSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -81,12 +81,21 @@ class MockBackend:
         self.started_at = time.time()
 
     async def chat(self, request: Request) -> Response:
+        return await self._answer(request, "chat/completions", "messages")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._answer(request, "completions", "prompt")
+
+    async def embeddings(self, request: Request) -> Response:
+        return await self._answer(request, "embeddings", "input")
+
+    async def _answer(self, request: Request, endpoint: str, required: str) -> Response:
         try:
             body = msgspec.json.decode(await request.body())
         except msgspec.DecodeError:
             return _response({"error": {"message": "invalid JSON", "type": "invalid_request_error"}}, 400)
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            return _response({"error": {"message": "messages is required", "type": "invalid_request_error"}}, 400)
+        if not isinstance(body, dict) or required not in body:
+            return _response({"error": {"message": f"{required} is required", "type": "invalid_request_error"}}, 400)
         s = self.settings
         self.calls += 1
         message_id = request.headers.get("x-llmq-message-id")
@@ -106,17 +115,20 @@ class MockBackend:
                 )
         finally:
             self.current -= 1
-        if body.get("stream") is True and s.body is None:
-            chunks = made_up_chunks(body, name=self.name, default_model=s.models[0], tokens=s.stream_tokens)
+        if body.get("stream") is True and s.body is None and endpoint != "embeddings":
+            legacy = endpoint == "completions"
+            chunks = made_up_chunks(
+                body, name=self.name, default_model=s.models[0], tokens=s.stream_tokens, legacy=legacy
+            )
             return StreamingResponse(self._stream(chunks), media_type="text/event-stream")
-        answer = (
+        reply = (
             s.body.encode()
             if s.body is not None
-            else _json.encode(completion(body, name=self.name, default_model=self.settings.models[0]))
+            else _json.encode(answer(endpoint, body, name=self.name, default_model=self.settings.models[0]))
         )
         if s.trickle_s:
-            return StreamingResponse(_trickle(answer, s.trickle_s), media_type="application/json")
-        return Response(answer, media_type="application/json")
+            return StreamingResponse(_trickle(reply, s.trickle_s), media_type="application/json")
+        return Response(reply, media_type="application/json")
 
     async def _stream(self, chunks: list[dict[str, Any]]) -> AsyncIterator[bytes]:
         s = self.settings
@@ -163,6 +175,8 @@ class MockBackend:
         return Starlette(
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/embeddings", self.embeddings, methods=["POST"]),
                 Route("/v1/models", self.models),
                 Route("/health", self.health),
                 Route("/stats", self.stats),

@@ -24,7 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from llmq.pipeline.chunks import Assembler
 from llmq.pipeline.config import BackendConfig, Config
-from llmq.pipeline.echo import ECHO_SCHEME, completion, prompt_chars
+from llmq.pipeline.echo import ECHO_SCHEME, answer, prompt_chars
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import Message, Status
 from llmq.pipeline.runtime.batch import Batch
@@ -244,7 +244,7 @@ class Caller:
         assembled = Assembler()
         try:
             if backend.url.startswith(ECHO_SCHEME):
-                body = completion(msg.request, name=backend.name, default_model="echo")
+                body = answer(msg.endpoint, msg.request, name=backend.name, default_model="echo")
                 result = CallResult(status=Status.COMPLETED, backend=backend.name, response=body)
             else:
                 # scheduler.timeout bounds the whole call: httpx's timeouts are per read, so a backend that
@@ -257,7 +257,7 @@ class Caller:
                         result = await self._stream(http, backend, msg, headers, relay, assembled)
                     else:
                         response = await http.post(
-                            backend.url.rstrip("/") + "/chat/completions",
+                            backend.url.rstrip("/") + "/" + msg.endpoint,
                             content=_json.encode(msg.request),
                             headers=headers,
                         )
@@ -297,7 +297,7 @@ class Caller:
         body = dict(msg.request)
         options = body.get("stream_options")
         body["stream_options"] = (options if isinstance(options, dict) else {}) | {"include_usage": True}
-        url = backend.url.rstrip("/") + "/chat/completions"
+        url = backend.url.rstrip("/") + "/" + msg.endpoint
         meters = self.meters[backend.name]
         started = time.perf_counter()
         last = 0.0

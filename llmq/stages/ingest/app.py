@@ -39,6 +39,8 @@ def create_app(
         ("/api/v1/messages/{id}", messages.message, ["GET", "DELETE"]),
         ("/api/v1/messages/{id}/events", messages.events, ["GET"]),
         ("/v1/chat/completions", openai.chat_completions, ["POST"]),
+        ("/v1/completions", openai.completions, ["POST"]),
+        ("/v1/embeddings", openai.embeddings, ["POST"]),
         ("/v1/models", openai.models, ["GET"]),
         ("/api/v1/health", admin.health, ["GET"]),
         ("/api/v1/queues/status", admin.queues_status, ["GET"]),

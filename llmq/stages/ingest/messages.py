@@ -206,15 +206,23 @@ class Messages:
             view = await self.view(message_id) or view
         return respond(view)
 
-    async def follow(self, message_id: str, *, after: str = "0-0") -> AsyncIterator[Item]:
-        """The message's life from ``after`` (an events stream id) to its end."""
+    async def follow(self, message_id: str, *, after: str = "0-0", idle_s: float | None = None) -> AsyncIterator[Item]:
+        """The message's life from ``after`` (an events stream id) to its end (or, with ``idle_s``, until that
+        long passed without an item)."""
         streamed = await self.redis.hget(self.keys.msg(message_id), "streamed")
 
         async def wait_end(seconds: float) -> bool:
             return await self.waiter.wait(message_id, lambda: self.terminal(message_id), seconds)
 
         async for item in life(
-            self.redis, self.keys, self.hub, message_id, streamed=bool(streamed), after=after, wait_end=wait_end
+            self.redis,
+            self.keys,
+            self.hub,
+            message_id,
+            streamed=bool(streamed),
+            after=after,
+            wait_end=wait_end,
+            idle_s=idle_s,
         ):
             yield item
 
@@ -234,7 +242,8 @@ class Messages:
 
     async def events(self, request: Request) -> Response:
         """``GET /api/v1/messages/{id}/events``: the message's life as server-sent events, from after
-        ``Last-Event-ID`` (or ``?after=``) when given."""
+        ``Last-Event-ID`` (or ``?after=``) when given. A stream with no event for ``server.max_poll_wait`` ends
+        (with a comment saying to reconnect): EventSource clients reconnect by themselves."""
         message_id = request.path_params["id"]
         after = request.headers.get("last-event-id") or request.query_params.get("after") or "0-0"
         if not valid_event_id(after):
@@ -248,8 +257,13 @@ class Messages:
         async def body() -> AsyncIterator[bytes]:
             sse.OPEN_STREAMS.inc()
             try:
-                async for item in self.follow(message_id, after=after):
+                yield sse.RETRY
+                ended = False
+                async for item in self.follow(message_id, after=after, idle_s=self.config.server.max_poll_wait.seconds):
+                    ended = item.kind == "end"
                     yield sse.native(item)
+                if not ended:
+                    yield sse.comment("no event for a while: reconnect with Last-Event-ID to go on")
             finally:
                 sse.OPEN_STREAMS.dec()
 

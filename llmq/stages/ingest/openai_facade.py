@@ -1,7 +1,8 @@
-"""The OpenAI-compatible facade of the ingest API: ``POST /v1/chat/completions`` queues the standard body
-at the priority named by ``X-LLMQ-Priority`` (or a ``priority`` field), waits for the outcome up to
-``server.sync_timeout`` and returns the backend's response unchanged; ``GET /v1/models`` lists what the
-configured backends serve. Errors come in OpenAI's shape, so the official SDK raises its own exceptions."""
+"""The OpenAI-compatible facade of the ingest API: ``POST /v1/chat/completions``, ``/v1/completions`` and
+``/v1/embeddings`` queue the standard body at the priority named by ``X-LLMQ-Priority`` (or a ``priority``
+field), wait for the outcome up to ``server.sync_timeout`` and return the backend's response unchanged, or
+with ``stream: true`` relay its chunks as they come; ``GET /v1/models`` lists what the configured backends
+serve. Errors come in OpenAI's shape, so the official SDK raises its own exceptions."""
 
 from __future__ import annotations
 
@@ -56,19 +57,31 @@ class OpenAIFacade:
         self.config = config
 
     async def chat_completions(self, request: Request) -> Response:
+        return await self._create(request, "chat/completions")
+
+    async def completions(self, request: Request) -> Response:
+        """``POST /v1/completions``: the legacy completions API, streamed or not."""
+        return await self._create(request, "completions")
+
+    async def embeddings(self, request: Request) -> Response:
+        """``POST /v1/embeddings``: queued like any request, answered whole."""
+        return await self._create(request, "embeddings")
+
+    async def _create(self, request: Request, endpoint: str) -> Response:
         try:
             body = await read_body(request, limit=self.queue.max_body)
             doc = decode_json(_any_decoder, body)
         except BadInput as exc:
             return openai_error(exc.status, exc.message)
-        if not isinstance(doc, dict) or not isinstance(doc.get("messages"), list) or not doc["messages"]:
-            return openai_error(400, "messages must be a non-empty array", param="messages")
-        for i, item in enumerate(doc["messages"]):
-            if not isinstance(item, dict):
-                return openai_error(400, "each message must be an object", param=f"messages[{i}]")
+        if not isinstance(doc, dict):
+            return openai_error(400, "the body must be a JSON object")
+        refused = _refused(endpoint, doc)
+        if refused is not None:
+            return refused
         stream = doc.get("stream", False)
-        if not isinstance(stream, bool):
-            return openai_error(400, "stream must be true or false", param="stream")
+        if not isinstance(stream, bool) or (stream and endpoint == "embeddings"):
+            message = "embeddings are not streamed" if endpoint == "embeddings" else "stream must be true or false"
+            return openai_error(400, message, param="stream")
         options = doc.get("stream_options")
         if options is not None and (not stream or not isinstance(options, dict)):
             return openai_error(
@@ -98,15 +111,17 @@ class OpenAIFacade:
             session_id=named["x-llmq-session-id"],
             tenant=named["x-llmq-tenant"],
             idempotency_key=named["idempotency-key"],
+            endpoint=endpoint,
         )
         try:
             payload = encode_message(msg)
         except BadInput as exc:
             return openai_error(400, exc.message)
         try:
-            digest = request_digest([level, msg.session_id, msg.tenant, doc]) if msg.idempotency_key else ""
+            scope = [level, msg.session_id, msg.tenant, doc] + ([] if endpoint == "chat/completions" else [endpoint])
+            digest = request_digest(scope) if msg.idempotency_key else ""
         except ValueError as exc:
-            return openai_error(400, f"the request is {exc}", param="messages")
+            return openai_error(400, f"the request is {exc}")
         result = await self.queue.enqueue(Submission(msg, payload, caller=caller(request), digest=digest))
         if result.verdict is Verdict.CONFLICT:
             return openai_error(422, idempotency_conflict(result.message_id), param="Idempotency-Key")
@@ -177,6 +192,22 @@ class OpenAIFacade:
                 seen.setdefault(m, b.name)
         data = [{"id": m, "object": "model", "created": 0, "owned_by": owner} for m, owner in seen.items()]
         return respond({"object": "list", "data": data})
+
+
+def _refused(endpoint: str, doc: dict[str, Any]) -> Response | None:
+    """The 400 naming what the body of ``endpoint`` lacks, or None when it has what a backend needs."""
+    if endpoint == "chat/completions":
+        if not isinstance(doc.get("messages"), list) or not doc["messages"]:
+            return openai_error(400, "messages must be a non-empty array", param="messages")
+        for i, item in enumerate(doc["messages"]):
+            if not isinstance(item, dict):
+                return openai_error(400, "each message must be an object", param=f"messages[{i}]")
+        return None
+    field = "prompt" if endpoint == "completions" else "input"
+    given = doc.get(field)
+    if isinstance(given, str) or (isinstance(given, list) and given):
+        return None
+    return openai_error(400, f"{field} must be a string or a non-empty array", param=field)
 
 
 def counted_usage(doc: dict[str, Any], chunks: int) -> bytes:

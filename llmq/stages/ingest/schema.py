@@ -90,6 +90,18 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+_SSE_EVENT = {
+    "type": "object",
+    "description": "One server-sent event: status, chunk (a chunk of the backend's stream) or end",
+    "properties": {
+        "event": {"type": "string", "enum": ["status", "chunk", "end"]},
+        "data": {"type": "string", "description": "JSON"},
+        "id": {"type": "string", "description": "Resume after it with Last-Event-ID"},
+    },
+    "required": ["event", "data"],
+}
+
+
 def openapi(*, title: str, version: str, levels: list[str], secured: bool, max_wait_s: float) -> dict[str, Any]:
     _, components = msgspec.json.schema_components(SCHEMA_TYPES, ref_template="#/components/schemas/{name}")
     body = components["SubmitBody"]["properties"]
@@ -155,6 +167,36 @@ def openapi(*, title: str, version: str, levels: list[str], secured: bool, max_w
                 "parameters": [id_param],
                 "responses": {"200": _json(_ref("MessageView"), "Cancelled"), "404": err, "409": err},
             },
+        },
+        "/api/v1/messages/{id}/events": {
+            "get": {
+                "summary": "The message's life as server-sent events: status, each chunk of a streamed answer, end",
+                "parameters": [
+                    id_param,
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "required": False,
+                        "description": "Resume after this event id (as the Last-Event-ID header does); empty: none",
+                        "schema": {"type": "string", "pattern": "^([0-9]{1,20}-[0-9]{1,20})?$"},
+                    },
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "description": "Resume after this event id; empty: none",
+                        "schema": {"type": "string", "pattern": "^([0-9]{1,20}-[0-9]{1,20})?$"},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "An event stream",
+                        "content": {"text/event-stream": {"schema": _SSE_EVENT}},
+                    },
+                    "404": err,
+                    "422": err,
+                },
+            }
         },
         "/api/v1/health": {
             "get": {

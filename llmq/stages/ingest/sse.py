@@ -5,6 +5,7 @@ end of a message that was not streamed); formatted for the native API or for Ope
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,16 +44,22 @@ async def life(
     streamed: bool,
     after: str,
     wait_end: Callable[[float], Awaitable[bool]],
+    idle_s: float | None = None,
 ) -> AsyncIterator[Item]:
     """Every item of the message's life after ``after`` until its end: status changes (when one is read),
-    each chunk, then the end. ``wait_end(seconds)`` waits for the message to end (a non-streamed one)."""
+    each chunk, then the end. ``wait_end(seconds)`` waits for the message to end (a non-streamed one).
+    With ``idle_s``, it stops early after that long without an item (the client reconnects to go on)."""
     follower = hub.follow(keys.events(message_id), after) if streamed else None
     shown: tuple[Any, ...] | None = None
     ended_seen = 0
+    quiet_since = time.monotonic()
     try:
         while True:
-            event = await follower.next(TICK_S) if follower is not None else None
+            if idle_s is not None and time.monotonic() - quiet_since > idle_s:
+                return
+            event = await follower.next(min(TICK_S, idle_s or TICK_S)) if follower is not None else None
             if event is not None:
+                quiet_since = time.monotonic()
                 entry_id, fields = event
                 if CHUNK in fields:
                     yield Item("chunk", fields[CHUNK], entry_id)
@@ -63,7 +70,7 @@ async def life(
                     return
                 continue
             if follower is None:
-                await wait_end(TICK_S)
+                await wait_end(min(TICK_S, idle_s or TICK_S))
             read: Any = await redis.hmget(keys.msg(message_id), ["status", "backend", "error"])
             status, backend, error = read
             if status is None:
@@ -72,6 +79,7 @@ async def life(
             now = (status, backend)
             if now != shown:
                 shown = now
+                quiet_since = time.monotonic()
                 doc = {"status": status.decode()} | ({"backend": backend.decode()} if backend else {})
                 yield Item("status", _json.encode(doc))
             if Status(status.decode()).terminal:
@@ -111,3 +119,5 @@ def openai_error(message: str, kind: str = "api_error") -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+RETRY = b"retry: 1000\n\n"
+"""Tells an EventSource to reconnect a second after the stream ends early."""

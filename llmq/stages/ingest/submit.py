@@ -185,6 +185,7 @@ def new_message(
     idempotency_key: str | None = None,
     deadline_ms: int | None = None,
     metadata: dict[str, object] | None = None,
+    endpoint: str = "chat/completions",
 ) -> Message:
     now = time.time()
     return Message(
@@ -197,4 +198,5 @@ def new_message(
         enqueued_at=now,
         deadline=None if deadline_ms is None else now + deadline_ms / 1000,
         metadata=dict(metadata or {}),
+        endpoint=endpoint,
     )
