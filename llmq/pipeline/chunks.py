@@ -42,6 +42,10 @@ def made_up_chunks(
     return out
 
 
+STREAMED_TEXT = ("reasoning_content", "reasoning", "refusal")
+"""Fields besides ``content`` whose text a delta streams in pieces."""
+
+
 class Assembler:
     """Collects a stream's chunks into the completion a non-streamed call would have answered."""
 
@@ -51,6 +55,11 @@ class Assembler:
         self.roles: dict[int, str] = {}
         self.finish: dict[int, Any] = {}
         self.usage: dict[str, Any] | None = None
+        self.texts: dict[tuple[int, str], list[str]] = {}
+        """Other text a delta streams in pieces (``reasoning_content``, ``refusal``), by choice and field."""
+        self.tools: dict[int, dict[int, dict[str, Any]]] = {}
+        """Tool calls by choice and tool-call index: id, type, and the function's name and arguments so far."""
+        self.logprobs: dict[int, list[Any]] = {}
         self.chunks = 0
         """Chunks that carried content (a token, most often)."""
 
@@ -74,6 +83,14 @@ class Assembler:
                 if isinstance(content, str) and content:
                     self.parts.setdefault(index, []).append(content)
                     self.chunks += 1
+                for field in STREAMED_TEXT:
+                    if isinstance(delta.get(field), str):
+                        self.texts.setdefault((index, field), []).append(delta[field])
+                if isinstance(delta.get("tool_calls"), list):
+                    self._tool_calls(index, delta["tool_calls"])
+            logprobs = choice.get("logprobs")
+            if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
+                self.logprobs.setdefault(index, []).extend(logprobs["content"])
             text = choice.get("text")  # a legacy completion's chunk
             if isinstance(text, str) and text:
                 self.parts.setdefault(index, []).append(text)
@@ -81,10 +98,39 @@ class Assembler:
             if choice.get("finish_reason") is not None:
                 self.finish[index] = choice["finish_reason"]
 
+    def _tool_calls(self, index: int, calls: list[Any]) -> None:
+        tools = self.tools.setdefault(index, {})
+        for call in calls:
+            if not isinstance(call, dict):
+                continue
+            given = call.get("index")
+            at = given if isinstance(given, int) else len(tools)
+            tool = tools.setdefault(at, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+            for key in ("id", "type"):
+                if isinstance(call.get(key), str):
+                    tool[key] = call[key]
+            function = call.get("function")
+            if isinstance(function, dict):
+                if isinstance(function.get("name"), str):
+                    tool["function"]["name"] += function["name"]
+                if isinstance(function.get("arguments"), str):
+                    tool["function"]["arguments"] += function["arguments"]
+
+    def _message(self, i: int) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": self.roles.get(i, "assistant"), "content": "".join(self.parts.get(i, []))}
+        for field in STREAMED_TEXT:
+            if (i, field) in self.texts:
+                message[field] = "".join(self.texts[(i, field)])
+        if i in self.tools:
+            message["tool_calls"] = [self.tools[i][at] for at in sorted(self.tools[i])]
+            if not message["content"]:
+                message["content"] = None  # as a non-streamed tool call answers
+        return message
+
     def completion(self) -> dict[str, Any]:
         """The whole completion so far (a partial one when the stream broke off)."""
         first = self.first or {}
-        indexes = sorted(set(self.parts) | set(self.roles) | set(self.finish)) or [0]
+        indexes = sorted(set(self.parts) | set(self.roles) | set(self.finish) | set(self.tools)) or [0]
         if first.get("object") == "text_completion":
             texts = [
                 {
@@ -102,9 +148,9 @@ class Assembler:
         choices = [
             {
                 "index": i,
-                "message": {"role": self.roles.get(i, "assistant"), "content": "".join(self.parts.get(i, []))},
+                "message": self._message(i),
                 "finish_reason": self.finish.get(i),
-                "logprobs": None,
+                "logprobs": {"content": self.logprobs[i]} if i in self.logprobs else None,
             }
             for i in indexes
         ]

@@ -25,6 +25,7 @@ from llmq.pipeline.lua import Lua
 from llmq.pipeline.models import FIELD, Message, Status, decode_message, decode_outcome, encode
 from llmq.pipeline.runtime import effects
 from llmq.pipeline.runtime.streams import as_str
+from llmq.pipeline.streamed import is_streamed
 
 TRIM_PER_CALL = 1000
 """Dead letters dropped per script call when trimming, so one call never holds Redis long."""
@@ -182,10 +183,19 @@ class DeadLetters:
                 msg, level=target_level, attempts=0, retry_after=None, history=[*msg.history, note]
             )
             keys = [self.keys.dlq, self.keys.level(target_level), self.keys.msg(msg.id), self.keys.dlq_index]
-            args: list[str | bytes | float] = [dl.entry_id, encode(replayed), Status.QUEUED.value, now, msg.id]
+            keys.append(self.keys.events(msg.id))
+            streamed = "1" if is_streamed(msg) else ""
+            args: list[str | bytes | float] = [
+                dl.entry_id,
+                encode(replayed),
+                Status.QUEUED.value,
+                now,
+                msg.id,
+                streamed,
+            ]
         else:
             # an outcome the archive could not take: back to done as it was
-            keys = [self.keys.dlq, self.keys.done, self.keys.dlq, self.keys.dlq_index]
+            keys = [self.keys.dlq, self.keys.done, self.keys.dlq, self.keys.dlq_index, self.keys.dlq]
             args = [dl.entry_id, dl.payload, "", now, dl.message_id or ""]
         return bool(await self._replay(keys, args))
 

@@ -41,5 +41,9 @@ def end_event(outcome: Outcome) -> bytes:
 
 
 def valid_event_id(value: str) -> bool:
-    """A stream entry id (``<ms>-<seq>``), as ``Last-Event-ID`` and ``?after=`` must be."""
-    return _ENTRY_ID.fullmatch(value) is not None
+    """A stream entry id (``<ms>-<seq>``, each part at most 2**64 - 1), as ``Last-Event-ID`` and ``?after=``
+    must be: Redis refuses any other, and one refused id would fail the read of every stream followed."""
+    if _ENTRY_ID.fullmatch(value) is None:
+        return False
+    ms, _, seq = value.partition("-")
+    return int(ms) < 2**64 and int(seq) < 2**64

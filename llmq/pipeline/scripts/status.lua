@@ -53,10 +53,12 @@ local function status_cancelled(hash, now)
   redis.call('HSET', hash, 'status', CANCELLED, 'cancelled_at', now)
 end
 
--- Replayed from the dead-letter queue: live again as `status`, attempts reset, kept until it ends.
-local function status_replayed(hash, status, now)
+-- Replayed from the dead-letter queue: live again as `status`, attempts reset, kept until it ends (a hash
+-- that had expired is made again, streamed '1' saying it is a streamed message).
+local function status_replayed(hash, status, now, streamed)
   redis.call('PERSIST', hash)
   redis.call('HSET', hash, 'status', status, 'attempts', 0, 'replayed_at', now)
+  if streamed == '1' then redis.call('HSET', hash, 'streamed', 1) end
   redis.call('HDEL', hash, 'error', 'result', 'finished_at')
 end
 

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import time
+from collections.abc import AsyncIterator
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from llmq.pipeline.chunks import Assembler
 from llmq.pipeline.config import BackendConfig, Config
 from llmq.pipeline.echo import ECHO_SCHEME, answer, prompt_chars
 from llmq.pipeline.keys import Keys
+from llmq.pipeline.lua import Lua
 from llmq.pipeline.models import Message, Status
 from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.effects import Effect
@@ -144,6 +146,61 @@ def storable(body: Any) -> tuple[Any, str | None]:
     return (None, problems[0]) if problems else (cleaned, None)
 
 
+async def sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The value of each ``data:`` line of a server-sent event stream, as bytes. Lines end at LF (CRLF) only:
+    a JSON string may hold U+2028 or U+0085 unescaped, where ``aiter_lines`` would cut it."""
+    buffer = bytearray()
+    async for piece in response.aiter_bytes():
+        start = len(buffer)
+        buffer += piece
+        at = buffer.find(b"\n", start)
+        begin = 0
+        while at >= 0:
+            line = bytes(buffer[begin:at]).rstrip(b"\r")
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+            begin = at + 1
+            at = buffer.find(b"\n", begin)
+        del buffer[:begin]
+    line = bytes(buffer).rstrip(b"\r")
+    if line.startswith(b"data:"):
+        yield line[5:].strip()
+
+
+def _chunk(data: bytes) -> Any:
+    """A chunk's JSON: msgspec's parser, or the standard one for what msgspec refuses (an escaped lone
+    surrogate, which ``storable`` then cleans); ValueError when it is no JSON."""
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        try:
+            return json.loads(data)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+
+
+def relay_whole(relay: Relay, body: dict[str, Any]) -> None:
+    """A whole answer (the echo backend's, or a backend's that ignored ``stream``) as the one chunk a
+    streaming client reads (a legacy completion's as one with ``text``)."""
+    legacy = body.get("object") == "text_completion"
+    head = {k: body.get(k) for k in ("id", "created", "model")}
+    head["object"] = "text_completion" if legacy else "chat.completion.chunk"
+    choices = body.get("choices")
+    pieces = []
+    for choice in choices if isinstance(choices, list) else []:
+        if not isinstance(choice, dict):
+            continue
+        piece = {"index": choice.get("index", 0), "finish_reason": choice.get("finish_reason")}
+        if legacy:
+            piece["text"] = choice.get("text")
+        else:
+            piece["delta"] = choice.get("message")
+        pieces.append(piece)
+    relay.add(_json.encode(head | {"choices": pieces}))
+    if isinstance(body.get("usage"), dict):
+        relay.add(_json.encode(head | {"choices": [], "usage": body["usage"]}), usage_only=True)
+
+
 def classify(name: str, response: httpx.Response, *, max_retry_after_s: float) -> CallResult:
     """The outcome a backend's answer gives: a completion body (a JSON object) completes; a success whose
     body is not one, or a retryable status, is retried; any other status fails."""
@@ -222,6 +279,7 @@ class Caller:
     ) -> None:
         self.redis = redis
         self.keys = keys
+        self._relay = Lua(redis, "relay")
         self.timeout_s = config.scheduler.timeout.seconds
         self.max_retry_after_s = config.queue.retry.max_backoff.seconds
         self.http = http
@@ -231,8 +289,9 @@ class Caller:
 
     async def send(
         self, batch: Batch, backend: BackendConfig, msg: Message, *, free: Effect, acquired_at: float | None
-    ) -> CallResult:
-        """Call ``backend`` for ``msg`` (its slot held); the slot is freed with the next commit (``free``)."""
+    ) -> CallResult | None:
+        """Call ``backend`` for ``msg`` (its slot held); the slot is freed with the next commit (``free``).
+        None when, streaming, it found its message taken over by another dispatcher: theirs to record."""
         headers = {"X-LLMQ-Message-Id": msg.id}
         if backend.api_key_env and os.environ.get(backend.api_key_env):
             headers["Authorization"] = f"Bearer {os.environ[backend.api_key_env]}"
@@ -240,12 +299,14 @@ class Caller:
         self.local_inflight[backend.name] += 1
         meters.inflight.set(self.local_inflight[backend.name])
         started = time.perf_counter()
-        relay = Relay(self.redis, self.keys.events(msg.id)) if is_streamed(msg) else None
+        relay = Relay(self.redis, self._relay, self.keys.events(msg.id)) if is_streamed(msg) else None
         assembled = Assembler()
         try:
             if backend.url.startswith(ECHO_SCHEME):
                 body = answer(msg.endpoint, msg.request, name=backend.name, default_model="echo")
                 result = CallResult(status=Status.COMPLETED, backend=backend.name, response=body)
+                if relay is not None:
+                    relay_whole(relay, body)
             else:
                 # scheduler.timeout bounds the whole call: httpx's timeouts are per read, so a backend that
                 # trickles its answer would hold the call (and its backend slot, past its lease) for longer.
@@ -269,6 +330,8 @@ class Caller:
             result = self._broken_off(backend.name, error, relay, assembled)
         except httpx.HTTPError as exc:
             result = self._broken_off(backend.name, f"connection error: {exc!r}", relay, assembled)
+        except UnicodeError as exc:  # a chunk in no encoding msgspec or json read: nothing it sent is storable
+            result = self._broken_off(backend.name, f"backend streamed what cannot be read: {exc}", relay, assembled)
         finally:
             if relay is not None:
                 await relay.close()
@@ -277,6 +340,9 @@ class Caller:
             meters.duration.observe(time.perf_counter() - started)
             # The slot is freed with the outcome's commit, which follows at once (the lease expires anyway)
             batch.also(free)
+        if relay is not None and relay.refused:
+            log.warning("message %s was taken over while this dispatcher streamed it", msg.id)
+            return None
         result.acquired_at = acquired_at
         self.router.record(backend.name, result)
         meters.outcome(result.status).inc()
@@ -305,18 +371,27 @@ class Caller:
             if not response.is_success:
                 await response.aread()
                 return self._read(backend.name, response)
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+            if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                await response.aread()  # a backend that answers a stream request whole
+                result = self._read(backend.name, response)
+                if result.status is Status.COMPLETED and result.response is not None:
+                    relay_whole(relay, result.response)
+                return result
+            async for data in sse_data(response):
+                if data == b"[DONE]":
                     break
+                if relay.refused:
+                    return self._broken_off(backend.name, "taken over", relay, assembled)
                 try:
-                    chunk = msgspec.json.decode(data)
-                except msgspec.DecodeError:
+                    chunk = _chunk(data)
+                except ValueError:
                     return self._broken_off(backend.name, "backend streamed a chunk that is not JSON", relay, assembled)
                 if not isinstance(chunk, dict):
                     continue
+                if chunk.get("error") is not None and not chunk.get("choices"):
+                    error = chunk["error"]
+                    detail = error.get("message") if isinstance(error, dict) else error
+                    return self._broken_off(backend.name, f"backend streamed an error: {detail}", relay, assembled)
                 now = time.perf_counter()
                 if last:
                     meters.gap.observe(now - last)
@@ -324,7 +399,7 @@ class Caller:
                     meters.first_token(msg.level).observe(now - started)
                 last = now
                 assembled.add(chunk)
-                relay.add(data.encode(), usage_only=chunk.get("choices") == [] and "usage" in chunk)
+                relay.add(data, usage_only=chunk.get("choices") == [] and "usage" in chunk)
         if relay.written == 0:
             return CallResult(status=Status.RETRYING, backend=backend.name, error="backend streamed no chunk")
         answer, problem = storable(assembled.completion())

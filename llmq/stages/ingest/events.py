@@ -132,11 +132,17 @@ class EventHub:
             )
         finally:
             self._blocked = False
+        if not reply:  # blocked to the end, or woken: its connection may be a new one since (a reconnect)
+            self._reader_id = int(await self._reader.client_id())
         for raw_key, entries in reply or []:
             key = as_str(raw_key)
+            read_from = _order(streams[key])
+            # A follower that came after the positions were taken, behind them, waits for the next read:
+            # handing it these would skip what lies between its position and theirs.
+            ready = [f for f in self._followers.get(key, ()) if _order(f.last) >= read_from]
             for raw_id, fields in entries:
                 entry_id = as_str(raw_id)
-                for follower in self._followers.get(key, ()):
+                for follower in ready:
                     if _order(entry_id) > _order(follower.last):
                         follower.last = entry_id
                         follower.queue.put_nowait((entry_id, fields))

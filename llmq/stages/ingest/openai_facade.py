@@ -6,6 +6,7 @@ serve. Errors come in OpenAI's shape, so the official SDK raises its own excepti
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -14,6 +15,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from llmq.pipeline.chunks import Assembler
 from llmq.pipeline.config import Config
 from llmq.pipeline.echo import prompt_chars
 from llmq.pipeline.models import Status, new_id
@@ -133,7 +135,9 @@ class OpenAIFacade:
         headers = {"X-LLMQ-Message-Id": message_id}
         if stream:
             usage = isinstance(options, dict) and options.get("include_usage") is True
-            relay = self._relay(message_id, level, doc, result.depth, include_usage=usage)
+            # A repeat of an idempotent request follows the first one's message: going away, it leaves it be.
+            owner = result.verdict is Verdict.QUEUED
+            relay = self._relay(message_id, level, doc, result.depth, include_usage=usage, owner=owner)
             return StreamingResponse(relay, media_type="text/event-stream", headers=headers | SSE_HEADERS)
         finished, view = await self.queue.wait_result(message_id, self.config.server.sync_timeout.seconds)
         if not finished or view is None:
@@ -150,19 +154,30 @@ class OpenAIFacade:
         return response
 
     async def _relay(
-        self, message_id: str, level: str, doc: dict[str, Any], position: int | None, *, include_usage: bool
+        self,
+        message_id: str,
+        level: str,
+        doc: dict[str, Any],
+        position: int | None,
+        *,
+        include_usage: bool,
+        owner: bool,
     ) -> AsyncIterator[bytes]:
         """The stream a client of ``stream: true`` reads: comments while its request waits, then the backend's
         chunks as they come (each with the ``id:`` to resume from), then ``[DONE]``, or an error event."""
         ended = False
-        content = 0
+        counted = Assembler()  # only when the client asked for usage: the backend may send none
         usage_sent = False
         OPEN_STREAMS.inc()
         try:
             yield sse.comment(f"queued in {level}" + (f", position {position + 1}" if position is not None else ""))
             async for item in self.queue.follow(message_id):
                 if item.kind == "chunk":
-                    content += 1
+                    if include_usage:
+                        with contextlib.suppress(msgspec.DecodeError):
+                            chunk = _any_decoder.decode(item.data)
+                            if isinstance(chunk, dict):
+                                counted.add(chunk)
                     yield sse.openai_chunk(item)
                 elif item.kind == "usage":
                     if include_usage:
@@ -175,14 +190,14 @@ class OpenAIFacade:
                     end = _any_decoder.decode(item.data)
                     if end.get("status") == Status.COMPLETED.value:
                         if include_usage and not usage_sent:
-                            yield sse.openai_chunk(sse.Item("usage", counted_usage(doc, content)))
+                            yield sse.openai_chunk(sse.Item("usage", counted_usage(doc, counted)))
                         yield sse.DONE
                     else:
                         yield sse.openai_error(_ended_without_answer(end))
                     return
         finally:
             OPEN_STREAMS.dec()
-            if not ended:
+            if not ended and owner:
                 self.queue.gone_away(message_id, level)
 
     async def models(self, _: Request) -> Response:
@@ -210,12 +225,16 @@ def _refused(endpoint: str, doc: dict[str, Any]) -> Response | None:
     return openai_error(400, f"{field} must be a string or a non-empty array", param=field)
 
 
-def counted_usage(doc: dict[str, Any], chunks: int) -> bytes:
+def counted_usage(doc: dict[str, Any], counted: Assembler) -> bytes:
     """A usage chunk llmq counted, for a client that asked for one when the backend sent none: the prompt at
-    about 4 characters a token, one token per chunk."""
+    about 4 characters a token, one token per chunk that carried text; with the stream's id and model."""
     prompt = max(1, prompt_chars(doc) // 4)
-    usage = {"prompt_tokens": prompt, "completion_tokens": chunks, "total_tokens": prompt + chunks}
-    return msgspec.json.encode({"object": "chat.completion.chunk", "choices": [], "usage": usage})
+    usage = {"prompt_tokens": prompt, "completion_tokens": counted.chunks, "total_tokens": prompt + counted.chunks}
+    first = counted.first or {}
+    head = {k: first.get(k) for k in ("id", "created", "model")} | {
+        "object": first.get("object", "chat.completion.chunk")
+    }
+    return msgspec.json.encode(head | {"choices": [], "usage": usage})
 
 
 def _ended_without_answer(end: dict[str, Any]) -> str:

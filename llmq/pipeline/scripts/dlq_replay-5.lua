@@ -4,11 +4,13 @@ KEYS[1]  the dead-letter stream
 KEYS[2]  the stream it goes back to (a level, or done for an outcome)
 KEYS[3]  the message's status hash (unused when ARGV[3] is '')
 KEYS[4]  the dead-letter index (message id -> entry id)
+KEYS[5]  the message's events stream (unused when ARGV[3] is ''): a replayed message's life starts anew
 ARGV[1]  the dead letter's entry id
 ARGV[2]  the payload to put back
 ARGV[3]  the status to give the message ('' to leave its hash alone)
 ARGV[4]  now (Unix seconds)
 ARGV[5]  the message id ('' for none)
+ARGV[6]  '1' when the message is streamed ('' when not, or absent)
 Returns 1 when replayed, 0 when it was replayed (or purged) already.
 ]]
 --@include status
@@ -18,5 +20,8 @@ if #redis.call('XRANGE', dlq, entry, entry) == 0 then return 0 end
 redis.call('XDEL', dlq, entry)
 if message ~= '' and redis.call('HGET', index, message) == entry then redis.call('HDEL', index, message) end
 redis.call('XADD', target, '*', M, payload)
-if status ~= '' then status_replayed(hash, status, now) end
+if status ~= '' then
+  status_replayed(hash, status, now, ARGV[6] or '')
+  redis.call('DEL', KEYS[5])
+end
 return 1

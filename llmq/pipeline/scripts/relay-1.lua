@@ -1,0 +1,29 @@
+--[[ relay: append a streamed call's chunks to its message's events stream, for one writer only.
+
+The first write of a call claims the stream: a marker entry (field 'w', the call's token) before its
+chunks. A call whose token is not the marker's (a dispatcher paused past its lease while another took
+the message over) or that comes after the stream's end is refused, so clients never see two generations
+spliced together, nor a chunk after the end.
+
+KEYS[1]    the events stream
+ARGV[1]    the call's token        ARGV[2]  the stream's TTL in seconds     ARGV[3]  its bound (MAXLEN ~)
+ARGV[4]    the marker's entry id (used when the stream is new)
+ARGV[5..]  per chunk: its entry id, its field ('c' or 'u'), its data
+Returns 1 when written (a chunk whose id is there already, resent after a lost reply, is skipped), 0 when
+refused.
+]]
+local stream, token, ttl, bound = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+if first then
+  if first[2][1] ~= 'w' or first[2][2] ~= token then return 0 end
+  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  if last[2][1] == 'end' then return 0 end
+else
+  redis.call('XADD', stream, ARGV[4], 'w', token)
+end
+for i = 5, #ARGV, 3 do
+  local ok, err = pcall(redis.call, 'XADD', stream, 'MAXLEN', '~', bound, ARGV[i], ARGV[i + 1], ARGV[i + 2])
+  if not ok and not string.find(tostring(err.err or err), 'equal or smaller', 1, true) then error(err) end
+end
+redis.call('EXPIRE', stream, ttl)
+return 1
