@@ -12,28 +12,9 @@ import pytest
 from tests.conftest import free_port
 from tests.support.harness import CHAT
 from tests.support.procs import llmq_stage, stop_all
+from tests.support.sse import Event, read_events
 
 TOKENS = 40
-
-
-async def _events(http: httpx.AsyncClient, url: str, headers: dict[str, str], got: list[tuple[str, str, str]]) -> None:
-    """Append (id, event, data) of each event of ``url`` to ``got`` until the end event or the connection
-    breaks off."""
-    current: dict[str, str] = {}
-    try:
-        async with http.stream("GET", url, headers=headers) as response:
-            assert response.status_code == 200
-            async for line in response.aiter_lines():
-                if line == "" and "data" in current:
-                    got.append((current.get("id", ""), current.get("event", ""), current["data"]))
-                    if current.get("event") == "end":
-                        return
-                    current = {}
-                elif line and not line.startswith(":"):
-                    field, _, value = line.partition(": ")
-                    current[field] = value
-    except httpx.HTTPError:  # the ingest it read from was killed
-        return
 
 
 @pytest.mark.timeout(120)
@@ -62,8 +43,10 @@ async def test_a_client_resumes_on_another_ingest_after_its_own_was_killed(stage
             )
             mid = created.json()["id"]
             # When a client reads it from ingest A, and A is SIGKILLed after ten chunks
-            first: list[tuple[str, str, str]] = []
-            reading = _events(http, f"http://127.0.0.1:{api_a}/api/v1/messages/{mid}/events", {}, first)
+            first: list[Event] = []
+            reading = read_events(
+                http, f"http://127.0.0.1:{api_a}/api/v1/messages/{mid}/events", got=first, until_broken=True
+            )
             task = asyncio.create_task(reading)
             while sum(1 for g in first if g[1] == "chunk") < 10:
                 assert not task.done(), first
@@ -72,9 +55,9 @@ async def test_a_client_resumes_on_another_ingest_after_its_own_was_killed(stage
             await asyncio.wait_for(task, 10)
             last = [g for g in first if g[1] == "chunk"][-1][0]
             # and resumes on ingest B with the last id it got
-            rest: list[tuple[str, str, str]] = []
+            rest: list[Event] = []
             url_b = f"http://127.0.0.1:{api_b}/api/v1/messages/{mid}/events"
-            await _events(http, url_b, {"Last-Event-ID": last}, rest)
+            await read_events(http, url_b, headers={"Last-Event-ID": last}, got=rest)
     finally:
         stop_all(procs)
     # Then every chunk arrived exactly once, in order, and the answer completed

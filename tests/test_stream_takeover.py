@@ -17,20 +17,7 @@ from llmq.pipeline.redis import make_redis
 from tests.conftest import eventually, free_port
 from tests.support.harness import CHAT
 from tests.support.procs import llmq_stage, stop_all
-
-
-async def _events(http: httpx.AsyncClient, url: str, got: list[tuple[str, str, str]]) -> None:
-    current: dict[str, str] = {}
-    async with http.stream("GET", url) as response:
-        async for line in response.aiter_lines():
-            if line == "" and "data" in current:
-                got.append((current.get("id", ""), current.get("event", ""), current["data"]))
-                if current.get("event") == "end":
-                    return
-                current = {}
-            elif line and not line.startswith(":"):
-                field, _, value = line.partition(": ")
-                current[field] = value
+from tests.support.sse import Event, read_events
 
 
 async def _stats(http: httpx.AsyncClient, port: int) -> dict[str, int]:
@@ -66,8 +53,10 @@ async def test_a_paused_dispatcher_taken_over_does_not_splice_two_generations(st
                 f"http://127.0.0.1:{api}/api/v1/messages", json={"level": "high", "request": CHAT | {"stream": True}}
             )
             mid = created.json()["id"]
-            got: list[tuple[str, str, str]] = []
-            reading = asyncio.create_task(_events(http, f"http://127.0.0.1:{api}/api/v1/messages/{mid}/events", got))
+            got: list[Event] = []
+            reading = asyncio.create_task(
+                read_events(http, f"http://127.0.0.1:{api}/api/v1/messages/{mid}/events", got=got)
+            )
 
             async def called(n: int) -> bool:
                 return (await _stats(http, mock_port))["calls"] >= n

@@ -21,6 +21,7 @@ from llmq.stages.ingest import create_app
 from llmq.stages.mock_backend import MockSettings
 from tests.conftest import eventually
 from tests.support.harness import CHAT, Harness
+from tests.support.sse import read_events
 
 TOKENS = [f"t{i} " for i in range(8)]
 
@@ -38,27 +39,6 @@ async def served(h: Harness) -> AsyncIterator[str]:
 
 def streaming(**overrides: Any) -> MockSettings:
     return MockSettings(latency_ms=5, stream_tokens=len(TOKENS), tokens_per_s=200, **overrides)
-
-
-async def events(http: httpx.AsyncClient, path: str, *, headers: dict[str, str] | None = None, stop_after: int = 0):
-    """The server-sent events of ``path`` as (id, event, data) until the end event (or ``stop_after`` chunks)."""
-    got: list[tuple[str | None, str, str]] = []
-    current: dict[str, str] = {}
-    async with http.stream("GET", path, headers=headers or {}) as response:
-        assert response.status_code == 200, await response.aread()
-        async for line in response.aiter_lines():
-            if line == "":
-                if "data" in current:
-                    got.append((current.get("id"), current.get("event", "message"), current["data"]))
-                    if current.get("event") == "end":
-                        return got
-                    if stop_after and sum(1 for g in got if g[1] == "chunk") >= stop_after:
-                        return got
-                current = {}
-            elif not line.startswith(":"):
-                field, _, value = line.partition(": ")
-                current[field] = value
-    return got
 
 
 def contents(chunks: list[str]) -> str:
@@ -119,11 +99,11 @@ async def test_a_client_resumes_with_last_event_id_and_misses_nothing(redis: aio
         assert created.status_code == 202, created.text
         mid = created.json()["id"]
         # When a client reads three chunks and goes away
-        first = await events(http, f"/api/v1/messages/{mid}/events", stop_after=3)
+        first = await read_events(http, f"/api/v1/messages/{mid}/events", stop_after=3)
         last_id = [g for g in first if g[1] == "chunk"][-1][0]
         assert last_id is not None
         # and comes back with Last-Event-ID
-        rest = await events(http, f"/api/v1/messages/{mid}/events", headers={"Last-Event-ID": last_id})
+        rest = await read_events(http, f"/api/v1/messages/{mid}/events", headers={"Last-Event-ID": last_id})
     # Then it gets what it missed and the rest, each chunk once, in order, then the end
     chunks = [g for g in first + rest if g[1] == "chunk"]
     ids = [g[0] for g in chunks]

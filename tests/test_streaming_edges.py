@@ -24,6 +24,7 @@ from llmq.stages.ingest.events import EventHub
 from llmq.stages.mock_backend import MockSettings
 from tests.conftest import eventually
 from tests.support.harness import CHAT, Harness
+from tests.support.sse import read_events
 from tests.test_streaming import TOKENS, served, streaming
 
 # ---------------------------------------------------------------------------------------------------------
@@ -423,7 +424,6 @@ async def test_events_of_streamed_messages_ended_before_dispatch_expire(redis: a
 
 
 async def test_a_client_resuming_beside_a_live_reader_misses_nothing(redis: aioredis.Redis, keys: Keys) -> None:
-    from tests.test_streaming import events as read_events
 
     fast = MockSettings(latency_ms=5, stream_tokens=1500, tokens_per_s=1000)
     gaps = []
@@ -494,7 +494,6 @@ def test_the_stored_completion_keeps_reasoning_and_refusals() -> None:
 async def test_a_streamed_message_replayed_after_its_hash_expired_streams_its_chunks(
     redis: aioredis.Redis, keys: Keys
 ) -> None:
-    from tests.test_streaming import events as read_events
 
     env = {"LLMQ_QUEUE__RETRY__MAX_RETRIES": "0"}
     async with (
