@@ -12,12 +12,14 @@ from typing import Any
 import httpx
 import msgspec
 import openai
+import pytest
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+import llmq.stages.ingest.events as events_module
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.runtime.ops_server import OpsServer
 from llmq.stages.ingest.events import EventHub
@@ -561,3 +563,29 @@ async def _longer_than(redis: aioredis.Redis, key: str, n: int) -> bool:
 
 async def _called(h: Harness) -> bool:
     return h.mocks["a"].calls >= 1
+
+
+async def test_a_follower_that_falls_too_far_behind_is_cut_off_and_keeps_what_it_had(
+    redis: aioredis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a stream of 20 events and a hub that lets a follower fall 5 behind
+    monkeypatch.setattr(events_module, "MAX_BEHIND", 5)
+    key = keys.events("slow")
+    for i in range(1, 21):
+        await redis.xadd(key, {b"c": b"x"}, id=f"1-{i}")
+    hub = EventHub(redis)
+    hub.start()
+    try:
+        # When a follower reads nothing
+        slow = hub.follow(key, "0-0")
+
+        async def overrun() -> bool:
+            return slow.overrun
+
+        await eventually(overrun, what="the follower cut off")
+        got = [await slow.next(0.1) for _ in range(6)]
+    finally:
+        await hub.close()
+    # Then it is cut off after 5: it keeps those (its client resumes after the last), and the hub drops it
+    assert [g[0] for g in got[:5] if g is not None] == [f"1-{i}" for i in range(1, 6)]
+    assert got[5] is None and hub.following == 0

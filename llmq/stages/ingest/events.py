@@ -22,6 +22,9 @@ from llmq.pipeline.runtime.streams import as_str
 
 log = logging.getLogger("llmq.ingest")
 
+MAX_BEHIND = 10_000
+"""Events a follower may have waiting: a client that reads slower than its stream is cut off past it (it
+resumes with Last-Event-ID), so one slow reader cannot fill the process's memory."""
 BLOCK_MS = 1000
 """Longest a read blocks: a follower that came while its XREAD was being sent waits at most this long."""
 PER_READ = 500
@@ -39,9 +42,13 @@ class Follower:
         self.key = key
         self.last = after
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.overrun = False
+        """It fell ``MAX_BEHIND`` events behind and was dropped: its client must reconnect."""
 
     async def next(self, timeout_s: float) -> Event | None:
-        """The next event, or None when none came within ``timeout_s``."""
+        """The next event, or None when none came within ``timeout_s`` (or it was dropped: ``overrun``)."""
+        if self.overrun and self.queue.empty():
+            return None
         try:
             return await asyncio.wait_for(self.queue.get(), timeout_s)
         except TimeoutError:
@@ -143,6 +150,9 @@ class EventHub:
             for raw_id, fields in entries:
                 entry_id = as_str(raw_id)
                 for follower in ready:
-                    if _order(entry_id) > _order(follower.last):
+                    if _order(entry_id) > _order(follower.last) and not follower.overrun:
                         follower.last = entry_id
                         follower.queue.put_nowait((entry_id, fields))
+                        if follower.queue.qsize() >= MAX_BEHIND:
+                            follower.overrun = True
+                            self.leave(follower)

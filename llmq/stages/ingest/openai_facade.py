@@ -195,6 +195,8 @@ class OpenAIFacade:
                     else:
                         yield sse.openai_error(_ended_without_answer(end))
                     return
+            # The stream was cut (the client read too slowly): say so, rather than end as if complete.
+            yield sse.openai_error(f"the stream was cut: the whole answer is at GET /api/v1/messages/{message_id}")
         finally:
             OPEN_STREAMS.dec()
             if not ended and owner:

@@ -58,6 +58,8 @@ async def life(
             if idle_s is not None and time.monotonic() - quiet_since > idle_s:
                 return
             event = await follower.next(min(TICK_S, idle_s or TICK_S)) if follower is not None else None
+            if event is None and follower is not None and follower.overrun:
+                return  # read too slowly: the client resumes from its last id
             if event is not None:
                 quiet_since = time.monotonic()
                 entry_id, fields = event
