@@ -25,6 +25,7 @@ import httpx
 import redis.asyncio as aioredis
 
 from benchmarks._procs import drop_prefix, free_port, machine, pct, redis_url, stages, write_result
+from llmq.pipeline.keys import Keys
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
 WARM_UP = 20
@@ -43,11 +44,31 @@ async def first_token_ms(http: httpx.AsyncClient, url: str, headers: dict[str, s
     return first
 
 
+ROUND_TRIP_IDS: list[str] = []
+"""The message ids of the round trips through llmq, for the hop-by-hop breakdown."""
+
+
 async def round_trip_ms(http: httpx.AsyncClient, url: str, headers: dict[str, str]) -> float:
     started = time.perf_counter()
     response = await http.post(url, json=CHAT, headers=headers)
     response.raise_for_status()
+    if "x-llmq-message-id" in response.headers:
+        ROUND_TRIP_IDS.append(response.headers["x-llmq-message-id"])
     return (time.perf_counter() - started) * 1000
+
+
+async def hops(redis: aioredis.Redis, keys: Keys, ids: list[str]) -> dict[str, Any]:
+    """Where a round trip's time goes, from each message's status hash (p50 ms): queued until admitted
+    (ingest's submit → the scheduler's admission), admitted until the dispatcher began it, and began until
+    its outcome was committed (the HTTP call and the commit)."""
+    spans: dict[str, list[float]] = {"submit_to_admitted": [], "admitted_to_began": [], "began_to_finished": []}
+    for mid in ids:
+        h = {k.decode(): float(v) for k, v in (await redis.hgetall(keys.msg(mid))).items() if k.endswith(b"_at")}
+        if {"enqueued_at", "scheduled_at", "started_at", "finished_at"} <= h.keys():
+            spans["submit_to_admitted"].append((h["scheduled_at"] - h["enqueued_at"]) * 1000)
+            spans["admitted_to_began"].append((h["started_at"] - h["scheduled_at"]) * 1000)
+            spans["began_to_finished"].append((h["finished_at"] - h["started_at"]) * 1000)
+    return {name: {"p50": pct(v, 0.5), "p99": pct(v, 0.99)} for name, v in spans.items() if v}
 
 
 def summary(direct: list[float], through: list[float]) -> dict[str, Any]:
@@ -91,6 +112,11 @@ async def run(url: str, n: int) -> dict[str, Any]:
                         through.append(t)
                 results[name] = summary(direct, through)
                 s = results[name]
+                if name == "round_trip":
+                    r = aioredis.Redis.from_url(url)
+                    s["hops_ms"] = await hops(r, Keys(prefix), ROUND_TRIP_IDS[WARM_UP:])
+                    await r.aclose()
+                    print("  hops (p50 ms): " + ", ".join(f"{k} {v['p50']:.2f}" for k, v in s["hops_ms"].items()))
                 print(
                     f"  direct p50 {s['direct_ms']['p50']:.2f} ms p99 {s['direct_ms']['p99']:.2f} ms; "
                     f"through llmq p50 {s['llmq_ms']['p50']:.2f} ms p99 {s['llmq_ms']['p99']:.2f} ms; "
