@@ -589,3 +589,22 @@ async def test_a_follower_that_falls_too_far_behind_is_cut_off_and_keeps_what_it
     # Then it is cut off after 5: it keeps those (its client resumes after the last), and the hub drops it
     assert [g[0] for g in got[:5] if g is not None] == [f"1-{i}" for i in range(1, 6)]
     assert got[5] is None and hub.following == 0
+
+
+async def test_a_message_an_echo_dispatcher_finds_streamed_before_fails_with_it_and_does_not_hang(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given a streamed message whose events stream holds another call's chunk (its dispatcher died)
+    env = {"LLMQ_BACKENDS": '[{name: e, url: "echo://local/v1", max_concurrent: 8}]'}
+    async with Harness(redis, keys, backends={}, env=env, stages=()) as h:
+        mid = (
+            await h.http.post("/api/v1/messages", json={"level": "high", "request": CHAT | {"stream": True}})
+        ).json()["id"]
+    await redis.xadd(keys.events(mid), {b"w": b"another-call"}, id="1-0")
+    await redis.xadd(keys.events(mid), {b"c": msgspec.json.encode(chunk("half "))}, id="1-1")
+    # When an echo dispatcher takes it
+    async with Harness(redis, keys, backends={}, env=env) as h:
+        status = (await h.wait_terminal([mid], within=10))[mid]
+    # Then it fails with what was streamed, never a second answer spliced in, nor left pending
+    assert status["status"] == "failed" and "broke off" in status["error"]
+    assert msgspec.json.decode(status["result"])["choices"][0]["message"]["content"] == "half "

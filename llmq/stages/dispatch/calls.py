@@ -302,7 +302,10 @@ class Caller:
         relay = Relay(self.redis, self._relay, self.keys.events(msg.id)) if is_streamed(msg) else None
         assembled = Assembler()
         try:
-            if backend.url.startswith(ECHO_SCHEME):
+            earlier = await self._streamed_before(backend.name, relay) if relay is not None else None
+            if earlier is not None:
+                result = earlier
+            elif backend.url.startswith(ECHO_SCHEME):
                 body = answer(msg.endpoint, msg.request, name=backend.name, default_model="echo")
                 result = CallResult(status=Status.COMPLETED, backend=backend.name, response=body)
                 if relay is not None:
@@ -311,10 +314,7 @@ class Caller:
                 # scheduler.timeout bounds the whole call: httpx's timeouts are per read, so a backend that
                 # trickles its answer would hold the call (and its backend slot, past its lease) for longer.
                 async with self.http.client() as http, asyncio.timeout(self.timeout_s):
-                    earlier = await self._streamed_before(backend.name, relay) if relay is not None else None
-                    if earlier is not None:
-                        result = earlier
-                    elif relay is not None:
+                    if relay is not None:
                         result = await self._stream(http, backend, msg, headers, relay, assembled)
                     else:
                         response = await http.post(
