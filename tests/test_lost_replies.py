@@ -20,18 +20,18 @@ import redis.asyncio as aioredis
 from llmq.pipeline.config import RedisConfig, load_config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import script_source
-from llmq.pipeline.models import FIELD, Status, encode, new_id
+from llmq.pipeline.models import FIELD, Status
 from llmq.pipeline.redis import make_redis
 from llmq.pipeline.runtime.names import ConsumerLease
 from llmq.pipeline.runtime.runner import Runner
 from llmq.pipeline.runtime.streams import ensure_group, parse_entries
 from llmq.stages.ingest import create_app
-from llmq.stages.ingest.submit import new_message
 from llmq.stages.schedule.arbiter import Arbiter, Candidate, Decisions
 from tests.conftest import eventually
 from tests.support.faults import FaultProxy
 from tests.support.harness import CHAT
 from tests.support.runner import add_jobs, ids, make_runner, pending_count, settings
+from tests.support.schedule import pending
 from tests.support.worker import RecordingStage
 
 EVALSHA = b"EVALSHA"
@@ -164,7 +164,7 @@ async def test_an_admission_whose_reply_is_lost_admits_once(
     env = {"LLMQ_KEY_PREFIX": keys.prefix, "LLMQ_BACKENDS": '[{name: a, url: "echo://a/v1", max_concurrent: 8}]'}
     arbiter = Arbiter(load_config(None, env=env), redis=faulty, keys=keys)
     decisions: Decisions = asyncio.Queue()
-    candidates = await _pending(redis, keys, 3, decisions)
+    candidates = await pending(redis, keys, "s1", 3, decisions)
     arbiter.offer("normal", candidates)
     await redis.script_load(script_source("admit").text)
     proxy.arm("drop", EVALSHA)
@@ -188,7 +188,7 @@ async def test_a_late_admission_does_not_readmit_a_message_that_ended(redis: aio
     env = {"LLMQ_KEY_PREFIX": keys.prefix, "LLMQ_BACKENDS": '[{name: a, url: "echo://a/v1", max_concurrent: 8}]'}
     arbiter = Arbiter(load_config(None, env=env), redis=redis, keys=keys)
     decisions: Decisions = asyncio.Queue()
-    [cand] = await _pending(redis, keys, 1, decisions)
+    [cand] = await pending(redis, keys, "s1", 1, decisions)
     arbiter.offer("normal", [cand])
     await arbiter._round()
     await redis.hset(keys.msg(cand.message.id), "status", Status.COMPLETED.value)
@@ -201,17 +201,6 @@ async def test_a_late_admission_does_not_readmit_a_message_that_ended(redis: aio
     assert await redis.hget(keys.msg(cand.message.id), "status") == b"completed"
     assert decisions.get_nowait()[1] is Status.SCHEDULED
     assert decisions.get_nowait()[1] is Status.COMPLETED  # acked by its intake, nothing recorded again
-
-
-async def _pending(redis: aioredis.Redis, keys: Keys, n: int, decisions: Decisions) -> list[Candidate]:
-    stream = keys.level("normal")
-    await ensure_group(redis, stream, "schedule")
-    messages = [new_message(message_id=new_id(), level="normal", request=CHAT) for _ in range(n)]
-    for m in messages:
-        await redis.xadd(stream, {FIELD: encode(m)})
-        await redis.hset(keys.msg(m.id), "status", "queued")
-    reply = await redis.xreadgroup("schedule", "s1", {stream: ">"}, count=n)
-    return [Candidate(e, m, decisions) for e, m in zip(parse_entries(reply[0][1]), messages, strict=True)]
 
 
 async def _handled(redis: aioredis.Redis, stream: str, n: int) -> bool:

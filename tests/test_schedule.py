@@ -16,31 +16,18 @@ from redis.exceptions import ResponseError
 
 from llmq.pipeline.config import load_config
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.models import FIELD, decode_outcome, encode, new_id
-from llmq.pipeline.runtime.streams import ensure_group, parse_entries
-from llmq.stages.ingest.submit import new_message
+from llmq.pipeline.models import FIELD, decode_outcome
 from llmq.stages.mock_backend import MockSettings
 from llmq.stages.schedule.admission import LevelView, select
-from llmq.stages.schedule.arbiter import Arbiter, Candidate, Decisions
+from llmq.stages.schedule.arbiter import Arbiter
 from llmq.stages.schedule.stagger import MIN_CALLS, Stagger, stagger
 from tests.conftest import eventually
-from tests.support.harness import CHAT, Harness
+from tests.support.harness import Harness
+from tests.support.schedule import pending
 
 
 async def _inflight_is(redis: aioredis.Redis, keys: Keys, level: str, n: int) -> bool:
     return int(await redis.zcount(keys.inflight(level), time.time(), "+inf")) >= n
-
-
-async def pending(redis: aioredis.Redis, keys: Keys, consumer: str, n: int, decisions: Decisions) -> list[Candidate]:
-    """``n`` normal messages as a scheduler holds them: entries of the level stream pending for ``consumer``."""
-    stream = keys.level("normal")
-    await ensure_group(redis, stream, "schedule")
-    messages = [new_message(message_id=new_id(), level="normal", request=CHAT) for _ in range(n)]
-    for m in messages:
-        await redis.xadd(stream, {FIELD: encode(m)})
-        await redis.hset(keys.msg(m.id), "status", "queued")
-    reply = await redis.xreadgroup("schedule", consumer, {stream: ">"}, count=n)
-    return [Candidate(e, m, decisions) for e, m in zip(parse_entries(reply[0][1]), messages, strict=True)]
 
 
 async def _has(outcomes: Callable[[], Awaitable[dict[str, str]]], n: int) -> bool:

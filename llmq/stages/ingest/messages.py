@@ -66,9 +66,9 @@ class Messages:
         self.waiter = Waiter(redis=redis, keys=keys)
         self.max_body = config.server.max_body_bytes
         self.hub = EventHub(redis)
-        self._first_levels = {lv.name for lv in sorted(config.queue.levels, key=lambda lv: lv.priority)[:2]}
+        first_levels = {lv.name for lv in sorted(config.queue.levels, key=lambda lv: lv.priority)[:2]}
         self._cancel_on_disconnect = {
-            lv.name: lv.cancel_on_disconnect if lv.cancel_on_disconnect is not None else lv.name in self._first_levels
+            lv.name: lv.cancel_on_disconnect if lv.cancel_on_disconnect is not None else lv.name in first_levels
             for lv in config.queue.levels
         }
         self._withdrawing: set[asyncio.Task[Any]] = set()
