@@ -159,3 +159,44 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+FIXED_ANSWER = (
+    '{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,'
+    '"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],'
+    '"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
+)
+"""What the nginx backend answers to every request: a chat completion."""
+
+
+@contextmanager
+def nginx_backend(workers: int = 1) -> Iterator[str]:
+    """nginx answering every request with ``FIXED_ANSWER`` (``workers`` processes, no logs): a backend that
+    costs almost nothing, so a throughput figure measures the caller and not the backend. Yields its base URL
+    (``…/v1``). Needs Debian's ``nginx-light``."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="llmq-bench-nginx-") as folder:
+        conf = Path(folder) / "nginx.conf"
+        temp = " ".join(
+            f"{kind}_temp_path {folder}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        conf.write_text(
+            f"worker_processes {workers}; daemon off; pid {folder}/nginx.pid; error_log {folder}/error.log warn;\n"
+            "events { worker_connections 8192; }\n"
+            f"http {{ access_log off; keepalive_requests 10000000; {temp}\n"
+            f"  server {{ listen 127.0.0.1:{port} backlog=4096; location / {{\n"
+            f"    default_type application/json; return 200 '{FIXED_ANSWER}'; }} }} }}\n"
+        )
+        proc = subprocess.Popen(
+            ["nginx", "-c", str(conf), "-p", folder], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            wait_up(f"http://127.0.0.1:{port}/", deadline=time.monotonic() + 10, proc=proc)
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            proc.send_signal(signal.SIGQUIT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

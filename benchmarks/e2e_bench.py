@@ -70,11 +70,16 @@ async def archived(dsn: str) -> int:
         return int(row[0]) if row else 0
 
 
-async def end_to_end(url: str, dsn: str, n: int, backend: str) -> dict[str, Any]:
-    """msgs/s from the first POST to the moment the n-th row is in PostgreSQL."""
+async def end_to_end(
+    url: str, dsn: str, n: int, backend: str, *, backend_url: str | None = None, slots: int = SLOTS, in_hand: int = 0
+) -> dict[str, Any]:
+    """msgs/s from the first POST to the moment the n-th row is in PostgreSQL. ``backend``: ``echo``, ``mock``
+    (started here) or a name for ``backend_url``; ``slots`` bounds the calls in flight, ``in_hand`` what one
+    dispatcher holds (half the slots when 0)."""
     prefix = "{e2e" + uuid.uuid4().hex[:6] + "}"
     api, mock = free_port(), free_port()
-    backend_url = "echo://local/v1" if backend == "echo" else f"http://127.0.0.1:{mock}/v1"
+    if backend_url is None:
+        backend_url = "echo://local/v1" if backend == "echo" else f"http://127.0.0.1:{mock}/v1"
     env = {
         "LLMQ_REDIS_URL": url,
         "LLMQ_DATABASE_URL": dsn,
@@ -83,9 +88,9 @@ async def end_to_end(url: str, dsn: str, n: int, backend: str) -> dict[str, Any]
         "LLMQ_SERVER__HOST": "127.0.0.1",
         "LLMQ_SERVER__PORT": str(api),
         "LLMQ_QUEUE__DEFAULT_MAX_SIZE": str(n),
-        "LLMQ_QUEUE__WORKER__MAX_CONCURRENT": str(SLOTS // 2),
-        "LLMQ_QUEUE__LEVELS": f"[{{name: normal, priority: 1, max_wait_time: 30s, max_concurrent: {SLOTS}}}]",
-        "LLMQ_BACKENDS": f'[{{name: {backend}, url: "{backend_url}", max_concurrent: {SLOTS}}}]',
+        "LLMQ_QUEUE__WORKER__MAX_CONCURRENT": str(in_hand or slots // 2),
+        "LLMQ_QUEUE__LEVELS": f"[{{name: normal, priority: 1, max_wait_time: 30s, max_concurrent: {slots}}}]",
+        "LLMQ_BACKENDS": f'[{{name: {backend}, url: "{backend_url}", max_concurrent: {slots}}}]',
     }
     argvs = [["run", "ingest"]] + [["run", s, "--port", "0"] for s in ("schedule", "dispatch", "retry", "archive")]
     if backend == "mock":

@@ -1,6 +1,5 @@
-"""Dramatiq and Celery (Redis broker) on the same Redis: enqueue N no-op jobs with each library's own API
-while its workers (2 processes, as many as there are cores) drain them; jobs per second from the first
-send to the last job done."""
+"""Dramatiq and Celery (Redis broker) on the same Redis: enqueue N jobs (``benchmarks.peer_jobs``) with each
+library's own API while its workers drain them; jobs per second from the first send to the last job done."""
 
 from __future__ import annotations
 
@@ -20,41 +19,50 @@ import redis.asyncio as aioredis
 
 from benchmarks._procs import ROOT, poll_until
 
+CELERY = ["-m", "celery", "-A", "benchmarks.peer_jobs", "worker", "--without-gossip", "--without-mingle",
+          "--without-heartbeat", "--loglevel", "WARNING"]  # fmt: skip
 WORKERS = {
-    "dramatiq": ["-m", "dramatiq", "benchmarks.peer_jobs", "--processes", "2", "--threads", "8"],
-    "celery": [
-        "-m", "celery", "-A", "benchmarks.peer_jobs", "worker", "--concurrency", "2", "--pool", "prefork",
-        "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING",
-    ],
-}  # fmt: skip
+    # Per job: the worker processes' command lines. A no-op job uses processes (as many as cores); a job
+    # that waits on HTTP and PostgreSQL uses 2 processes x 8 threads, as each library documents for I/O.
+    ("dramatiq", "noop"): [["-m", "dramatiq", "benchmarks.peer_jobs", "--processes", "2", "--threads", "8"]],
+    ("dramatiq", "call"): [["-m", "dramatiq", "benchmarks.peer_jobs", "--processes", "2", "--threads", "8"]],
+    ("celery", "noop"): [[*CELERY, "--concurrency", "2", "--pool", "prefork"]],
+    ("celery", "call"): [[*CELERY, "--concurrency", "8", "--pool", "threads", "-n", f"w{i}@%h"] for i in (1, 2)],
+}
 
 
 @contextmanager
-def workers(kind: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """The library's own worker command, in its own process group: SIGTERM to its main process, then
+def workers(kind: str, job: str, env: dict[str, str]) -> Iterator[None]:
+    """The library's own worker commands, each in its own process group: SIGTERM to its main process, then
     SIGKILL to the whole group if it has not stopped within 30 s."""
-    argv = [sys.executable, *WORKERS[kind]]
-    if kind == "celery":
-        argv += ["--queues", env["PEER_QUEUE"]]
+    procs = []
     with tempfile.NamedTemporaryFile(prefix=f"llmq-bench-{kind}-", suffix=".log", delete=False) as log:
-        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+        for argv in WORKERS[kind, job]:
+            argv = [sys.executable, *argv, *(["--queues", env["PEER_QUEUE"]] if kind == "celery" else [])]
+            procs.append(subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=log, start_new_session=True))
         try:
-            yield proc
+            yield
         finally:
-            proc.send_signal(signal.SIGTERM)  # the main process stops its own worker processes
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    if proc.returncode not in (0, -signal.SIGTERM):
-        print(f"  {kind} workers exited with {proc.returncode}; log: {log.name}", flush=True)
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)  # the main process stops its own worker processes
+            for proc in procs:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+    for proc in procs:
+        if proc.returncode not in (0, -signal.SIGTERM):
+            print(f"  {kind} workers exited with {proc.returncode}; log: {log.name}", flush=True)
 
 
-async def peer(kind: str, url: str, n: int) -> dict[str, Any]:
+async def peer(kind: str, url: str, n: int, job: str = "noop", extra: dict[str, str] | None = None) -> dict[str, Any]:
+    """``n`` jobs (``benchmarks.peer_jobs``: ``noop`` or ``call``, whose settings ``extra`` gives) through
+    ``kind``'s workers: jobs per second from the first send to the last job done."""
     tag = uuid.uuid4().hex[:8]
     counter = f"peer:{tag}:done"
     env = {**os.environ, "PEER_KIND": kind, "PEER_REDIS_URL": url, "PEER_COUNTER": counter, "PEER_QUEUE": f"p{tag}"}
+    env |= extra or {}
     r = aioredis.Redis.from_url(url)
 
     def done(count: int) -> Any:
@@ -64,11 +72,11 @@ async def peer(kind: str, url: str, n: int) -> dict[str, Any]:
         return check
 
     try:
-        with workers(kind, env):
-            await _enqueue(env, 1)  # warm-up: the workers are up once it is done
+        with workers(kind, job, env):
+            await _enqueue(env, job, 1)  # warm-up: the workers are up once it is done
             await poll_until(done(1), timeout_s=60, what=f"{kind} workers to start")
             await r.delete(counter)
-            first_sent, last_sent = await _enqueue(env, n)
+            first_sent, last_sent = await _enqueue(env, job, n)
             await poll_until(done(n), timeout_s=600, what=f"{kind} to finish {n} jobs")
             finished = time.time()
     finally:
@@ -77,10 +85,10 @@ async def peer(kind: str, url: str, n: int) -> dict[str, Any]:
     return {"n": n, "jobs_per_s": n / (finished - first_sent), "enqueue_per_s": n / (last_sent - first_sent)}
 
 
-async def _enqueue(env: dict[str, str], n: int) -> tuple[float, float]:
-    """Runs ``python -m benchmarks.peer_jobs N``; the Unix times of its first and last send."""
+async def _enqueue(env: dict[str, str], job: str, n: int) -> tuple[float, float]:
+    """Runs ``python -m benchmarks.peer_jobs JOB N``; the Unix times of its first and last send."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "benchmarks.peer_jobs", str(n), env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+        sys.executable, "-m", "benchmarks.peer_jobs", job, str(n), env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE
     )
     out, _ = await proc.communicate()
     if proc.returncode != 0:

@@ -4,11 +4,9 @@ what their answers mean, on real Redis with mock backends over real HTTP."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 
-import httpx
 import msgspec
 import pytest
 import redis.asyncio as aioredis
@@ -17,15 +15,16 @@ from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, Status, decode_outcome, encode, new_id
 from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.effects import Commit
+from llmq.pipeline.runtime.ops_server import OpsServer
 from llmq.pipeline.runtime.streams import ensure_group, parse_entries
 from llmq.stages.dispatch import Dispatch, calls
 from llmq.stages.dispatch.calls import MAX_ESTIMATE, classify, estimate_tokens, retry_after
-from llmq.stages.dispatch.http_pool import CONNECTIONS_PER_SHARD, ShardedClient
+from llmq.stages.dispatch.http_pool import Answer, HTTPError, Pool
 from llmq.stages.dispatch.limits import BackendLimits
 from llmq.stages.dispatch.routing import BackendView, Balancer, Circuit
 from llmq.stages.ingest.submit import new_message
-from llmq.stages.mock_backend import MockSettings
-from tests.conftest import eventually
+from llmq.stages.mock_backend import MockBackend, MockSettings
+from tests.conftest import eventually, free_port
 from tests.support.harness import CHAT, Harness
 
 NO_RETRY = {"LLMQ_QUEUE__RETRY__MAX_RETRIES": "0"}
@@ -173,7 +172,7 @@ async def test_a_tpm_correction_never_overflows_the_counter(redis: aioredis.Redi
 
 def test_an_error_body_in_any_charset_is_storable() -> None:
     # a 503 whose body says charset=utf-7: "+2AA-" decodes to a lone surrogate
-    response = httpx.Response(503, content=b"busy +2AA-", headers={"content-type": "text/plain; charset=utf-7"})
+    response = Answer(503, {"content-type": "text/plain; charset=utf-7"}, b"busy +2AA-")
     result = classify("b", response, max_retry_after_s=60)
     assert result.status is Status.RETRYING and result.error is not None
     result.error.encode()  # raised UnicodeEncodeError, and the message was called again until poison
@@ -488,16 +487,16 @@ def test_retry_after_cools_a_backend_until_then() -> None:
 @pytest.mark.parametrize(
     ("response", "status", "error"),
     [
-        (httpx.Response(200, json={"choices": []}), Status.COMPLETED, None),
+        (Answer(200, content=b'{"choices": []}'), Status.COMPLETED, None),
         # a success whose body is not a completion is the backend's fault: retried, never a crashed batch
-        (httpx.Response(200, json=["not", "a", "completion"]), Status.RETRYING, "JSON that is not an object"),
-        (httpx.Response(200, json="text"), Status.RETRYING, "JSON that is not an object"),
-        (httpx.Response(200, content=b"<html>"), Status.RETRYING, "invalid JSON"),
-        (httpx.Response(503, text="overloaded"), Status.RETRYING, "answered 503: overloaded"),
-        (httpx.Response(400, text="bad request"), Status.FAILED, "answered 400: bad request"),
+        (Answer(200, content=b'["not", "a", "completion"]'), Status.RETRYING, "JSON that is not an object"),
+        (Answer(200, content=b'"text"'), Status.RETRYING, "JSON that is not an object"),
+        (Answer(200, content=b"<html>"), Status.RETRYING, "invalid JSON"),
+        (Answer(503, content=b"overloaded"), Status.RETRYING, "answered 503: overloaded"),
+        (Answer(400, content=b"bad request"), Status.FAILED, "answered 400: bad request"),
     ],
 )
-def test_a_backend_answer_is_classified(response: httpx.Response, status: Status, error: str | None) -> None:
+def test_a_backend_answer_is_classified(response: Answer, status: Status, error: str | None) -> None:
     result = classify("b", response, max_retry_after_s=60)
     assert result.status is status and result.backend == "b"
     assert (result.error is None) if error is None else (error in (result.error or ""))
@@ -505,7 +504,7 @@ def test_a_backend_answer_is_classified(response: httpx.Response, status: Status
 
 
 def test_429_carries_its_retry_after() -> None:
-    result = classify("b", httpx.Response(429, headers={"Retry-After": "2.5"}), max_retry_after_s=60)
+    result = classify("b", Answer(429, {"Retry-After": "2.5"}), max_retry_after_s=60)
     assert result.status is Status.RETRYING and result.retry_after == 2.5
 
 
@@ -524,7 +523,7 @@ def test_429_carries_its_retry_after() -> None:
 )
 def test_retry_after_is_finite_and_never_past_max_backoff(header: str, seconds: float | None) -> None:
     # A backend's Retry-After of inf or 1e12 parked a message for ever and took the backend out of rotation
-    result = classify("b", httpx.Response(503, headers={"Retry-After": header}), max_retry_after_s=60)
+    result = classify("b", Answer(503, {"Retry-After": header}), max_retry_after_s=60)
     assert result.status is Status.RETRYING and result.retry_after == seconds
 
 
@@ -537,16 +536,31 @@ def test_token_estimate_counts_prompt_and_budget() -> None:
     assert estimate_tokens({"messages": []}) == 256
 
 
-async def test_backend_calls_spread_over_http_shards_least_busy_first() -> None:
-    pool = ShardedClient(concurrency=3 * CONNECTIONS_PER_SHARD, timeout=httpx.Timeout(1.0))
+async def test_the_backend_pool_holds_every_call_in_flight_at_once() -> None:
+    # httpx's pool queued calls behind each other past a few connections; LLM calls are long and many
+    mock = MockBackend(MockSettings(latency_ms=300, jitter_ms=0))
+    server = OpsServer(mock.app(), host="127.0.0.1", port=0)
+    server.start()
+    pool = Pool(concurrency=100, connect_timeout_s=5, read_timeout_s=10)
     try:
-        async with contextlib.AsyncExitStack() as stack:
-            # Three calls at once land on three different clients
-            held = [await stack.enter_async_context(pool.client()) for _ in range(3)]
-            assert len({id(c) for c in held}) == 3
-            # and a fourth shares one of them only once all three are busy
-            assert await stack.enter_async_context(pool.client()) in held
-        async with pool.client() as first, pool.client() as second:
-            assert first is not second  # finished calls free their shard
+        url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+        body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+        answers = await asyncio.gather(*(pool.post(url, body, {}) for _ in range(100)))
+        assert {a.status for a in answers} == {200} and mock.peak == 100
     finally:
         await pool.aclose()
+        await server.stop()
+
+
+async def test_a_backend_that_refuses_connections_is_an_http_error() -> None:
+    pool = Pool(concurrency=1, connect_timeout_s=5, read_timeout_s=5)
+    try:
+        with pytest.raises(HTTPError):
+            await pool.post(f"http://127.0.0.1:{free_port()}/v1/chat/completions", b"{}", {})
+    finally:
+        await pool.aclose()
+
+
+def test_an_answer_reads_its_text_in_the_charset_it_names() -> None:
+    assert Answer(200, {"Content-Type": "text/plain; charset=latin-1"}, "é".encode("latin-1")).text == "é"
+    assert Answer(200, {"Content-Type": "text/plain; charset=nonsense"}, b"\xff ok").text == "\ufffd ok"

@@ -95,10 +95,8 @@ def setup_logging(cfg: LoggingConfig, **static: str) -> logging.Handler:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(cfg.level.upper())
-    # Access logs of the ops endpoints, and httpx's line per backend call, would drown the stage's own
-    # lines (dispatch outcomes are counted in metrics and failures logged by dispatch itself).
+    # Access logs of the ops endpoints would drown the stage's own lines (requests are counted in metrics)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     return handler
 
 

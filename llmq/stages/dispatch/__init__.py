@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import msgspec
 import redis.asyncio as aioredis
 
@@ -35,7 +34,7 @@ from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.stage import Stage
 from llmq.pipeline.runtime.streams import Entry
 from llmq.stages.dispatch.calls import Caller, CallResult, clean_text, estimate_tokens, storable, token_count
-from llmq.stages.dispatch.http_pool import ShardedClient
+from llmq.stages.dispatch.http_pool import Pool
 from llmq.stages.dispatch.limits import BackendLimits
 from llmq.stages.dispatch.probes import Prober
 from llmq.stages.dispatch.routing import Router
@@ -91,8 +90,8 @@ class Dispatch(Stage):
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
-        http = ShardedClient(
-            concurrency=self.max_in_hand, timeout=httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s))
+        http = Pool(
+            concurrency=self.max_in_hand, connect_timeout_s=min(5.0, self.timeout_s), read_timeout_s=self.timeout_s
         )
         self.caller = Caller(self.config, http=http, router=self.router, redis=self.redis, keys=self.keys)
         prober = Prober(self.config, router=self.router, http=http)

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge, Histogram
@@ -32,7 +31,7 @@ from llmq.pipeline.models import Message, Status
 from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.effects import Effect
 from llmq.pipeline.streamed import CHUNK, END, USAGE, is_streamed
-from llmq.stages.dispatch.http_pool import ShardedClient
+from llmq.stages.dispatch.http_pool import Answer, HTTPError, Pool, Reply
 from llmq.stages.dispatch.relay import Relay
 
 if TYPE_CHECKING:
@@ -101,7 +100,7 @@ def retry_after(value: str | None, *, max_s: float, now: float | None = None) ->
     return min(max(0.0, seconds), max_s)
 
 
-def _body(response: httpx.Response) -> Any:
+def _body(response: Answer) -> Any:
     """The JSON body: msgspec's parser, or the standard one for what msgspec refuses (escaped lone
     surrogates, NaN), which ``storable`` then cleans."""
     try:
@@ -146,11 +145,11 @@ def storable(body: Any) -> tuple[Any, str | None]:
     return (None, problems[0]) if problems else (cleaned, None)
 
 
-async def sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
+async def sse_data(reply: Reply) -> AsyncIterator[bytes]:
     """The value of each ``data:`` line of a server-sent event stream, as bytes. Lines end at LF (CRLF) only:
-    a JSON string may hold U+2028 or U+0085 unescaped, where ``aiter_lines`` would cut it."""
+    a JSON string may hold U+2028 or U+0085 unescaped, where a text line reader would cut it."""
     buffer = bytearray()
-    async for piece in response.aiter_bytes():
+    async for piece in reply.pieces():
         start = len(buffer)
         buffer += piece
         at = buffer.find(b"\n", start)
@@ -201,7 +200,7 @@ def relay_whole(relay: Relay, body: dict[str, Any]) -> None:
         relay.add(_json.encode(head | {"choices": [], "usage": body["usage"]}), usage_only=True)
 
 
-def classify(name: str, response: httpx.Response, *, max_retry_after_s: float) -> CallResult:
+def classify(name: str, response: Answer, *, max_retry_after_s: float) -> CallResult:
     """The outcome a backend's answer gives: a completion body (a JSON object) completes; a success whose
     body is not one, or a retryable status, is retried; any other status fails."""
     if response.is_success:
@@ -214,8 +213,8 @@ def classify(name: str, response: httpx.Response, *, max_retry_after_s: float) -
             return CallResult(status=Status.RETRYING, backend=name, error=error)
         return CallResult(status=Status.COMPLETED, backend=name, response=body)
     detail = clean_text(response.text[:500])  # its charset may be any: utf-7 decodes to lone surrogates
-    error = f"backend {name} answered {response.status_code}: {detail}"
-    if response.status_code in RETRYABLE_STATUS:
+    error = f"backend {name} answered {response.status}: {detail}"
+    if response.status in RETRYABLE_STATUS:
         wait = retry_after(response.headers.get("retry-after"), max_s=max_retry_after_s)
         return CallResult(status=Status.RETRYING, backend=name, error=error, retry_after=wait)
     return CallResult(status=Status.FAILED, backend=name, error=error)
@@ -274,9 +273,7 @@ class Caller:
     """Makes the calls: over pooled HTTP (or in-process for ``echo://``), bounded by ``scheduler.timeout`` as a
     whole, each answer read into a ``CallResult`` and counted; the backend's circuit learns of it."""
 
-    def __init__(
-        self, config: Config, *, http: ShardedClient, router: Router, redis: aioredis.Redis, keys: Keys
-    ) -> None:
+    def __init__(self, config: Config, *, http: Pool, router: Router, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
         self._relay = Lua(redis, "relay")
@@ -311,25 +308,22 @@ class Caller:
                 if relay is not None:
                     relay_whole(relay, body)
             else:
-                # scheduler.timeout bounds the whole call: httpx's timeouts are per read, so a backend that
+                # scheduler.timeout bounds the whole call: the pool's timeouts are per read, so a backend that
                 # trickles its answer would hold the call (and its backend slot, past its lease) for longer.
-                async with self.http.client() as http, asyncio.timeout(self.timeout_s):
+                async with asyncio.timeout(self.timeout_s):
                     if relay is not None:
-                        result = await self._stream(http, backend, msg, headers, relay, assembled)
+                        result = await self._stream(backend, msg, headers, relay, assembled)
                     else:
-                        response = await http.post(
-                            backend.url.rstrip("/") + "/" + msg.endpoint,
-                            content=_json.encode(msg.request),
-                            headers=headers,
-                        )
+                        url = backend.url.rstrip("/") + "/" + msg.endpoint
+                        response = await self.http.post(url, _json.encode(msg.request), headers)
                         result = self._read(backend.name, response)
             if result.response is not None:
                 result.tokens_used = self._count_tokens(backend.name, result.response)
-        except (TimeoutError, httpx.TimeoutException):
+        except TimeoutError:
             error = f"timeout after {self.timeout_s:g}s"
             result = self._broken_off(backend.name, error, relay, assembled)
-        except httpx.HTTPError as exc:
-            result = self._broken_off(backend.name, f"connection error: {exc!r}", relay, assembled)
+        except HTTPError as exc:
+            result = self._broken_off(backend.name, f"connection error: {exc}", relay, assembled)
         except UnicodeError as exc:  # a chunk in no encoding msgspec or json read: nothing it sent is storable
             result = self._broken_off(backend.name, f"backend streamed what cannot be read: {exc}", relay, assembled)
         finally:
@@ -350,7 +344,6 @@ class Caller:
 
     async def _stream(
         self,
-        http: httpx.AsyncClient,
         backend: BackendConfig,
         msg: Message,
         headers: dict[str, str],
@@ -367,17 +360,15 @@ class Caller:
         meters = self.meters[backend.name]
         started = time.perf_counter()
         last = 0.0
-        async with http.stream("POST", url, content=_json.encode(body), headers=headers) as response:
-            if not response.is_success:
-                await response.aread()
-                return self._read(backend.name, response)
-            if not response.headers.get("content-type", "").startswith("text/event-stream"):
-                await response.aread()  # a backend that answers a stream request whole
-                result = self._read(backend.name, response)
+        async with self.http.stream(url, _json.encode(body), headers) as reply:
+            if not reply.is_success:
+                return self._read(backend.name, await reply.read())
+            if not reply.headers.get("content-type", "").startswith("text/event-stream"):
+                result = self._read(backend.name, await reply.read())  # a backend that answers a stream request whole
                 if result.status is Status.COMPLETED and result.response is not None:
                     relay_whole(relay, result.response)
                 return result
-            async for data in sse_data(response):
+            async for data in sse_data(reply):
                 if data == b"[DONE]":
                     break
                 if relay.refused:
@@ -439,16 +430,14 @@ class Caller:
         error = f"backend {name} broke off the stream after {relay.written} chunks: {error}"
         return CallResult(status=Status.FAILED, backend=name, error=error, response=partial)
 
-    def _read(self, name: str, response: httpx.Response) -> CallResult:
+    def _read(self, name: str, response: Answer) -> CallResult:
         """What the backend's answer means. Once a call has been made, nothing it answered may leave the
         message to be called again: an answer that breaks the reading fails the message, with the reason."""
         try:
             return classify(name, response, max_retry_after_s=self.max_retry_after_s)
         except Exception as exc:
             log.warning("backend %s answered what cannot be read", name, exc_info=True)
-            error = (
-                f"backend {name} answered {response.status_code} with a body that cannot be read: {type(exc).__name__}"
-            )
+            error = f"backend {name} answered {response.status} with a body that cannot be read: {type(exc).__name__}"
             return CallResult(status=Status.FAILED, backend=name, error=error)
 
     def _count_tokens(self, name: str, body: dict[str, Any]) -> int | None:

@@ -1,40 +1,132 @@
-"""HTTP clients for backend calls: httpx, in shards of a few connections each.
+"""HTTP to backends: one aiohttp session per dispatcher. The rest of the stage sees only what is here: ``Pool``
+(``post``, ``get``, ``stream``), ``Answer`` (a whole answer), ``Reply`` (one read as it comes) and
+``HTTPError``.
 
-One httpx client holding hundreds of concurrent requests spends its time in its own connection pool:
-httpcore re-matches every queued request against every connection each time one starts or ends
-(quadratic, encode/httpx#3215). Measured on 2 cores against the mock backend, 200 concurrent calls
-through one client made 95 calls/s; through clients of 4 connections each, 476. Each call goes to the
-shard with the fewest calls running, so it never queues inside httpx while another shard has room.
+The client was chosen by measurement (``benchmarks/http_clients.py``, figures in RESULTS.md): against nginx
+answering a fixed completion, on one process, aiohttp made 5,211 / 11,265 / 12,798 / 10,090 requests/s at
+1 / 8 / 64 / 256 in flight, httpx 1,733 / 1,723 / 174 / 72 with one client (its pool re-matches every queued
+request against every connection, encode/httpx#3215) and 1,627 / 1,751 / 1,885 / 1,603 in shards of four
+connections, the workaround llmq used until then. LLM traffic is hundreds of long calls in flight.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
-import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 
-import httpx
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
 
-CONNECTIONS_PER_SHARD = 4
+SPARE_CONNECTIONS = 16
+"""Connections past the calls a dispatcher may hold: room for health probes."""
 
 
-class ShardedClient:
-    def __init__(self, *, concurrency: int, timeout: httpx.Timeout) -> None:
-        shards = max(1, math.ceil(concurrency / CONNECTIONS_PER_SHARD))
-        limits = httpx.Limits(max_connections=CONNECTIONS_PER_SHARD, max_keepalive_connections=CONNECTIONS_PER_SHARD)
-        self._clients = [httpx.AsyncClient(timeout=timeout, limits=limits) for _ in range(shards)]
-        self._running = [0] * shards
+class HTTPError(Exception):
+    """The call failed on the way: no connection, a reset, a body cut short. (A timeout raises TimeoutError.)"""
+
+
+class Answer:
+    """A backend's whole answer."""
+
+    __slots__ = ("content", "headers", "status")
+
+    def __init__(self, status: int, headers: Mapping[str, str] | None = None, content: bytes = b"") -> None:
+        self.status = status
+        self.headers: Mapping[str, str] = (
+            headers if isinstance(headers, CIMultiDictProxy) else CIMultiDict(headers or {})
+        )
+        self.content = content
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def text(self) -> str:
+        """The body as text, in the charset its Content-Type names (UTF-8 when none or an unknown one);
+        bytes that do not decode become U+FFFD."""
+        return self.content.decode(_charset(self.headers.get("content-type", "")), errors="replace")
+
+
+class Reply:
+    """An answer being read as it comes (a streamed call's)."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.headers: Mapping[str, str] = response.headers
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status < 300
+
+    async def read(self) -> Answer:
+        """The rest of the body, whole."""
+        with _errors():
+            return Answer(self.status, self._response.headers, await self._response.read())
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        """The body in the pieces it arrives in."""
+        with _errors():
+            async for piece in self._response.content.iter_any():
+                yield piece
+
+
+class Pool:
+    """Keep-alive connections to every backend, at most ``concurrency`` (plus spares) at once. Made inside the
+    running event loop; ``read_timeout_s`` bounds each read, ``connect_timeout_s`` each connect."""
+
+    def __init__(self, *, concurrency: int, connect_timeout_s: float, read_timeout_s: float) -> None:
+        connector = aiohttp.TCPConnector(limit=concurrency + SPARE_CONNECTIONS, limit_per_host=0)
+        timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s)
+        # Environment proxies are not used (trust_env off): a backend is called where the config says
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Answer:
+        with _errors():
+            async with self._session.post(url, data=body, headers=_json(headers)) as response:
+                return Answer(response.status, response.headers, await response.read())
+
+    async def get(self, url: str, *, timeout_s: float) -> Answer:
+        with _errors():
+            timeout = aiohttp.ClientTimeout(total=timeout_s)
+            async with self._session.get(url, timeout=timeout) as response:
+                return Answer(response.status, response.headers, await response.read())
 
     @contextlib.asynccontextmanager
-    async def client(self) -> AsyncIterator[httpx.AsyncClient]:
-        """The least busy client, for one call."""
-        i = min(range(len(self._running)), key=self._running.__getitem__)
-        self._running[i] += 1
-        try:
-            yield self._clients[i]
-        finally:
-            self._running[i] -= 1
+    async def stream(self, url: str, body: bytes, headers: Mapping[str, str]) -> AsyncIterator[Reply]:
+        """POST ``body``; the answer as it comes. Leaving the block early closes the connection (the backend
+        sees its client gone and can stop generating)."""
+        with _errors():
+            async with self._session.post(url, data=body, headers=_json(headers)) as response:
+                yield Reply(response)
 
     async def aclose(self) -> None:
-        for c in self._clients:
-            await c.aclose()
+        await self._session.close()
+
+
+def _json(headers: Mapping[str, str]) -> dict[str, str]:
+    return {"Content-Type": "application/json", **headers}
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """aiohttp's errors as ``HTTPError``; its timeouts stay TimeoutError (some are both)."""
+    try:
+        yield
+    except TimeoutError:
+        raise
+    except aiohttp.ClientError as exc:
+        raise HTTPError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _charset(content_type: str) -> str:
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            try:
+                return codecs.lookup(value.strip().strip('"')).name
+            except LookupError:
+                break
+    return "utf-8"

@@ -7,18 +7,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import httpx
-
 from llmq.pipeline.config import BackendConfig, Config
 from llmq.pipeline.echo import ECHO_SCHEME
-from llmq.stages.dispatch.http_pool import ShardedClient
+from llmq.stages.dispatch.http_pool import HTTPError, Pool
 from llmq.stages.dispatch.routing import BACKEND_UP, Router
 
 log = logging.getLogger("llmq.dispatch")
 
 
 class Prober:
-    def __init__(self, config: Config, *, router: Router, http: ShardedClient) -> None:
+    def __init__(self, config: Config, *, router: Router, http: Pool) -> None:
         self.interval_s = config.loadbalancer.health_check_interval.seconds
         self.router = router
         self.http = http
@@ -43,8 +41,7 @@ class Prober:
         if backend.url.startswith(ECHO_SCHEME):
             return True
         try:
-            async with self.http.client() as http:
-                response = await http.get(backend.url.rstrip("/") + "/models", timeout=5.0)
-        except httpx.HTTPError:
+            response = await self.http.get(backend.url.rstrip("/") + "/models", timeout_s=5.0)
+        except (HTTPError, TimeoutError):
             return False
         return response.is_success
