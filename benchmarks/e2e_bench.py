@@ -21,6 +21,7 @@ import uuid
 from typing import Any
 
 import httpx
+import psutil
 import psycopg
 import redis.asyncio as aioredis
 
@@ -95,7 +96,9 @@ async def end_to_end(
     argvs = [["run", "ingest"]] + [["run", s, "--port", "0"] for s in ("schedule", "dispatch", "retry", "archive")]
     if backend == "mock":
         argvs.append(["run", "mock-backend", "--port", str(mock), "--latency-ms", "0"])
-    with stages(env, *argvs):
+    with stages(env, *argvs) as procs:
+        cpu = {argv[1]: psutil.Process(p.pid) for argv, p in zip(argvs, procs, strict=True)}
+        cpu_before = {name: sum(p.cpu_times()[:2]) for name, p in cpu.items()}
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api}", timeout=60) as http:
             before = await archived(dsn)
             items = [{"level": "normal", "request": CHAT}] * BATCH
@@ -110,9 +113,17 @@ async def end_to_end(
 
             await poll_until(all_archived, timeout_s=600, what=f"{n} archived rows")
             elapsed = time.perf_counter() - started
+        cpu_s = {name: round(sum(p.cpu_times()[:2]) - cpu_before[name], 2) for name, p in cpu.items()}
     r = aioredis.Redis.from_url(url)
     await drop_prefix(r, prefix)
-    return {"backend": backend, "n": n, "msgs_per_s": n / elapsed, "seconds": elapsed, "ingest_seconds": accepted_s}
+    return {
+        "backend": backend,
+        "n": n,
+        "msgs_per_s": n / elapsed,
+        "seconds": elapsed,
+        "ingest_seconds": accepted_s,
+        "cpu_seconds": cpu_s,
+    }
 
 
 async def run(url: str, dsn: str, n: int) -> dict[str, Any]:

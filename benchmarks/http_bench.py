@@ -81,6 +81,7 @@ async def run(url: str, dsn: str, n: int, in_flight: int, peer_n: int) -> dict[s
         llmq = await end_to_end(url, dsn, n, "nginx", backend_url=base, slots=in_flight, in_hand=in_flight)
         over_bare = llmq["msgs_per_s"] / reference
         print(f"  {llmq['msgs_per_s']:,.0f} msgs/s archived = {over_bare:.3f}x bare (target {TARGET_OVER_BARE})")
+        print(f"  CPU seconds by process: {llmq['cpu_seconds']}", flush=True)
         others = await peers(url, dsn, base, peer_n)
     best = max(p["jobs_per_s"] for p in others.values())
     multiple = llmq["msgs_per_s"] / best
