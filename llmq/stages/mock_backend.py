@@ -53,6 +53,9 @@ class MockSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     die_after_chunks: int = 0
     """Break the connection off after this many chunks of a streamed answer: a backend dying mid-stream
     (0: never)."""
+    stamp_chunks: bool = False
+    """Each streamed chunk carries ``mock_sent_at``, the Unix time it was written: what a benchmark measures
+    delivery lag from."""
 
 
 _json = msgspec.json.Encoder()
@@ -138,6 +141,8 @@ class MockBackend:
                 raise ConnectionAbortedError("mock backend: dying mid-stream, as configured")
             if i and gap:
                 await asyncio.sleep(gap)
+            if s.stamp_chunks:
+                chunk = chunk | {"mock_sent_at": time.time()}
             yield b"data: " + _json.encode(chunk) + b"\n\n"
         yield b"data: [DONE]\n\n"
 

@@ -26,7 +26,7 @@ from llmq.pipeline.chunks import Assembler
 from llmq.pipeline.config import BackendConfig, Config
 from llmq.pipeline.echo import ECHO_SCHEME, answer, prompt_chars
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.lua import Lua
+from llmq.pipeline.lua import Coalesced, Lua
 from llmq.pipeline.models import Message, Status
 from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.effects import Effect
@@ -276,7 +276,7 @@ class Caller:
     def __init__(self, config: Config, *, http: Pool, router: Router, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self._relay = Lua(redis, "relay")
+        self._relay = Coalesced(Lua(redis, "relay"))
         self.timeout_s = config.scheduler.timeout.seconds
         self.max_retry_after_s = config.queue.retry.max_backoff.seconds
         self.http = http
@@ -296,7 +296,7 @@ class Caller:
         self.local_inflight[backend.name] += 1
         meters.inflight.set(self.local_inflight[backend.name])
         started = time.perf_counter()
-        relay = Relay(self.redis, self._relay, self.keys.events(msg.id)) if is_streamed(msg) else None
+        relay = Relay(self._relay, self.keys.events(msg.id)) if is_streamed(msg) else None
         assembled = Assembler()
         try:
             earlier = await self._streamed_before(backend.name, relay) if relay is not None else None

@@ -2,7 +2,9 @@
 
 Chunks that arrive in one turn of the event loop (one read from the backend) go to Redis in one script
 call (``scripts/relay-1.lua``), so a chunk waits at most the round trip before it, and Redis sees one call
-per read instead of one per token. Each entry has an id of our own (``<ms>-<n>``, n counting the call's
+per read instead of one per token; the calls of every stream relayed in that turn share one round trip
+(``Coalesced``: with 200 streams at once, relaying cost the dispatcher 76 µs of CPU per chunk when each
+stream made its own). Each entry has an id of our own (``<ms>-<n>``, n counting the call's
 chunks), so a write resent after a lost reply is skipped instead of written twice; the call's first write
 claims the stream for it, so a call that lost its message to another dispatcher is refused (``refused``).
 """
@@ -14,16 +16,14 @@ import logging
 import os
 import time
 
-import redis.asyncio as aioredis
-
-from llmq.pipeline.lua import Lua
+from llmq.pipeline.lua import Coalesced
 from llmq.pipeline.streamed import CHUNK, LIVE_TTL_S, MAX_EVENTS, USAGE
 
 log = logging.getLogger("llmq.dispatch")
 
 
 class Relay:
-    def __init__(self, redis: aioredis.Redis, script: Lua, key: str) -> None:
+    def __init__(self, script: Coalesced, key: str) -> None:
         self.key = key
         self._script = script
         self.token = os.urandom(8).hex()
@@ -50,8 +50,7 @@ class Relay:
 
     async def _flush(self) -> None:
         try:
-            while self._waiting and not self.refused:
-                await asyncio.sleep(0)  # the chunks of this turn's read come along
+            while self._waiting and not self.refused:  # the task runs a turn later: this read's chunks are in
                 batch, self._waiting = self._waiting, []
                 args = [self.token, LIVE_TTL_S, MAX_EVENTS, f"{self.base_ms}-0", *batch]
                 if not await self._script([self.key], args):

@@ -47,7 +47,9 @@ class Follower:
 
     async def next(self, timeout_s: float) -> Event | None:
         """The next event, or None when none came within ``timeout_s`` (or it was dropped: ``overrun``)."""
-        if self.overrun and self.queue.empty():
+        if not self.queue.empty():  # no timer, no task: most events are read as soon as they are put
+            return self.queue.get_nowait()
+        if self.overrun:
             return None
         try:
             return await asyncio.wait_for(self.queue.get(), timeout_s)
@@ -127,7 +129,9 @@ class EventHub:
         if self._reader_id is None:
             self._reader_id = int(await self._reader.client_id())
         streams: dict[Any, Any] = {
-            key: min((f.last for f in fs), key=_order) for key, fs in self._followers.items() if fs
+            key: next(iter(fs)).last if len(fs) == 1 else min((f.last for f in fs), key=_order)
+            for key, fs in self._followers.items()
+            if fs
         }
         if not streams:
             return
