@@ -236,3 +236,39 @@ async def test_an_events_stream_with_nothing_to_say_ends_and_says_to_reconnect(
     body = response.text
     assert body.startswith("retry: 1000\n\n") and 'event: status\ndata: {"status":"queued"}' in body
     assert body.rstrip().endswith("reconnect with Last-Event-ID to go on") and "event: end" not in body
+
+
+@pytest.mark.parametrize("abort", [True, False])
+async def test_a_client_gone_after_dispatch_stops_the_backend_call_only_when_its_level_says(
+    redis: aioredis.Redis, keys: Keys, abort: bool
+) -> None:
+    # Given a backend streaming 100 tokens at 50 a second (two seconds), on a level that aborts (or not)
+    slow = MockSettings(latency_ms=0, stream_tokens=100, tokens_per_s=50)
+    levels = f"[{{name: realtime, priority: 1, max_wait_time: 5s, max_concurrent: 4, abort_on_disconnect: {abort}}}]"
+    env = {"LLMQ_QUEUE__LEVELS": levels}
+    async with (
+        Harness(redis, keys, backends={"a": slow}, env=env) as h,
+        served(h) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        # When its client reads three tokens and goes away
+        headers = {"X-LLMQ-Priority": "realtime"}
+        async with http.stream("POST", "/v1/chat/completions", json=CHAT | {"stream": True}, headers=headers) as r:
+            mid = r.headers["x-llmq-message-id"]
+            seen = 0
+            async for line in r.aiter_lines():
+                seen += line.startswith("data: {") and '"content":"t' in line
+                if seen == 3:
+                    break
+        status = (await h.wait_terminal([mid], within=10))[mid]
+    answered = msgspec.json.decode(status["result"])["choices"][0]["message"]["content"]
+    if abort:
+        # Then the backend's stream was broken off at once (its client gone), the message cancelled with
+        # what had been generated
+        assert status["status"] == "cancelled" and "went away" in status["error"]
+        assert answered.startswith("t0 t1 t2 ") and len(answered.split()) < 50
+        assert h.mocks["a"].broken_streams == 1
+    else:
+        # Then the generation ran to its end and is kept
+        assert status["status"] == "completed" and len(answered.split()) == 100
+        assert h.mocks["a"].broken_streams == 0

@@ -81,6 +81,8 @@ class MockBackend:
         self.by_message: Counter[str] = Counter()
         self.current = 0
         self.peak = 0
+        self.broken_streams = 0
+        """Streamed answers whose client went away before their end."""
         self.started_at = time.time()
 
     async def chat(self, request: Request) -> Response:
@@ -136,15 +138,19 @@ class MockBackend:
     async def _stream(self, chunks: list[dict[str, Any]]) -> AsyncIterator[bytes]:
         s = self.settings
         gap = 1 / s.tokens_per_s if s.tokens_per_s > 0 else 0.0
-        for i, chunk in enumerate(chunks):
-            if s.die_after_chunks and i >= s.die_after_chunks:
-                raise ConnectionAbortedError("mock backend: dying mid-stream, as configured")
-            if i and gap:
-                await asyncio.sleep(gap)
-            if s.stamp_chunks:
-                chunk = chunk | {"mock_sent_at": time.time()}
-            yield b"data: " + _json.encode(chunk) + b"\n\n"
-        yield b"data: [DONE]\n\n"
+        try:
+            for i, chunk in enumerate(chunks):
+                if s.die_after_chunks and i >= s.die_after_chunks:
+                    raise ConnectionAbortedError("mock backend: dying mid-stream, as configured")
+                if i and gap:
+                    await asyncio.sleep(gap)
+                if s.stamp_chunks:
+                    chunk = chunk | {"mock_sent_at": time.time()}
+                yield b"data: " + _json.encode(chunk) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit, OSError):  # its client went away (as vLLM sees an abort)
+            self.broken_streams += 1
+            raise
 
     async def models(self, _: Request) -> Response:
         data = [
@@ -166,6 +172,7 @@ class MockBackend:
                 "duplicates": duplicates,
                 "current": self.current,
                 "peak_concurrency": self.peak,
+                "broken_streams": self.broken_streams,
             }
         )
 

@@ -134,6 +134,11 @@ class LevelConfig(_Section, frozen=True):
     cancel_on_disconnect: bool | None = None
     """Cancel a streamed request whose client went away before it reached a backend (after, it runs on and
     stays retrievable). Unset: true for the two levels served first (realtime and high in the seed)."""
+    abort_on_disconnect: bool = False
+    """Stop a streamed request's backend call when its client goes away after it reached a backend: the
+    connection to the backend is closed (vLLM, SGLang and llama.cpp then stop generating, freeing the GPU)
+    and the message ends ``cancelled`` with what was generated so far. Off: the generation runs on and its
+    answer stays retrievable. Seen at the call's next chunk."""
     reserved: NonNegative = 0
     """Backend slots kept free for this level: lower levels may not take them. Size it near the level's
     usual concurrency (arrival rate × call latency) so its messages start at once even while lower levels

@@ -1,7 +1,7 @@
 --[[ status: every change of a message's status hash (<prefix>msg:<id>), one function per transition.
 Included by each script that changes it; llmq/pipeline/transitions.py builds the commit effects that call
 them. The hash's fields: status, level, attempts, enqueued_at, scheduled_at, started_at, retry_at,
-finished_at, cancelled_at, replayed_at, backend, result, error, streamed.
+finished_at, cancelled_at, replayed_at, backend, result, error, streamed, abort.
 ]]
 local function status_of(hash)
   return redis.call('HGET', hash, 'status')
@@ -53,13 +53,19 @@ local function status_cancelled(hash, now)
   redis.call('HSET', hash, 'status', CANCELLED, 'cancelled_at', now)
 end
 
+-- Its streamed call is to stop (its client went away after it reached a backend): the dispatcher sees it
+-- at its next relayed chunk (scripts/relay-2.lua).
+local function status_abort(hash)
+  redis.call('HSET', hash, 'abort', 1)
+end
+
 -- Replayed from the dead-letter queue: live again as `status`, attempts reset, kept until it ends (a hash
 -- that had expired is made again, streamed '1' saying it is a streamed message).
 local function status_replayed(hash, status, now, streamed)
   redis.call('PERSIST', hash)
   redis.call('HSET', hash, 'status', status, 'attempts', 0, 'replayed_at', now)
   if streamed == '1' then redis.call('HSET', hash, 'streamed', 1) end
-  redis.call('HDEL', hash, 'error', 'result', 'finished_at')
+  redis.call('HDEL', hash, 'error', 'result', 'finished_at', 'abort')
 end
 
 -- Archived: kept only ttl seconds more (never lengthened, and none given to a hash that has none: a

@@ -296,7 +296,7 @@ class Caller:
         self.local_inflight[backend.name] += 1
         meters.inflight.set(self.local_inflight[backend.name])
         started = time.perf_counter()
-        relay = Relay(self._relay, self.keys.events(msg.id)) if is_streamed(msg) else None
+        relay = Relay(self._relay, self.keys.events(msg.id), self.keys.msg(msg.id)) if is_streamed(msg) else None
         assembled = Assembler()
         try:
             earlier = await self._streamed_before(backend.name, relay) if relay is not None else None
@@ -373,6 +373,10 @@ class Caller:
                     break
                 if relay.refused:
                     return self._broken_off(backend.name, "taken over", relay, assembled)
+                if relay.aborted:  # leaving the block closes the connection: the backend stops generating
+                    partial, _ = storable(assembled.completion())
+                    error = f"the streaming client went away: the call to backend {backend.name} was stopped"
+                    return CallResult(status=Status.CANCELLED, backend=backend.name, error=error, response=partial)
                 try:
                     chunk = _chunk(data)
                 except ValueError:

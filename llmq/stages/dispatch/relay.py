@@ -1,12 +1,13 @@
 """A streamed call's chunks into its message's events stream (``llmq.pipeline.streamed``), as they come.
 
 Chunks that arrive in one turn of the event loop (one read from the backend) go to Redis in one script
-call (``scripts/relay-1.lua``), so a chunk waits at most the round trip before it, and Redis sees one call
+call (``scripts/relay-2.lua``), so a chunk waits at most the round trip before it, and Redis sees one call
 per read instead of one per token; the calls of every stream relayed in that turn share one round trip
 (``Coalesced``: with 200 streams at once, relaying cost the dispatcher 76 µs of CPU per chunk when each
 stream made its own). Each entry has an id of our own (``<ms>-<n>``, n counting the call's
 chunks), so a write resent after a lost reply is skipped instead of written twice; the call's first write
-claims the stream for it, so a call that lost its message to another dispatcher is refused (``refused``).
+claims the stream for it, so a call that lost its message to another dispatcher is refused (``refused``). A
+write also learns whether the call is to stop (``aborted``: its client went away, ``abort_on_disconnect``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ log = logging.getLogger("llmq.dispatch")
 
 
 class Relay:
-    def __init__(self, script: Coalesced, key: str) -> None:
+    def __init__(self, script: Coalesced, key: str, status_key: str) -> None:
         self.key = key
+        self.status_key = status_key
         self._script = script
         self.token = os.urandom(8).hex()
         self.base_ms = int(time.time() * 1000)
@@ -32,6 +34,8 @@ class Relay:
         """Chunks handed to the relay: once one is, the client may have seen it."""
         self.refused = False
         """Another call owns the stream (this one's message was taken over), or it has ended."""
+        self.aborted = False
+        """The message's streaming client went away and its level stops the call (``abort_on_disconnect``)."""
         self._waiting: list[bytes | str] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -50,11 +54,12 @@ class Relay:
 
     async def _flush(self) -> None:
         try:
-            while self._waiting and not self.refused:  # the task runs a turn later: this read's chunks are in
+            # the task runs a turn later: the chunks of this turn's read are in
+            while self._waiting and not (self.refused or self.aborted):
                 batch, self._waiting = self._waiting, []
                 args = [self.token, LIVE_TTL_S, MAX_EVENTS, f"{self.base_ms}-0", *batch]
-                if not await self._script([self.key], args):
-                    self.refused = True
+                written = await self._script([self.key, self.status_key], args)
+                self.refused, self.aborted = written == 0, written == 2
         except Exception:  # a boundary: the call goes on; clients miss chunks, the outcome has them all
             log.warning("could not relay chunks to %s", self.key, exc_info=True)
             self._waiting = []

@@ -32,6 +32,10 @@ log = logging.getLogger("llmq.dispatch")
 BACKEND_UP = Gauge("llmq_backend_up", "1 when the backend's circuit is closed", ["backend"])
 
 
+_NOT_THE_BACKENDS_FAULT = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+"""Outcomes after which a backend is healthy: an answer, a 4xx (the request's fault), a call stopped by llmq."""
+
+
 @dataclass(slots=True)
 class Circuit:
     max_failures: int
@@ -177,8 +181,8 @@ class Router:
 
     def record(self, name: str, result: CallResult) -> None:
         circuit = self.circuits[name]
-        if result.status is Status.COMPLETED or result.status is Status.FAILED:
-            circuit.success()  # a 4xx is the request's fault, not the backend's
+        if result.status in _NOT_THE_BACKENDS_FAULT:
+            circuit.success()
         elif result.retry_after is not None:
             circuit.cool(time.time() + result.retry_after)
         elif circuit.failure():

@@ -71,6 +71,7 @@ class Messages:
             lv.name: lv.cancel_on_disconnect if lv.cancel_on_disconnect is not None else lv.name in first_levels
             for lv in config.queue.levels
         }
+        self._abort_on_disconnect = {lv.name: lv.abort_on_disconnect for lv in config.queue.levels}
         self._withdrawing: set[asyncio.Task[Any]] = set()
 
     async def enqueue(self, submission: Submission) -> Submitted:
@@ -228,10 +229,12 @@ class Messages:
 
     def gone_away(self, message_id: str, level: str) -> None:
         """The client of a streamed message went away before its end: cancel it if it has not reached a
-        backend and its level says so (``cancel_on_disconnect``); after, it runs on and stays retrievable."""
-        if not self._cancel_on_disconnect.get(level, False):
+        backend and its level says so (``cancel_on_disconnect``); after, its backend call is stopped when the level
+        says so (``abort_on_disconnect``), or it runs on and stays retrievable."""
+        before, after = self._cancel_on_disconnect.get(level, False), self._abort_on_disconnect.get(level, False)
+        if not (before or after):
             return
-        task = asyncio.create_task(self.submitter.cancel(message_id))
+        task = asyncio.create_task(self.submitter.cancel(message_id, before=before, abort=after))
         self._withdrawing.add(task)  # the loop keeps only a weak reference to a task
         task.add_done_callback(self._withdrawn)
 

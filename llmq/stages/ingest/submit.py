@@ -115,9 +115,11 @@ class Submitter:
         self._cancel = Lua(redis, "cancel")
         self._max_size = {lv.name: config.queue.max_size(lv) for lv in config.queue.levels}
 
-    async def cancel(self, message_id: str) -> str | None:
-        """Cancel a message not yet dispatched (queued, scheduled or retrying); return its status after."""
-        status = await self._cancel([self.keys.msg(message_id)], [time.time(), self.keys.finished])
+    async def cancel(self, message_id: str, *, before: bool = True, abort: bool = False) -> str | None:
+        """Cancel a message not yet dispatched (queued, scheduled or retrying) unless not ``before``, and with
+        ``abort`` stop the backend call of one dispatched; return its status after."""
+        args = [time.time(), self.keys.finished, int(before), int(abort)]
+        status = await self._cancel([self.keys.msg(message_id)], args)
         return as_str(status) if status else None
 
     async def submit(self, sub: Submission) -> Submitted:

@@ -3,16 +3,18 @@
 The first write of a call claims the stream: a marker entry (field 'w', the call's token) before its
 chunks. A call whose token is not the marker's (a dispatcher paused past its lease while another took
 the message over) or that comes after the stream's end is refused, so clients never see two generations
-spliced together, nor a chunk after the end.
+spliced together, nor a chunk after the end. A call whose message is to stop (its streaming client went
+away, on a level with abort_on_disconnect: scripts/cancel-1.lua) is told so and writes nothing more.
 
-KEYS[1]    the events stream
+KEYS[1]    the events stream       KEYS[2]  the message's status hash
 ARGV[1]    the call's token        ARGV[2]  the stream's TTL in seconds     ARGV[3]  its bound (MAXLEN ~)
 ARGV[4]    the marker's entry id (used when the stream is new)
 ARGV[5..]  per chunk: its entry id, its field ('c' or 'u'), its data
 Returns 1 when written (a chunk whose id is there already, resent after a lost reply, is skipped), 0 when
-refused.
+refused, 2 when the call is to stop.
 ]]
 local stream, token, ttl, bound = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+if redis.call('HEXISTS', KEYS[2], 'abort') == 1 then return 2 end
 local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
 if first then
   if first[2][1] ~= 'w' or first[2][2] ~= token then return 0 end
