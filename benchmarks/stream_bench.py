@@ -127,13 +127,72 @@ async def run(url: str, n: int) -> dict[str, Any]:
     return {"n": n, **results}
 
 
+async def overload_ttft(url: str, calls: int, backlog: int) -> dict[str, Any]:
+    """Realtime streams while ``low`` saturates the backend: a realtime `stream: true` call every 100 ms (its
+    time to first token at the client) beside the same call made directly to the backend at the same moment
+    (its own time to first token), with ``backlog`` low messages queued first. The backend: 8 slots, 50 ms to
+    its first token, then 10 tokens at 100/s (about 140 ms a call)."""
+    prefix = "{ovl" + uuid.uuid4().hex[:6] + "}"
+    api, mock = free_port(), free_port()
+    env = {
+        "LLMQ_REDIS_URL": url,
+        "LLMQ_KEY_PREFIX": prefix,
+        "LLMQ_LOGGING__LEVEL": "warning",
+        "LLMQ_SERVER__HOST": "127.0.0.1",
+        "LLMQ_SERVER__PORT": str(api),
+        "LLMQ_QUEUE__DEFAULT_MAX_SIZE": str(backlog + 1000),
+        "LLMQ_QUEUE__LEVELS": (
+            "[{name: realtime, priority: 1, max_wait_time: 100ms, max_concurrent: 8, reserved: 1},"
+            " {name: low, priority: 4, max_wait_time: 120s, max_concurrent: 8}]"
+        ),
+        "LLMQ_BACKENDS": f'[{{name: mock, url: "http://127.0.0.1:{mock}/v1", max_concurrent: 8}}]',
+    }
+    argvs = [["run", "mock-backend", "--port", str(mock), "--latency-ms", "50"], ["run", "ingest"]]
+    argvs += [["run", s, "--port", "0"] for s in ("schedule", "dispatch", "retry")]
+    body = CHAT | {"stream": True}
+    with stages(env, *argvs):
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as http:
+            settings = {"latency_ms": 50, "stream_tokens": 10, "tokens_per_s": 100}
+            (await http.post(f"http://127.0.0.1:{mock}/admin/config", json=settings)).raise_for_status()
+            low = [{"level": "low", "request": body}] * 1000
+            for _ in range(backlog // 1000):
+                (await http.post(f"http://127.0.0.1:{api}/api/v1/messages/batch", json=low)).raise_for_status()
+            await asyncio.sleep(1.0)  # the backend full of low calls, the backlog behind them
+            direct_url = f"http://127.0.0.1:{mock}/v1/chat/completions"
+            llmq_url = f"http://127.0.0.1:{api}/v1/chat/completions"
+            realtime = {"X-LLMQ-Priority": "realtime"}
+            tasks = []
+            print(f"stream: overload, {calls} realtime streams at 10/s behind {backlog} low messages ...", flush=True)
+            for _ in range(calls):
+                tasks.append(asyncio.create_task(first_token_ms(http, direct_url, {})))
+                tasks.append(asyncio.create_task(first_token_ms(http, llmq_url, realtime)))
+                await asyncio.sleep(0.1)
+            got = await asyncio.gather(*tasks)
+            r = aioredis.Redis.from_url(url)
+            low_left = await r.xlen(Keys(prefix).level("low"))
+            await r.aclose()
+    await drop_prefix(aioredis.Redis.from_url(url), prefix)
+    direct, through = got[0::2], got[1::2]
+    doc = summary(direct, through) | {"calls": calls, "low_backlog": backlog, "low_entries_left_in_stream": low_left}
+    print(
+        f"  backend's own TTFT p50 {doc['direct_ms']['p50']:.1f} ms p99 {doc['direct_ms']['p99']:.1f} ms; realtime "
+        f"through llmq p50 {doc['llmq_ms']['p50']:.1f} ms p99 {doc['llmq_ms']['p99']:.1f} ms; added p99 "
+        f"{doc['added_ms']['p99']:.1f} ms (target: within the level's max_wait_time, 100 ms)",
+        flush=True,
+    )
+    return doc
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--redis-url")
     parser.add_argument("--n", type=int, default=300)
+    parser.add_argument("--overload-calls", type=int, default=100, help="realtime streams under overload")
+    parser.add_argument("--backlog", type=int, default=3000, help="low messages queued first (a multiple of 1000)")
     args = parser.parse_args()
     with redis_url(args.redis_url) as url:
         result = await run(url, args.n)
+        result["overload"] = await overload_ttft(url, args.overload_calls, args.backlog)
     write_result("stream_bench", {"machine": machine(), **result})
 
 

@@ -272,3 +272,39 @@ async def test_a_client_gone_after_dispatch_stops_the_backend_call_only_when_its
         # Then the generation ran to its end and is kept
         assert status["status"] == "completed" and len(answered.split()) == 100
         assert h.mocks["a"].broken_streams == 0
+
+
+async def test_a_waiting_stream_is_told_its_position_and_wait_as_the_level_drains(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given a backend with one slot answering in 400 ms, and ten low messages queued first (four seconds)
+    busy = MockSettings(latency_ms=400, stream_tokens=2, tokens_per_s=0)
+    async with (
+        Harness(redis, keys, backends={"a": busy}, backend_config={"a": {"max_concurrent": 1}}) as h,
+        served(h) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        for _ in range(10):
+            await http.post("/api/v1/messages", json={"level": "low", "request": CHAT})
+        # When a streamed request joins the level behind them
+        headers = {"X-LLMQ-Priority": "low"}
+        comments: list[str] = []
+        native: list[Any] = []
+        async with http.stream("POST", "/v1/chat/completions", json=CHAT | {"stream": True}, headers=headers) as r:
+            mid = r.headers["x-llmq-message-id"]
+            watch = asyncio.create_task(read_events(http, f"/api/v1/messages/{mid}/events", got=native))
+            async for line in r.aiter_lines():
+                if line.startswith(": queued"):
+                    comments.append(line)
+                if line.startswith("data: {"):
+                    break
+        await watch
+    # Then its comments count its place down as the messages before it leave, and, once the level has been
+    # seen draining, say about how long it has left
+    places = [int(c.split("position ")[1].split(",")[0]) for c in comments]
+    assert places[0] >= 9 and places == sorted(places, reverse=True) and places[-1] < places[0]
+    assert any(", about " in c for c in comments[1:])
+    # and the native events carry the same as fields
+    queued = [msgspec.json.decode(data) for _, name, data in native if name == "status" and "position" in data]
+    assert queued and all(q["status"] == "queued" for q in queued)
+    assert any("eta_s" in q and q["eta_s"] > 0 for q in queued)

@@ -1,17 +1,19 @@
 --[[ status: every change of a message's status hash (<prefix>msg:<id>), one function per transition.
 Included by each script that changes it; llmq/pipeline/transitions.py builds the commit effects that call
 them. The hash's fields: status, level, attempts, enqueued_at, scheduled_at, started_at, retry_at,
-finished_at, cancelled_at, replayed_at, backend, result, error, streamed, abort.
+finished_at, cancelled_at, replayed_at, backend, result, error, streamed, abort, behind, left_mark.
 ]]
 local function status_of(hash)
   return redis.call('HGET', hash, 'status')
 end
 
 -- Submitted: queued in its level; the hash lives ttl seconds at most until the message ends. A streamed
--- message (streamed '1') says so: its events are in its events stream.
-local function status_queued(hash, level, now, ttl, streamed)
+-- message (streamed '1') says so: its events are in its events stream. With left_mark (the count of the
+-- level's entries that had left it), 'behind' (the depth before it) tells its position later.
+local function status_queued(hash, level, now, ttl, streamed, behind, left_mark)
   redis.call('HSET', hash, 'status', QUEUED, 'level', level, 'attempts', 0, 'enqueued_at', now)
   if streamed == '1' then redis.call('HSET', hash, 'streamed', 1) end
+  if left_mark then redis.call('HSET', hash, 'behind', behind, 'left_mark', left_mark) end
   redis.call('EXPIRE', hash, ttl)
 end
 
@@ -28,7 +30,10 @@ end
 -- Waiting for another attempt, with fields (field, value, ...), unless it ended meanwhile (a cancel won
 -- the race: it stays cancelled).
 local function status_retrying(hash, ...)
-  if not ENDED[status_of(hash)] then redis.call('HSET', hash, 'status', RETRYING, ...) end
+  if not ENDED[status_of(hash)] then
+    redis.call('HSET', hash, 'status', RETRYING, ...)
+    redis.call('HDEL', hash, 'behind', 'left_mark')  -- queued again at the end: its first position is no more
+  end
 end
 
 -- Its retry fell due: queued in its level again, unless it ended meanwhile.
@@ -65,7 +70,7 @@ local function status_replayed(hash, status, now, streamed)
   redis.call('PERSIST', hash)
   redis.call('HSET', hash, 'status', status, 'attempts', 0, 'replayed_at', now)
   if streamed == '1' then redis.call('HSET', hash, 'streamed', 1) end
-  redis.call('HDEL', hash, 'error', 'result', 'finished_at', 'abort')
+  redis.call('HDEL', hash, 'error', 'result', 'finished_at', 'abort', 'behind', 'left_mark')
 end
 
 -- Archived: kept only ttl seconds more (never lengthened, and none given to a hash that has none: a

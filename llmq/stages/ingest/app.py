@@ -57,6 +57,7 @@ def create_app(
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         messages.waiter.start()
         messages.hub.start()
+        messages.drain.start()
         depth = asyncio.create_task(admin.refresh_depth())
         if pool is not None:
             await pool.open(wait=False)
@@ -66,6 +67,7 @@ def create_app(
             depth.cancel()
             await messages.waiter.close()
             await messages.hub.close()
+            await messages.drain.close()
             if pool is not None:
                 await pool.close()
 

@@ -26,6 +26,7 @@ from llmq.pipeline.notify import Waiter
 from llmq.pipeline.streamed import valid_event_id
 from llmq.stages.ingest import schema, sse
 from llmq.stages.ingest.archived import read_archived
+from llmq.stages.ingest.drain import DrainMeter
 from llmq.stages.ingest.events import EventHub
 from llmq.stages.ingest.http_api import (
     INGESTED,
@@ -66,6 +67,7 @@ class Messages:
         self.waiter = Waiter(redis=redis, keys=keys)
         self.max_body = config.server.max_body_bytes
         self.hub = EventHub(redis)
+        self.drain = DrainMeter(redis, keys, [lv.name for lv in config.queue.levels])
         first_levels = {lv.name for lv in sorted(config.queue.levels, key=lambda lv: lv.priority)[:2]}
         self._cancel_on_disconnect = {
             lv.name: lv.cancel_on_disconnect if lv.cancel_on_disconnect is not None else lv.name in first_levels
@@ -230,9 +232,14 @@ class Messages:
             streamed=bool(streamed),
             after=after,
             wait_end=wait_end,
+            drain=self.drain,
             idle_s=idle_s,
         ):
             yield item
+
+    def wait_s(self, level: str, ahead: int) -> float | None:
+        """The estimated wait of a message with ``ahead`` before it in ``level`` (``DrainMeter``)."""
+        return self.drain.wait_s(level, ahead)
 
     def gone_away(self, message_id: str, level: str) -> None:
         """The client of a streamed message went away before its end: cancel it if it has not reached a

@@ -52,6 +52,8 @@ class Queue(Protocol):
 
     def gone_away(self, message_id: str, level: str) -> None: ...
 
+    def wait_s(self, level: str, ahead: int) -> float | None: ...
+
 
 class OpenAIFacade:
     def __init__(self, queue: Queue, config: Config) -> None:
@@ -170,7 +172,7 @@ class OpenAIFacade:
         usage_sent = False
         OPEN_STREAMS.inc()
         try:
-            yield sse.comment(f"queued in {level}" + (f", position {position + 1}" if position is not None else ""))
+            yield sse.comment(self._waiting(level, position))
             async for item in self.queue.follow(message_id):
                 if item.kind == "chunk":
                     if include_usage:
@@ -184,7 +186,11 @@ class OpenAIFacade:
                         usage_sent = True
                         yield sse.openai_chunk(item)
                 elif item.kind == "status":
-                    yield sse.comment(item.data.decode())
+                    status = _any_decoder.decode(item.data)
+                    if status.get("status") == Status.QUEUED.value and "position" in status:
+                        yield sse.comment(self._waiting(level, status["position"], status.get("eta_s")))
+                    else:
+                        yield sse.comment(item.data.decode())
                 else:
                     ended = True
                     end = _any_decoder.decode(item.data)
@@ -201,6 +207,14 @@ class OpenAIFacade:
             OPEN_STREAMS.dec()
             if not ended and owner:
                 self.queue.gone_away(message_id, level)
+
+    def _waiting(self, level: str, ahead: int | None, wait_s: float | None = None) -> str:
+        """What a waiting stream's comment says: its level, its place (1: next) and, once the level has been
+        seen draining, about how long until it leaves the queue."""
+        if ahead is None:
+            return f"queued in {level}"
+        wait_s = wait_s if wait_s is not None else self.queue.wait_s(level, ahead)
+        return f"queued in {level}, position {ahead + 1}" + (f", about {wait_s:g} s" if wait_s is not None else "")
 
     async def models(self, _: Request) -> Response:
         seen: dict[str, str] = {}

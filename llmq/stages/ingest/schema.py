@@ -95,7 +95,14 @@ _SSE_EVENT = {
     "description": "One server-sent event: status, chunk (a chunk of the backend's stream) or end",
     "properties": {
         "event": {"type": "string", "enum": ["status", "chunk", "end"]},
-        "data": {"type": "string", "description": "JSON"},
+        "data": {
+            "type": "string",
+            "description": (
+                "JSON. status: {status, backend?, position?, eta_s?} (position: messages before it while queued;"
+                " eta_s: estimated seconds until it leaves the queue); chunk: the backend's chunk; end: {status,"
+                " error?}"
+            ),
+        },
         "id": {"type": "string", "description": "Resume after it with Last-Event-ID"},
     },
     "required": ["event", "data"],

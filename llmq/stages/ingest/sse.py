@@ -17,6 +17,7 @@ from prometheus_client import Gauge
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import Status
 from llmq.pipeline.streamed import CHUNK, END, USAGE
+from llmq.stages.ingest.drain import DrainMeter
 from llmq.stages.ingest.events import EventHub
 
 OPEN_STREAMS = Gauge("llmq_open_streams", "Server-sent event streams open to clients in this process")
@@ -25,6 +26,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 TICK_S = 1.0
 """How often the status is read while no event comes (a comment keeps proxies from closing the stream)."""
 _json = msgspec.json.Encoder()
+STATUS_FIELDS = ["status", "backend", "error", "level", "behind", "left_mark"]
 
 
 @dataclass(slots=True)
@@ -44,11 +46,13 @@ async def life(
     streamed: bool,
     after: str,
     wait_end: Callable[[float], Awaitable[bool]],
+    drain: DrainMeter,
     idle_s: float | None = None,
 ) -> AsyncIterator[Item]:
-    """Every item of the message's life after ``after`` until its end: status changes (when one is read),
-    each chunk, then the end. ``wait_end(seconds)`` waits for the message to end (a non-streamed one).
-    With ``idle_s``, it stops early after that long without an item (the client reconnects to go on)."""
+    """Every item of the message's life after ``after`` until its end: status changes (when one is read;
+    while queued, its position and estimated wait as they change), each chunk, then the end.
+    ``wait_end(seconds)`` waits for the message to end (a non-streamed one). With ``idle_s``, it stops early
+    after that long without an item (the client reconnects to go on)."""
     follower = hub.follow(keys.events(message_id), after) if streamed else None
     shown: tuple[Any, ...] | None = None
     ended_seen = 0
@@ -73,16 +77,19 @@ async def life(
                 continue
             if follower is None:
                 await wait_end(min(TICK_S, idle_s or TICK_S))
-            read: Any = await redis.hmget(keys.msg(message_id), ["status", "backend", "error"])
-            status, backend, error = read
+            read: Any = await redis.hmget(keys.msg(message_id), STATUS_FIELDS)
+            status, backend, error, level, behind, left_mark = read
             if status is None:
                 yield Item("end", _json.encode({"status": "unknown", "error": "the message is gone"}))
                 return
-            now = (status, backend)
+            doc = {"status": status.decode()} | ({"backend": backend.decode()} if backend else {})
+            if status == b"queued" and level and behind is not None and left_mark is not None:
+                ahead, wait_s = drain.position(level.decode(), int(behind), int(left_mark))
+                doc |= {"position": ahead} | ({"eta_s": wait_s} if wait_s is not None else {})
+            now = tuple(doc.values())
             if now != shown:
                 shown = now
                 quiet_since = time.monotonic()
-                doc = {"status": status.decode()} | ({"backend": backend.decode()} if backend else {})
                 yield Item("status", _json.encode(doc))
             if Status(status.decode()).terminal:
                 # A streamed message's end follows in its stream; one ended by a cancel has none.
