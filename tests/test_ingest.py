@@ -25,7 +25,7 @@ from llmq.pipeline.redis import make_redis
 from llmq.stages.ingest import create_app
 from llmq.stages.ingest.submit import Submission, Submitted, Submitter, Verdict, new_message
 from tests.conftest import free_port
-from tests.support.clients import client_for
+from tests.support.clients import QUEUEING, client_for
 from tests.support.harness import CHAT
 
 
@@ -179,7 +179,7 @@ async def test_a_full_level_answers_429_and_writes_nothing(redis: aioredis.Redis
 async def test_a_batch_is_decided_message_by_message_across_script_calls(redis: aioredis.Redis, keys: Keys) -> None:
     # Given a normal level that holds 150, and a batch of 250 spanning three script calls (PER_CALL 100),
     # with a high message and an idempotency key sent twice among them
-    config = load_config(None, env={"LLMQ_QUEUE__DEFAULT_MAX_SIZE": "150"})
+    config = load_config(None, env={"LLMQ_QUEUE__DEFAULT_MAX_SIZE": "150", **QUEUEING})
     submitter = Submitter(config, redis=redis, keys=keys)
     batch = [new_message(message_id=new_id(), level="normal", request=CHAT) for _ in range(250)]
     batch[10] = new_message(message_id=new_id(), level="normal", request=CHAT, idempotency_key="k")
@@ -266,7 +266,7 @@ async def test_status_falls_back_to_the_archive(redis: aioredis.Redis, keys: Key
             (mid, Jsonb({"choices": []})),
         )
     pool = make_pool(PostgresConfig(dsn=database_url))
-    config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix})
+    config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix, **QUEUEING})
     app = create_app(config, redis=redis, keys=keys, pool=pool)
     async with (
         app.router.lifespan_context(app),

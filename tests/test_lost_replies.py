@@ -28,6 +28,7 @@ from llmq.pipeline.runtime.streams import ensure_group, parse_entries
 from llmq.stages.ingest import create_app
 from llmq.stages.schedule.arbiter import Arbiter, Candidate, Decisions
 from tests.conftest import eventually
+from tests.support.clients import QUEUEING
 from tests.support.faults import FaultProxy
 from tests.support.harness import CHAT
 from tests.support.runner import add_jobs, ids, make_runner, pending_count, settings
@@ -66,7 +67,7 @@ async def test_a_submission_whose_reply_is_lost_is_queued_once(
     faulty: aioredis.Redis, proxy: FaultProxy, redis: aioredis.Redis, keys: Keys
 ) -> None:
     # Given the API on a Redis connection that loses the reply to the next submission script
-    config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix})
+    config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix, **QUEUEING})
     transport = httpx.ASGITransport(app=create_app(config, redis=faulty, keys=keys))
     async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as http:
         assert (await http.post("/api/v1/messages", json={"request": CHAT})).status_code == 202  # script loaded
@@ -82,10 +83,30 @@ async def test_a_submission_whose_reply_is_lost_is_queued_once(
     assert queued[1] == response.json()["id"]
 
 
+async def test_a_direct_admission_whose_reply_is_lost_is_admitted_once(
+    faulty: aioredis.Redis, proxy: FaultProxy, redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given the API on an idle queue (a lone message is admitted at once), on a Redis connection that loses
+    # the reply to the next submission script
+    config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix})
+    transport = httpx.ASGITransport(app=create_app(config, redis=faulty, keys=keys))
+    async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as http:
+        await redis.script_load(script_source("submit").text)
+        proxy.arm("drop", EVALSHA)
+        # When a client posts one realtime message
+        response = await http.post("/api/v1/messages", json={"level": "realtime", "request": CHAT})
+    # Then it was handed to dispatch once, its slot held once, though Redis ran the script twice
+    assert proxy.counts.dropped_replies == 1 and response.status_code == 202, response.text
+    entries = await redis.xrange(keys.dispatch)
+    assert [msgspec.msgpack.decode(fields[FIELD])["id"] for _, fields in entries] == [response.json()["id"]]
+    assert await redis.zcard(keys.inflight("realtime")) == 1 and await redis.xlen(keys.level("realtime")) == 0
+    assert (await redis.hget(keys.msg(response.json()["id"]), "status")) == b"scheduled"
+
+
 async def test_a_batch_submission_whose_reply_is_lost_is_queued_once(
     faulty: aioredis.Redis, proxy: FaultProxy, redis: aioredis.Redis, keys: Keys
 ) -> None:
-    config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix})
+    config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix, **QUEUEING})
     transport = httpx.ASGITransport(app=create_app(config, redis=faulty, keys=keys))
     async with httpx.AsyncClient(transport=transport, base_url="http://ingest") as http:
         assert (await http.post("/api/v1/messages", json={"request": CHAT})).status_code == 202

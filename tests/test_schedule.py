@@ -22,7 +22,8 @@ from llmq.stages.schedule.admission import LevelView, select
 from llmq.stages.schedule.arbiter import Arbiter
 from llmq.stages.schedule.stagger import MIN_CALLS, Stagger, stagger
 from tests.conftest import eventually
-from tests.support.harness import Harness
+from tests.support.clients import QUEUEING
+from tests.support.harness import CHAT, Harness
 from tests.support.schedule import pending
 
 
@@ -53,8 +54,9 @@ def fresh(n: int) -> list[float]:
 async def test_the_arbiter_outlives_a_failed_round(
     redis: aioredis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given a scheduler whose first admission round fails with an error that is not a connection's
-    async with Harness(redis, keys, backends={"a": MockSettings(latency_ms=1)}) as h:
+    # Given a scheduler whose first admission round fails with an error that is not a connection's (and every
+    # message admitted by it, none directly)
+    async with Harness(redis, keys, backends={"a": MockSettings(latency_ms=1)}, env=QUEUEING) as h:
         arbiter = h.stages[0].arbiter  # type: ignore[attr-defined]
         round_ = arbiter._round
         failed = 0
@@ -320,3 +322,47 @@ def test_stagger_keeps_the_unstaggered_picks_and_a_budget_of_the_others() -> Non
     assert stagger(order, {"high", "low"}, 1) == ["realtime", "high", "realtime"]
     assert stagger(order, {"high", "low"}, 0) == ["realtime", "realtime"]
     assert stagger(order, set(), 0) == order
+
+
+DIRECT = {"LLMQ_SCHEDULER__DIRECT_ADMISSION": "true", "LLMQ_SCHEDULER__STAGGER": "false"}
+"""Direct admission for every level (with the stagger on, only for the levels it never holds back)."""
+NO_SCHEDULER = ("dispatch", "retry")
+
+
+async def test_a_lone_message_at_idle_is_admitted_by_its_submission(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given an idle queue with dispatch running and no scheduler at all
+    async with Harness(redis, keys, backends={"a": MockSettings(latency_ms=1)}, stages=NO_SCHEDULER, env=DIRECT) as h:
+        # When one message comes
+        mid = await h.submit()
+        # Then it is admitted at once (its slot held), never put in its level, and is answered
+        status = (await h.wait_terminal([mid], within=10))[mid]
+        assert await redis.xlen(keys.level("normal")) == 0
+    assert status["status"] == "completed" and float(status["scheduled_at"]) >= float(status["enqueued_at"])
+
+
+async def test_with_anything_waiting_a_message_waits_its_turn(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a low message waiting in its level (queued by the batch route, which never admits directly)
+    async with Harness(redis, keys, backends={"a": MockSettings(latency_ms=1)}, stages=(), env=DIRECT) as h:
+        response = await h.http.post("/api/v1/messages/batch", json=[{"level": "low", "request": CHAT}])
+        assert response.json()[0]["status_code"] == 202
+        # When a lone realtime message comes, then it is queued too: admission is the scheduler's alone
+        mid = await h.submit("realtime")
+        assert (await h.status(mid))["status"] == "queued" and await redis.xlen(keys.level("realtime")) == 1
+        assert await redis.xlen(keys.dispatch) == 0
+
+
+async def test_a_direct_admission_keeps_the_slots_reserved_for_higher_levels(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given two backend slots, one kept for realtime, and no scheduler
+    levels = (
+        "[{name: realtime, priority: 1, max_wait_time: 100ms, max_concurrent: 2, reserved: 1},"
+        " {name: low, priority: 4, max_wait_time: 120s, max_concurrent: 2}]"
+    )
+    env = DIRECT | {"LLMQ_QUEUE__LEVELS": levels}
+    config = {"a": {"max_concurrent": 2}}
+    async with Harness(redis, keys, backends={"a": MockSettings()}, backend_config=config, stages=(), env=env) as h:
+        # When two lone low messages come to the idle queue
+        first, second = await h.submit("low"), await h.submit("low")
+        # Then the first takes the free slot at once, and the second waits: the other slot is realtime's
+        assert (await h.status(first))["status"] == "scheduled"
+        assert (await h.status(second))["status"] == "queued"
+        assert await redis.zcard(keys.inflight("low")) == 1 and await redis.xlen(keys.dispatch) == 1

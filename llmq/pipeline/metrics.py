@@ -21,3 +21,11 @@ POISON = Counter("llmq_poison_total", "Entries dead-lettered after too many deli
 LEASES_LOST = Counter(
     "llmq_leases_lost_total", "In-hand entries another consumer claimed before this one renewed", ["stage"]
 )
+QUEUE_WAIT = Histogram(
+    "llmq_queue_wait_seconds",
+    "Time from enqueue to admission for dispatch",
+    ["level"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+SCHEDULED = Counter("llmq_scheduled_total", "Messages admitted for dispatch", ["level"])
+"""Admissions are counted where they happen: by the scheduler, and by ingest for a direct admission."""

@@ -26,6 +26,7 @@ from llmq.stages.ingest import create_app
 from llmq.stages.mock_backend import MockBackend, MockSettings
 from llmq.stages.retry import Retry
 from llmq.stages.schedule import make_stages
+from tests.support.clients import QUEUEING
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -61,6 +62,8 @@ class Harness:
             "LLMQ_SCHEDULER__TIMEOUT": "5s",
             "LLMQ_LOADBALANCER__HEALTH_CHECK_INTERVAL": "200ms",
         }
+        if "schedule" not in stages:
+            base |= QUEUEING
         if database_url:
             base["LLMQ_DATABASE_URL"] = database_url
             stages = (*stages, "archive")

@@ -219,6 +219,13 @@ class SchedulerConfig(_Section, frozen=True):
     """While a backlog waits and calls take a regular time, space out the admissions of every level but the
     top one and those with ``reserved`` slots, so slots free one by one instead of in waves and an urgent
     message finds one soon (``llmq.stages.schedule.stagger``)."""
+    direct_admission: bool = True
+    """A message submitted on its own while no message waits in any level, and a slot is free for it (its
+    level's max_concurrent, the backends' capacity less the slots higher levels keep reserved), is admitted by
+    the submit script at once instead of waiting for a scheduler to wake: about a millisecond less at idle.
+    With any message waiting, admission is the scheduler's alone. With ``stagger``, only for the levels it never
+    holds back (the top priority, those with ``reserved`` slots): it learns its spacing from the calls it
+    admitted itself."""
 
 
 class LoadBalancerConfig(_Section, frozen=True):
@@ -277,6 +284,16 @@ class Config(_Section, frozen=True):
     def redis(self) -> RedisConfig:
         """The Redis settings, with the seed's defaults when the file names none."""
         return self.database.redis or RedisConfig()
+
+    @property
+    def capacity(self) -> int:
+        """In-flight slots of the whole deployment: what the backends can run at once."""
+        return sum(b.slots for b in self.backends) if self.backends else self.queue.worker.in_hand
+
+    @property
+    def lease_s(self) -> float:
+        """How long an admitted message's in-flight slot is held without renewal (a dispatcher renews it)."""
+        return self.scheduler.timeout.seconds + self.queue.worker.claim_timeout.seconds
 
 
 # Environment variables with a name of their own; every other LLMQ_A__B__C sets the path a.b.c.

@@ -7,14 +7,25 @@ reply was lost and redis-py sent it again), and is not queued twice. A level's d
 status hash keeps the depth before the message and how many of the level's entries had left it then
 (entries-read - pending), so its position can be told later from how many have left since.
 
+A lone message may be admitted at once (scheduler.direct_admission): when no message waits in any level
+and a slot is free for it, as admit.lua would judge (its level's max_concurrent; the backends' capacity less
+the slots that levels of higher priority keep reserved and do not use), it goes straight to the dispatch
+stream with its slot held, and never waits for a scheduler to wake. With anything waiting, it is queued.
+
 KEYS       per message: its level stream, its status hash, its idempotency record, and the record an
            earlier release kept for the same key (the same record again when none; see llmq/pipeline/submit.py).
            A message without an idempotency key names a record it never reads (keys share one hash tag).
+           With direct admission, then: every level's stream, every level's in-flight set (both in the
+           order of the levels' ARGV below), the dispatch stream.
 ARGV[1]    status hash TTL in seconds      ARGV[2]  idempotency record TTL in seconds
-ARGV[3..]  per message: payload, message id, level, enqueued_at, the level's max depth, the digest of
+ARGV[3]    m, the number of messages       ARGV[4]  now (Unix seconds) to admit a lone message directly, or ''
+ARGV[5..]  per message: payload, message id, level, enqueued_at, the level's max depth, the digest of
            the request ('' when it has no idempotency key), '1' when it is streamed ('' when not)
-Returns per message one of: {'queued', id, depth before it (-1: queued by an earlier run)},
-{'duplicate', first id}, {'conflict', first id} (the key came with another request), {'full', depth}.
+then, with direct admission: the lease expiry of an in-flight slot, the backends' capacity, n (the number
+of levels), the index of the message's level among them, and per level: max_concurrent, reserved, priority.
+Returns per message one of: {'queued', id, depth before it (-1: queued by an earlier run), 1 when it was
+admitted directly}, {'duplicate', first id}, {'conflict', first id} (the key came with another request),
+{'full', depth}.
 ]]
 -- The level's depth, and the count of its entries that have left it (false when Redis cannot tell).
 local function waiting(stream)
@@ -33,11 +44,37 @@ local function waiting(stream)
 end
 
 --@include status
-local hash_ttl, idem_ttl = ARGV[1], ARGV[2]
+--@include inflight
+local hash_ttl, idem_ttl, m, direct_at = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+
+-- Admit the lone message now, if nothing waits anywhere and a slot is free for it.
+local function admit_at_once(payload, id)
+  local d = 5 + 7 * m
+  local exp, cap, n, own = ARGV[d], tonumber(ARGV[d + 1]), tonumber(ARGV[d + 2]), tonumber(ARGV[d + 3])
+  local function level_arg(j, k) return tonumber(ARGV[d + 4 + 3 * (j - 1) + k]) end
+  for j = 1, n do
+    if waiting(KEYS[4 * m + j]) > 0 then return false end
+  end
+  local held, total = {}, 0
+  for j = 1, n do
+    held[j] = inflight_count(KEYS[4 * m + n + j], direct_at)
+    total = total + held[j]
+  end
+  if held[own] >= level_arg(own, 0) then return false end
+  local floor = 0
+  for j = 1, n do
+    if level_arg(j, 2) < level_arg(own, 2) then floor = floor + math.max(0, level_arg(j, 1) - held[j]) end
+  end
+  if total >= cap - floor then return false end
+  inflight_hold(KEYS[4 * m + n + own], id, exp)
+  redis.call('XADD', KEYS[4 * m + 2 * n + 1], '*', M, payload)
+  return true
+end
+
 local depths, lefts, out = {}, {}, {}
-for i = 1, #KEYS / 4 do
+for i = 1, m do
   local stream, hash, idem, legacy = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
-  local a = 3 + 7 * (i - 1)
+  local a = 5 + 7 * (i - 1)
   local payload, id, level, enqueued, max_depth, digest, streamed =
     ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5], ARGV[a + 6]
   local first = digest ~= '' and (redis.call('GET', idem) or (legacy ~= idem and redis.call('GET', legacy)))
@@ -56,6 +93,11 @@ for i = 1, #KEYS / 4 do
     local depth = depths[stream]
     if depth >= max_depth then
       out[i] = {'full', depth}
+    elseif direct_at ~= '' and m == 1 and admit_at_once(payload, id) then
+      if digest ~= '' then redis.call('SET', idem, id .. ' ' .. digest, 'EX', idem_ttl) end
+      status_queued(hash, level, enqueued, hash_ttl, streamed)
+      status_scheduled(hash, direct_at)
+      out[i] = {'queued', id, 0, 1}
     else
       if digest ~= '' then redis.call('SET', idem, id .. ' ' .. digest, 'EX', idem_ttl) end
       redis.call('XADD', stream, '*', M, payload)

@@ -139,7 +139,9 @@ class OpenAIFacade:
             usage = isinstance(options, dict) and options.get("include_usage") is True
             # A repeat of an idempotent request follows the first one's message: going away, it leaves it be.
             owner = result.verdict is Verdict.QUEUED
-            relay = self._relay(message_id, level, doc, result.depth, include_usage=usage, owner=owner)
+            relay = self._relay(
+                message_id, level, doc, result.depth, include_usage=usage, owner=owner, admitted=result.admitted
+            )
             return StreamingResponse(relay, media_type="text/event-stream", headers=headers | SSE_HEADERS)
         finished, view = await self.queue.wait_result(message_id, self.config.server.sync_timeout.seconds)
         if not finished or view is None:
@@ -164,6 +166,7 @@ class OpenAIFacade:
         *,
         include_usage: bool,
         owner: bool,
+        admitted: bool = False,
     ) -> AsyncIterator[bytes]:
         """The stream a client of ``stream: true`` reads: comments while its request waits, then the backend's
         chunks as they come (each with the ``id:`` to resume from), then ``[DONE]``, or an error event."""
@@ -172,7 +175,7 @@ class OpenAIFacade:
         usage_sent = False
         OPEN_STREAMS.inc()
         try:
-            yield sse.comment(self._waiting(level, position))
+            yield sse.comment(f"admitted in {level}" if admitted else self._waiting(level, position))
             async for item in self.queue.follow(message_id):
                 if item.kind == "chunk":
                     if include_usage:

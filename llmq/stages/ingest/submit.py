@@ -28,6 +28,7 @@ from llmq.pipeline.backoff import Backoff
 from llmq.pipeline.config import Config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import Coalesced, Lua
+from llmq.pipeline.metrics import QUEUE_WAIT, SCHEDULED
 from llmq.pipeline.models import Message
 from llmq.pipeline.redis import UNAVAILABLE
 from llmq.pipeline.runtime.streams import as_str
@@ -57,6 +58,8 @@ class Submitted:
     depth: int | None = None
     """Messages waiting in the level before this one (its position; None when unknown), or the depth that
     made it full."""
+    admitted: bool = False
+    """It was admitted at once (``scheduler.direct_admission``): it is on its way to a backend."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,20 @@ class Submitter:
         self._one = Coalesced(self._script)
         self._cancel = Lua(redis, "cancel")
         self._max_size = {lv.name: config.queue.max_size(lv) for lv in config.queue.levels}
+        levels = sorted(config.queue.levels, key=lambda lv: lv.priority)
+        # Not for the levels the scheduler staggers: it learns the spacing from the calls it admitted itself
+        staggered = {lv.name for lv in levels if lv.priority > levels[0].priority and not lv.reserved}
+        self._direct = (
+            {lv.name for lv in levels if not (config.scheduler.stagger and lv.name in staggered)}
+            if config.scheduler.direct_admission
+            else set()
+        )
+        self._index = {lv.name: i + 1 for i, lv in enumerate(levels)}
+        self._direct_keys = [keys.level(lv.name) for lv in levels] + [keys.inflight(lv.name) for lv in levels]
+        self._direct_keys.append(keys.dispatch)
+        self._levels_args = [x for lv in levels for x in (lv.in_flight_cap, lv.reserved, lv.priority)]
+        self._capacity = config.capacity
+        self._lease_s = config.lease_s
 
     async def cancel(self, message_id: str, *, before: bool = True, abort: bool = False) -> str | None:
         """Cancel a message not yet dispatched (queued, scheduled or retrying) unless not ``before``, and with
@@ -123,9 +140,15 @@ class Submitter:
         return as_str(status) if status else None
 
     async def submit(self, sub: Submission) -> Submitted:
-        """One script call; the submissions of concurrent requests share a round trip."""
-        keys, args = self._call([sub])
-        return _verdict((await self._retrying(lambda: self._one(keys, args)))[0])
+        """One script call; the submissions of concurrent requests share a round trip. With
+        ``scheduler.direct_admission``, the script admits the message at once when nothing waits anywhere."""
+        keys, args = self._call([sub], direct=sub.message.level in self._direct)
+        submitted = _verdict((await self._retrying(lambda: self._one(keys, args)))[0])
+        if submitted.admitted:
+            level = sub.message.level
+            QUEUE_WAIT.labels(level=level).observe(max(0.0, time.time() - sub.message.enqueued_at))
+            SCHEDULED.labels(level=level).inc()
+        return submitted
 
     async def submit_many(self, subs: list[Submission]) -> list[Submitted]:
         """Each decided on its own, ``PER_CALL`` of them per script call (each call atomic), all in one round
@@ -151,9 +174,12 @@ class Submitter:
                     raise
                 await asyncio.sleep(backoff.next())
 
-    def _call(self, subs: list[Submission]) -> tuple[list[str], list[str | bytes | int | float]]:
+    def _call(
+        self, subs: list[Submission], *, direct: bool = False
+    ) -> tuple[list[str], list[str | bytes | int | float]]:
         keys: list[str] = []
-        args: list[str | bytes | int | float] = [HASH_TTL_S, IDEMPOTENCY_TTL_S]
+        now = time.time()
+        args: list[str | bytes | int | float] = [HASH_TTL_S, IDEMPOTENCY_TTL_S, len(subs), now if direct else ""]
         for sub in subs:
             msg = sub.message
             idem = msg.idempotency_key
@@ -164,6 +190,10 @@ class Submitter:
             digest = (sub.digest or "-") if idem else ""
             streamed = "1" if is_streamed(msg) else ""
             args += [sub.payload, msg.id, msg.level, msg.enqueued_at, self._max_size[msg.level], digest, streamed]
+        if direct:
+            keys += self._direct_keys
+            level = self._index[subs[0].message.level]
+            args += [now + self._lease_s, self._capacity, len(self._index), level, *self._levels_args]
         return keys, args
 
 
@@ -174,7 +204,7 @@ def _verdict(reply: list[bytes | int]) -> Submitted:
     if verdict in (Verdict.DUPLICATE, Verdict.CONFLICT):
         return Submitted(verdict, as_str(reply[1]))
     depth = int(reply[2])
-    return Submitted(verdict, as_str(reply[1]), depth if depth >= 0 else None)
+    return Submitted(verdict, as_str(reply[1]), depth if depth >= 0 else None, admitted=len(reply) > 3)
 
 
 def new_message(

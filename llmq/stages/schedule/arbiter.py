@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import redis.asyncio as aioredis
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
 
 from llmq.pipeline import background, inflight
 from llmq.pipeline.config import Config, LevelConfig
 from llmq.pipeline.keys import Group, Keys
 from llmq.pipeline.lua import Lua
+from llmq.pipeline.metrics import QUEUE_WAIT, SCHEDULED
 from llmq.pipeline.models import Message, Status
 from llmq.pipeline.notify import Listener
 from llmq.pipeline.redis import UNAVAILABLE
@@ -41,15 +42,8 @@ POLL_S = 0.05
 """While messages wait, how often the arbiter re-reads the in-flight counts even without a notice (a
 missed notice, an expired lease). Normally it wakes on the ``finished``/``slots`` notice of a freed slot."""
 
-QUEUE_WAIT = Histogram(
-    "llmq_queue_wait_seconds",
-    "Time from enqueue to admission for dispatch",
-    ["level"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-)
 SLO_VIOLATIONS = Counter("llmq_slo_violations_total", "Admissions later than the level's max_wait_time", ["level"])
 INFLIGHT = Gauge("llmq_inflight", "Admitted messages not yet finished", ["level"])
-SCHEDULED = Counter("llmq_scheduled_total", "Messages admitted for dispatch", ["level"])
 STAGGER = Gauge("llmq_admission_stagger_seconds", "Spacing between staggered admissions (0: not staggering)")
 
 GONE: Literal["gone"] = "gone"
@@ -79,13 +73,6 @@ class Candidate:
             self.decisions.put_nowait((self, status))
 
 
-def capacity(config: Config) -> int:
-    """In-flight slots of the whole deployment: what the backends can run at once."""
-    if config.backends:
-        return sum(b.slots for b in config.backends)
-    return config.queue.worker.in_hand
-
-
 class Arbiter:
     """Orders the waiting messages of every level of this process and admits them as slots free up."""
 
@@ -95,8 +82,8 @@ class Arbiter:
         self.keys = keys
         self.levels = sorted(config.queue.levels, key=lambda lv: lv.priority)
         self.by_name = {lv.name: lv for lv in self.levels}
-        self.capacity = capacity(config)
-        self.lease_s = config.scheduler.timeout.seconds + config.queue.worker.claim_timeout.seconds
+        self.capacity = config.capacity
+        self.lease_s = config.lease_s
         self.waiting: dict[str, deque[Candidate]] = {lv.name: deque() for lv in self.levels}
         self._wake = asyncio.Event()
         self._wrr: dict[str, int] = {}
