@@ -87,6 +87,24 @@ async def test_the_sync_sdk_streams_and_gets_no_usage_it_did_not_ask_for(redis: 
     assert all(c.usage is None for c in chunks)
 
 
+async def test_curl_reads_the_stream_as_it_comes(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a streaming backend behind the queue, and curl as a shell user runs it (-N: no buffering)
+    async with Harness(redis, keys, backends={"a": streaming()}) as h, served(h) as url:
+        body = msgspec.json.encode(CHAT | {"model": "m", "stream": True}).decode()
+        argv = ["curl", "-sS", "-N", "--max-time", "20", f"{url}/v1/chat/completions", "-d", body]
+        argv += ["-H", "Content-Type: application/json", "-H", "X-LLMQ-Priority: realtime"]
+        pipe = asyncio.subprocess.PIPE
+        curl = await asyncio.create_subprocess_exec(*argv, stdout=pipe, stderr=pipe)
+        out, err = await curl.communicate()
+    # Then it shows the waiting comment, every chunk in order with the id to resume from, then [DONE]
+    assert curl.returncode == 0, err
+    lines = out.decode().splitlines()
+    assert lines[0].startswith(": ") and "realtime" in lines[0]
+    data = [line.removeprefix("data: ") for line in lines if line.startswith("data: {")]
+    assert contents(data) == "".join(TOKENS) and lines[-2:] == ["data: [DONE]", ""]
+    assert sum(line.startswith("id: ") for line in lines) == len(data)
+
+
 async def test_a_client_resumes_with_last_event_id_and_misses_nothing(redis: aioredis.Redis, keys: Keys) -> None:
     # Given a streamed message submitted on the native API, slow enough to read part of it
     slow = MockSettings(latency_ms=5, stream_tokens=len(TOKENS), tokens_per_s=40)
