@@ -4,12 +4,15 @@ what their answers mean, on real Redis with mock backends over real HTTP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, Status, decode_outcome, encode, new_id
@@ -564,3 +567,77 @@ async def test_a_backend_that_refuses_connections_is_an_http_error() -> None:
 def test_an_answer_reads_its_text_in_the_charset_it_names() -> None:
     assert Answer(200, {"Content-Type": "text/plain; charset=latin-1"}, "é".encode("latin-1")).text == "é"
     assert Answer(200, {"Content-Type": "text/plain; charset=nonsense"}, b"\xff ok").text == "\ufffd ok"
+
+
+def test_an_answer_in_a_codec_that_is_no_text_encoding_reads_as_utf8() -> None:
+    # codecs.lookup knows base64; a 503 naming it was failed instead of retried
+    answer = Answer(503, {"content-type": "text/plain; charset=base64"}, b"overloaded")
+    assert answer.text == "overloaded"
+    assert classify("a", answer, max_retry_after_s=10).status is Status.RETRYING
+
+
+async def test_a_request_the_client_refuses_to_send_is_a_call_error_naming_no_secret() -> None:
+    pool = Pool(concurrency=1, connect_timeout_s=5, read_timeout_s=5)
+    try:
+        # a header with a line break (an API key with one inside): aiohttp raises ValueError, which crashed
+        # the batch and made the message poison
+        with pytest.raises(HTTPError):
+            await pool.post(f"http://127.0.0.1:{free_port()}/v1/chat/completions", b"{}", {"Authorization": "a\nb"})
+        # a URL with credentials that cannot be called: the error, which is stored and logged, hides them
+        for url in (f"http://user:s3cret@127.0.0.1:{free_port()}/v1", "http://user:s3cret@[::1/v1"):
+            with pytest.raises(HTTPError) as failed:
+                await pool.post(url, b"{}", {})
+            assert "s3cret" not in str(failed.value)
+    finally:
+        await pool.aclose()
+
+
+@contextlib.asynccontextmanager
+async def recording_backend(seen: list[tuple[str, str, str | None]]) -> AsyncIterator[str]:
+    """A backend that answers a completion POST with 302 to a path that answers any method with a completion,
+    recording every request (method, path, Authorization); its base URL."""
+
+    async def moved(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path, request.headers.get("Authorization")))
+        if request.headers.get("Authorization") == "Bearer sk-redirect":
+            raise web.HTTPFound(location="/elsewhere")
+        return web.json_response({"choices": [{"message": {"role": "assistant", "content": "yours"}}]})
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path, request.headers.get("Authorization")))
+        return web.json_response({"choices": [{"message": {"role": "assistant", "content": "NOT YOUR ANSWER"}}]})
+
+    app = web.Application()
+    app.router.add_route("POST", "/v1/chat/completions", moved)
+    app.router.add_route("*", "/elsewhere", elsewhere)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(("key", "outcome"), [("sk-redirect", "failed"), ("sk-file\n", "completed")])
+async def test_a_redirect_is_the_backends_answer_and_a_key_is_sent_without_its_newline(
+    redis: aioredis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch, key: str, outcome: str
+) -> None:
+    # Given a backend that redirects calls made with one key, and a key as read from a secret's file
+    seen: list[tuple[str, str, str | None]] = []
+    monkeypatch.setenv("LLMQ_TEST_BACKEND_KEY", key)
+    async with recording_backend(seen) as url:
+        env = {
+            "LLMQ_BACKENDS": f'[{{name: a, url: "{url}", max_concurrent: 4, api_key_env: LLMQ_TEST_BACKEND_KEY}}]',
+            "LLMQ_QUEUE__RETRY__MAX_RETRIES": "0",
+        }
+        async with Harness(redis, keys, backends={}, env=env) as h:
+            mid = await h.submit()
+            status = (await h.wait_terminal([mid], within=10))[mid]
+    # Then a 302 fails the message as the backend's answer (following it made a GET of another resource and
+    # stored its body as the completion), and the key goes out trimmed (its newline crashed the batch)
+    assert status["status"] == outcome, status
+    assert seen == [("POST", "/v1/chat/completions", f"Bearer {key.strip()}")]
+    if outcome == "failed":
+        assert "answered 302" in status["error"]

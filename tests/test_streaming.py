@@ -15,9 +15,10 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
-from llmq.pipeline.keys import Keys
+from llmq.pipeline.keys import Group, Keys
 from llmq.pipeline.runtime.ops_server import OpsServer
-from llmq.stages.ingest import create_app
+from llmq.stages.ingest import create_app, events
+from llmq.stages.ingest.drain import DrainMeter
 from llmq.stages.mock_backend import MockSettings
 from tests.conftest import eventually
 from tests.support.harness import CHAT, Harness
@@ -326,3 +327,54 @@ async def test_a_waiting_stream_is_told_its_position_and_wait_as_the_level_drain
     queued = [msgspec.json.decode(data) for _, name, data in native if name == "status" and "position" in data]
     assert queued and all(q["status"] == "queued" for q in queued)
     assert any("eta_s" in q and q["eta_s"] > 0 for q in queued)
+
+
+async def test_a_stream_cut_for_reading_too_slowly_leaves_the_call_running(
+    redis: aioredis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a client that falls behind its stream (MAX_BEHIND of 1 stands for 10,000 events), on a level that
+    # stops the backend call of a client that goes away
+    monkeypatch.setattr(events, "MAX_BEHIND", 1)
+    slow = MockSettings(latency_ms=0, stream_tokens=60, tokens_per_s=50)
+    levels = "[{name: realtime, priority: 1, max_wait_time: 5s, max_concurrent: 4, abort_on_disconnect: true}]"
+    async with (
+        Harness(redis, keys, backends={"a": slow}, env={"LLMQ_QUEUE__LEVELS": levels}) as h,
+        served(h) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        headers = {"X-LLMQ-Priority": "realtime"}
+        async with http.stream("POST", "/v1/chat/completions", json=CHAT | {"stream": True}, headers=headers) as r:
+            mid = r.headers["x-llmq-message-id"]
+            body = "".join([line async for line in r.aiter_lines()])
+        status = (await h.wait_terminal([mid], within=10))[mid]
+    # When the server cuts it, telling where the whole answer will be, then the answer is whole there: the cut
+    # was no client going away (it aborted the call)
+    assert "the stream was cut: the whole answer is at GET /api/v1/messages/" in body
+    answer = msgspec.json.decode(status["result"])["choices"][0]["message"]["content"]
+    assert status["status"] == "completed" and len(answer.split()) == 60
+
+
+async def test_a_position_is_never_told_past_the_depth_a_message_came_with(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a meter that read the level's count once, before a quiet spell in which 100 messages left
+    stream = keys.level("low")
+    await redis.xgroup_create(stream, Group.SCHEDULE.value, id="0", mkstream=True)
+    meter = DrainMeter(redis, keys, ["low"])
+
+    async def pass_through(n: int) -> None:
+        await asyncio.gather(*(redis.xadd(stream, {"m": b"x"}) for _ in range(n)))
+        for _, entries in await redis.xreadgroup(Group.SCHEDULE.value, "c", {stream: ">"}, count=n):
+            await redis.xack(stream, Group.SCHEDULE.value, *[entry_id for entry_id, _ in entries])
+
+    await pass_through(1)
+    await meter._sample()
+    await pass_through(100)
+    # When a message comes with 3 before it (what the submit script keeps: its depth and the count then)
+    group = next(g for g in await redis.xinfo_groups(stream) if g["name"] in (b"schedule", "schedule"))
+    left_mark = int(group["entries-read"]) - int(group["pending"])
+    # Then it is told 3 before it, not 103: the meter's count is older than the message's (it was 104)
+    assert meter.position("low", 3, left_mark)[0] == 3
+    # and, once the meter reads again, the count of what left since
+    await meter._sample()
+    await pass_through(2)
+    await meter._sample()
+    assert meter.position("low", 3, left_mark)[0] == 1

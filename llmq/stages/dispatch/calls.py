@@ -290,8 +290,9 @@ class Caller:
         """Call ``backend`` for ``msg`` (its slot held); the slot is freed with the next commit (``free``).
         None when, streaming, it found its message taken over by another dispatcher: theirs to record."""
         headers = {"X-LLMQ-Message-Id": msg.id}
-        if backend.api_key_env and os.environ.get(backend.api_key_env):
-            headers["Authorization"] = f"Bearer {os.environ[backend.api_key_env]}"
+        key = os.environ.get(backend.api_key_env, "").strip() if backend.api_key_env else ""
+        if key:  # a key read from a file (a Kubernetes secret) often ends with a newline
+            headers["Authorization"] = f"Bearer {key}"
         meters = self.meters[backend.name]
         self.local_inflight[backend.name] += 1
         meters.inflight.set(self.local_inflight[backend.name])

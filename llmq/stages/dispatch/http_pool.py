@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import re
 from collections.abc import AsyncIterator, Iterator, Mapping
 
 import aiohttp
@@ -23,7 +24,8 @@ SPARE_CONNECTIONS = 16
 
 
 class HTTPError(Exception):
-    """The call failed on the way: no connection, a reset, a body cut short. (A timeout raises TimeoutError.)"""
+    """The call failed on the way: no connection, a reset, a body cut short, a request that cannot be sent (a
+    header with a line break). (A timeout raises TimeoutError.) Its text names no URL credentials."""
 
 
 class Answer:
@@ -44,9 +46,12 @@ class Answer:
 
     @property
     def text(self) -> str:
-        """The body as text, in the charset its Content-Type names (UTF-8 when none or an unknown one);
-        bytes that do not decode become U+FFFD."""
-        return self.content.decode(_charset(self.headers.get("content-type", "")), errors="replace")
+        """The body as text, in the charset its Content-Type names (UTF-8 when none, an unknown one, or a codec
+        that is no text encoding, as base64); bytes that do not decode become U+FFFD."""
+        try:
+            return self.content.decode(_charset(self.headers.get("content-type", "")), errors="replace")
+        except LookupError:  # codecs.lookup knows base64 and zip, which str.decode refuses
+            return self.content.decode("utf-8", errors="replace")
 
 
 class Reply:
@@ -75,32 +80,48 @@ class Reply:
 
 class Pool:
     """Keep-alive connections to every backend, at most ``concurrency`` (plus spares) at once. Made inside the
-    running event loop; ``read_timeout_s`` bounds each read, ``connect_timeout_s`` each connect."""
+    running event loop; ``read_timeout_s`` bounds each read, ``connect_timeout_s`` each connect.
+
+    As httpx did before it: redirects are not followed (a 3xx is the backend's answer, classified as such:
+    following one would turn the POST into a GET and store another resource's body as the completion), and
+    the environment's proxies (HTTP_PROXY, HTTPS_PROXY, NO_PROXY) apply. No cookies are kept."""
 
     def __init__(self, *, concurrency: int, connect_timeout_s: float, read_timeout_s: float) -> None:
         connector = aiohttp.TCPConnector(limit=concurrency + SPARE_CONNECTIONS, limit_per_host=0)
         timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s)
-        # Environment proxies are not used (trust_env off): a backend is called where the config says
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            raise_for_status=False,
+            trust_env=True,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Answer:
         with _errors():
-            async with self._session.post(url, data=body, headers=_json(headers)) as response:
+            async with self._session.post(url, data=body, headers=_json(headers), allow_redirects=False) as response:
                 return Answer(response.status, response.headers, await response.read())
 
     async def get(self, url: str, *, timeout_s: float) -> Answer:
         with _errors():
             timeout = aiohttp.ClientTimeout(total=timeout_s)
-            async with self._session.get(url, timeout=timeout) as response:
+            async with self._session.get(url, timeout=timeout, allow_redirects=False) as response:
                 return Answer(response.status, response.headers, await response.read())
 
     @contextlib.asynccontextmanager
     async def stream(self, url: str, body: bytes, headers: Mapping[str, str]) -> AsyncIterator[Reply]:
-        """POST ``body``; the answer as it comes. Leaving the block early closes the connection (the backend
-        sees its client gone and can stop generating)."""
+        """POST ``body``; the answer as it comes. Leaving the block before the end of the body closes the
+        connection (the backend sees its client gone and can stop generating). Errors of the block's own
+        code pass through as they are."""
         with _errors():
-            async with self._session.post(url, data=body, headers=_json(headers)) as response:
-                yield Reply(response)
+            response = await self._session.post(url, data=body, headers=_json(headers), allow_redirects=False)
+        try:
+            yield Reply(response)
+        finally:
+            if response.content.at_eof():
+                response.release()  # read to its end: the connection goes back to the pool
+            else:
+                response.close()
 
     async def aclose(self) -> None:
         await self._session.close()
@@ -112,13 +133,21 @@ def _json(headers: Mapping[str, str]) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
-    """aiohttp's errors as ``HTTPError``; its timeouts stay TimeoutError (some are both)."""
+    """aiohttp's errors as ``HTTPError``, and the ValueError of a request it refuses to send (a header with a
+    control character: an API key read with its trailing newline); its timeouts stay TimeoutError (some are
+    both)."""
     try:
         yield
     except TimeoutError:
         raise
-    except aiohttp.ClientError as exc:
-        raise HTTPError(f"{type(exc).__name__}: {exc}") from exc
+    except aiohttp.InvalidURL as exc:
+        raise HTTPError("the backend's URL is not valid") from exc
+    except (aiohttp.ClientError, ValueError) as exc:
+        raise HTTPError(_CREDENTIALS.sub(r"\1***@", f"{type(exc).__name__}: {exc}")) from exc
+
+
+_CREDENTIALS = re.compile(r"(//)[^/@\s]+@")
+"""The user and password of a URL (``//user:secret@host``): never in an error, which is stored and logged."""
 
 
 def _charset(content_type: str) -> str:

@@ -28,6 +28,8 @@ log = logging.getLogger("llmq.ingest")
 SAMPLE_S = 1.0
 WANTED_FOR_S = 5.0
 """The meter reads Redis only while an estimate was asked for this recently."""
+FRESH_S = 2.5 * SAMPLE_S
+"""Counts older than this are not used: the meter had paused, or a read failed."""
 SMOOTHING = 0.3
 """Weight of the newest second in the moving average of a level's rate."""
 
@@ -52,24 +54,31 @@ class DrainMeter:
         await background.cancel(self._task)
 
     def position(self, level: str, behind: int, left_mark: int) -> tuple[int, float | None]:
-        """A queued message's position (how many wait before it) and its estimated wait in seconds (None when
-        the level has not been seen draining)."""
-        left = self.left.get(level)
-        ahead = max(0, behind - (left - left_mark)) if left is not None else behind
+        """A queued message's position (how many wait before it, never more than when it came) and its
+        estimated wait in seconds (None when the level has not been seen draining lately). A count older
+        than the message's (read before a quiet spell, or of a stream made anew) tells nothing: then the
+        position is the one it came with."""
+        left = self.left.get(level) if self._fresh() else None
+        ahead = behind if left is None or left < left_mark else max(0, behind - (left - left_mark))
         return ahead, self.wait_s(level, ahead)
 
     def wait_s(self, level: str, ahead: int) -> float | None:
         """The estimated wait of a message with ``ahead`` before it in ``level``: they and it leaving at the
-        level's rate (None when it has not been seen draining)."""
+        level's rate (None when it has not been seen draining lately)."""
         self._wanted_at = time.monotonic()
-        rate = self.rate.get(level)
+        rate = self.rate.get(level) if self._fresh() else None
         return round((ahead + 1) / rate, 1) if rate else None
+
+    def _fresh(self) -> bool:
+        """The counts were read within the last two samples (the meter reads only while asked)."""
+        return self._sampled_at is not None and time.monotonic() - self._sampled_at <= FRESH_S
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(SAMPLE_S)
             if time.monotonic() - self._wanted_at > WANTED_FOR_S:
                 self._sampled_at = None  # the next sample after a pause starts the rate afresh
+                self.rate.clear()
                 continue
             try:
                 await self._sample()

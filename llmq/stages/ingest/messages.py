@@ -126,7 +126,8 @@ class Messages:
         if result.verdict is Verdict.DUPLICATE:
             return 200, schema.Accepted(id=result.message_id or "", status="duplicate", level=msg.level)
         INGESTED.labels(level=msg.level).inc()
-        return 202, schema.Accepted(id=msg.id, status=Status.QUEUED.value, level=msg.level, position=result.depth)
+        status = Status.SCHEDULED if result.admitted else Status.QUEUED  # admitted at once: on its way already
+        return 202, schema.Accepted(id=msg.id, status=status.value, level=msg.level, position=result.depth)
 
     async def submit(self, request: Request) -> Response:
         body = await read_body(request, limit=self.max_body)

@@ -204,7 +204,9 @@ class OpenAIFacade:
                     else:
                         yield sse.openai_error(_ended_without_answer(end))
                     return
-            # The stream was cut (the client read too slowly): say so, rather than end as if complete.
+            # The stream was cut (the client read too slowly): say so, rather than end as if complete. The
+            # client did not go away: its answer runs on, to be read where this says.
+            ended = True
             yield sse.openai_error(f"the stream was cut: the whole answer is at GET /api/v1/messages/{message_id}")
         finally:
             OPEN_STREAMS.dec()
