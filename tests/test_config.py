@@ -287,6 +287,12 @@ SPLIT_SECRET = "Pw-Xq7/Zr9"
             {},
             "backends[0].url: scheme must be http://, https:// or echo://",
         ),
+        # a key in the query: the endpoint would be appended after it, and errors would carry it
+        (
+            f'backends: [{{name: a, url: "https://a/v1?api-key={SECRET}"}}]',
+            {},
+            "backends[0].url: must end with the API's base path",
+        ),
     ],
 )
 def test_a_secret_in_a_wrong_place_is_named_by_its_path_and_never_shown(

@@ -8,6 +8,7 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -641,3 +642,126 @@ async def test_a_redirect_is_the_backends_answer_and_a_key_is_sent_without_its_n
     assert seen == [("POST", "/v1/chat/completions", f"Bearer {key.strip()}")]
     if outcome == "failed":
         assert "answered 302" in status["error"]
+
+
+async def test_the_machines_netrc_is_never_sent_to_a_backend(
+    redis: aioredis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given a machine whose netrc has a default login (for git, a package index...), and a backend with a key
+    netrc = tmp_path / "netrc"
+    netrc.write_text("default login deploy password hunter2\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("LLMQ_TEST_BACKEND_KEY", "sk-abc")
+    seen: list[tuple[str, str, str | None]] = []
+    async with recording_backend(seen) as url:
+        # When a call is made without a key, and a message is sent with one
+        pool = Pool(concurrency=1, connect_timeout_s=5, read_timeout_s=5)
+        try:
+            await pool.post(url + "/chat/completions", b"{}", {})
+        finally:
+            await pool.aclose()
+        env = {"LLMQ_BACKENDS": f'[{{name: a, url: "{url}", max_concurrent: 4, api_key_env: LLMQ_TEST_BACKEND_KEY}}]'}
+        async with Harness(redis, keys, backends={}, env=env) as h:
+            mid = await h.submit()
+            status = (await h.wait_terminal([mid], within=10))[mid]
+    # Then the backend saw no netrc login (aiohttp's trust_env sent it, and refused the key beside it)
+    assert [auth for _, _, auth in seen] == [None, "Bearer sk-abc"] and status["status"] == "completed"
+
+
+async def test_calls_go_through_the_environments_proxy_unless_no_proxy_exempts_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given an HTTP proxy named by the environment (it answers every request itself, as a test stand-in)
+    seen: list[str] = []
+
+    async def proxied(request: web.Request) -> web.Response:
+        seen.append(str(request.url))
+        return web.json_response({"choices": []})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxied)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("NO_PROXY", "exempt.invalid")
+    pool = Pool(concurrency=1, connect_timeout_s=2, read_timeout_s=5)
+    try:
+        # When backends are called by a name only the proxy could reach, then the call goes through the proxy
+        answer = await pool.post("http://backend.invalid/v1/chat/completions", b"{}", {})
+        assert answer.status == 200 and seen == ["http://backend.invalid/v1/chat/completions"]
+        # and a host NO_PROXY names is called directly (here: a name that resolves nowhere)
+        with pytest.raises(HTTPError):
+            await pool.post("http://exempt.invalid/v1/chat/completions", b"{}", {})
+        assert len(seen) == 1
+    finally:
+        await pool.aclose()
+        await runner.cleanup()
+
+
+async def test_an_unsendable_request_fails_its_message_at_once_and_spares_the_circuit(
+    redis: aioredis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a backend key with a line break inside it (no trim can mend that)
+    monkeypatch.setenv("LLMQ_TEST_BACKEND_KEY", "sk-a\nb")
+    config = {"a": {"max_concurrent": 4, "api_key_env": "LLMQ_TEST_BACKEND_KEY"}}
+    async with Harness(redis, keys, backends={"a": MockSettings(latency_ms=1)}, backend_config=config) as h:
+        mid = await h.submit()
+        status = (await h.wait_terminal([mid], within=10))[mid]
+        [dispatch] = [s for s in h.stages if isinstance(s, Dispatch)]
+        circuit = dispatch.router.circuits["a"]
+    # Then the message fails once, saying why (sending it again would fail the same way), the key unshown
+    assert status["status"] == "failed" and status["attempts"] == "1"
+    assert "cannot be sent" in status["error"] and "sk-a" not in status["error"]
+    assert circuit.failures == 0
+
+
+async def test_streams_left_early_close_their_connections_and_the_pool_goes_on() -> None:
+    # Given a backend that streams for ten seconds, and a pool of 17 connections (concurrency 1 + spares)
+    gone = 0
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        nonlocal gone
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for _ in range(1000):
+                await response.write(b'data: {"choices": []}\n\n')
+                await asyncio.sleep(0.01)
+        except (ConnectionError, asyncio.CancelledError):
+            gone += 1
+            raise
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stream)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    pool = Pool(concurrency=1, connect_timeout_s=5, read_timeout_s=5)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        # When 40 streams are left after their first chunk, and 10 more are cut by a timeout mid-body
+        for _ in range(40):
+            async with pool.stream(url, b"{}", {}) as reply:
+                async for _ in calls.sse_data(reply):
+                    break
+        for _ in range(10):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1), pool.stream(url, b"{}", {}) as reply:
+                    async for _ in calls.sse_data(reply):
+                        pass
+        # Then the backend saw each of the 50 clients go (so it can stop generating), and the pool is not used up
+        await eventually(lambda: _true(gone == 50), what="the backend to see every client gone", within=5)
+        async with asyncio.timeout(5), pool.stream(url, b"{}", {}) as reply:
+            assert reply.status == 200
+    finally:
+        await pool.aclose()
+        await runner.cleanup()
+
+
+async def _true(value: bool) -> bool:
+    return value

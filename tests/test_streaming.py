@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -378,3 +379,14 @@ async def test_a_position_is_never_told_past_the_depth_a_message_came_with(redis
     await pass_through(2)
     await meter._sample()
     assert meter.position("low", 3, left_mark)[0] == 1
+
+
+def test_a_level_that_stopped_draining_has_no_estimate_rather_than_an_endless_one() -> None:
+    # Given a level seen draining, then stalled until its moving rate decayed to almost nothing
+    meter = DrainMeter(aioredis.Redis(), Keys("{x}"), ["low"])
+    meter._sampled_at = time.monotonic()
+    meter.rate["low"] = 10.0
+    assert meter.wait_s("low", 9) == 1.0
+    meter.rate["low"] = 5e-324  # 0.7 ** n of the rate after half an hour without a message leaving
+    # Then the wait is unknown (it was "about inf s", and eta_s null)
+    assert meter.wait_s("low", 9) is None

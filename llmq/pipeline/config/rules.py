@@ -149,6 +149,11 @@ def semantic_problems(config: Config) -> list[str]:
                 f"backends[{i}].url: scheme must be http://, https:// or echo:// "
                 f"(an in-process echo backend, for measuring the queue itself), got {_scheme(backend.url)}"
             )
+        elif "?" in backend.url or "#" in backend.url:
+            problems.append(
+                f"backends[{i}].url: must end with the API's base path (as http://host:8000/v1): a query or "
+                "fragment would come before the endpoint llmq appends (/chat/completions)"
+            )
         if backend.api_key_env is not None and not _ENV_NAME.fullmatch(backend.api_key_env):
             problems.append(
                 f"backends[{i}].api_key_env: must be the name of the environment variable that holds the key "

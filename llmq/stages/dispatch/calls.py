@@ -31,7 +31,7 @@ from llmq.pipeline.models import Message, Status
 from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.effects import Effect
 from llmq.pipeline.streamed import CHUNK, END, USAGE, is_streamed
-from llmq.stages.dispatch.http_pool import Answer, HTTPError, Pool, Reply
+from llmq.stages.dispatch.http_pool import Answer, HTTPError, Pool, Reply, Unsendable
 from llmq.stages.dispatch.relay import Relay
 
 if TYPE_CHECKING:
@@ -323,6 +323,9 @@ class Caller:
         except TimeoutError:
             error = f"timeout after {self.timeout_s:g}s"
             result = self._broken_off(backend.name, error, relay, assembled)
+        except Unsendable as exc:  # as configured, it would fail the same way again: no retry, no fault of the backend
+            error = f"the request to backend {backend.name} cannot be sent: {exc}"
+            result = CallResult(status=Status.FAILED, backend=backend.name, error=error)
         except HTTPError as exc:
             result = self._broken_off(backend.name, f"connection error: {exc}", relay, assembled)
         except UnicodeError as exc:  # a chunk in no encoding msgspec or json read: nothing it sent is storable

@@ -28,6 +28,9 @@ log = logging.getLogger("llmq.ingest")
 SAMPLE_S = 1.0
 WANTED_FOR_S = 5.0
 """The meter reads Redis only while an estimate was asked for this recently."""
+MIN_RATE = 0.01
+"""Entries per second below which a level is not draining: no estimate (a stalled level's moving rate decays
+toward zero and would estimate an endless wait)."""
 FRESH_S = 2.5 * SAMPLE_S
 """Counts older than this are not used: the meter had paused, or a read failed."""
 SMOOTHING = 0.3
@@ -67,7 +70,7 @@ class DrainMeter:
         level's rate (None when it has not been seen draining lately)."""
         self._wanted_at = time.monotonic()
         rate = self.rate.get(level) if self._fresh() else None
-        return round((ahead + 1) / rate, 1) if rate else None
+        return round((ahead + 1) / rate, 1) if rate is not None and rate >= MIN_RATE else None
 
     def _fresh(self) -> bool:
         """The counts were read within the last two samples (the meter reads only while asked)."""
