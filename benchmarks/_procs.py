@@ -58,6 +58,18 @@ def postgres_url(given: str | None) -> Iterator[str]:
             server.stop()
 
 
+def run_env(url: str, prefix: str, api_port: int) -> dict[str, str]:
+    """The environment of one run's stage processes: its Redis and key prefix, warnings only in their logs,
+    and the ingest on 127.0.0.1:``api_port``."""
+    return {
+        "LLMQ_REDIS_URL": url,
+        "LLMQ_KEY_PREFIX": prefix,
+        "LLMQ_LOGGING__LEVEL": "warning",
+        "LLMQ_SERVER__HOST": "127.0.0.1",
+        "LLMQ_SERVER__PORT": str(api_port),
+    }
+
+
 @contextmanager
 def stages(env: dict[str, str], *argvs: list[str]) -> Iterator[list[subprocess.Popen[bytes]]]:
     """Start ``llmq-stage <argv>`` processes and wait until each answers on its port (``--port 0`` is

@@ -32,6 +32,7 @@ from benchmarks._procs import (
     poll_until,
     postgres_url,
     redis_url,
+    run_env,
     stages,
     write_result,
 )
@@ -81,13 +82,8 @@ async def end_to_end(
     api, mock = free_port(), free_port()
     if backend_url is None:
         backend_url = "echo://local/v1" if backend == "echo" else f"http://127.0.0.1:{mock}/v1"
-    env = {
-        "LLMQ_REDIS_URL": url,
+    env = run_env(url, prefix, api) | {
         "LLMQ_DATABASE_URL": dsn,
-        "LLMQ_KEY_PREFIX": prefix,
-        "LLMQ_LOGGING__LEVEL": "warning",
-        "LLMQ_SERVER__HOST": "127.0.0.1",
-        "LLMQ_SERVER__PORT": str(api),
         "LLMQ_QUEUE__DEFAULT_MAX_SIZE": str(n),
         "LLMQ_QUEUE__WORKER__MAX_CONCURRENT": str(in_hand or slots // 2),
         "LLMQ_QUEUE__LEVELS": f"[{{name: normal, priority: 1, max_wait_time: 30s, max_concurrent: {slots}}}]",

@@ -26,7 +26,7 @@ import msgspec
 import psutil
 import redis.asyncio as aioredis
 
-from benchmarks._procs import drop_prefix, free_port, machine, pct, redis_url, stages, write_result
+from benchmarks._procs import drop_prefix, free_port, machine, pct, redis_url, run_env, stages, write_result
 
 TARGET_LAG_P99_MS = 25.0
 
@@ -140,12 +140,7 @@ async def run(url: str, n: int, tokens: int, rate: float) -> dict[str, Any]:
     prefix = "{many" + uuid.uuid4().hex[:6] + "}"
     api, mock = free_port(), free_port()
     room = n + 100
-    env = {
-        "LLMQ_REDIS_URL": url,
-        "LLMQ_KEY_PREFIX": prefix,
-        "LLMQ_LOGGING__LEVEL": "warning",
-        "LLMQ_SERVER__HOST": "127.0.0.1",
-        "LLMQ_SERVER__PORT": str(api),
+    env = run_env(url, prefix, api) | {
         "LLMQ_QUEUE__WORKER__MAX_CONCURRENT": str(room),
         "LLMQ_QUEUE__LEVELS": f"[{{name: normal, priority: 1, max_wait_time: 60s, max_concurrent: {room}}}]",
         "LLMQ_BACKENDS": f'[{{name: mock, url: "http://127.0.0.1:{mock}/v1", max_concurrent: {room}}}]',

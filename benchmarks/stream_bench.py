@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 
-from benchmarks._procs import drop_prefix, free_port, machine, pct, redis_url, stages, write_result
+from benchmarks._procs import drop_prefix, free_port, machine, pct, redis_url, run_env, stages, write_result
 from llmq.pipeline.keys import Keys
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
@@ -82,12 +82,7 @@ def summary(direct: list[float], through: list[float]) -> dict[str, Any]:
 async def run(url: str, n: int) -> dict[str, Any]:
     prefix = "{strm" + uuid.uuid4().hex[:6] + "}"
     api, mock = free_port(), free_port()
-    env = {
-        "LLMQ_REDIS_URL": url,
-        "LLMQ_KEY_PREFIX": prefix,
-        "LLMQ_LOGGING__LEVEL": "warning",
-        "LLMQ_SERVER__HOST": "127.0.0.1",
-        "LLMQ_SERVER__PORT": str(api),
+    env = run_env(url, prefix, api) | {
         "LLMQ_BACKENDS": f'[{{name: mock, url: "http://127.0.0.1:{mock}/v1", max_concurrent: 16}}]',
     }
     argvs = [["run", "mock-backend", "--port", str(mock), "--latency-ms", "0"], ["run", "ingest"]]
@@ -134,12 +129,7 @@ async def overload_ttft(url: str, calls: int, backlog: int) -> dict[str, Any]:
     its first token, then 10 tokens at 100/s (about 140 ms a call)."""
     prefix = "{ovl" + uuid.uuid4().hex[:6] + "}"
     api, mock = free_port(), free_port()
-    env = {
-        "LLMQ_REDIS_URL": url,
-        "LLMQ_KEY_PREFIX": prefix,
-        "LLMQ_LOGGING__LEVEL": "warning",
-        "LLMQ_SERVER__HOST": "127.0.0.1",
-        "LLMQ_SERVER__PORT": str(api),
+    env = run_env(url, prefix, api) | {
         "LLMQ_QUEUE__DEFAULT_MAX_SIZE": str(backlog + 1000),
         "LLMQ_QUEUE__LEVELS": (
             "[{name: realtime, priority: 1, max_wait_time: 100ms, max_concurrent: 8, reserved: 1},"
