@@ -390,3 +390,51 @@ def test_a_level_that_stopped_draining_has_no_estimate_rather_than_an_endless_on
     meter.rate["low"] = 5e-324  # 0.7 ** n of the rate after half an hour without a message leaving
     # Then the wait is unknown (it was "about inf s", and eta_s null)
     assert meter.wait_s("low", 9) is None
+
+
+async def test_submit_status_and_a_full_levels_retry_after_follow_the_measured_drain(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given a level of at most 6 waiting, drained by one backend slot answering in 1.5 s (0.67 a second)
+    levels = "[{name: low, priority: 1, max_wait_time: 60s, max_concurrent: 1, max_size: 6}]"
+    config = {"a": {"max_concurrent": 1}}
+    busy = MockSettings(latency_ms=1500)
+    async with (
+        Harness(redis, keys, backends={"a": busy}, backend_config=config, env={"LLMQ_QUEUE__LEVELS": levels}) as h,
+        served(h) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        ids = [(await http.post("/api/v1/messages", json={"level": "low", "request": CHAT})).json()["id"]]
+        ids += [
+            r["id"]
+            for r in (await http.post("/api/v1/messages/batch", json=[{"level": "low", "request": CHAT}] * 5)).json()
+        ]
+
+        # When a client watches the last one until the level has been seen draining
+        async def estimated() -> bool:
+            view = (await http.get(f"/api/v1/messages/{ids[-1]}")).json()
+            return view["status"] == "queued" and view["eta_s"] is not None
+
+        await eventually(estimated, within=10, interval=0.2, what="an estimate of the wait")
+        view = (await http.get(f"/api/v1/messages/{ids[-1]}")).json()
+        # Then its status says how many wait before it and about how long it has left
+        assert 0 < view["position"] < 5 and view["eta_s"] >= view["position"]
+        # and so does a new message's 202, and, once the level is full, the 429 says when to come back
+        accepted = (await http.post("/api/v1/messages", json={"level": "low", "request": CHAT})).json()
+        assert accepted["status"] == "queued" and accepted["eta_s"] > 1
+        for _ in range(6):
+            full = await http.post("/api/v1/messages", json={"level": "low", "request": CHAT})
+            if full.status_code == 429:
+                break
+        assert full.status_code == 429 and 1 <= int(full.headers["Retry-After"]) <= 60
+
+
+def test_a_full_levels_retry_after_is_when_it_will_have_room_at_its_drain_rate() -> None:
+    meter = DrainMeter(aioredis.Redis(), Keys("{x}"), ["low"])
+    assert meter.retry_after_s("low", 5) == 1  # not seen draining: a second, as before
+    meter._sampled_at = time.monotonic()
+    meter.rate["low"] = 0.4
+    assert meter.retry_after_s("low", 1) == 3 and meter.retry_after_s("low", 5) == 13
+    assert meter.retry_after_s("low", 1000) == 60  # at most a minute
+    meter.rate["low"] = 50.0
+    assert meter.retry_after_s("low", 1) == 1

@@ -35,7 +35,9 @@ local function waiting(stream)
       local f = {}
       for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
       if f['name'] == SCHEDULE_GROUP and f['lag'] then
-        local left = f['entries-read'] and tonumber(f['entries-read']) - tonumber(f['pending'])
+        -- a group that has read nothing yet says no entries-read: none has left
+        local read = f['entries-read'] or (f['last-delivered-id'] == '0-0' and 0)
+        local left = read and tonumber(read) - tonumber(f['pending'])
         return tonumber(f['pending']) + tonumber(f['lag']), left
       end
     end

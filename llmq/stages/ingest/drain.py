@@ -31,6 +31,7 @@ WANTED_FOR_S = 5.0
 MIN_RATE = 0.01
 """Entries per second below which a level is not draining: no estimate (a stalled level's moving rate decays
 toward zero and would estimate an endless wait)."""
+MAX_RETRY_AFTER_S = 60
 FRESH_S = 2.5 * SAMPLE_S
 """Counts older than this are not used: the meter had paused, or a read failed."""
 SMOOTHING = 0.3
@@ -71,6 +72,15 @@ class DrainMeter:
         self._wanted_at = time.monotonic()
         rate = self.rate.get(level) if self._fresh() else None
         return round((ahead + 1) / rate, 1) if rate is not None and rate >= MIN_RATE else None
+
+    def retry_after_s(self, level: str, over: int) -> int:
+        """Seconds until ``over`` messages will have left ``level`` (a full level's excess, for Retry-After): at
+        least 1, at most ``MAX_RETRY_AFTER_S``; 1 when the level has not been seen draining lately."""
+        self._wanted_at = time.monotonic()
+        rate = self.rate.get(level) if self._fresh() else None
+        if rate is None or rate < MIN_RATE:
+            return 1
+        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(over / rate)))
 
     def _fresh(self) -> bool:
         """The counts were read within the last two samples (the meter reads only while asked)."""
@@ -114,6 +124,10 @@ def _left(groups: Any) -> int | None:
     if not isinstance(groups, list):
         return None  # no such stream yet, or an error for this level
     for group in groups:
-        if as_str(group.get("name", b"")) == Group.SCHEDULE and group.get("entries-read") is not None:
-            return int(group["entries-read"]) - int(group["pending"])
+        if as_str(group.get("name", b"")) != Group.SCHEDULE:
+            continue
+        read = group.get("entries-read")
+        if read is None and as_str(group.get("last-delivered-id", b"")) == "0-0":
+            read = 0  # a group that has read nothing yet says no entries-read: none has left
+        return None if read is None else int(read) - int(group["pending"])
     return None

@@ -51,7 +51,6 @@ DISCONNECT_CANCELS = Counter(
 )
 _submit_decoder = msgspec.json.Decoder(schema.SubmitBody)
 _any_decoder = msgspec.json.Decoder()
-_TIMES = ("enqueued_at", "scheduled_at", "started_at", "finished_at", "retry_at")
 
 
 class Messages:
@@ -74,6 +73,7 @@ class Messages:
             for lv in config.queue.levels
         }
         self._abort_on_disconnect = {lv.name: lv.abort_on_disconnect for lv in config.queue.levels}
+        self._level = {lv.name: lv for lv in config.queue.levels}
         self._withdrawing: set[asyncio.Task[Any]] = set()
 
     async def enqueue(self, submission: Submission) -> Submitted:
@@ -126,8 +126,17 @@ class Messages:
         if result.verdict is Verdict.DUPLICATE:
             return 200, schema.Accepted(id=result.message_id or "", status="duplicate", level=msg.level)
         INGESTED.labels(level=msg.level).inc()
-        status = Status.SCHEDULED if result.admitted else Status.QUEUED  # admitted at once: on its way already
-        return 202, schema.Accepted(id=msg.id, status=status.value, level=msg.level, position=result.depth)
+        if result.admitted:  # admitted at once: on its way already
+            return 202, schema.Accepted(id=msg.id, status=Status.SCHEDULED.value, level=msg.level, position=0)
+        eta = self.drain.wait_s(msg.level, result.depth) if result.depth is not None else None
+        return 202, schema.Accepted(
+            id=msg.id, status=Status.QUEUED.value, level=msg.level, position=result.depth, eta_s=eta
+        )
+
+    def full(self, level: str, depth: int) -> dict[str, str]:
+        """The Retry-After of a 429 for a full level: when, at its measured drain rate, it will have room."""
+        over = depth - self.config.queue.max_size(self._level[level]) + 1
+        return {"Retry-After": str(self.drain.retry_after_s(level, max(1, over)))}
 
     async def submit(self, request: Request) -> Response:
         body = await read_body(request, limit=self.max_body)
@@ -137,7 +146,8 @@ class Messages:
         if result.verdict is Verdict.CONFLICT:
             raise BadInput(422, idempotency_conflict(result.message_id), "idempotency_key")
         if result.verdict is Verdict.FULL:
-            return reject(429, f"level {msg.level!r} is full ({result.depth} waiting)", headers={"Retry-After": "1"})
+            headers = self.full(msg.level, result.depth or 0)
+            return reject(429, f"level {msg.level!r} is full ({result.depth} waiting)", headers=headers)
         if result.verdict is Verdict.DUPLICATE:
             try:
                 existing = await self.view(result.message_id or "")
@@ -192,7 +202,11 @@ class Messages:
         """The message's status hash, or its archived row once the hash has expired."""
         fields: Any = await self.redis.hgetall(self.keys.msg(message_id))
         if fields:
-            return _from_hash(message_id, fields)
+            view = _from_hash(message_id, fields)
+            behind, left_mark = fields.get(b"behind"), fields.get(b"left_mark")
+            if view.status == Status.QUEUED.value and view.level and behind is not None and left_mark is not None:
+                view.position, view.eta_s = self.drain.position(view.level, int(behind), int(left_mark))
+            return view
         return await read_archived(self.pool, message_id) if self.pool is not None else None
 
     async def get_message(self, request: Request) -> Response:
@@ -324,5 +338,13 @@ def _from_hash(message_id: str, fields: dict[bytes, bytes]) -> schema.MessageVie
         backend=doc.get("backend"),
         result=result,
         error=doc.get("error") or None,
-        **{f: float(doc[f]) for f in _TIMES if doc.get(f)},
+        enqueued_at=_time(doc, "enqueued_at"),
+        scheduled_at=_time(doc, "scheduled_at"),
+        started_at=_time(doc, "started_at"),
+        finished_at=_time(doc, "finished_at"),
+        retry_at=_time(doc, "retry_at"),
     )
+
+
+def _time(doc: dict[str, str], field: str) -> float | None:
+    return float(doc[field]) if doc.get(field) else None

@@ -54,6 +54,8 @@ class Queue(Protocol):
 
     def wait_s(self, level: str, ahead: int) -> float | None: ...
 
+    def full(self, level: str, depth: int) -> dict[str, str]: ...
+
 
 class OpenAIFacade:
     def __init__(self, queue: Queue, config: Config) -> None:
@@ -130,7 +132,9 @@ class OpenAIFacade:
         if result.verdict is Verdict.CONFLICT:
             return openai_error(422, idempotency_conflict(result.message_id), param="Idempotency-Key")
         if result.verdict is Verdict.FULL:
-            return openai_error(429, f"priority level {level!r} is full; retry later", kind="rate_limit_error")
+            response = openai_error(429, f"priority level {level!r} is full; retry later", kind="rate_limit_error")
+            response.headers.update(self.queue.full(level, result.depth or 0))
+            return response
         message_id = result.message_id or msg.id
         if result.verdict is Verdict.QUEUED:
             INGESTED.labels(level=level).inc()

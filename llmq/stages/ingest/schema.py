@@ -37,6 +37,9 @@ class Accepted(msgspec.Struct, omit_defaults=True):
     level: str
     position: int | None = None
     """Messages waiting ahead of it in its level when it was queued."""
+    eta_s: float | None = None
+    """About how long until it leaves the queue, from the level's measured drain rate (absent when the level
+    has not been seen draining lately)."""
 
 
 class ApiError(msgspec.Struct, omit_defaults=True):
@@ -68,6 +71,10 @@ class MessageView(msgspec.Struct):
     started_at: float | None = None
     finished_at: float | None = None
     retry_at: float | None = None
+    position: int | None = None
+    """While queued: messages waiting ahead of it in its level."""
+    eta_s: float | None = None
+    """While queued: about how long until it leaves the queue, from the level's measured drain rate."""
     result: Annotated[msgspec.Raw, msgspec.Meta(extra_json_schema={"type": "object"})] | None = None
     """The backend's response body, once completed (passed through as stored)."""
     error: str | None = None
