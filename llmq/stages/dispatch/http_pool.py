@@ -1,6 +1,6 @@
 """HTTP to backends: one aiohttp session per dispatcher. The rest of the stage sees only what is here: ``Pool``
-(``post``, ``get``, ``stream``), ``Answer`` (a whole answer), ``Reply`` (one read as it comes) and
-``HTTPError``.
+(``post``, ``get``, ``stream``), ``Answer`` (a whole answer), ``Reply`` (one read as it comes), ``HTTPError``
+(a call that failed on the way) and ``Unsendable`` (a request that cannot be sent as configured).
 
 The client was chosen by measurement (``benchmarks/http_clients.py``, figures in RESULTS.md): against nginx
 answering a fixed completion, on one process, aiohttp made 5,211 / 11,265 / 12,798 / 10,090 requests/s at
