@@ -291,6 +291,15 @@ class Config(_Section, frozen=True):
         return sum(b.slots for b in self.backends) if self.backends else self.queue.worker.in_hand
 
     @property
+    def staggered(self) -> frozenset[str]:
+        """The levels whose admissions the scheduler staggers (``scheduler.stagger``): all but the urgent ones
+        (the top priority, those with reserved slots); none with the stagger off."""
+        if not self.scheduler.stagger or not self.queue.levels:
+            return frozenset()
+        top = min(lv.priority for lv in self.queue.levels)
+        return frozenset(lv.name for lv in self.queue.levels if lv.priority > top and not lv.reserved)
+
+    @property
     def lease_s(self) -> float:
         """How long an admitted message's in-flight slot is held without renewal (a dispatcher renews it)."""
         return self.scheduler.timeout.seconds + self.queue.worker.claim_timeout.seconds

@@ -30,10 +30,7 @@ local gap = tonumber(ARGV[8])
 local inflight, dispatch, level, stagger = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], KEYS[n + 4]
 local out = {}
 if gap > 0 and tonumber(now) < tonumber(redis.call('GET', stagger) or '0') then return out end
-local total = 0
-for i = 1, n do
-  total = total + inflight_count(KEYS[i], now)
-end
+local _, total = inflight_counts(1, n, now)
 local mine = redis.call('ZCARD', inflight)  -- counted (and its expired leases dropped) above
 local admitted, a, m = 0, 9, n + 5
 while a <= #ARGV do

@@ -17,3 +17,13 @@ local function inflight_count(set, now)
   redis.call('ZREMRANGEBYSCORE', set, '-inf', now)
   return redis.call('ZCARD', set)
 end
+
+-- The number each of n sets holds now (KEYS[first] to KEYS[first + n - 1], every level's), and their total.
+local function inflight_counts(first, n, now)
+  local held, total = {}, 0
+  for j = 1, n do
+    held[j] = inflight_count(KEYS[first + j - 1], now)
+    total = total + held[j]
+  end
+  return held, total
+end

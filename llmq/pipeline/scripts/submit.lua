@@ -57,11 +57,7 @@ local function admit_at_once(payload, id)
   for j = 1, n do
     if waiting(KEYS[4 * m + j]) > 0 then return false end
   end
-  local held, total = {}, 0
-  for j = 1, n do
-    held[j] = inflight_count(KEYS[4 * m + n + j], direct_at)
-    total = total + held[j]
-  end
+  local held, total = inflight_counts(4 * m + n + 1, n, direct_at)
   if held[own] >= level_arg(own, 0) then return false end
   local floor = 0
   for j = 1, n do

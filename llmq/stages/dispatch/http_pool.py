@@ -106,9 +106,7 @@ class Pool:
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Answer:
         with _errors():
-            async with self._session.post(
-                url, data=body, headers=_json(headers), allow_redirects=False, proxy=self._proxy(url)
-            ) as response:
+            async with self._post(url, body, headers) as response:
                 return Answer(response.status, response.headers, await response.read())
 
     async def get(self, url: str, *, timeout_s: float) -> Answer:
@@ -125,9 +123,7 @@ class Pool:
         connection (the backend sees its client gone and can stop generating). Errors of the block's own
         code pass through as they are."""
         with _errors():
-            response = await self._session.post(
-                url, data=body, headers=_json(headers), allow_redirects=False, proxy=self._proxy(url)
-            )
+            response = await self._post(url, body, headers)
         try:
             yield Reply(response)
         finally:
@@ -139,6 +135,11 @@ class Pool:
     async def aclose(self) -> None:
         await self._session.close()
 
+    def _post(self, url: str, body: bytes, headers: Mapping[str, str]) -> aiohttp.client._RequestContextManager:
+        """A JSON POST: no redirect followed, through the environment's proxy for ``url``."""
+        headers = {"Content-Type": "application/json", **headers}
+        return self._session.post(url, data=body, headers=headers, allow_redirects=False, proxy=self._proxy(url))
+
     def _proxy(self, url: str) -> str | None:
         """The proxy the environment names for ``url``'s scheme, unless NO_PROXY exempts its host (once per
         scheme and host)."""
@@ -149,10 +150,6 @@ class Pool:
             bypass = proxy is not None and bool(urllib.request.proxy_bypass(key[1]))  # NO_PROXY
             self._proxy_of[key] = None if bypass else proxy
         return self._proxy_of[key]
-
-
-def _json(headers: Mapping[str, str]) -> dict[str, str]:
-    return {"Content-Type": "application/json", **headers}
 
 
 @contextlib.contextmanager

@@ -69,18 +69,21 @@ class DrainMeter:
     def wait_s(self, level: str, ahead: int) -> float | None:
         """The estimated wait of a message with ``ahead`` before it in ``level``: they and it leaving at the
         level's rate (None when it has not been seen draining lately)."""
-        self._wanted_at = time.monotonic()
-        rate = self.rate.get(level) if self._fresh() else None
-        return round((ahead + 1) / rate, 1) if rate is not None and rate >= MIN_RATE else None
+        rate = self._rate(level)
+        return round((ahead + 1) / rate, 1) if rate is not None else None
 
     def retry_after_s(self, level: str, over: int) -> int:
         """Seconds until ``over`` messages will have left ``level`` (a full level's excess, for Retry-After): at
         least 1, at most ``MAX_RETRY_AFTER_S``; 1 when the level has not been seen draining lately."""
+        rate = self._rate(level)
+        return 1 if rate is None else max(1, min(MAX_RETRY_AFTER_S, math.ceil(over / rate)))
+
+    def _rate(self, level: str) -> float | None:
+        """The level's rate, when it was read lately and is one of a level draining (``MIN_RATE``); asking
+        keeps the meter reading."""
         self._wanted_at = time.monotonic()
         rate = self.rate.get(level) if self._fresh() else None
-        if rate is None or rate < MIN_RATE:
-            return 1
-        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(over / rate)))
+        return rate if rate is not None and rate >= MIN_RATE else None
 
     def _fresh(self) -> bool:
         """The counts were read within the last two samples (the meter reads only while asked)."""

@@ -73,7 +73,6 @@ class Messages:
             for lv in config.queue.levels
         }
         self._abort_on_disconnect = {lv.name: lv.abort_on_disconnect for lv in config.queue.levels}
-        self._level = {lv.name: lv for lv in config.queue.levels}
         self._withdrawing: set[asyncio.Task[Any]] = set()
 
     async def enqueue(self, submission: Submission) -> Submitted:
@@ -135,7 +134,7 @@ class Messages:
 
     def full(self, level: str, depth: int) -> dict[str, str]:
         """The Retry-After of a 429 for a full level: when, at its measured drain rate, it will have room."""
-        over = depth - self.config.queue.max_size(self._level[level]) + 1
+        over = depth - self.submitter.max_size[level] + 1
         return {"Retry-After": str(self.drain.retry_after_s(level, max(1, over)))}
 
     async def submit(self, request: Request) -> Response:

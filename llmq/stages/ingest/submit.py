@@ -116,15 +116,12 @@ class Submitter:
         self._script = Lua(redis, "submit")
         self._one = Coalesced(self._script)
         self._cancel = Lua(redis, "cancel")
-        self._max_size = {lv.name: config.queue.max_size(lv) for lv in config.queue.levels}
+        self.max_size = {lv.name: config.queue.max_size(lv) for lv in config.queue.levels}
+        """Each level's backpressure threshold: a submission past it is refused (full)."""
         levels = sorted(config.queue.levels, key=lambda lv: lv.priority)
         # Not for the levels the scheduler staggers: it learns the spacing from the calls it admitted itself
-        staggered = {lv.name for lv in levels if lv.priority > levels[0].priority and not lv.reserved}
-        self._direct = (
-            {lv.name for lv in levels if not (config.scheduler.stagger and lv.name in staggered)}
-            if config.scheduler.direct_admission
-            else set()
-        )
+        direct = config.scheduler.direct_admission
+        self._direct = {lv.name for lv in levels if direct and lv.name not in config.staggered}
         self._index = {lv.name: i + 1 for i, lv in enumerate(levels)}
         self._direct_keys = [keys.level(lv.name) for lv in levels] + [keys.inflight(lv.name) for lv in levels]
         self._direct_keys.append(keys.dispatch)
@@ -189,7 +186,7 @@ class Submitter:
             # callers validate the level
             digest = (sub.digest or "-") if idem else ""
             streamed = "1" if is_streamed(msg) else ""
-            args += [sub.payload, msg.id, msg.level, msg.enqueued_at, self._max_size[msg.level], digest, streamed]
+            args += [sub.payload, msg.id, msg.level, msg.enqueued_at, self.max_size[msg.level], digest, streamed]
         if direct:
             keys += self._direct_keys
             level = self._index[subs[0].message.level]

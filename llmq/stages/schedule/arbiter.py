@@ -90,11 +90,7 @@ class Arbiter:
         self._admit = Lua(redis, "admit")
         self._task: asyncio.Task[None] | None = None
         self._freed = Listener(redis=redis, channels=[keys.finished, keys.slots], on_message=self._slot_freed)
-        top = self.levels[0].priority
-        self.staggered = frozenset(
-            lv.name for lv in self.levels if config.scheduler.stagger and lv.priority > top and not lv.reserved
-        )
-        """The levels whose admissions are staggered: all but the urgent ones (the top priority, reserved slots)."""
+        self.staggered = config.staggered
         self.stagger = Stagger(self.capacity - sum(lv.reserved for lv in self.levels))
         self._admitted_at: dict[str, float] = {}
         """When this process admitted each message still in flight, oldest first (for ``stagger``)."""
