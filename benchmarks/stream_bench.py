@@ -177,12 +177,15 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--redis-url")
     parser.add_argument("--n", type=int, default=300)
-    parser.add_argument("--overload-calls", type=int, default=100, help="realtime streams under overload")
+    parser.add_argument(
+        "--overload-calls", type=int, default=100, help="realtime streams under overload (0: skip that figure)"
+    )
     parser.add_argument("--backlog", type=int, default=3000, help="low messages queued first (a multiple of 1000)")
     args = parser.parse_args()
     with redis_url(args.redis_url) as url:
         result = await run(url, args.n)
-        result["overload"] = await overload_ttft(url, args.overload_calls, args.backlog)
+        if args.overload_calls > 0:
+            result["overload"] = await overload_ttft(url, args.overload_calls, args.backlog)
     write_result("stream_bench", {"machine": machine(), **result})
 
 

@@ -33,6 +33,7 @@ from llmq.pipeline.runtime import effects
 from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.stage import Stage
 from llmq.pipeline.runtime.streams import Entry
+from llmq.pipeline.streamed import is_streamed
 from llmq.stages.dispatch.calls import Caller, CallResult, clean_text, estimate_tokens, storable, token_count
 from llmq.stages.dispatch.http_pool import Pool
 from llmq.stages.dispatch.limits import BackendLimits
@@ -114,11 +115,13 @@ class Dispatch(Stage):
         messages = [decode_message(entry.data) for entry in batch.entries]
         tokens = [estimate_tokens(m.request) for m in messages]  # for the tpm limits of begin and _call alike
         started = time.time()
-        before, took = await self._begin_batch(batch, messages, tokens, started)
+        before, took, earlier = await self._begin_batch(batch, messages, tokens, started)
         results = await asyncio.gather(
             *(
-                self._one(batch, entry, msg, raw.decode(), started, held, estimate)
-                for entry, msg, raw, held, estimate in zip(batch.entries, messages, before, took, tokens, strict=True)
+                self._one(batch, entry, msg, raw.decode(), started, held, estimate, streamed)
+                for entry, msg, raw, held, estimate, streamed in zip(
+                    batch.entries, messages, before, took, tokens, earlier, strict=True
+                )
             ),
             return_exceptions=True,
         )
@@ -135,9 +138,10 @@ class Dispatch(Stage):
 
     async def _begin_batch(
         self, batch: Batch, messages: list[Message], tokens: list[int], now: float
-    ) -> tuple[list[bytes], list[Held | None]]:
+    ) -> tuple[list[bytes], list[Held | None], list[bool]]:
         """Run the begin script (``scripts/begin.lua``): each message's status before ("lost" when its entry
-        is no longer this consumer's), and the backend whose slot it holds.
+        is no longer this consumer's), the backend whose slot it holds, and whether it streams and its events
+        stream holds an earlier attempt's entries.
 
         A message whose backends the process can order alone (every algorithm but least_connections, no
         session affinity) gets its slot here, in the batch's one round trip; the others, and those whose
@@ -146,9 +150,13 @@ class Dispatch(Stage):
         per_message: list[Any] = []
         for entry, msg, estimate in zip(batch.entries, messages, tokens, strict=True):
             names = self.router.local_preference(msg)
-            per_message += [msg.id, entry.id, estimate, len(names)]
+            per_message += [msg.id, entry.id, estimate, int(is_streamed(msg)), len(names)]
             per_message += [order.setdefault(name, len(order) + 1) for name in names]
-        keys = [self.keys.dispatch, *(self.keys.msg(m.id) for m in messages)]
+        keys = [
+            self.keys.dispatch,
+            *(self.keys.msg(m.id) for m in messages),
+            *(self.keys.events(m.id) for m in messages),
+        ]
         # Ownership is checked only where another consumer could have taken an entry over: checking every
         # fresh batch cost 5% end to end (an XPENDING per message on the busiest Redis path).
         consumer = "" if batch.owned_for_sure else batch.consumer
@@ -159,8 +167,8 @@ class Dispatch(Stage):
             args += [backend.slots, backend.rpm or 0, backend.tpm or 0]
         reply = await self._begin(keys, args + per_message)
         by_number: list[str] = ["", *order]
-        held = [Held(by_number[abs(int(j))], now if int(j) > 0 else None) if int(j) else None for j in reply[1::2]]
-        return reply[0::2], held
+        held = [Held(by_number[abs(int(j))], now if int(j) > 0 else None) if int(j) else None for j in reply[1::3]]
+        return reply[0::3], held, [e == 1 for e in reply[2::3]]
 
     async def _one(
         self,
@@ -171,6 +179,7 @@ class Dispatch(Stage):
         started: float,
         held: Held | None,
         tokens: int,
+        streamed_before: bool,
     ) -> None:
         if before == LOST:
             # Another consumer took the entry over (this one's lease had lapsed): it is theirs to call.
@@ -186,7 +195,7 @@ class Dispatch(Stage):
             msg.attempts += 1
             self.held[msg.id] = msg.level
             try:
-                result = await self._call(batch, entry, msg, held, tokens)
+                result = await self._call(batch, entry, msg, held, tokens, streamed_before)
                 if result is None:  # taken over while it waited: the other consumer's to call now
                     batch.settled(entry)
                     return
@@ -201,16 +210,22 @@ class Dispatch(Stage):
         await batch.commit()
 
     async def _call(
-        self, batch: Batch, entry: Entry, msg: Message, held: Held | None, tokens: int
+        self, batch: Batch, entry: Entry, msg: Message, held: Held | None, tokens: int, streamed_before: bool
     ) -> CallResult | None:
-        """Send ``msg`` (estimated at ``tokens``) to the backend whose slot it holds, or to the first usable one
-        with a free slot. None when, after waiting long for a slot, its entry turned out another consumer's."""
+        """Send ``msg`` (estimated at ``tokens``; ``streamed_before``: its events stream holds an earlier
+        attempt's entries) to the backend whose slot it holds, or to the first usable one with a free slot.
+        None when, after waiting long for a slot, its entry turned out another consumer's."""
         assert self.caller is not None
         model = msg.request.get("model")
         if held is not None:
             free = self.limits.free(held.backend, msg.id)
             return await self.caller.send(
-                batch, self.backends[held.backend], msg, free=free, acquired_at=held.counted_at
+                batch,
+                self.backends[held.backend],
+                msg,
+                free=free,
+                acquired_at=held.counted_at,
+                streamed_before=streamed_before,
             )
         if not self.router.serves(model):
             return CallResult(status=Status.FAILED, backend="-", error=f"no backend serves model {model!r}")
@@ -236,7 +251,10 @@ class Dispatch(Stage):
                     return None
                 if got:
                     free = self.limits.free(name, msg.id)
-                    return await self.caller.send(batch, backend, msg, free=free, acquired_at=now if got == 1 else None)
+                    counted_at = now if got == 1 else None
+                    return await self.caller.send(
+                        batch, backend, msg, free=free, acquired_at=counted_at, streamed_before=streamed_before
+                    )
             # Every usable backend is at its limit (slots, rpm or tpm). Shutting down, a call that has not
             # started is given back: its entry stays pending for this consumer's restart or another's claim.
             if await background.wait_event(self._stopping, WAIT_FOR_SLOT_S):

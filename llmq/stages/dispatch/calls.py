@@ -285,9 +285,17 @@ class Caller:
         self.meters = {name: _Meters(name) for name in router.backends}
 
     async def send(
-        self, batch: Batch, backend: BackendConfig, msg: Message, *, free: Effect, acquired_at: float | None
+        self,
+        batch: Batch,
+        backend: BackendConfig,
+        msg: Message,
+        *,
+        free: Effect,
+        acquired_at: float | None,
+        streamed_before: bool,
     ) -> CallResult | None:
         """Call ``backend`` for ``msg`` (its slot held); the slot is freed with the next commit (``free``).
+        ``streamed_before``: its events stream holds an earlier attempt's entries, to be read first.
         None when, streaming, it found its message taken over by another dispatcher: theirs to record."""
         headers = {"X-LLMQ-Message-Id": msg.id}
         key = os.environ.get(backend.api_key_env, "").strip() if backend.api_key_env else ""
@@ -300,7 +308,7 @@ class Caller:
         relay = Relay(self._relay, self.keys.events(msg.id), self.keys.msg(msg.id)) if is_streamed(msg) else None
         assembled = Assembler()
         try:
-            earlier = await self._streamed_before(backend.name, relay) if relay is not None else None
+            earlier = await self._streamed_before(backend.name, relay) if relay and streamed_before else None
             if earlier is not None:
                 result = earlier
             elif backend.url.startswith(ECHO_SCHEME):
