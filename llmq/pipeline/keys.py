@@ -91,6 +91,10 @@ class Keys:
         """Sorted set of calls running on a backend, scored by lease expiry (shared by all dispatchers)."""
         return f"{self.prefix}:backend:{backend}:slots"
 
+    def backend_limit(self, backend: str) -> str:
+        """Hash of a backend's adaptive concurrency window (``max_concurrent: auto``): its limit, its last cut."""
+        return f"{self.prefix}:backend:{backend}:limit"
+
     def backend_window(self, backend: str, kind: str, minute: int) -> str:
         """Requests (``rpm``) or tokens (``tpm``) sent to a backend in one minute."""
         return f"{self.prefix}:backend:{backend}:{kind}:{minute}"

@@ -1,9 +1,10 @@
 """mock-backend: an OpenAI-compatible server for development, tests and benchmarks.
 
 ``POST /v1/chat/completions`` answers after a configurable latency with a realistic body and ``usage``;
-it can fail a fraction of calls with a chosen status (and Retry-After), and answers 429 beyond a
-concurrency limit. A request with ``stream: true`` is answered as server-sent events, ``stream_tokens`` chunks
-at ``tokens_per_s`` (and, to test a backend dying mid-stream, broken off after ``die_after_chunks``).
+it can fail a fraction of calls with a chosen status (and Retry-After), and refuses calls beyond a
+concurrency limit (429, or 503 as a vLLM with a bounded queue does). A request with ``stream: true`` is
+answered as server-sent events, ``stream_tokens`` chunks at ``tokens_per_s`` (and, to test a backend dying
+mid-stream, broken off after ``die_after_chunks``).
 ``GET /stats`` counts calls (per ``X-LLMQ-Message-Id``, to find duplicates) and the
 highest concurrency seen; ``POST /admin/config`` changes the behaviour at run time (tests use it to make a
 backend fail and recover). Not a stand-in for Redis or Postgres: those are always real servers.
@@ -39,7 +40,10 @@ class MockSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     retry_after_s: float | None = None
     """Sent with failures and with 429s from the concurrency limit."""
     busy_above: int = msgspec.field(default=0, name="max_concurrent")
-    """Calls beyond this many at once get 429; 0 means unlimited (``max_concurrent`` in its settings)."""
+    """Calls beyond this many at once are refused with ``busy_status``; 0 means unlimited (``max_concurrent``
+    in its settings)."""
+    busy_status: int = 429
+    """What a call beyond ``max_concurrent`` gets: 429, or 503 as vLLM's ``--max-num-queued-reqs`` answers."""
     models: list[str] = msgspec.field(default_factory=lambda: ["mock-1"])
     body: str | None = None
     """Answer this text (as application/json) instead of a completion: a backend that answers garbage."""
@@ -81,6 +85,8 @@ class MockBackend:
         self.by_message: Counter[str] = Counter()
         self.current = 0
         self.peak = 0
+        self.refused = 0
+        """Calls refused beyond ``max_concurrent``."""
         self.broken_streams = 0
         """Streamed answers whose client went away before their end."""
         self.started_at = time.time()
@@ -108,7 +114,9 @@ class MockBackend:
             self.by_message[message_id] += 1
         retry_headers = {"Retry-After": f"{s.retry_after_s:g}"} if s.retry_after_s is not None else None
         if s.busy_above and self.current >= s.busy_above:
-            return _response({"error": {"message": "too many requests", "type": "rate_limit"}}, 429, retry_headers)
+            self.refused += 1
+            error = {"message": "too many requests in flight", "type": "overloaded", "code": s.busy_status}
+            return _response({"error": error}, s.busy_status, retry_headers)
         self.current += 1
         self.peak = max(self.peak, self.current)
         try:
@@ -173,6 +181,7 @@ class MockBackend:
                 "current": self.current,
                 "peak_concurrency": self.peak,
                 "broken_streams": self.broken_streams,
+                "refused": self.refused,
             }
         )
 

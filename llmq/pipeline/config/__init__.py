@@ -225,7 +225,7 @@ class SchedulerConfig(_Section, frozen=True):
     the submit script at once instead of waiting for a scheduler to wake: about a millisecond less at idle.
     With any message waiting, admission is the scheduler's alone. With ``stagger``, only for the levels it never
     holds back (the top priority, those with ``reserved`` slots): it learns its spacing from the calls it
-    admitted itself."""
+    admitted itself. Off while a backend has ``max_concurrent: auto``: only the scheduler follows its window."""
 
 
 class LoadBalancerConfig(_Section, frozen=True):
@@ -253,6 +253,14 @@ class MetricsConfig(_Section, frozen=True):
     path: str = "/metrics"
 
 
+class ConcurrencyBounds(_Section, frozen=True):
+    """The bounds of an adaptive concurrency window (``max_concurrent: auto``)."""
+
+    min: Positive = 1
+    max: Positive = 64
+    """Also where the window starts: it shrinks from here on the backend's capacity signals."""
+
+
 class BackendConfig(_Section, frozen=True):
     name: str
     url: str
@@ -260,12 +268,29 @@ class BackendConfig(_Section, frozen=True):
     api_key_env: str | None = None
     """Name of the environment variable holding the backend's API key (never the key itself)."""
     weight: Positive = 1
-    slots: Positive = msgspec.field(default=16, name="max_concurrent")
-    """Calls the backend runs at once, over every dispatcher (``max_concurrent`` in the config)."""
+    max_concurrent: Positive | Literal["auto"] = 16
+    """Calls the backend runs at once, over every dispatcher; ``auto``: a window within ``concurrency``'s
+    bounds that shrinks on the backend's capacity signals (429, 503, 529) and grows while it answers
+    (``llmq.stages.dispatch.window``)."""
+    concurrency: ConcurrencyBounds | None = None
+    """The window's bounds with ``max_concurrent: auto`` (default 1 to 64)."""
     rpm: Positive | None = None
     tpm: Positive | None = None
     models: list[str] = msgspec.field(default_factory=list)
     """Models this backend serves; empty means any."""
+
+    @property
+    def adaptive(self) -> bool:
+        return self.max_concurrent == "auto"
+
+    @property
+    def bounds(self) -> ConcurrencyBounds:
+        return self.concurrency or ConcurrencyBounds()
+
+    @property
+    def slots(self) -> int:
+        """Calls it may run at once: the static number, or the adaptive window's upper bound."""
+        return self.max_concurrent if isinstance(self.max_concurrent, int) else self.bounds.max
 
 
 class Config(_Section, frozen=True):

@@ -47,7 +47,18 @@ def check(
                 if v is None and any(isinstance(u, mi.NoneType) for u in t.types):
                     return
                 inner = [u for u in t.types if not isinstance(u, mi.NoneType)]
-                walk(v, inner[0], path)
+                if len(inner) == 1:
+                    walk(v, inner[0], path)
+                    return
+                reasons: list[str] = []  # of a value that is one of several kinds ("auto" or a number)
+                for u in inner:
+                    before = len(problems)
+                    walk(v, u, path)
+                    if len(problems) == before:
+                        return  # one alternative fits
+                    reasons += [p.removeprefix(f"{where}: ") for p in problems[before:]]
+                    del problems[before:]
+                problems.append(f"{where}: " + " or ".join(reasons))
             case mi.ListType():
                 if not isinstance(v, list):
                     problems.append(f"{where}: expected a list, got {_kind(v, hide)}")

@@ -154,6 +154,15 @@ def semantic_problems(config: Config) -> list[str]:
                 f"backends[{i}].url: must end with the API's base path (as http://host:8000/v1): a query or "
                 "fragment would come before the endpoint llmq appends (/chat/completions)"
             )
+        if backend.concurrency is not None and not backend.adaptive:
+            problems.append(
+                f"backends[{i}].concurrency: bounds an adaptive window, so it needs max_concurrent: auto "
+                f"(max_concurrent is {backend.max_concurrent})"
+            )
+        elif backend.bounds.min > backend.bounds.max:
+            problems.append(
+                f"backends[{i}].concurrency.min: {backend.bounds.min} must not exceed max {backend.bounds.max}"
+            )
         if backend.api_key_env is not None and not _ENV_NAME.fullmatch(backend.api_key_env):
             problems.append(
                 f"backends[{i}].api_key_env: must be the name of the environment variable that holds the key "

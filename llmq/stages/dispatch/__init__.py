@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from prometheus_client import Counter
 
 from llmq.pipeline import background, inflight, transitions
 from llmq.pipeline.config import Config
@@ -34,6 +35,7 @@ from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.stage import Stage
 from llmq.pipeline.runtime.streams import Entry
 from llmq.pipeline.streamed import is_streamed
+from llmq.pipeline.window import REFRESH_S, Windows
 from llmq.stages.dispatch.calls import Caller, CallResult, clean_text, estimate_tokens, storable, token_count
 from llmq.stages.dispatch.http_pool import Pool
 from llmq.stages.dispatch.limits import BackendLimits
@@ -43,6 +45,12 @@ from llmq.stages.dispatch.routing import Router
 log = logging.getLogger("llmq.dispatch")
 
 WAIT_FOR_SLOT_S = 0.01
+REFUSALS_WAITED = 3
+"""Capacity refusals a message waits through in the dispatcher (for a slot under the cut window) before
+its attempt is retried through the retry stage."""
+REFUSED_AND_WAITED = Counter(
+    "llmq_dispatch_refusals_waited_total", "Calls refused for capacity whose message waited here for another slot"
+)
 LOST = "lost"
 """What the begin script says of a message whose entry another consumer owns now."""
 
@@ -77,6 +85,7 @@ class Dispatch(Stage):
         self.timeout_s = config.scheduler.timeout.seconds
         self.limits = BackendLimits(redis=redis, keys=keys, lease_s=self.timeout_s + 5)
         self.router = Router(config, redis=redis, keys=keys, limits=self.limits)
+        self.windows = Windows(config.backends, redis=redis, keys=keys)
         self.backends = self.router.backends
         claim_timeout_s = config.queue.worker.claim_timeout.seconds
         self.inflight_lease_s = self.timeout_s + claim_timeout_s
@@ -94,12 +103,16 @@ class Dispatch(Stage):
         http = Pool(
             concurrency=self.max_in_hand, connect_timeout_s=min(5.0, self.timeout_s), read_timeout_s=self.timeout_s
         )
-        self.caller = Caller(self.config, http=http, router=self.router, redis=self.redis, keys=self.keys)
+        self.caller = Caller(
+            self.config, http=http, router=self.router, windows=self.windows, redis=self.redis, keys=self.keys
+        )
         prober = Prober(self.config, router=self.router, http=http)
         self._tasks = [
             asyncio.create_task(prober.run(), name="health-probe"),
             asyncio.create_task(self._renew_loop(), name="inflight-renew"),
         ]
+        if self.windows.adaptive:
+            self._tasks.append(asyncio.create_task(self._windows_loop(), name="windows"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -164,7 +177,7 @@ class Dispatch(Stage):
         for name in order:
             backend = self.backends[name]
             keys += self.limits.keys_of(name, now)
-            args += [backend.slots, backend.rpm or 0, backend.tpm or 0]
+            args += [self.windows.slots(name), backend.rpm or 0, backend.tpm or 0]
         reply = await self._begin(keys, args + per_message)
         by_number: list[str] = ["", *order]
         held = [Held(by_number[abs(int(j))], now if int(j) > 0 else None) if int(j) else None for j in reply[1::3]]
@@ -214,7 +227,32 @@ class Dispatch(Stage):
     ) -> CallResult | None:
         """Send ``msg`` (estimated at ``tokens``; ``streamed_before``: its events stream holds an earlier
         attempt's entries) to the backend whose slot it holds, or to the first usable one with a free slot.
-        None when, after waiting long for a slot, its entry turned out another consumer's."""
+        None when, after waiting long for a slot, its entry turned out another consumer's.
+
+        An adaptive backend that refuses the call for capacity without asking for a pause (no Retry-After)
+        has its window cut (``llmq.pipeline.window``): the message waits here for a slot again, up to
+        ``REFUSALS_WAITED`` times, instead of going through the retry stage's backoff. It was never run, so
+        it is no attempt; waiting in the retry stage would leave the backend idle while it waits."""
+        refusals = 0
+        while True:
+            result = await self._call_once(batch, entry, msg, held, tokens, streamed_before)
+            if (
+                result is None
+                or not (result.capacity and self.backends[result.backend].adaptive)
+                or result.retry_after is not None
+                or refusals == REFUSALS_WAITED
+                or (msg.deadline is not None and time.time() > msg.deadline)
+            ):
+                return result
+            refusals += 1
+            REFUSED_AND_WAITED.inc()
+            await batch.commit()  # frees the refused call's slot before this message takes one again
+            await self.windows.settled(result.backend)  # and waits under the window its refusal cut
+            held = None
+
+    async def _call_once(
+        self, batch: Batch, entry: Entry, msg: Message, held: Held | None, tokens: int, streamed_before: bool
+    ) -> CallResult | None:
         assert self.caller is not None
         model = msg.request.get("model")
         if held is not None:
@@ -240,7 +278,7 @@ class Dispatch(Stage):
                 got = await self.limits.acquire(
                     name,
                     msg.id,
-                    slots=backend.slots,
+                    slots=self.windows.slots(name),
                     rpm=backend.rpm,
                     tpm=backend.tpm,
                     tokens=tokens,
@@ -324,6 +362,17 @@ class Dispatch(Stage):
                 bare = msgspec.structs.replace(outcome, status=Status.FAILED, response=None, error=error)
                 effect = transitions.ended(self.keys, bare, retention_s=self.retention_s)
         batch.ack(entry, effect, *more)
+
+    async def _windows_loop(self) -> None:
+        """Follow the adaptive windows the other dispatchers move (``llmq.pipeline.window``)."""
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            try:
+                await self.windows.refresh()
+            except UNAVAILABLE as exc:
+                log.warning("could not read the backends' windows: %s", exc)
+            except Exception:  # a loop boundary: the windows must go on being followed
+                log.error("reading the backends' windows failed", exc_info=True)
 
     async def _renew_loop(self) -> None:
         """Keep the in-flight slots of held messages leased while they wait for a backend slot (rpm, tpm) or

@@ -14,7 +14,7 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from llmq.pipeline.models import Message, Status
 from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.effects import Effect
 from llmq.pipeline.streamed import CHUNK, END, USAGE, is_streamed
+from llmq.pipeline.window import Windows
 from llmq.stages.dispatch.http_pool import Answer, HTTPError, Pool, Reply, Unsendable
 from llmq.stages.dispatch.relay import Relay
 
@@ -42,6 +43,18 @@ log = logging.getLogger("llmq.dispatch")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 """A lone surrogate: ``json.loads`` joins an escaped pair into one character, so any left is alone."""
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
+CAPACITY_STATUS = frozenset({429, 503, 529})
+"""Answers that say "I'm full", not "I'm broken": 429 (rate limits; vLLM's bounded waiting queue in some
+versions), 503 (vLLM's ``--max-num-queued-reqs``, Ollama's ``OLLAMA_MAX_QUEUE``, llama.cpp, SGLang, Ray
+Serve), 529 (Dynamo, Anthropic)."""
+DROPPED = "x-llm-d-request-dropped-reason"
+"""llm-d's gateway names why it shed a request: a capacity signal whatever the status."""
+
+
+def is_capacity(status: int, headers: Mapping[str, str]) -> bool:
+    """Whether an error answer is the backend saying it is full (retried, and its window shrinks; the
+    circuit is spared) rather than a fault (retried, counted toward the circuit) or the request's fault."""
+    return status in CAPACITY_STATUS or DROPPED in headers
 
 
 class CallResult(msgspec.Struct, kw_only=True):
@@ -51,6 +64,8 @@ class CallResult(msgspec.Struct, kw_only=True):
     error: str | None = None
     retry_after: float | None = None
     """Seconds the backend asked to wait (Retry-After), clamped to ``queue.retry.max_backoff``."""
+    capacity: bool = False
+    """The backend refused the call for lack of capacity (``is_capacity``)."""
     tokens_used: int | None = None
     """Total tokens the response's ``usage`` reports."""
     acquired_at: float | None = None
@@ -214,9 +229,10 @@ def classify(name: str, response: Answer, *, max_retry_after_s: float) -> CallRe
         return CallResult(status=Status.COMPLETED, backend=name, response=body)
     detail = clean_text(response.text[:500])  # its charset may be any: utf-7 decodes to lone surrogates
     error = f"backend {name} answered {response.status}: {detail}"
-    if response.status in RETRYABLE_STATUS:
+    capacity = is_capacity(response.status, response.headers)
+    if capacity or response.status in RETRYABLE_STATUS:
         wait = retry_after(response.headers.get("retry-after"), max_s=max_retry_after_s)
-        return CallResult(status=Status.RETRYING, backend=name, error=error, retry_after=wait)
+        return CallResult(status=Status.RETRYING, backend=name, error=error, retry_after=wait, capacity=capacity)
     return CallResult(status=Status.FAILED, backend=name, error=error)
 
 
@@ -273,7 +289,10 @@ class Caller:
     """Makes the calls: over pooled HTTP (or in-process for ``echo://``), bounded by ``scheduler.timeout`` as a
     whole, each answer read into a ``CallResult`` and counted; the backend's circuit learns of it."""
 
-    def __init__(self, config: Config, *, http: Pool, router: Router, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(
+        self, config: Config, *, http: Pool, router: Router, windows: Windows, redis: aioredis.Redis, keys: Keys
+    ) -> None:
+        self.windows = windows
         self.redis = redis
         self.keys = keys
         self._relay = Coalesced(Lua(redis, "relay"))
@@ -304,7 +323,8 @@ class Caller:
         meters = self.meters[backend.name]
         self.local_inflight[backend.name] += 1
         meters.inflight.set(self.local_inflight[backend.name])
-        started = time.perf_counter()
+        sent_at, started = time.time(), time.perf_counter()
+        timed_out = False
         relay = Relay(self._relay, self.keys.events(msg.id), self.keys.msg(msg.id)) if is_streamed(msg) else None
         assembled = Assembler()
         try:
@@ -329,6 +349,7 @@ class Caller:
             if result.response is not None:
                 result.tokens_used = self._count_tokens(backend.name, result.response)
         except TimeoutError:
+            timed_out = True
             error = f"timeout after {self.timeout_s:g}s"
             result = self._broken_off(backend.name, error, relay, assembled)
         except Unsendable as exc:  # as configured, it would fail the same way again: no retry, no fault of the backend
@@ -351,6 +372,8 @@ class Caller:
             return None
         result.acquired_at = acquired_at
         self.router.record(backend.name, result)
+        if result.status is Status.COMPLETED or result.capacity or timed_out:
+            self.windows.observe(backend.name, full=result.capacity or timed_out, sent_at=sent_at)
         meters.outcome(result.status).inc()
         return result
 

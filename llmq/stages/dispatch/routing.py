@@ -8,7 +8,8 @@ The balancing and the circuits are pure (no I/O):
 - ``weighted``: smooth weighted round robin by ``weight``.
 
 A backend's circuit opens after ``max_failures`` consecutive failures: it gets no traffic until a health
-probe succeeds (half-open: the next real call decides). A 429/503 with Retry-After cools it until then.
+probe succeeds (half-open: the next real call decides). A capacity signal (429, 503, 529) is no failure;
+with Retry-After it cools the backend until then.
 """
 
 from __future__ import annotations
@@ -185,6 +186,8 @@ class Router:
             circuit.success()
         elif result.retry_after is not None:
             circuit.cool(time.time() + result.retry_after)
+        elif result.capacity:
+            pass  # full, not broken: its window shrinks (max_concurrent: auto), its circuit stays closed
         elif circuit.failure():
             BACKEND_UP.labels(backend=name).set(0)
             log.warning("backend %s taken out after %d consecutive failures", name, circuit.failures)

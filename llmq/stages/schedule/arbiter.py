@@ -23,7 +23,7 @@ from typing import Literal
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
-from llmq.pipeline import background, inflight
+from llmq.pipeline import background, inflight, window
 from llmq.pipeline.config import Config, LevelConfig
 from llmq.pipeline.keys import Group, Keys
 from llmq.pipeline.lua import Lua
@@ -83,6 +83,8 @@ class Arbiter:
         self.levels = sorted(config.queue.levels, key=lambda lv: lv.priority)
         self.by_name = {lv.name: lv for lv in self.levels}
         self.capacity = config.capacity
+        """The backends' slots; with adaptive backends, as their windows stood at the last round."""
+        self.adaptive = [b for b in config.backends if b.adaptive]
         self.lease_s = config.lease_s
         self.waiting: dict[str, deque[Candidate]] = {lv.name: deque() for lv in self.levels}
         self._wake = asyncio.Event()
@@ -154,7 +156,12 @@ class Arbiter:
         pipe = self.redis.pipeline(transaction=False)
         for lv in self.levels:
             inflight.count_live(pipe, self.keys, lv.name, now)
-        held = dict(zip((lv.name for lv in self.levels), map(int, await pipe.execute()), strict=True))
+        for b in self.adaptive:
+            pipe.hget(self.keys.backend_limit(b.name), "limit")
+        replies = await pipe.execute()
+        held = dict(zip((lv.name for lv in self.levels), map(int, replies), strict=False))
+        if self.adaptive:
+            self._follow_windows(replies[len(self.levels) :])
         for name, count in held.items():
             INFLIGHT.labels(level=name).set(count)
         if not self._has_waiting():
@@ -195,6 +202,15 @@ class Arbiter:
                     cand.decide(GONE if code == -1 else Status(as_str(code)))
             if len(codes) < count:
                 break  # the limits moved under us (another scheduler admitted): recount next round
+
+    def _follow_windows(self, limits: list[bytes | None]) -> None:
+        """Admit under what the backends take now: their fixed slots and their windows' limits."""
+        now_slots = dict(zip((b.name for b in self.adaptive), limits, strict=True))
+        self.capacity = sum(
+            window.slots(b, float(v) if (v := now_slots.get(b.name)) is not None else None)
+            for b in self.config.backends
+        )
+        self.stagger.slots = self.capacity - sum(lv.reserved for lv in self.levels)
 
     async def _admit_run(
         self, lv: LevelConfig, batch: list[Candidate], now: float, floor: int, gap_s: float

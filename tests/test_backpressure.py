@@ -1,0 +1,150 @@
+"""Backend backpressure: which answers say "full", the adaptive window (``max_concurrent: auto``) they move,
+and a backend refusing past its capacity neither opening its circuit nor losing a message."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from llmq.pipeline.config import load_config
+from llmq.pipeline.errors import ConfigError
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.lua import Lua
+from llmq.pipeline.models import Status
+from llmq.pipeline.window import BETA
+from llmq.stages.dispatch import Dispatch
+from llmq.stages.dispatch.calls import classify
+from llmq.stages.dispatch.http_pool import Answer
+from llmq.stages.mock_backend import MockSettings
+from tests.support.harness import Harness
+
+
+@pytest.mark.parametrize(
+    ("answer", "capacity", "status"),
+    [
+        (Answer(429, content=b"slow down"), True, Status.RETRYING),
+        (Answer(503, content=b'{"error": {"message": "queue full"}}'), True, Status.RETRYING),  # vLLM, Ollama
+        (Answer(529, content=b"overloaded"), True, Status.RETRYING),  # Dynamo, Anthropic
+        (Answer(503, {"Retry-After": "2"}, b"busy"), True, Status.RETRYING),  # Ray Serve, SGLang's gateway
+        (Answer(500, {"x-llm-d-request-dropped-reason": "saturated"}), True, Status.RETRYING),  # llm-d
+        (Answer(500, content=b"boom"), False, Status.RETRYING),  # a fault
+        (Answer(502, content=b"bad gateway"), False, Status.RETRYING),
+        (Answer(408, content=b"timeout"), False, Status.RETRYING),
+        (Answer(400, content=b"bad request"), False, Status.FAILED),  # the request's fault
+        (Answer(404, {"X-LLM-D-Request-Dropped-Reason": "no such model"}), True, Status.RETRYING),
+    ],
+)
+def test_capacity_signals_are_told_from_faults_and_fatal_answers(
+    answer: Answer, capacity: bool, status: Status
+) -> None:
+    result = classify("b", answer, max_retry_after_s=60)
+    assert result.capacity is capacity and result.status is status
+
+
+class Window:
+    """The window script on backend ``b``, with ``busy`` calls in flight."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, low: int = 1, high: int = 32) -> None:
+        self.redis, self.keys, self.low, self.high = redis, keys, low, high
+        self.script = Lua(redis, "window")
+
+    async def __call__(self, kind: str, *, sent: float, now: float, busy: int = 64) -> float:
+        slots = self.keys.backend_slots("b")
+        await self.redis.delete(slots)
+        if busy:
+            await self.redis.zadd(slots, {f"call-{i}": now + 60 for i in range(busy)})
+        args = [now, kind, self.low, self.high, sent, BETA]
+        return float(await self.script([self.keys.backend_limit("b"), slots], args))
+
+
+async def test_the_window_starts_at_its_maximum_grows_by_one_per_window_and_is_cut_once_per_window(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    window = Window(redis, keys)
+    # Given a new window (max 32): an answer keeps it at its maximum
+    assert await window("ok", sent=1, now=2) == 32
+    # When the backend says it is full, the window is cut by BETA
+    assert await window("full", sent=3, now=4) == pytest.approx(32 * BETA)
+    # and the refusals of calls sent before that cut do not cut it again
+    assert await window("full", sent=3.5, now=5) == pytest.approx(32 * BETA)
+    # while one sent after it does
+    assert await window("full", sent=4.5, now=6) == pytest.approx(32 * BETA * BETA)
+    # Then answers grow it by 1/limit each while it is in use: about one slot per window's worth of answers
+    limit = 32 * BETA * BETA
+    for _ in range(26):
+        limit += 1 / limit
+    for _ in range(26):
+        got = await window("ok", sent=7, now=8, busy=25)
+    assert got == pytest.approx(limit, rel=1e-6) and 26.9 < got < 28
+    # and not while fewer calls run than it allows (less one): an idle window does not grow
+    assert await window("ok", sent=9, now=10, busy=20) == pytest.approx(got)
+    assert await window("ok", sent=9, now=10, busy=0) == pytest.approx(got)
+
+
+async def test_the_window_stays_within_its_bounds(redis: aioredis.Redis, keys: Keys) -> None:
+    window = Window(redis, keys, low=2, high=8)
+    for i in range(50):  # a backend refusing everything
+        got = await window("full", sent=i, now=i + 0.5)
+    assert got == 2
+    for _ in range(200):
+        got = await window("ok", sent=100, now=101)
+    assert got == 8
+
+
+@pytest.mark.parametrize(
+    ("backend", "problem"),
+    [
+        ("{name: b, url: 'http://x/v1', concurrency: {min: 1, max: 8}}", "needs max_concurrent: auto"),
+        ("{name: b, url: 'http://x/v1', max_concurrent: auto, concurrency: {min: 9, max: 8}}", "must not exceed"),
+        ("{name: b, url: 'http://x/v1', max_concurrent: lots}", "max_concurrent"),
+    ],
+)
+def test_bad_adaptive_settings_name_the_field(backend: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, env={"LLMQ_BACKENDS": f"[{backend}]"})
+    assert problem in str(raised.value) and "backends[0]" in str(raised.value)
+
+
+async def test_a_backend_full_past_its_capacity_gets_an_adaptive_window_near_it_and_no_circuit_opens(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given a backend that answers 503 to any call past 4 at once (vLLM's --max-num-queued-reqs), behind an
+    # adaptive window starting at 16, and a circuit that would open after 3 failures
+    backends = {"v": MockSettings(latency_ms=40, busy_above=4, busy_status=503)}
+    config = {"v": {"max_concurrent": "auto", "concurrency": {"min": 1, "max": 16}}}
+    env = {"LLMQ_LOADBALANCER__MAX_FAILURES": "3", "LLMQ_QUEUE__RETRY__MAX_RETRIES": "20"}
+    async with Harness(redis, keys, backends=backends, backend_config=config, env=env) as h:
+        # When 120 messages arrive at once
+        ids = [await h.submit() for _ in range(120)]
+        statuses = await h.wait_terminal(ids, within=60)
+        refused = h.mocks["v"].refused
+        [dispatch] = [s for s in h.stages if isinstance(s, Dispatch)]
+        circuit = dispatch.router.circuits["v"]
+        limit = float(await redis.hget(keys.backend_limit("v"), "limit"))  # type: ignore[arg-type]
+    # Then every message completed, the circuit never counted a failure, and the window came down to about
+    # what the backend takes
+    assert {s["status"] for s in statuses.values()} == {"completed"}
+    assert circuit.failures == 0 and not circuit.open
+    assert refused > 0, "the window never reached the backend's capacity"
+    assert 3 <= limit < 6, limit
+    # and fewer calls were refused than messages sent (with 16 at once, 12 of every 16 calls would be)
+    assert refused < len(ids), refused
+
+
+async def test_a_fixed_max_concurrent_still_rules_and_a_503_spares_the_circuit(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given the same backend behind a fixed max_concurrent of 8
+    backends = {"v": MockSettings(latency_ms=20, busy_above=4, busy_status=503)}
+    env = {"LLMQ_LOADBALANCER__MAX_FAILURES": "2", "LLMQ_QUEUE__RETRY__MAX_RETRIES": "50"}
+    async with Harness(redis, keys, backends=backends, env=env) as h:
+        ids = [await h.submit() for _ in range(40)]
+        statuses = await h.wait_terminal(ids, within=60)
+        peak, refused = h.mocks["v"].peak, h.mocks["v"].refused
+        [dispatch] = [s for s in h.stages if isinstance(s, Dispatch)]
+        circuit = dispatch.router.circuits["v"]
+    # Then calls went 8 at a time (refused past 4), yet the circuit stayed closed and all completed
+    assert {s["status"] for s in statuses.values()} == {"completed"}
+    assert refused > 0 and peak == 4
+    assert not circuit.open and circuit.failures == 0
+    assert await redis.exists(keys.backend_limit("v")) == 0
