@@ -102,6 +102,39 @@ async def test_realtime_is_admitted_within_its_slo_behind_a_flood_of_low(redis: 
     assert peak <= 4
 
 
+async def test_a_levels_reserved_slot_is_kept_only_while_it_had_traffic_recently(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given 4 slots, one reserved for realtime while it had a message within the last 1.5 s, and 200 ms calls
+    env = {
+        "LLMQ_SCHEDULER__RESERVE_WINDOW": "1500ms",
+        "LLMQ_QUEUE__LEVELS": "[{name: realtime, priority: 1, max_wait_time: 100ms, max_concurrent: 4, reserved: 1},"
+        " {name: low, priority: 4, max_wait_time: 60s, max_concurrent: 4}]",
+    }
+    backends = {"a": MockSettings(latency_ms=200)}
+    async with Harness(redis, keys, backends=backends, env=env, backend_config={"a": {"max_concurrent": 4}}) as h:
+
+        async def low_running() -> int:
+            return int(await redis.zcount(keys.inflight("low"), time.time(), "+inf"))
+
+        # When a backlog of low arrives while realtime has been idle
+        for _ in range(200):
+            await h.submit("low")
+        # Then low takes every slot: an idle realtime level costs it nothing
+        await eventually(lambda: _inflight_is(redis, keys, "low", 4), what="low in all 4 slots")
+        # When a realtime message comes, low is held to the 3 unreserved slots while realtime is active
+        rt = await h.submit("realtime")
+        await h.wait_terminal([rt])
+        seen: list[int] = []
+        started = time.monotonic()
+        while time.monotonic() - started < 0.8:
+            seen.append(await low_running())
+            await asyncio.sleep(0.02)
+        assert max(seen[10:]) == 3, seen  # (calls admitted before the realtime message end within 200 ms)
+        # and once realtime has been quiet for the window, low takes the fourth slot again
+        await eventually(lambda: _inflight_is(redis, keys, "low", 4), within=5, what="low in 4 slots again")
+
+
 @pytest.mark.parametrize("stagger", [True, False])
 async def test_a_backlog_on_regular_calls_is_staggered_so_slots_free_one_by_one(
     redis: aioredis.Redis, keys: Keys, stagger: bool
@@ -351,18 +384,26 @@ async def test_with_anything_waiting_a_message_waits_its_turn(redis: aioredis.Re
         assert await redis.xlen(keys.dispatch) == 0
 
 
-async def test_a_direct_admission_keeps_the_slots_reserved_for_higher_levels(redis: aioredis.Redis, keys: Keys) -> None:
-    # Given two backend slots, one kept for realtime, and no scheduler
+@pytest.mark.parametrize("realtime_seen_s_ago", [5.0, 11.0, None])
+async def test_a_direct_admission_keeps_the_slots_reserved_for_higher_levels_while_they_are_active(
+    redis: aioredis.Redis, keys: Keys, realtime_seen_s_ago: float | None
+) -> None:
+    # Given two backend slots, one kept for realtime while it had a message in the last 10 s, and no scheduler
     levels = (
         "[{name: realtime, priority: 1, max_wait_time: 100ms, max_concurrent: 2, reserved: 1},"
         " {name: low, priority: 4, max_wait_time: 120s, max_concurrent: 2}]"
     )
-    env = DIRECT | {"LLMQ_QUEUE__LEVELS": levels}
+    env = DIRECT | {"LLMQ_QUEUE__LEVELS": levels, "LLMQ_SCHEDULER__RESERVE_WINDOW": "10s"}
     config = {"a": {"max_concurrent": 2}}
+    if realtime_seen_s_ago is not None:
+        await redis.hset(keys.active, "realtime", time.time() - realtime_seen_s_ago)
     async with Harness(redis, keys, backends={"a": MockSettings()}, backend_config=config, stages=(), env=env) as h:
         # When two lone low messages come to the idle queue
         first, second = await h.submit("low"), await h.submit("low")
-        # Then the first takes the free slot at once, and the second waits: the other slot is realtime's
+        # Then the first takes the free slot at once; the second waits while the other slot is realtime's
+        active = realtime_seen_s_ago is not None and realtime_seen_s_ago < 10
         assert (await h.status(first))["status"] == "scheduled"
-        assert (await h.status(second))["status"] == "queued"
-        assert await redis.zcard(keys.inflight("low")) == 1 and await redis.xlen(keys.dispatch) == 1
+        assert (await h.status(second))["status"] == ("queued" if active else "scheduled")
+        assert await redis.zcard(keys.inflight("low")) == (1 if active else 2)
+        # and the submissions record when low was last active
+        assert time.time() - float(await redis.hget(keys.active, "low")) < 5  # type: ignore[arg-type]

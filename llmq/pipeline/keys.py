@@ -63,6 +63,11 @@ class Keys:
         """The stream of one priority level."""
         return f"{self.prefix}:q:{name}"
 
+    @property
+    def active(self) -> str:
+        """Hash of each level's latest submission time (Unix seconds): whether its reserved slots are kept."""
+        return f"{self.prefix}:levels:active"
+
     def msg(self, message_id: str) -> str:
         """The status hash of one message."""
         return f"{self.prefix}:msg:{message_id}"

@@ -140,9 +140,9 @@ class LevelConfig(_Section, frozen=True):
     and the message ends ``cancelled`` with what was generated so far. Off: the generation runs on and its
     answer stays retrievable. Seen at the call's next chunk."""
     reserved: NonNegative = 0
-    """Backend slots kept free for this level: lower levels may not take them. Size it near the level's
-    usual concurrency (arrival rate × call latency) so its messages start at once even while lower levels
-    fill the backends."""
+    """Backend slots kept free for this level while it has had a message within ``scheduler.reserve_window``:
+    lower levels may not take them. Size it near the level's usual concurrency (arrival rate × call latency)
+    so its messages start at once even while lower levels fill the backends."""
 
 
 class WorkerConfig(_Section, frozen=True):
@@ -219,6 +219,9 @@ class SchedulerConfig(_Section, frozen=True):
     """While a backlog waits and calls take a regular time, space out the admissions of every level but the
     top one and those with ``reserved`` slots, so slots free one by one instead of in waves and an urgent
     message finds one soon (``llmq.stages.schedule.stagger``)."""
+    reserve_window: Duration = Duration("60s")
+    """A level's ``reserved`` slots are kept free only while it has had a message within this window: an
+    idle realtime level costs the lower levels nothing. ``0s``: kept always."""
     direct_admission: bool = True
     """A message submitted on its own while no message waits in any level, and a slot is free for it (its
     level's max_concurrent, the backends' capacity less the slots higher levels keep reserved), is admitted by

@@ -9,20 +9,23 @@ status hash keeps the depth before the message and how many of the level's entri
 
 A lone message may be admitted at once (scheduler.direct_admission): when no message waits in any level
 and a slot is free for it, as admit.lua would judge (its level's max_concurrent; the backends' capacity less
-the slots that levels of higher priority keep reserved and do not use), it goes straight to the dispatch
-stream with its slot held, and never waits for a scheduler to wake. With anything waiting, it is queued.
+the slots that levels of higher priority keep reserved and do not use, while they had a message within
+scheduler.reserve_window), it goes straight to the dispatch stream with its slot held, and never waits for a
+scheduler to wake. With anything waiting, it is queued. Each level's latest submission time is kept (the
+levels' activity hash), for that window.
 
 KEYS       per message: its level stream, its status hash, its idempotency record, and the record an
            earlier release kept for the same key (the same record again when none; see llmq/pipeline/submit.py).
            A message without an idempotency key names a record it never reads (keys share one hash tag).
            With direct admission, then: every level's stream, every level's in-flight set (both in the
-           order of the levels' ARGV below), the dispatch stream.
+           order of the levels' ARGV below), the dispatch stream. Last: the levels' activity hash.
 ARGV[1]    status hash TTL in seconds      ARGV[2]  idempotency record TTL in seconds
 ARGV[3]    m, the number of messages       ARGV[4]  now (Unix seconds) to admit a lone message directly, or ''
 ARGV[5..]  per message: payload, message id, level, enqueued_at, the level's max depth, the digest of
            the request ('' when it has no idempotency key), '1' when it is streamed ('' when not)
 then, with direct admission: the lease expiry of an in-flight slot, the backends' capacity, n (the number
-of levels), the index of the message's level among them, and per level: max_concurrent, reserved, priority.
+of levels), the index of the message's level among them, the reserve window in seconds (0: reserved slots
+are always kept), and per level: max_concurrent, reserved, priority, name.
 Returns per message one of: {'queued', id, depth before it (-1: queued by an earlier run), 1 when it was
 admitted directly}, {'duplicate', first id}, {'conflict', first id} (the key came with another request),
 {'full', depth}.
@@ -48,20 +51,28 @@ end
 --@include status
 --@include inflight
 local hash_ttl, idem_ttl, m, direct_at = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local active = KEYS[#KEYS]
 
 -- Admit the lone message now, if nothing waits anywhere and a slot is free for it.
 local function admit_at_once(payload, id)
   local d = 5 + 7 * m
   local exp, cap, n, own = ARGV[d], tonumber(ARGV[d + 1]), tonumber(ARGV[d + 2]), tonumber(ARGV[d + 3])
-  local function level_arg(j, k) return tonumber(ARGV[d + 4 + 3 * (j - 1) + k]) end
+  local window = tonumber(ARGV[d + 4])
+  local function level_arg(j, k) return ARGV[d + 5 + 4 * (j - 1) + k] end
+  -- the slots a level keeps: its reserved ones, while it had a message within the window
+  local function kept(j)
+    local last = window > 0 and tonumber(redis.call('HGET', active, level_arg(j, 3)))
+    if window > 0 and not (last and tonumber(direct_at) - last <= window) then return 0 end
+    return tonumber(level_arg(j, 1))
+  end
   for j = 1, n do
     if waiting(KEYS[4 * m + j]) > 0 then return false end
   end
   local held, total = inflight_counts(4 * m + n + 1, n, direct_at)
-  if held[own] >= level_arg(own, 0) then return false end
+  if held[own] >= tonumber(level_arg(own, 0)) then return false end
   local floor = 0
   for j = 1, n do
-    if level_arg(j, 2) < level_arg(own, 2) then floor = floor + math.max(0, level_arg(j, 1) - held[j]) end
+    if tonumber(level_arg(j, 2)) < tonumber(level_arg(own, 2)) then floor = floor + math.max(0, kept(j) - held[j]) end
   end
   if total >= cap - floor then return false end
   inflight_hold(KEYS[4 * m + n + own], id, exp)
@@ -69,7 +80,7 @@ local function admit_at_once(payload, id)
   return true
 end
 
-local depths, lefts, out = {}, {}, {}
+local depths, lefts, out, latest = {}, {}, {}, {}
 for i = 1, m do
   local stream, hash, idem, legacy = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
   local a = 5 + 7 * (i - 1)
@@ -104,6 +115,8 @@ for i = 1, m do
       depth = depth + 1
     end
     depths[stream] = depth
+    latest[level] = enqueued
   end
 end
+for level, at in pairs(latest) do redis.call('HSET', active, level, at) end
 return out

@@ -126,7 +126,10 @@ class Submitter:
         self._index = {lv.name: i + 1 for i, lv in enumerate(levels)}
         self._direct_keys = [keys.level(lv.name) for lv in levels] + [keys.inflight(lv.name) for lv in levels]
         self._direct_keys.append(keys.dispatch)
-        self._levels_args = [x for lv in levels for x in (lv.in_flight_cap, lv.reserved, lv.priority)]
+        self._levels_args: list[str | int] = [
+            x for lv in levels for x in (lv.in_flight_cap, lv.reserved, lv.priority, lv.name)
+        ]
+        self._reserve_window_s = config.scheduler.reserve_window.seconds
         self._capacity = config.capacity
         self._lease_s = config.lease_s
 
@@ -191,7 +194,9 @@ class Submitter:
         if direct:
             keys += self._direct_keys
             level = self._index[subs[0].message.level]
-            args += [now + self._lease_s, self._capacity, len(self._index), level, *self._levels_args]
+            args += [now + self._lease_s, self._capacity, len(self._index), level, self._reserve_window_s]
+            args += self._levels_args
+        keys.append(self.keys.active)
         return keys, args
 
 

@@ -85,6 +85,11 @@ class Arbiter:
         self.capacity = config.capacity
         """The backends' slots; with adaptive backends, as their windows stood at the last round."""
         self.adaptive = [b for b in config.backends if b.adaptive]
+        self.reserve_window_s = config.scheduler.reserve_window.seconds
+        self.reserving = [lv for lv in self.levels if lv.reserved] if self.reserve_window_s > 0 else []
+        """The levels whose reserved slots are kept only while they are active (``scheduler.reserve_window``)."""
+        self.reserved = {lv.name: lv.reserved for lv in self.levels}
+        """Each level's reserved slots as kept now."""
         self.lease_s = config.lease_s
         self.waiting: dict[str, deque[Candidate]] = {lv.name: deque() for lv in self.levels}
         self._wake = asyncio.Event()
@@ -158,15 +163,20 @@ class Arbiter:
             inflight.count_live(pipe, self.keys, lv.name, now)
         for b in self.adaptive:
             pipe.hget(self.keys.backend_limit(b.name), "limit")
+        if self.reserving:
+            pipe.hmget(self.keys.active, [lv.name for lv in self.reserving])
         replies = await pipe.execute()
         held = dict(zip((lv.name for lv in self.levels), map(int, replies), strict=False))
         if self.adaptive:
-            self._follow_windows(replies[len(self.levels) :])
+            self._follow_windows(replies[len(self.levels) : len(self.levels) + len(self.adaptive)])
+        if self.reserving:
+            self._follow_activity(replies[-1], now)
+        self.stagger.slots = self.capacity - sum(self.reserved.values())
         for name, count in held.items():
             INFLIGHT.labels(level=name).set(count)
         if not self._has_waiting():
             return
-        views = [_view(lv, held[lv.name]) for lv in self.levels]
+        views = [_view(lv, held[lv.name], self.reserved[lv.name]) for lv in self.levels]
         heads = {name: [c.message.enqueued_at for c in q] for name, q in self.waiting.items()}
         free_total = self.capacity - sum(held.values())
         order = select(heads, views, free_total, now, self.config.scheduler.strategy, self._wrr)
@@ -210,7 +220,11 @@ class Arbiter:
             window.slots(b, float(v) if (v := now_slots.get(b.name)) is not None else None)
             for b in self.config.backends
         )
-        self.stagger.slots = self.capacity - sum(lv.reserved for lv in self.levels)
+
+    def _follow_activity(self, latest: list[bytes | None], now: float) -> None:
+        """Keep a level's reserved slots only while it had a message within ``scheduler.reserve_window``."""
+        for lv, at in zip(self.reserving, latest, strict=True):
+            self.reserved[lv.name] = lv.reserved if at is not None and now - float(at) <= self.reserve_window_s else 0
 
     async def _admit_run(
         self, lv: LevelConfig, batch: list[Candidate], now: float, floor: int, gap_s: float
@@ -269,14 +283,14 @@ class Arbiter:
             self.waiting[name] = deque(c for c in queue if not c.decided)
 
 
-def _view(lv: LevelConfig, held: int) -> LevelView:
+def _view(lv: LevelConfig, held: int, reserved: int) -> LevelView:
     return LevelView(
         name=lv.name,
         priority=lv.priority,
         max_wait_s=lv.max_wait_time.seconds,
         weight=lv.weight,
         free=lv.in_flight_cap - held,
-        reserved_unused=max(0, lv.reserved - held),
+        reserved_unused=max(0, reserved - held),
     )
 
 
