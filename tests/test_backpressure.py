@@ -3,6 +3,10 @@ and a backend refusing past its capacity neither opening its circuit nor losing 
 
 from __future__ import annotations
 
+import asyncio
+import statistics
+from typing import Any
+
 import pytest
 import redis.asyncio as aioredis
 
@@ -14,8 +18,10 @@ from llmq.pipeline.models import Status
 from llmq.pipeline.window import BETA
 from llmq.stages.dispatch import Dispatch
 from llmq.stages.dispatch.calls import classify
+from llmq.stages.dispatch.engines import Reading, behind, read_metrics
 from llmq.stages.dispatch.http_pool import Answer
 from llmq.stages.mock_backend import MockSettings
+from tests.conftest import eventually
 from tests.support.harness import Harness
 
 
@@ -48,12 +54,12 @@ class Window:
         self.redis, self.keys, self.low, self.high = redis, keys, low, high
         self.script = Lua(redis, "window")
 
-    async def __call__(self, kind: str, *, sent: float, now: float, busy: int = 64) -> float:
+    async def __call__(self, kind: str, *, sent: float, now: float, busy: int = 64, excess: int = 0) -> float:
         slots = self.keys.backend_slots("b")
         await self.redis.delete(slots)
         if busy:
             await self.redis.zadd(slots, {f"call-{i}": now + 60 for i in range(busy)})
-        args = [now, kind, self.low, self.high, sent, BETA]
+        args = [now, kind, self.low, self.high, sent, BETA, excess]
         return float(await self.script([self.keys.backend_limit("b"), slots], args))
 
 
@@ -89,6 +95,15 @@ async def test_the_window_stays_within_its_bounds(redis: aioredis.Redis, keys: K
     for _ in range(200):
         got = await window("ok", sent=100, now=101)
     assert got == 8
+
+
+async def test_an_engine_that_says_how_far_over_it_is_cuts_the_window_by_that_much(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    window = Window(redis, keys)
+    # An engine 20 requests over cuts a window of 32 to 12; one 1 over cuts it by BETA as any signal does
+    assert await window("full", sent=1, now=1, excess=20) == 12
+    assert await window("full", sent=2, now=2, excess=1) == pytest.approx(12 * BETA)
 
 
 @pytest.mark.parametrize(
@@ -148,3 +163,95 @@ async def test_a_fixed_max_concurrent_still_rules_and_a_503_spares_the_circuit(
     assert refused > 0 and peak == 4
     assert not circuit.open and circuit.failures == 0
     assert await redis.exists(keys.backend_limit("v")) == 0
+
+
+VLLM = """# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="a",engine="0"} 3.0
+vllm:num_requests_waiting{model_name="a",engine="1"} 2.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{model_name="a",engine="0"} 0.5
+vllm:kv_cache_usage_perc{model_name="a",engine="1"} 0.97
+"""
+SGLANG = 'sglang:num_queue_reqs{model_name="a"} 0\nsglang:token_usage{model_name="a"} 0.2\n'
+LLAMA_CPP = "llamacpp:requests_deferred 1\nllamacpp:kv_cache_usage_ratio 0.4\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "waiting", "kv_cache"),
+    [(VLLM, 5.0, 0.97), (SGLANG, 0.0, 0.2), (LLAMA_CPP, 1.0, 0.4), ("# nothing of an engine\nup 1\n", None, None)],
+)
+def test_an_engines_queue_and_kv_cache_are_read_from_its_metrics(
+    text: str, waiting: float | None, kv_cache: float | None
+) -> None:
+    assert read_metrics(text) == Reading(waiting, kv_cache)
+
+
+def test_a_backend_is_held_while_its_engine_is_past_a_limit() -> None:
+    backends = "[{name: v, url: 'http://v/v1', metrics_url: 'http://v/metrics', max_kv_cache_usage: 0.9}]"
+    [backend] = load_config(None, env={"LLMQ_BACKENDS": backends}).backends
+    assert behind(backend, Reading(0, 0.5)) is None
+    assert "1 requests wait in the engine" in (behind(backend, Reading(1, 0.5)) or "")
+    assert "KV cache is 95% full" in (behind(backend, Reading(0, 0.95)) or "")
+    assert behind(backend, Reading(None, None)) is None  # unreadable metrics hold nothing
+
+
+async def _engine_queue(h: Harness, ids: list[str]) -> list[int]:
+    """The mock engine's queue every 10 ms until every message has ended."""
+    seen: list[int] = []
+    done = {"completed", "failed", "expired", "cancelled", "dead"}
+    while True:
+        seen.append(h.mocks["v"].engine_waiting)
+        statuses = [(await h.status(i)).get("status") for i in ids]
+        if all(s in done for s in statuses):
+            assert set(statuses) == {"completed"}, statuses
+            return seen
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("window", ["8", "auto"])
+async def test_with_engine_metrics_the_waiting_happens_in_llmq_not_in_the_engine(
+    redis: aioredis.Redis, keys: Keys, window: str
+) -> None:
+    # Given an engine that runs 2 calls at once and queues the rest (first come, first served), and llmq
+    # allowed 8 calls there (fixed, or a window from 8): without its metrics, then with them (no new call
+    # while any request waits there)
+    queues: dict[bool, list[int]] = {}
+    for metered in (False, True):
+        backends = {"v": MockSettings(latency_ms=60, engine_slots=2)}
+        config: dict[str, Any] = {"max_concurrent": 8}
+        if metered:
+            config |= {"metrics_url": "http://127.0.0.1:{port}/metrics", "max_engine_waiting": 0}
+            if window == "auto":
+                config |= {"max_concurrent": "auto", "concurrency": {"min": 1, "max": 8}}
+        async with Harness(redis, keys, backends=backends, backend_config={"v": config}) as h:
+            # When 40 messages arrive at once
+            ids = [await h.submit() for _ in range(40)]
+            queues[metered] = await _engine_queue(h, ids)
+    # Then without metrics the engine holds 6 waiting nearly all the time; with them, llmq sends nothing new
+    # while any wait there, and the engine's queue is far shorter on average: with a fixed max_concurrent
+    # it refills whenever it empties (a hold is released whole); with a window, the window comes down to
+    # about what the engine runs
+    without, with_ = statistics.mean(queues[False]), statistics.mean(queues[True])
+    print(f"engine queue mean, window {window}: without metrics {without:.2f}, with {with_:.2f}")
+    assert without > 4.5, without
+    assert with_ < (0.8 if window == "8" else 0.4) * without, (with_, without)
+
+
+async def test_a_held_backends_slots_are_not_admitted_for(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a backend whose engine says 3 requests wait (over max_engine_waiting 0), the mock's own metrics
+    backends = {"v": MockSettings(latency_ms=10)}
+    config = {"max_concurrent": 4, "metrics_url": "http://127.0.0.1:{port}/metrics"}
+    async with Harness(redis, keys, backends=backends, backend_config={"v": config}) as h:
+        h.mocks["v"].engine_waiting = 3  # as if other clients filled the engine's queue
+        await eventually(lambda: redis.exists(keys.backend_held("v")), what="the backend held")
+        # When messages arrive, then none is admitted (the scheduler sees no free slot) nor called
+        ids = [await h.submit() for _ in range(5)]
+        await asyncio.sleep(0.5)  # (nothing may happen: observed for a while)
+        statuses = {(await h.status(i))["status"] for i in ids}
+        assert statuses == {"queued"} and h.mocks["v"].calls == 0
+        # When the engine's queue empties, they all go through
+        h.mocks["v"].engine_waiting = 0
+        done = await h.wait_terminal(ids, within=10)
+    assert {s["status"] for s in done.values()} == {"completed"}
+    reason = await redis.get(keys.backend_held("v"))
+    assert reason is None

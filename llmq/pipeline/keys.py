@@ -100,6 +100,10 @@ class Keys:
         """Hash of a backend's adaptive concurrency window (``max_concurrent: auto``): its limit, its last cut."""
         return f"{self.prefix}:backend:{backend}:limit"
 
+    def backend_held(self, backend: str) -> str:
+        """Set (with why, expiring) while a backend's engine is behind: it gets no new call."""
+        return f"{self.prefix}:backend:{backend}:held"
+
     def backend_window(self, backend: str, kind: str, minute: int) -> str:
         """Requests (``rpm``) or tokens (``tpm``) sent to a backend in one minute."""
         return f"{self.prefix}:backend:{backend}:{kind}:{minute}"

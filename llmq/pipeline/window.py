@@ -9,7 +9,8 @@ at the maximum, kept in Redis (``scripts/window-2.lua``) so every dispatcher and
 - each answer adds ``1 / limit`` (one slot more per window's worth of answers) while the window is in use
   (as many calls in flight as it allows, or one less);
 - each capacity signal, or a call that ran out of time, multiplies it by ``BETA``, once per window: only a
-  call sent after the last cut cuts again.
+  call sent after the last cut cuts again. An engine whose metrics say by how much it is over
+  (``llmq.stages.dispatch.engines``) cuts it by that much, when that is more.
 
 With a backend that refuses past N calls the limit then climbs to N + 1, is cut to about 0.9 N by the
 first refusal, and climbs back over about N answers: the backend runs 0.9 N to N calls, and a refusal
@@ -45,7 +46,9 @@ REFRESH_S = 1.0
 
 LIMIT = Gauge("llmq_backend_concurrency_limit", "Calls a backend may run at once (adaptive, or fixed)", ["backend"])
 CAPACITY_SIGNALS = Counter(
-    "llmq_backend_capacity_signals_total", "Calls a backend refused for lack of capacity (429, 503, 529)", ["backend"]
+    "llmq_backend_capacity_signals_total",
+    "A backend saying it is full: calls refused (429, 503, 529), engine metrics past their limits",
+    ["backend"],
 )
 
 
@@ -88,15 +91,16 @@ class Windows:
     def slots(self, name: str) -> int:
         return self._slots[name]
 
-    def observe(self, name: str, *, full: bool, sent_at: float) -> None:
-        """A call sent at ``sent_at`` was answered (``full``: refused for capacity, or ran out of time). The
-        shared window moves in the background: a call's outcome never waits for it, nor fails with it."""
+    def observe(self, name: str, *, full: bool, sent_at: float, excess: float = 0.0) -> None:
+        """A call sent at ``sent_at`` was answered (``full``: refused for capacity, or ran out of time; or
+        the engine's metrics say it is ``excess`` calls over). The shared window moves in the background: a
+        call's outcome never waits for it, nor fails with it."""
         if full:
             CAPACITY_SIGNALS.labels(backend=name).inc()
         backend = self.backends[name]
         if not backend.adaptive:
             return
-        task = asyncio.create_task(self._update(backend, full, sent_at))
+        task = asyncio.create_task(self._update(backend, full, sent_at, excess))
         self._updates.add(task)  # the loop keeps only a weak reference to a task
         task.add_done_callback(self._updates.discard)
         self._latest[name] = task
@@ -110,9 +114,9 @@ class Windows:
     async def refresh(self) -> None:
         self._set(await read(self.redis, self.keys, self.adaptive))
 
-    async def _update(self, backend: BackendConfig, full: bool, sent_at: float) -> None:
+    async def _update(self, backend: BackendConfig, full: bool, sent_at: float, excess: float) -> None:
         bounds = backend.bounds
-        args = [time.time(), "full" if full else "ok", bounds.min, bounds.max, sent_at, BETA]
+        args = [time.time(), "full" if full else "ok", bounds.min, bounds.max, sent_at, BETA, excess]
         try:
             window_keys = [self.keys.backend_limit(backend.name), self.keys.backend_slots(backend.name)]
             limit = float(await self._script(window_keys, args))

@@ -5,9 +5,10 @@ it can fail a fraction of calls with a chosen status (and Retry-After), and refu
 concurrency limit (429, or 503 as a vLLM with a bounded queue does). A request with ``stream: true`` is
 answered as server-sent events, ``stream_tokens`` chunks at ``tokens_per_s`` (and, to test a backend dying
 mid-stream, broken off after ``die_after_chunks``).
-``GET /stats`` counts calls (per ``X-LLMQ-Message-Id``, to find duplicates) and the
-highest concurrency seen; ``POST /admin/config`` changes the behaviour at run time (tests use it to make a
-backend fail and recover). Not a stand-in for Redis or Postgres: those are always real servers.
+With ``engine_slots`` it runs that many calls at once and queues the rest, publishing the queue at
+``GET /metrics`` as vLLM does. ``GET /stats`` counts calls (per ``X-LLMQ-Message-Id``, to find duplicates)
+and the highest concurrency seen; ``POST /admin/config`` changes the behaviour at run time (tests use it to
+make a backend fail and recover). Not a stand-in for Redis or Postgres: those are always real servers.
 
 Its answers are ``llmq.pipeline.echo.completion``, which the dispatcher also gives for ``echo://`` backend URLs.
 """
@@ -43,6 +44,9 @@ class MockSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Calls beyond this many at once are refused with ``busy_status``; 0 means unlimited (``max_concurrent``
     in its settings)."""
     busy_status: int = 429
+    engine_slots: int = 0
+    """Run at most this many calls at once and queue the others first come first served, as an inference
+    engine does (0: no limit); ``GET /metrics`` publishes that queue as vLLM does."""
     """What a call beyond ``max_concurrent`` gets: 429, or 503 as vLLM's ``--max-num-queued-reqs`` answers."""
     models: list[str] = msgspec.field(default_factory=lambda: ["mock-1"])
     body: str | None = None
@@ -86,6 +90,10 @@ class MockBackend:
         self.current = 0
         self.peak = 0
         self.refused = 0
+        self.engine_waiting = 0
+        """Calls queued inside the engine (``engine_slots``)."""
+        self.engine_running = 0
+        self._engine: tuple[int, asyncio.Semaphore] | None = None
         """Calls refused beyond ``max_concurrent``."""
         self.broken_streams = 0
         """Streamed answers whose client went away before their end."""
@@ -119,6 +127,7 @@ class MockBackend:
             return _response({"error": error}, s.busy_status, retry_headers)
         self.current += 1
         self.peak = max(self.peak, self.current)
+        engine = await self._engine_slot(s)
         try:
             latency = max(0.0, s.latency_ms + random.uniform(-s.jitter_ms, s.jitter_ms)) / 1000
             await asyncio.sleep(latency)
@@ -128,6 +137,9 @@ class MockBackend:
                 )
         finally:
             self.current -= 1
+            if engine is not None:  # (a streamed answer's tokens come after its slot is given back)
+                self.engine_running -= 1
+                engine.release()
         if body.get("stream") is True and s.body is None and endpoint != "embeddings":
             legacy = endpoint == "completions"
             chunks = made_up_chunks(
@@ -159,6 +171,36 @@ class MockBackend:
         except (asyncio.CancelledError, GeneratorExit, OSError):  # its client went away (as vLLM sees an abort)
             self.broken_streams += 1
             raise
+
+    async def _engine_slot(self, s: MockSettings) -> asyncio.Semaphore | None:
+        """Wait in the engine's first-come-first-served queue for one of its ``engine_slots``."""
+        if not s.engine_slots:
+            return None
+        if self._engine is None or self._engine[0] != s.engine_slots:
+            self._engine = (s.engine_slots, asyncio.Semaphore(s.engine_slots))
+        engine = self._engine[1]
+        self.engine_waiting += 1
+        try:
+            await engine.acquire()
+        finally:
+            self.engine_waiting -= 1
+        self.engine_running += 1
+        return engine
+
+    async def metrics(self, _: Request) -> Response:
+        """The engine's queue as vLLM publishes it."""
+        s = self.settings
+        usage = self.engine_running / s.engine_slots if s.engine_slots else 0.0
+        labels = f'{{model_name="{s.models[0]}"}}'
+        lines = [
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{labels} {self.engine_waiting}",
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{labels} {self.engine_running}",
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f"vllm:kv_cache_usage_perc{labels} {usage}",
+        ]
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     async def models(self, _: Request) -> Response:
         data = [
@@ -201,6 +243,7 @@ class MockBackend:
                 Route("/v1/models", self.models),
                 Route("/health", self.health),
                 Route("/stats", self.stats),
+                Route("/metrics", self.metrics),
                 Route("/admin/config", self.configure, methods=["POST"]),
             ]
         )

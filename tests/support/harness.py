@@ -50,6 +50,8 @@ class Harness:
         entries = []
         for name, server in self.servers.items():
             extra = (backend_config or {}).get(name, {"max_concurrent": 8})
+            # a string value may name the mock's own port: "http://127.0.0.1:{port}/metrics"
+            extra = {k: v.format(port=server.port) if isinstance(v, str) else v for k, v in extra.items()}
             fields = ", ".join(f"{k}: {msgspec.json.encode(v).decode()}" for k, v in extra.items())
             entries.append(f'{{name: {name}, url: "http://127.0.0.1:{server.port}/v1", {fields}}}')
         base = {

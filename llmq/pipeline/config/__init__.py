@@ -228,7 +228,8 @@ class SchedulerConfig(_Section, frozen=True):
     the submit script at once instead of waiting for a scheduler to wake: about a millisecond less at idle.
     With any message waiting, admission is the scheduler's alone. With ``stagger``, only for the levels it never
     holds back (the top priority, those with ``reserved`` slots): it learns its spacing from the calls it
-    admitted itself. Off while a backend has ``max_concurrent: auto``: only the scheduler follows its window."""
+    admitted itself. Off while a backend has ``max_concurrent: auto`` or ``metrics_url``: only the scheduler
+    follows its window and its engine's holds."""
 
 
 class LoadBalancerConfig(_Section, frozen=True):
@@ -277,6 +278,13 @@ class BackendConfig(_Section, frozen=True):
     (``llmq.stages.dispatch.window``)."""
     concurrency: ConcurrencyBounds | None = None
     """The window's bounds with ``max_concurrent: auto`` (default 1 to 64)."""
+    metrics_url: str | None = None
+    """The engine's own Prometheus metrics (vLLM, SGLang, llama.cpp: ``http://vllm-a:8000/metrics``): while
+    its queue or KV cache is past the limits below, it gets no new call (``llmq.stages.dispatch.engines``)."""
+    max_engine_waiting: NonNegative = 0
+    """With ``metrics_url``: no new call while more requests than this wait inside the engine."""
+    max_kv_cache_usage: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    """With ``metrics_url``: no new call while the engine's KV cache is fuller than this (1: never held)."""
     rpm: Positive | None = None
     tpm: Positive | None = None
     models: list[str] = msgspec.field(default_factory=list)
@@ -285,6 +293,12 @@ class BackendConfig(_Section, frozen=True):
     @property
     def adaptive(self) -> bool:
         return self.max_concurrent == "auto"
+
+    @property
+    def followed(self) -> bool:
+        """Whether what it takes moves at run time (an adaptive window, an engine's holds): then only the
+        scheduler admits for it, following them."""
+        return self.adaptive or self.metrics_url is not None
 
     @property
     def bounds(self) -> ConcurrencyBounds:

@@ -163,6 +163,8 @@ def semantic_problems(config: Config) -> list[str]:
             problems.append(
                 f"backends[{i}].concurrency.min: {backend.bounds.min} must not exceed max {backend.bounds.max}"
             )
+        if backend.metrics_url is not None and not backend.metrics_url.startswith(("http://", "https://")):
+            problems.append(f"backends[{i}].metrics_url: must be an http:// or https:// URL (the engine's /metrics)")
         if backend.api_key_env is not None and not _ENV_NAME.fullmatch(backend.api_key_env):
             problems.append(
                 f"backends[{i}].api_key_env: must be the name of the environment variable that holds the key "

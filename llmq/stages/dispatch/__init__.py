@@ -37,6 +37,7 @@ from llmq.pipeline.runtime.streams import Entry
 from llmq.pipeline.streamed import is_streamed
 from llmq.pipeline.window import REFRESH_S, Windows
 from llmq.stages.dispatch.calls import Caller, CallResult, clean_text, estimate_tokens, storable, token_count
+from llmq.stages.dispatch.engines import Engines
 from llmq.stages.dispatch.http_pool import Pool
 from llmq.stages.dispatch.limits import BackendLimits
 from llmq.stages.dispatch.probes import Prober
@@ -95,6 +96,7 @@ class Dispatch(Stage):
         """Message id -> level of every message this process holds (waiting for a slot, or in a call)."""
         self.retention_s = config.queue.result_retention.seconds
         self.caller: Caller | None = None
+        self.engines: Engines | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._begin = Lua(redis, "begin")
         self._stopping = asyncio.Event()
@@ -107,12 +109,15 @@ class Dispatch(Stage):
             self.config, http=http, router=self.router, windows=self.windows, redis=self.redis, keys=self.keys
         )
         prober = Prober(self.config, router=self.router, http=http)
+        self.engines = Engines(self.config.backends, redis=self.redis, keys=self.keys, http=http, windows=self.windows)
         self._tasks = [
             asyncio.create_task(prober.run(), name="health-probe"),
             asyncio.create_task(self._renew_loop(), name="inflight-renew"),
         ]
         if self.windows.adaptive:
             self._tasks.append(asyncio.create_task(self._windows_loop(), name="windows"))
+        if self.engines.metered:
+            self._tasks.append(asyncio.create_task(self.engines.run(), name="engine-metrics"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -162,7 +167,7 @@ class Dispatch(Stage):
         order: dict[str, int] = {}
         per_message: list[Any] = []
         for entry, msg, estimate in zip(batch.entries, messages, tokens, strict=True):
-            names = self.router.local_preference(msg)
+            names = [n for n in self.router.local_preference(msg) if not self._held(n)]
             per_message += [msg.id, entry.id, estimate, int(is_streamed(msg)), len(names)]
             per_message += [order.setdefault(name, len(order) + 1) for name in names]
         keys = [
@@ -273,6 +278,8 @@ class Dispatch(Stage):
             if not eligible:
                 return CallResult(status=Status.RETRYING, backend="-", error=f"every backend for {model!r} is down")
             for name in await self.router.preference(eligible, msg):
+                if self._held(name):
+                    continue  # its engine is behind: as if at its limit
                 backend = self.backends[name]
                 now = time.time()
                 got = await self.limits.acquire(
@@ -298,8 +305,11 @@ class Dispatch(Stage):
             if await background.wait_event(self._stopping, WAIT_FOR_SLOT_S):
                 raise GiveBack
             if msg.deadline is not None and time.time() > msg.deadline:
-                error = "expired waiting for a backend slot (rpm, tpm or max_concurrent)"
+                error = "expired waiting for a backend slot (rpm, tpm, max_concurrent, or an engine behind)"
                 return CallResult(status=Status.EXPIRED, backend="-", error=error)
+
+    def _held(self, name: str) -> bool:
+        return self.engines is not None and self.engines.holding(name)
 
     async def _owns(self, batch: Batch, entry: Entry) -> bool:
         """Whether this consumer still owns the entry: after a wait longer than a lease renewal, another one may

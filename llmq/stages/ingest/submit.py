@@ -120,8 +120,8 @@ class Submitter:
         """Each level's backpressure threshold: a submission past it is refused (full)."""
         levels = sorted(config.queue.levels, key=lambda lv: lv.priority)
         # Not for the levels the scheduler staggers: it learns the spacing from the calls it admitted itself;
-        # nor with an adaptive backend, whose window only the scheduler follows.
-        direct = config.scheduler.direct_admission and not any(b.adaptive for b in config.backends)
+        # nor with a backend whose window or engine holds only the scheduler follows.
+        direct = config.scheduler.direct_admission and not any(b.followed for b in config.backends)
         self._direct = {lv.name for lv in levels if direct and lv.name not in config.staggered}
         self._index = {lv.name: i + 1 for i, lv in enumerate(levels)}
         self._direct_keys = [keys.level(lv.name) for lv in levels] + [keys.inflight(lv.name) for lv in levels]

@@ -18,7 +18,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
@@ -84,7 +84,8 @@ class Arbiter:
         self.by_name = {lv.name: lv for lv in self.levels}
         self.capacity = config.capacity
         """The backends' slots; with adaptive backends, as their windows stood at the last round."""
-        self.adaptive = [b for b in config.backends if b.adaptive]
+        self.followed = [b for b in config.backends if b.followed]
+        """Backends whose share of the capacity moves: adaptive windows, engines that can be held."""
         self.reserve_window_s = config.scheduler.reserve_window.seconds
         self.reserving = [lv for lv in self.levels if lv.reserved] if self.reserve_window_s > 0 else []
         """The levels whose reserved slots are kept only while they are active (``scheduler.reserve_window``)."""
@@ -161,14 +162,16 @@ class Arbiter:
         pipe = self.redis.pipeline(transaction=False)
         for lv in self.levels:
             inflight.count_live(pipe, self.keys, lv.name, now)
-        for b in self.adaptive:
+        for b in self.followed:
             pipe.hget(self.keys.backend_limit(b.name), "limit")
+            pipe.exists(self.keys.backend_held(b.name))
+            pipe.zcount(self.keys.backend_slots(b.name), now, "+inf")
         if self.reserving:
             pipe.hmget(self.keys.active, [lv.name for lv in self.reserving])
         replies = await pipe.execute()
         held = dict(zip((lv.name for lv in self.levels), map(int, replies), strict=False))
-        if self.adaptive:
-            self._follow_windows(replies[len(self.levels) : len(self.levels) + len(self.adaptive)])
+        if self.followed:
+            self._follow_backends(replies[len(self.levels) : len(self.levels) + 3 * len(self.followed)])
         if self.reserving:
             self._follow_activity(replies[-1], now)
         self.stagger.slots = self.capacity - sum(self.reserved.values())
@@ -213,13 +216,15 @@ class Arbiter:
             if len(codes) < count:
                 break  # the limits moved under us (another scheduler admitted): recount next round
 
-    def _follow_windows(self, limits: list[bytes | None]) -> None:
-        """Admit under what the backends take now: their fixed slots and their windows' limits."""
-        now_slots = dict(zip((b.name for b in self.adaptive), limits, strict=True))
-        self.capacity = sum(
-            window.slots(b, float(v) if (v := now_slots.get(b.name)) is not None else None)
-            for b in self.config.backends
-        )
+    def _follow_backends(self, replies: list[Any]) -> None:
+        """Admit under what the backends take now: their fixed slots, their windows' limits, and no more than
+        they run already for one whose engine is held."""
+        now_slots: dict[str, int] = {}
+        for i, b in enumerate(self.followed):
+            limit, held, running = replies[3 * i : 3 * i + 3]
+            n = window.slots(b, float(limit) if limit is not None else None)
+            now_slots[b.name] = min(n, int(running)) if held else n
+        self.capacity = sum(now_slots.get(b.name, b.slots) for b in self.config.backends)
 
     def _follow_activity(self, latest: list[bytes | None], now: float) -> None:
         """Keep a level's reserved slots only while it had a message within ``scheduler.reserve_window``."""
