@@ -255,3 +255,46 @@ async def test_a_held_backends_slots_are_not_admitted_for(redis: aioredis.Redis,
     assert {s["status"] for s in done.values()} == {"completed"}
     reason = await redis.get(keys.backend_held("v"))
     assert reason is None
+
+
+@pytest.mark.parametrize("form", ["vllm", "header"])
+async def test_realtime_overcommits_a_backend_that_schedules_by_priority_and_never_waits_for_a_slot(
+    redis: aioredis.Redis, keys: Keys, form: str
+) -> None:
+    # Given a backend of 2 slots that schedules by priority (the mock engine's priority queue), realtime
+    # allowed 1 call over them, and 300 ms calls
+    levels = (
+        "[{name: realtime, priority: 1, max_wait_time: 100ms, max_concurrent: 4},"
+        " {name: low, priority: 4, max_wait_time: 60s, max_concurrent: 4}]"
+    )
+    marks = {"priority": "vllm"} if form == "vllm" else {"priority_header": "X-Priority"}
+    config = {"max_concurrent": 2, "overcommit": 1, **marks}
+    backends = {"v": MockSettings(latency_ms=300, engine_slots=2, engine_policy="priority")}
+    env = {"LLMQ_QUEUE__LEVELS": levels}
+    async with Harness(redis, keys, backends=backends, backend_config={"v": config}, env=env) as h:
+        low = [await h.submit("low") for _ in range(12)]
+        await eventually(lambda: _running(h, 2), what="low in both slots")
+        # When two realtime messages come while low holds every slot
+        rt = [await h.submit("realtime"), await h.submit("realtime")]
+        done = await h.wait_terminal(rt, within=10)
+        peak, priorities = h.mocks["v"].peak, h.mocks["v"].priorities
+        await h.wait_terminal(low, within=20)
+    # Then the first is admitted at once (not after a 300 ms call), the second waits: one call over, no more
+    waits = sorted(float(s["scheduled_at"]) - float(s["enqueued_at"]) for s in done.values())
+    assert waits[0] < 0.1 and waits[1] > 0.1, waits
+    assert peak == 3
+    # and every call carried its level's priority
+    assert priorities["1"] == 2 and priorities["4"] >= 2 and priorities["-"] == 0, priorities
+
+
+async def _running(h: Harness, n: int) -> bool:
+    return h.mocks["v"].current >= n
+
+
+def test_overcommit_needs_a_backend_that_schedules_by_priority() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, env={"LLMQ_BACKENDS": "[{name: v, url: 'http://v/v1', overcommit: 1}]"})
+    assert "backends[0].overcommit" in str(raised.value)
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, env={"LLMQ_BACKENDS": "[{name: v, url: 'http://v/v1', priority_header: 'X Prio'}]"})
+    assert "backends[0].priority_header" in str(raised.value)

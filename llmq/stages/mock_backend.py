@@ -16,11 +16,12 @@ Its answers are ``llmq.pipeline.echo.completion``, which the dispatcher also giv
 from __future__ import annotations
 
 import asyncio
+import heapq
 import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from starlette.applications import Starlette
@@ -45,8 +46,11 @@ class MockSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     in its settings)."""
     busy_status: int = 429
     engine_slots: int = 0
-    """Run at most this many calls at once and queue the others first come first served, as an inference
-    engine does (0: no limit); ``GET /metrics`` publishes that queue as vLLM does."""
+    """Run at most this many calls at once and queue the others, as an inference engine does (0: no limit);
+    ``GET /metrics`` publishes that queue as vLLM does."""
+    engine_policy: Literal["fcfs", "priority"] = "fcfs"
+    """The order of that queue: first come first served, or by the request's ``priority`` (lower first, then
+    first come), as vLLM's ``--scheduling-policy priority`` orders its waiting requests."""
     """What a call beyond ``max_concurrent`` gets: 429, or 503 as vLLM's ``--max-num-queued-reqs`` answers."""
     models: list[str] = msgspec.field(default_factory=lambda: ["mock-1"])
     body: str | None = None
@@ -90,10 +94,15 @@ class MockBackend:
         self.current = 0
         self.peak = 0
         self.refused = 0
+        self.priorities: Counter[str] = Counter()
+        """The priority each call carried: vLLM's ``priority`` field, else an ``X-Priority`` header ("-": none)."""
         self.engine_waiting = 0
         """Calls queued inside the engine (``engine_slots``)."""
         self.engine_running = 0
-        self._engine: tuple[int, asyncio.Semaphore] | None = None
+        self._engine_free = 0
+        self._engine_slots = 0
+        self._engine_queue: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._engine_arrivals = 0
         """Calls refused beyond ``max_concurrent``."""
         self.broken_streams = 0
         """Streamed answers whose client went away before their end."""
@@ -117,6 +126,7 @@ class MockBackend:
             return _response({"error": {"message": f"{required} is required", "type": "invalid_request_error"}}, 400)
         s = self.settings
         self.calls += 1
+        self.priorities[str(body.get("priority", request.headers.get("x-priority", "-")))] += 1
         message_id = request.headers.get("x-llmq-message-id")
         if message_id:
             self.by_message[message_id] += 1
@@ -127,7 +137,7 @@ class MockBackend:
             return _response({"error": error}, s.busy_status, retry_headers)
         self.current += 1
         self.peak = max(self.peak, self.current)
-        engine = await self._engine_slot(s)
+        engine = await self._engine_slot(s, body)
         try:
             latency = max(0.0, s.latency_ms + random.uniform(-s.jitter_ms, s.jitter_ms)) / 1000
             await asyncio.sleep(latency)
@@ -137,9 +147,8 @@ class MockBackend:
                 )
         finally:
             self.current -= 1
-            if engine is not None:  # (a streamed answer's tokens come after its slot is given back)
-                self.engine_running -= 1
-                engine.release()
+            if engine:  # (a streamed answer's tokens come after its slot is given back)
+                self._engine_release()
         if body.get("stream") is True and s.body is None and endpoint != "embeddings":
             legacy = endpoint == "completions"
             chunks = made_up_chunks(
@@ -172,20 +181,43 @@ class MockBackend:
             self.broken_streams += 1
             raise
 
-    async def _engine_slot(self, s: MockSettings) -> asyncio.Semaphore | None:
-        """Wait in the engine's first-come-first-served queue for one of its ``engine_slots``."""
+    async def _engine_slot(self, s: MockSettings, body: dict[str, Any]) -> bool:
+        """Wait in the engine's queue for one of its ``engine_slots`` (False: it has no limit)."""
         if not s.engine_slots:
-            return None
-        if self._engine is None or self._engine[0] != s.engine_slots:
-            self._engine = (s.engine_slots, asyncio.Semaphore(s.engine_slots))
-        engine = self._engine[1]
-        self.engine_waiting += 1
-        try:
-            await engine.acquire()
-        finally:
-            self.engine_waiting -= 1
+            return False
+        if s.engine_slots != self._engine_slots:  # (re)configured: the new size, less what runs
+            self._engine_free += s.engine_slots - self._engine_slots
+            self._engine_slots = s.engine_slots
+        self._engine_arrivals += 1
+        if self._engine_free > 0 and not self._engine_queue:
+            self._engine_free -= 1
+        else:
+            priority = body.get("priority", 0) if s.engine_policy == "priority" else 0
+            order = priority if isinstance(priority, int | float) and not isinstance(priority, bool) else 0
+            turn = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._engine_queue, (order, self._engine_arrivals, turn))
+            self.engine_waiting += 1
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():  # handed a slot as its client left: pass it on
+                    self._engine_release(running=False)
+                raise
+            finally:
+                self.engine_waiting -= 1
         self.engine_running += 1
-        return engine
+        return True
+
+    def _engine_release(self, *, running: bool = True) -> None:
+        """A call's engine slot, to the first waiting call in the queue's order."""
+        if running:
+            self.engine_running -= 1
+        while self._engine_queue:
+            *_, turn = heapq.heappop(self._engine_queue)
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._engine_free += 1
 
     async def metrics(self, _: Request) -> Response:
         """The engine's queue as vLLM publishes it."""

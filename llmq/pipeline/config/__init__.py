@@ -285,6 +285,15 @@ class BackendConfig(_Section, frozen=True):
     """With ``metrics_url``: no new call while more requests than this wait inside the engine."""
     max_kv_cache_usage: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
     """With ``metrics_url``: no new call while the engine's KV cache is fuller than this (1: never held)."""
+    priority: Literal["vllm"] | None = None
+    """The backend schedules by priority: each call carries its level's ``priority`` number as vLLM's request
+    field ``priority`` (lower runs first; vLLM with ``--scheduling-policy priority``)."""
+    priority_header: str | None = None
+    """The same number in a header of this name, for a gateway that schedules by priority."""
+    overcommit: NonNegative = 0
+    """With ``priority`` or ``priority_header``: calls of the top-priority level may go this many over the
+    backend's slots, as the engine runs them ahead of the others: they never wait for a lower level's call
+    to end."""
     rpm: Positive | None = None
     tpm: Positive | None = None
     models: list[str] = msgspec.field(default_factory=list)

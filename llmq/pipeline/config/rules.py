@@ -43,6 +43,8 @@ IGNORED_FIELDS = {
 the file or the environment gets a warning."""
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""An HTTP field name (RFC 9110's token)."""
 _ENCODE_HINT = "percent-encode any '/', '?', '#' or '@' in the user name and password, e.g. '/' as %2F"
 
 
@@ -163,6 +165,13 @@ def semantic_problems(config: Config) -> list[str]:
             problems.append(
                 f"backends[{i}].concurrency.min: {backend.bounds.min} must not exceed max {backend.bounds.max}"
             )
+        if backend.overcommit and backend.priority is None and backend.priority_header is None:
+            problems.append(
+                f"backends[{i}].overcommit: only a backend that schedules by priority may be overcommitted "
+                "(set priority: vllm or priority_header)"
+            )
+        if backend.priority_header is not None and not _HEADER.fullmatch(backend.priority_header):
+            problems.append(f"backends[{i}].priority_header: {backend.priority_header!r} is no HTTP header name")
         if backend.metrics_url is not None and not backend.metrics_url.startswith(("http://", "https://")):
             problems.append(f"backends[{i}].metrics_url: must be an http:// or https:// URL (the engine's /metrics)")
         if backend.api_key_env is not None and not _ENV_NAME.fullmatch(backend.api_key_env):

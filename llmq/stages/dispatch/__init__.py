@@ -92,6 +92,8 @@ class Dispatch(Stage):
         self.inflight_lease_s = self.timeout_s + claim_timeout_s
         """As the scheduler leases an admitted message's in-flight slot: renewed while this process holds it."""
         self.renew_every_s = claim_timeout_s / 3
+        self.top = min(config.queue.levels, key=lambda lv: lv.priority).name if config.queue.levels else ""
+        """The top-priority level: its calls may overcommit a backend that schedules by priority."""
         self.held: dict[str, str] = {}
         """Message id -> level of every message this process holds (waiting for a slot, or in a call)."""
         self.retention_s = config.queue.result_retention.seconds
@@ -167,7 +169,7 @@ class Dispatch(Stage):
         order: dict[str, int] = {}
         per_message: list[Any] = []
         for entry, msg, estimate in zip(batch.entries, messages, tokens, strict=True):
-            names = [n for n in self.router.local_preference(msg) if not self._held(n)]
+            names = [n for n in self.router.local_preference(msg) if not self._held(n) and not self._over(msg, n)]
             per_message += [msg.id, entry.id, estimate, int(is_streamed(msg)), len(names)]
             per_message += [order.setdefault(name, len(order) + 1) for name in names]
         keys = [
@@ -285,7 +287,7 @@ class Dispatch(Stage):
                 got = await self.limits.acquire(
                     name,
                     msg.id,
-                    slots=self.windows.slots(name),
+                    slots=self.windows.slots(name) + self._over(msg, name),
                     rpm=backend.rpm,
                     tpm=backend.tpm,
                     tokens=tokens,
@@ -307,6 +309,10 @@ class Dispatch(Stage):
             if msg.deadline is not None and time.time() > msg.deadline:
                 error = "expired waiting for a backend slot (rpm, tpm, max_concurrent, or an engine behind)"
                 return CallResult(status=Status.EXPIRED, backend="-", error=error)
+
+    def _over(self, msg: Message, name: str) -> int:
+        """How many calls over ``name``'s slots ``msg`` may go (``overcommit``, for the top level only)."""
+        return self.backends[name].overcommit if msg.level == self.top else 0
 
     def _held(self, name: str) -> bool:
         return self.engines is not None and self.engines.holding(name)

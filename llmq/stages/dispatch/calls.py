@@ -293,6 +293,7 @@ class Caller:
         self, config: Config, *, http: Pool, router: Router, windows: Windows, redis: aioredis.Redis, keys: Keys
     ) -> None:
         self.windows = windows
+        self.level_priority = {lv.name: lv.priority for lv in config.queue.levels}
         self.redis = redis
         self.keys = keys
         self._relay = Coalesced(Lua(redis, "relay"))
@@ -320,6 +321,9 @@ class Caller:
         key = os.environ.get(backend.api_key_env, "").strip() if backend.api_key_env else ""
         if key:  # a key read from a file (a Kubernetes secret) often ends with a newline
             headers["Authorization"] = f"Bearer {key}"
+        priority = self.level_priority.get(msg.level)
+        if backend.priority_header and priority is not None:
+            headers[backend.priority_header] = str(priority)
         meters = self.meters[backend.name]
         self.local_inflight[backend.name] += 1
         meters.inflight.set(self.local_inflight[backend.name])
@@ -344,7 +348,7 @@ class Caller:
                         result = await self._stream(backend, msg, headers, relay, assembled)
                     else:
                         url = backend.url.rstrip("/") + "/" + msg.endpoint
-                        response = await self.http.post(url, _json.encode(msg.request), headers)
+                        response = await self.http.post(url, _json.encode(self._body(backend, msg)), headers)
                         result = self._read(backend.name, response)
             if result.response is not None:
                 result.tokens_used = self._count_tokens(backend.name, result.response)
@@ -388,7 +392,7 @@ class Caller:
         """A streamed call: each chunk to the message's events stream as it comes, and into the whole answer,
         which is the outcome (archived like a non-streamed one). ``usage`` is asked of the backend to count
         tokens; clients that did not ask for it do not get it."""
-        body = dict(msg.request)
+        body = self._body(backend, msg)
         options = body.get("stream_options")
         body["stream_options"] = (options if isinstance(options, dict) else {}) | {"include_usage": True}
         url = backend.url.rstrip("/") + "/" + msg.endpoint
@@ -436,6 +440,13 @@ class Caller:
         if problem:
             return CallResult(status=Status.FAILED, backend=backend.name, error=f"the answer holds {problem}")
         return CallResult(status=Status.COMPLETED, backend=backend.name, response=answer)
+
+    def _body(self, backend: BackendConfig, msg: Message) -> dict[str, Any]:
+        """The request as the backend gets it: with its level's priority when it schedules by priority."""
+        priority = self.level_priority.get(msg.level)
+        if backend.priority == "vllm" and priority is not None:
+            return msg.request | {"priority": priority}
+        return dict(msg.request)
 
     async def _streamed_before(self, name: str, relay: Relay) -> CallResult | None:
         """An earlier attempt whose chunks clients may have seen (its dispatcher died mid-stream): the message

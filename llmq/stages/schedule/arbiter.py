@@ -91,6 +91,8 @@ class Arbiter:
         """The levels whose reserved slots are kept only while they are active (``scheduler.reserve_window``)."""
         self.reserved = {lv.name: lv.reserved for lv in self.levels}
         """Each level's reserved slots as kept now."""
+        self.overcommit = sum(b.overcommit for b in config.backends)
+        """Calls the top level may have over the capacity, on backends that schedule by priority."""
         self.lease_s = config.lease_s
         self.waiting: dict[str, deque[Candidate]] = {lv.name: deque() for lv in self.levels}
         self._wake = asyncio.Event()
@@ -183,6 +185,8 @@ class Arbiter:
         heads = {name: [c.message.enqueued_at for c in q] for name, q in self.waiting.items()}
         free_total = self.capacity - sum(held.values())
         order = select(heads, views, free_total, now, self.config.scheduler.strategy, self._wrr)
+        if self.overcommit:
+            order += self._overcommitted(order, held)
         gap_s = self.stagger.interval_s() if self.staggered else 0.0
         STAGGER.set(gap_s)
         # Only while a backlog waits (more than this round admits): without one nothing refills a wave later.
@@ -216,6 +220,17 @@ class Arbiter:
             if len(codes) < count:
                 break  # the limits moved under us (another scheduler admitted): recount next round
 
+    def _overcommitted(self, order: list[str], held: dict[str, int]) -> list[str]:
+        """Top-level picks past the capacity, up to the backends' ``overcommit``: an engine that schedules by
+        priority runs them ahead of the lower levels' calls, so they need not wait for one to end."""
+        top = self.levels[0]
+        picked = order.count(top.name)
+        over = max(0, sum(held.values()) + len(order) - self.capacity)
+        room = min(
+            self.overcommit - over, len(self.waiting[top.name]) - picked, top.in_flight_cap - held[top.name] - picked
+        )
+        return [top.name] * max(0, room)
+
     def _follow_backends(self, replies: list[Any]) -> None:
         """Admit under what the backends take now: their fixed slots, their windows' limits, and no more than
         they run already for one whose engine is held."""
@@ -244,7 +259,7 @@ class Arbiter:
             now + self.lease_s,
             GROUP,
             lv.in_flight_cap,
-            self.capacity,
+            self.capacity + (self.overcommit if lv is self.levels[0] else 0),
             floor,
             len(self.levels),
             gap_s,
