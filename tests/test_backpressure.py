@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import time
 from typing import Any
 
 import pytest
@@ -15,12 +16,12 @@ from llmq.pipeline.errors import ConfigError
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import Lua
 from llmq.pipeline.models import Status
-from llmq.pipeline.window import BETA
+from llmq.pipeline.window import BETA, Windows
 from llmq.stages.dispatch import Dispatch
 from llmq.stages.dispatch.calls import classify
-from llmq.stages.dispatch.engines import Reading, behind, read_metrics
+from llmq.stages.dispatch.engines import Engines, Reading, behind, read_metrics
 from llmq.stages.dispatch.http_pool import Answer
-from llmq.stages.mock_backend import MockSettings
+from llmq.stages.mock_backend import MockBackend, MockSettings
 from tests.conftest import eventually
 from tests.support.harness import Harness
 
@@ -298,3 +299,127 @@ def test_overcommit_needs_a_backend_that_schedules_by_priority() -> None:
     with pytest.raises(ConfigError) as raised:
         load_config(None, env={"LLMQ_BACKENDS": "[{name: v, url: 'http://v/v1', priority_header: 'X Prio'}]"})
     assert "backends[0].priority_header" in str(raised.value)
+
+
+def _backends(spec: str) -> Any:
+    return load_config(None, env={"LLMQ_BACKENDS": f"[{spec}]"}).backends
+
+
+class _Metrics:
+    """An engine's /metrics that always says the same."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    async def get(self, url: str, *, timeout_s: float) -> Answer:
+        return Answer(200, {"content-type": "text/plain"}, self.text.encode())
+
+
+# Found by review: engine readings cut the adaptive window at every scrape, not once per window
+
+
+async def test_a_steady_engine_backlog_does_not_cut_the_window_at_every_scrape(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given an adaptive backend (window 1..64) whose engine runs 32 calls and has 2 more waiting
+    [backend] = _backends(
+        "{name: v, url: 'http://v/v1', max_concurrent: auto, metrics_url: 'http://v/metrics', max_engine_waiting: 0}"
+    )
+    windows = Windows([backend], redis=redis, keys=keys)
+    windows.sent("v", time.time())  # calls went out, then the engine reads behind
+    text = "vllm:num_requests_waiting 2\nvllm:num_requests_running 32\n"
+    engines = Engines([backend], redis=redis, keys=keys, http=_Metrics(text), windows=windows)  # type: ignore[arg-type]
+    # When one dispatcher reads that same backlog for 3 seconds (12 scrapes of SCRAPE_S = 0.25 s), during
+    # which, the backend being held, no call is sent to it
+    for _ in range(12):
+        await engines._scrape(backend)
+        await windows.settled("v")
+    limit = float(await redis.hget(keys.backend_limit("v"), "limit"))  # type: ignore[arg-type]
+    # Then the window is cut once (a signal with no call sent since the last cut says nothing new, as the
+    # window's own contract says), not at every scrape
+    assert limit == pytest.approx(64 * BETA), f"window cut to {limit:.1f} by one steady backlog of 2"
+
+
+# Found by review: a corrupt (or foreign) window value stopped all admission
+
+
+async def test_an_unreadable_window_value_does_not_stop_admission(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given an adaptive backend whose window hash holds a value that is no number (window-2.lua itself
+    # tolerates it: `tonumber(...) or high`)
+    backends = {"v": MockSettings(latency_ms=5)}
+    config = {"v": {"max_concurrent": "auto", "concurrency": {"min": 1, "max": 4}}}
+    async with Harness(redis, keys, backends=backends, backend_config=config) as h:
+        await redis.hset(keys.backend_limit("v"), "limit", "garbage")  # type: ignore[misc]
+        # When a message arrives, then it is admitted and completed (the window script would repair the value
+        # with the first answer), instead of every scheduler round raising ValueError
+        ids = [await h.submit()]
+        statuses = await h.wait_terminal(ids, within=5)
+    assert {s["status"] for s in statuses.values()} == {"completed"}
+
+
+# Found by review: priority_header could name a header llmq itself sets (the API key's)
+
+
+@pytest.mark.parametrize("header", ["Authorization", "Content-Length", "Content-Type", "X-LLMQ-Message-Id", "Host"])
+def test_priority_header_may_not_replace_a_header_llmq_sends(header: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        _backends(f"{{name: b, url: 'http://x/v1', priority: vllm, priority_header: {header}}}")
+    assert "priority_header" in str(raised.value)
+
+
+# Found by review: metrics_url and engine limits accepted silently
+
+
+@pytest.mark.parametrize("url", ["http://", "https://", "http://exa mple/metrics", "http:///metrics"])
+def test_a_metrics_url_without_a_host_is_refused(url: str) -> None:
+    with pytest.raises(ConfigError):
+        _backends(f"{{name: b, url: 'http://x/v1', metrics_url: '{url}'}}")
+
+
+@pytest.mark.parametrize("field", ["max_engine_waiting: 4", "max_kv_cache_usage: 0.8"])
+def test_engine_limits_without_a_metrics_url_are_refused(field: str) -> None:
+    # (as concurrency without max_concurrent: auto, and overcommit without priority, are)
+    with pytest.raises(ConfigError):
+        _backends(f"{{name: b, url: 'http://x/v1', {field}}}")
+
+
+# Found by review: a backend down behind a proxy (503, no Retry-After) was never taken out
+
+
+async def test_a_backend_that_only_answers_503_is_taken_out_of_rotation(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given two backends, one of them down behind its load balancer ("503 no healthy upstream", no Retry-After)
+    backends = {"a": MockSettings(latency_ms=5), "b": MockSettings(latency_ms=5, fail_rate=1.0, fail_status=503)}
+    env = {"LLMQ_LOADBALANCER__MAX_FAILURES": "3", "LLMQ_QUEUE__RETRY__MAX_RETRIES": "5"}
+    async with Harness(redis, keys, backends=backends, env=env) as h:
+        ids = []
+        for _ in range(30):
+            ids.append(await h.submit())
+            await asyncio.sleep(0.01)
+        await h.wait_terminal(ids, within=30)
+        calls_to_b = h.mocks["b"].calls
+    # Then its circuit opens after max_failures calls, as before issue 19: it is not sent a share of every
+    # message's first attempt forever
+    assert calls_to_b <= 6, f"the down backend got {calls_to_b} calls for 30 messages"
+
+
+# Found by review: the mock engine's queue kept a call cancelled while queued in flight
+
+
+class _Request:
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+
+    async def body(self) -> bytes:
+        return b'{"model": "mock-1", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+async def test_the_mock_gives_back_a_call_cancelled_while_it_waits_in_the_engine_queue() -> None:
+    mock = MockBackend(MockSettings(latency_ms=200, engine_slots=1, busy_above=2), name="m")
+    first = asyncio.create_task(mock._answer(_Request(), "chat/completions", "messages"))  # type: ignore[arg-type]
+    await asyncio.sleep(0.02)
+    queued = asyncio.create_task(mock._answer(_Request(), "chat/completions", "messages"))  # type: ignore[arg-type]
+    await asyncio.sleep(0.02)
+    queued.cancel()  # its client went away (a server that cancels the handler on disconnect)
+    await asyncio.gather(first, queued, return_exceptions=True)
+    # Then nothing is counted in flight any more: max_concurrent (busy_above) would refuse calls forever
+    assert mock.current == 0 and mock.engine_waiting == 0 and mock.engine_running == 0

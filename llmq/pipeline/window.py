@@ -69,8 +69,18 @@ async def read(redis: aioredis.Redis, keys: Keys, backends: Sequence[BackendConf
         for b in adaptive:
             pipe.hget(keys.backend_limit(b.name), "limit")
         limits = await pipe.execute()
-    read_ = {b.name: float(v) if v is not None else None for b, v in zip(adaptive, limits, strict=True)}
+    read_ = {b.name: limit_of(v) for b, v in zip(adaptive, limits, strict=True)}
     return {b.name: slots(b, read_.get(b.name)) for b in backends}
+
+
+def limit_of(value: bytes | str | None) -> float | None:
+    """A window's limit as Redis holds it; None when absent or no finite number (the script repairs it with
+    its next update), so a bad value never stops admission."""
+    try:
+        limit = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return limit if limit is not None and math.isfinite(limit) else None
 
 
 class Windows:
@@ -85,11 +95,16 @@ class Windows:
         self._script = Coalesced(Lua(redis, "window"))
         self._updates: set[asyncio.Task[None]] = set()
         self._latest: dict[str, asyncio.Task[None]] = {}
+        self.last_sent: dict[str, float] = {}
+        """When this process last sent each backend a call (what an engine's reading can be about)."""
         for name, n in self._slots.items():
             LIMIT.labels(backend=name).set(n)
 
     def slots(self, name: str) -> int:
         return self._slots[name]
+
+    def sent(self, name: str, at: float) -> None:
+        self.last_sent[name] = at
 
     def observe(self, name: str, *, full: bool, sent_at: float, excess: float = 0.0) -> None:
         """A call sent at ``sent_at`` was answered (``full``: refused for capacity, or ran out of time; or

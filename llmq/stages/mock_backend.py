@@ -137,8 +137,9 @@ class MockBackend:
             return _response({"error": error}, s.busy_status, retry_headers)
         self.current += 1
         self.peak = max(self.peak, self.current)
-        engine = await self._engine_slot(s, body)
+        engine = False
         try:
+            engine = await self._engine_slot(s, body)
             latency = max(0.0, s.latency_ms + random.uniform(-s.jitter_ms, s.jitter_ms)) / 1000
             await asyncio.sleep(latency)
             if s.fail_rate and random.random() < s.fail_rate:

@@ -281,10 +281,10 @@ class BackendConfig(_Section, frozen=True):
     metrics_url: str | None = None
     """The engine's own Prometheus metrics (vLLM, SGLang, llama.cpp: ``http://vllm-a:8000/metrics``): while
     its queue or KV cache is past the limits below, it gets no new call (``llmq.stages.dispatch.engines``)."""
-    max_engine_waiting: NonNegative = 0
-    """With ``metrics_url``: no new call while more requests than this wait inside the engine."""
-    max_kv_cache_usage: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
-    """With ``metrics_url``: no new call while the engine's KV cache is fuller than this (1: never held)."""
+    max_engine_waiting: NonNegative | None = None
+    """With ``metrics_url``: no new call while more requests than this wait inside the engine (default 0)."""
+    max_kv_cache_usage: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    """With ``metrics_url``: no new call while the engine's KV cache is fuller than this (default 1: never)."""
     priority: Literal["vllm"] | None = None
     """The backend schedules by priority: each call carries its level's ``priority`` number as vLLM's request
     field ``priority`` (lower runs first; vLLM with ``--scheduling-policy priority``)."""
@@ -302,6 +302,14 @@ class BackendConfig(_Section, frozen=True):
     @property
     def adaptive(self) -> bool:
         return self.max_concurrent == "auto"
+
+    @property
+    def engine_waiting_limit(self) -> int:
+        return 0 if self.max_engine_waiting is None else self.max_engine_waiting
+
+    @property
+    def kv_cache_limit(self) -> float:
+        return 1.0 if self.max_kv_cache_usage is None else self.max_kv_cache_usage
 
     @property
     def followed(self) -> bool:

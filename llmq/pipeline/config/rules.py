@@ -45,6 +45,22 @@ the file or the environment gets a warning."""
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 """An HTTP field name (RFC 9110's token)."""
+_SENT_BY_LLMQ = frozenset(
+    {"authorization", "content-type", "content-length", "host", "transfer-encoding", "connection", "x-llmq-message-id"}
+)
+"""Headers a call to a backend carries already (or its HTTP client sets): a priority header may not replace one."""
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 (raises ValueError on a port that is no number)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(host) and not any(c.isspace() for c in url)
+
+
 _ENCODE_HINT = "percent-encode any '/', '?', '#' or '@' in the user name and password, e.g. '/' as %2F"
 
 
@@ -172,8 +188,22 @@ def semantic_problems(config: Config) -> list[str]:
             )
         if backend.priority_header is not None and not _HEADER.fullmatch(backend.priority_header):
             problems.append(f"backends[{i}].priority_header: {backend.priority_header!r} is no HTTP header name")
-        if backend.metrics_url is not None and not backend.metrics_url.startswith(("http://", "https://")):
-            problems.append(f"backends[{i}].metrics_url: must be an http:// or https:// URL (the engine's /metrics)")
+        elif backend.priority_header is not None and backend.priority_header.lower() in _SENT_BY_LLMQ:
+            problems.append(
+                f"backends[{i}].priority_header: {backend.priority_header} is a header llmq sends itself "
+                f"({', '.join(sorted(_SENT_BY_LLMQ))}): name another"
+            )
+        if backend.metrics_url is not None and not _is_http_url(backend.metrics_url):
+            problems.append(
+                f"backends[{i}].metrics_url: must be an http:// or https:// URL with a host "
+                "(the engine's /metrics, as http://vllm-a:8000/metrics)"
+            )
+        for name, value in (
+            ("max_engine_waiting", backend.max_engine_waiting),
+            ("max_kv_cache_usage", backend.max_kv_cache_usage),
+        ):
+            if value is not None and backend.metrics_url is None:
+                problems.append(f"backends[{i}].{name}: applies to the engine's metrics, so it needs metrics_url")
         if backend.api_key_env is not None and not _ENV_NAME.fullmatch(backend.api_key_env):
             problems.append(
                 f"backends[{i}].api_key_env: must be the name of the environment variable that holds the key "

@@ -328,6 +328,7 @@ class Caller:
         self.local_inflight[backend.name] += 1
         meters.inflight.set(self.local_inflight[backend.name])
         sent_at, started = time.time(), time.perf_counter()
+        self.windows.sent(backend.name, sent_at)
         timed_out = False
         relay = Relay(self._relay, self.keys.events(msg.id), self.keys.msg(msg.id)) if is_streamed(msg) else None
         assembled = Assembler()
@@ -375,7 +376,9 @@ class Caller:
             log.warning("message %s was taken over while this dispatcher streamed it", msg.id)
             return None
         result.acquired_at = acquired_at
-        self.router.record(backend.name, result)
+        # "Full" while running none of our calls is no capacity signal but a fault (a proxy's "no healthy
+        # upstream"): counted toward the circuit, so a backend that only answers 503 is taken out.
+        self.router.record(backend.name, result, busy=self.local_inflight[backend.name] > 0)
         if result.status is Status.COMPLETED or result.capacity or timed_out:
             self.windows.observe(backend.name, full=result.capacity or timed_out, sent_at=sent_at)
         meters.outcome(result.status).inc()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,10 +79,11 @@ def read_metrics(text: str) -> Reading:
 
 def behind(backend: BackendConfig, reading: Reading) -> str | None:
     """Why ``backend`` should get no new call, from its engine's ``reading``; None when it may."""
-    if reading.waiting is not None and reading.waiting > backend.max_engine_waiting:
-        return f"{reading.waiting:g} requests wait in the engine (max_engine_waiting {backend.max_engine_waiting})"
-    if reading.kv_cache is not None and reading.kv_cache > backend.max_kv_cache_usage:
-        return f"its KV cache is {reading.kv_cache:.0%} full (max_kv_cache_usage {backend.max_kv_cache_usage:g})"
+    waiting, kv_cache = backend.engine_waiting_limit, backend.kv_cache_limit
+    if reading.waiting is not None and reading.waiting > waiting:
+        return f"{reading.waiting:g} requests wait in the engine (max_engine_waiting {waiting})"
+    if reading.kv_cache is not None and reading.kv_cache > kv_cache:
+        return f"its KV cache is {reading.kv_cache:.0%} full (max_kv_cache_usage {kv_cache:g})"
     return None
 
 
@@ -125,9 +125,12 @@ class Engines:
         if reading.kv_cache is not None:
             ENGINE_KV_CACHE.labels(backend=backend.name).set(reading.kv_cache)
         why = behind(backend, reading)
-        if why is not None and backend.adaptive:  # a capacity signal: the window shrinks to what the engine runs
-            excess = max(0.0, (reading.waiting or 0.0) - backend.max_engine_waiting)
-            self.windows.observe(backend.name, full=True, sent_at=time.time(), excess=excess)
+        sent = self.windows.last_sent.get(backend.name)
+        if why is not None and backend.adaptive and sent is not None:
+            # A capacity signal about the calls sent so far: the window shrinks to what the engine runs, once
+            # for them (a reading with no call sent since the last cut says nothing new).
+            excess = max(0.0, (reading.waiting or 0.0) - backend.engine_waiting_limit)
+            self.windows.observe(backend.name, full=True, sent_at=sent, excess=excess)
         key = self.keys.backend_held(backend.name)
         try:
             if why is not None:

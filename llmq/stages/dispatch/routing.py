@@ -8,8 +8,9 @@ The balancing and the circuits are pure (no I/O):
 - ``weighted``: smooth weighted round robin by ``weight``.
 
 A backend's circuit opens after ``max_failures`` consecutive failures: it gets no traffic until a health
-probe succeeds (half-open: the next real call decides). A capacity signal (429, 503, 529) is no failure;
-with Retry-After it cools the backend until then.
+probe succeeds (half-open: the next real call decides). A capacity signal (429, 503, 529) is no failure
+while other calls run on the backend (it is full); with none running it is one (a proxy with no healthy
+upstream answers 503 too). With Retry-After it cools the backend until then.
 """
 
 from __future__ import annotations
@@ -180,13 +181,14 @@ class Router:
             order.append(msg.failed_backend)
         return order
 
-    def record(self, name: str, result: CallResult) -> None:
+    def record(self, name: str, result: CallResult, *, busy: bool) -> None:
+        """Learn from a call's outcome; ``busy``: this process had other calls running on the backend."""
         circuit = self.circuits[name]
         if result.status in _NOT_THE_BACKENDS_FAULT:
             circuit.success()
         elif result.retry_after is not None:
             circuit.cool(time.time() + result.retry_after)
-        elif result.capacity:
+        elif result.capacity and busy:
             pass  # full, not broken: its window shrinks (max_concurrent: auto), its circuit stays closed
         elif circuit.failure():
             BACKEND_UP.labels(backend=name).set(0)

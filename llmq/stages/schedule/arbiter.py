@@ -237,7 +237,7 @@ class Arbiter:
         now_slots: dict[str, int] = {}
         for i, b in enumerate(self.followed):
             limit, held, running = replies[3 * i : 3 * i + 3]
-            n = window.slots(b, float(limit) if limit is not None else None)
+            n = window.slots(b, window.limit_of(limit))
             now_slots[b.name] = min(n, int(running)) if held else n
         self.capacity = sum(now_slots.get(b.name, b.slots) for b in self.config.backends)
 
