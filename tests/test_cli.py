@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from llmq.cli.stages import STAGES
+from llmq.pipeline.config import RedisConfig
 from llmq.pipeline.keys import Keys
+from llmq.pipeline.redis import describe
 from tests.conftest import eventually, free_port
 from tests.support.procs import ROOT, Proc, llmq_stage, stop_all
 
@@ -38,6 +41,9 @@ def errors_of(result: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in output.splitlines() if " ERROR " in line]
 
 
+ECHO_BACKEND = '[{name: echo, url: "echo://local/v1"}]'
+
+
 @pytest.mark.parametrize("stage", REDIS_STAGES)
 def test_run_with_unreachable_redis_names_the_address_and_exits_4(
     stage: str, stage_env: dict[str, str], postgres_admin_url: str
@@ -47,6 +53,7 @@ def test_run_with_unreachable_redis_names_the_address_and_exits_4(
         "LLMQ_REDIS_URL": f"redis://:hunter2@127.0.0.1:{free_port()}/0",
         "LLMQ_DATABASE_URL": postgres_admin_url,  # archive checks PostgreSQL first
         "LLMQ_LOGGING__FORMAT": "text",
+        "LLMQ_BACKENDS": ECHO_BACKEND,  # dispatch refuses to start without one
     }
     result = cli("run", stage, "--connect-timeout", "1", env=env)
     assert result.returncode == 4, result.stderr + result.stdout
@@ -91,6 +98,7 @@ def test_run_on_a_port_in_use_names_it_and_exits_7(
             "LLMQ_DATABASE_URL": postgres_admin_url,
             "LLMQ_SERVER__HOST": "127.0.0.1",
             "LLMQ_LOGGING__FORMAT": "text",
+            "LLMQ_BACKENDS": ECHO_BACKEND,
         }
         result = cli("run", stage, "--port", str(port), env=env)
     assert result.returncode == 7, result.stderr + result.stdout
@@ -102,6 +110,18 @@ def test_run_an_unknown_stage_exits_2(stage_env: dict[str, str]) -> None:
     result = cli("run", "nosuch", env=stage_env)
     assert result.returncode == 2
     assert "unknown stage 'nosuch'; stages: ingest" in result.stderr
+
+
+def test_a_dispatcher_without_backends_refuses_to_start(stage_env: dict[str, str]) -> None:
+    result = cli("run", "dispatch", "--port", "0", env=stage_env)
+    assert result.returncode == 3
+    assert "backends: none configured, and a dispatcher needs one" in result.stderr
+
+
+def test_dlq_list_says_which_redis_it_read(stage_env: dict[str, str], keys: Keys) -> None:
+    result = cli("dlq", "list", env=stage_env)
+    assert result.returncode == 0, result.stderr
+    assert f"key prefix {keys.prefix} (no config file" in result.stderr
 
 
 def test_help_explains_with_examples(stage_env: dict[str, str]) -> None:
@@ -118,12 +138,13 @@ def test_help_explains_with_examples(stage_env: dict[str, str]) -> None:
 
 
 async def test_status_shows_depth_per_level(stage_env: dict[str, str], redis: aioredis.Redis, keys: Keys) -> None:
-    # Given 3 high and 1 low message, one of the high ones delivered to a scheduler
+    # Given 3 high and 1 low message, one of the high ones delivered to a scheduler, and 2 high in flight
     for level, n in (("high", 3), ("low", 1)):
         for _ in range(n):
             await redis.xadd(keys.level(level), {b"m": b"x"})
     await redis.xgroup_create(keys.level("high"), "schedule", id="0")
     await redis.xreadgroup("schedule", "s1", {keys.level("high"): ">"}, count=1)
+    await redis.zadd(keys.inflight("high"), {"a": time.time() + 60, "b": time.time() + 60})
     # When an operator asks for the status
     table = cli("status", env=stage_env)
     as_json = cli("status", "--json", env=stage_env)
@@ -131,9 +152,13 @@ async def test_status_shows_depth_per_level(stage_env: dict[str, str], redis: ai
     assert table.returncode == 0, table.stderr
     rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[1:]}
     assert list(rows) == ["realtime", "high", "normal", "low"]
-    assert rows["high"][2:5] == ["3", "1", "1"]  # depth, pending, consumers
-    assert rows["low"][2:5] == ["1", "0", "0"]
-    assert rows["realtime"][5] == "-"
+    assert rows["high"][2:6] == ["3", "1", "2", "1"]  # depth, pending, in flight, consumers
+    assert rows["low"][2:6] == ["1", "0", "0", "0"]
+    assert rows["realtime"][6] == "-"
+    # and it says which Redis it read, and that no config file named it
+    url = stage_env["LLMQ_REDIS_URL"]
+    assert f"reading {describe(RedisConfig(url=url))}, key prefix {keys.prefix}" in table.stderr
+    assert "no config file" in table.stderr
     high = next(r for r in json.loads(as_json.stdout) if r["level"] == "high")
     assert high["depth"] == 3 and high["pending"] == 1 and high["oldest_age_s"] is not None
 

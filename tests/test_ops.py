@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ from llmq.pipeline.config.durations import parse_duration
 from llmq.pipeline.db import migrate
 from llmq.pipeline.errors import ConfigError
 from llmq.pipeline.keys import Keys
+from llmq.pipeline.logging import JsonFormatter
 from llmq.pipeline.models import FIELD
 from tests.conftest import free_port
 from tests.support.harness import CHAT
@@ -479,7 +481,7 @@ def test_logrotate_rotates_a_running_stage_log_and_the_stage_writes_to_the_new_f
     logs = tmp_path / "logs"
     logs.mkdir()
     conf = (OPS / "logrotate" / "llmq").read_text().replace("/data/llm-queue/logs", str(logs))
-    conf = re.sub(r"create 0644 \S+ \S+", "create 0644", conf)  # the test's user, not llmqueue
+    conf = re.sub(r"create (\d+) \S+ \S+", r"create \1", conf)  # the test's user, not the image's
     (tmp_path / "llmq").write_text(conf)
     log_file = logs / "retry.log"
     # started as operators start it, so postrotate's `pkill -f 'llmq-stage (run|up)'` finds it
@@ -498,6 +500,29 @@ def test_logrotate_rotates_a_running_stage_log_and_the_stage_writes_to_the_new_f
     # the stage reopened its file on postrotate's SIGUSR1: its last lines are in the new file
     assert "stage stopped" in log_file.read_text()
     assert "stage stopped" not in (logs / "retry.log.1").read_text()
+
+
+def test_logrotate_creates_the_new_log_as_the_images_user_and_not_world_readable() -> None:
+    # logrotate skips a `create` naming a user that does not exist: it must be the one the image runs as
+    [user] = re.findall(r"^USER (\S+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    [create] = re.findall(r"^\s*create (\S+) (\S+) (\S+)$", (OPS / "logrotate" / "llmq").read_text(), re.M)
+    assert create[1:] == (user, user)
+    assert int(create[0], 8) & 0o007 == 0, "logs hold prompts and answers: not for every user of the host"
+
+
+def test_the_runbooks_log_filters_match_what_the_stages_write() -> None:
+    # The runbook's filters, as written in ops/README.md
+    runbook = (OPS / "README.md").read_text()
+    error_filter = re.search(r"grep '(\"level\":\"error\")'", runbook)
+    assert error_filter, "the runbook names no error filter"
+    # against the lines the JSON formatter writes
+    formatter = JsonFormatter({"stage": "dispatch", "consumer": "h-1"})
+    record = logging.LogRecord("llmq.dispatch", logging.ERROR, __file__, 1, "boom", None, None)
+    assert error_filter[1] in formatter.format(record)
+    record = logging.LogRecord("llmq.dispatch", logging.WARNING, __file__, 1, "attempt failed", None, None)
+    record.message_id, record.backend = "m-1", "vllm-a"
+    line = formatter.format(record)
+    assert '"message_id":"m-1"' in line and '"backend":"vllm-a"' in line
 
 
 def _wait_for_text(proc: Proc, path: Path, text: str, timeout: float = 20) -> None:

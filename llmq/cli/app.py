@@ -14,7 +14,7 @@ import typer
 import uvicorn
 
 from llmq.cli import loop
-from llmq.cli.common import ConfigOption, load_or_exit, read_or_exit
+from llmq.cli.common import ConfigOption, load_or_exit, read_or_exit, say_which_redis
 from llmq.cli.consume import consume
 from llmq.cli.dlq import dlq_app
 from llmq.cli.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedRedis
@@ -91,6 +91,15 @@ def run(
         raise typer.Exit(ExitCode.USAGE)
     loaded = read_or_exit(config)
     cfg = loaded.config
+    if stage == "dispatch" and not cfg.backends:
+        source = config or os.environ.get("CONFIG_PATH") or "<defaults>"
+        typer.echo(f"error: invalid configuration {source}:", err=True)
+        typer.echo(
+            "  backends: none configured, and a dispatcher needs one (the config's backends, or LLMQ_BACKENDS; "
+            "llmq-stage up runs a mock backend when none is configured)",
+            err=True,
+        )
+        raise typer.Exit(ExitCode.CONFIG)
     handler = setup_logging(cfg.logging, stage=stage)
     for warning in loaded.warnings:
         log.warning("config: %s", warning)
@@ -309,8 +318,10 @@ def status(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Show each level's depth, pending, consumers and oldest message age."""
+    """Show each level's depth, pending, in-flight, consumers and oldest message age (and, on stderr, which
+    Redis it read)."""
     cfg = load_or_exit(config)
+    say_which_redis(cfg, config)
 
     async def fetch() -> list[LevelStatus]:
         redis = make_redis(cfg.redis)
@@ -328,12 +339,15 @@ def status(
     if as_json:
         typer.echo(msgspec.json.encode(rows).decode())
         return
-    header = f"{'LEVEL':<12}{'PRIO':>5}{'DEPTH':>9}{'PENDING':>9}{'CONSUMERS':>11}{'OLDEST':>10}{'MAX':>9}{'SLO':>9}"
+    header = (
+        f"{'LEVEL':<12}{'PRIO':>5}{'DEPTH':>9}{'PENDING':>9}{'INFLIGHT':>10}{'CONSUMERS':>11}{'OLDEST':>10}"
+        f"{'MAX':>9}{'SLO':>9}"
+    )
     typer.echo(header)
     for r in rows:
         oldest = "-" if r.oldest_age_s is None else f"{r.oldest_age_s:.1f}s"
         typer.echo(
-            f"{r.level:<12}{r.priority:>5}{r.depth:>9}{r.pending:>9}{r.consumers:>11}"
+            f"{r.level:<12}{r.priority:>5}{r.depth:>9}{r.pending:>9}{r.inflight:>10}{r.consumers:>11}"
             f"{oldest:>10}{r.max_size:>9}{r.max_wait_time_s:>8g}s"
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,7 @@ import typer
 from llmq.cli.exit_codes import ExitCode
 from llmq.pipeline.config import Config, LoadedConfig, read_config
 from llmq.pipeline.errors import ConfigError
+from llmq.pipeline.redis import describe
 
 ConfigOption = Annotated[
     Path | None,
@@ -25,6 +27,14 @@ ConfigOption = Annotated[
 def load_or_exit(path: Path | None) -> Config:
     """The config, or every problem printed with its path and exit code 3."""
     return read_or_exit(path).config
+
+
+def say_which_redis(config: Config, path: Path | None) -> None:
+    """On stderr: the Redis a command reads, and where that came from, so zeros from the wrong one are not
+    taken for an idle queue."""
+    source = path or os.environ.get("CONFIG_PATH")
+    origin = f"config {source}" if source else "no config file (--config or CONFIG_PATH): defaults and LLMQ_*"
+    typer.echo(f"reading {describe(config.redis)}, key prefix {config.redis.key_prefix} ({origin})", err=True)
 
 
 def read_or_exit(path: Path | None) -> LoadedConfig:

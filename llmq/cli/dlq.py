@@ -12,7 +12,7 @@ from typing import Annotated, TypeVar
 import msgspec
 import typer
 
-from llmq.cli.common import ConfigOption, load_or_exit
+from llmq.cli.common import ConfigOption, load_or_exit, say_which_redis
 from llmq.cli.exit_codes import ExitCode
 from llmq.pipeline.config.durations import parse_duration
 from llmq.pipeline.dlq import DeadLetter, DeadLetters
@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 def _run(config: Path | None, work: Callable[[DeadLetters], Awaitable[T]]) -> T:
     cfg = load_or_exit(config)
+    say_which_redis(cfg, config)
 
     async def go() -> T:
         redis = make_redis(cfg.redis)

@@ -130,6 +130,13 @@ class Retry(Stage):
         effect = transitions.ended(self.keys, outcome, retention_s=self.retention_s, cancellable=True)
         batch.ack(entry, letter, effect)
         DEAD.inc()
+        log.warning(
+            "message %s dead-lettered (%s): %s",
+            msg.id,
+            reason,
+            error[:200],
+            extra={"message_id": msg.id, "level_name": msg.level, "backend": msg.failed_backend or "-"},
+        )
 
     async def move_due(self, now: float | None = None, limit: int = 500) -> int:
         keys = [self.keys.retry_due, self.keys.retry_payloads, self.keys.retry]

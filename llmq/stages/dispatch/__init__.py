@@ -337,6 +337,16 @@ class Dispatch(Stage):
             if backend
             else []
         )
+        if result.status in (Status.RETRYING, Status.FAILED):
+            log.warning(
+                "message %s, attempt %d on backend %s: %s (%s)",
+                msg.id,
+                msg.attempts,
+                result.backend,
+                clean_text(result.error or "")[:200],
+                "retried" if result.status is Status.RETRYING else "failed",
+                extra={"message_id": msg.id, "backend": result.backend, "level_name": msg.level},
+            )
         if result.status is Status.RETRYING:
             msg.errors = [*msg.errors, f"attempt {msg.attempts}: {clean_text(result.error or '')}"]
             msg.retry_after = result.retry_after
