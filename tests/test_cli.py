@@ -124,6 +124,26 @@ def test_dlq_list_says_which_redis_it_read(stage_env: dict[str, str], keys: Keys
     assert f"key prefix {keys.prefix} (no config file" in result.stderr
 
 
+async def test_pause_and_resume_from_the_cli(stage_env: dict[str, str], redis: aioredis.Redis, keys: Keys) -> None:
+    # An operator pauses low, sees it in status, and resumes every level
+    paused = cli("pause", "low", "--reason", "db upgrade", env=stage_env)
+    assert paused.returncode == 0, paused.stderr
+    assert "paused: low (since " in paused.stdout and "db upgrade" in paused.stdout
+    assert await redis.hexists(keys.paused, "low")
+    rows = {line.split()[0]: line.split() for line in cli("status", env=stage_env).stdout.splitlines()[1:]}
+    assert rows["low"][-1] == "yes" and rows["high"][-1] == "-"
+    everything = cli("pause", "--all", env=stage_env)
+    assert "paused: every level" in everything.stdout
+    resumed = cli("resume", "--all", env=stage_env)
+    assert resumed.returncode == 0 and "admitting every level" in resumed.stdout
+    assert await redis.hlen(keys.paused) == 0
+    # Bad input is named, exit 2
+    unknown = cli("pause", "lowest", env=stage_env)
+    assert unknown.returncode == 2 and "no level 'lowest'; levels: realtime, high, normal, low" in unknown.stderr
+    neither = cli("resume", env=stage_env)
+    assert neither.returncode == 2 and "name the levels, or give --all" in neither.stderr
+
+
 def test_help_explains_with_examples(stage_env: dict[str, str]) -> None:
     for args, expected in (
         ((), "llmq-stage up"),

@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from llmq.pipeline import pausing
 from llmq.pipeline.config import load_config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, decode_outcome
@@ -407,3 +408,32 @@ async def test_a_direct_admission_keeps_the_slots_reserved_for_higher_levels_whi
         assert await redis.zcard(keys.inflight("low")) == (1 if active else 2)
         # and the submissions record when low was last active
         assert time.time() - float(await redis.hget(keys.active, "low")) < 5  # type: ignore[arg-type]
+
+
+async def test_a_paused_level_keeps_its_messages_waiting_until_it_is_resumed(redis: aioredis.Redis, keys: Keys) -> None:
+    async with Harness(redis, keys, backends={"a": MockSettings(latency_ms=5)}) as h:
+        # Given low paused for maintenance
+        await pausing.pause(redis, keys, ["low"], "maintenance")
+        # When low and normal messages arrive
+        low = [await h.submit("low") for _ in range(3)]
+        normal = [await h.submit("normal") for _ in range(3)]
+        # Then normal completes while low waits, admitted neither by the scheduler nor directly
+        assert {s["status"] for s in (await h.wait_terminal(normal)).values()} == {"completed"}
+        await asyncio.sleep(0.3)  # (nothing may happen to low: observed for a while)
+        assert {(await h.status(i))["status"] for i in low} == {"queued"}
+        # When the whole queue is paused as well, and low resumed, low still waits
+        await pausing.pause(redis, keys, [pausing.EVERY], "")
+        await pausing.resume(redis, keys, ["low"])
+        await asyncio.sleep(0.3)
+        assert {(await h.status(i))["status"] for i in low} == {"queued"}
+        # When the queue is resumed, low completes
+        await pausing.resume(redis, keys, [pausing.EVERY])
+        assert {s["status"] for s in (await h.wait_terminal(low)).values()} == {"completed"}
+
+
+async def test_a_lone_message_of_a_paused_level_is_not_admitted_directly(redis: aioredis.Redis, keys: Keys) -> None:
+    async with Harness(redis, keys, backends={"a": MockSettings()}, stages=(), env=DIRECT) as h:
+        await pausing.pause(redis, keys, ["low"], "")
+        other, paused = await h.submit("normal"), await h.submit("low")
+        assert (await h.status(other))["status"] == "scheduled"  # (nothing waited: admitted at once)
+        assert (await h.status(paused))["status"] == "queued"  # (nothing waited either, but low is paused)

@@ -19,6 +19,7 @@ from llmq.cli.consume import consume
 from llmq.cli.dlq import dlq_app
 from llmq.cli.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedRedis
 from llmq.cli.exit_codes import ExitCode
+from llmq.cli.pause import pause, resume
 from llmq.cli.stages import MOCK_BACKEND_PORT, STAGES, postgres_of
 from llmq.cli.supervisor import Child, Supervisor, child_env, stage_argv
 from llmq.pipeline.config import Config
@@ -49,6 +50,8 @@ app.add_typer(config_app, name="config")
 db_app = typer.Typer(help="PostgreSQL schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(dlq_app, name="dlq")
+app.command(epilog="Examples:\n\n  llmq-stage pause low\n\n  llmq-stage pause --all --reason 'Redis upgrade'")(pause)
+app.command(epilog="Examples:\n\n  llmq-stage resume low\n\n  llmq-stage resume --all")(resume)
 
 
 @app.command(
@@ -341,14 +344,14 @@ def status(
         return
     header = (
         f"{'LEVEL':<12}{'PRIO':>5}{'DEPTH':>9}{'PENDING':>9}{'INFLIGHT':>10}{'CONSUMERS':>11}{'OLDEST':>10}"
-        f"{'MAX':>9}{'SLO':>9}"
+        f"{'MAX':>9}{'SLO':>9}{'PAUSED':>8}"
     )
     typer.echo(header)
     for r in rows:
         oldest = "-" if r.oldest_age_s is None else f"{r.oldest_age_s:.1f}s"
         typer.echo(
             f"{r.level:<12}{r.priority:>5}{r.depth:>9}{r.pending:>9}{r.inflight:>10}{r.consumers:>11}"
-            f"{oldest:>10}{r.max_size:>9}{r.max_wait_time_s:>8g}s"
+            f"{oldest:>10}{r.max_size:>9}{r.max_wait_time_s:>8g}s{'yes' if r.paused else '-':>8}"
         )
 
 

@@ -64,6 +64,11 @@ class Keys:
         return f"{self.prefix}:q:{name}"
 
     @property
+    def paused(self) -> str:
+        """Hash of the levels whose admission is paused (``*``: every level) -> since when and why."""
+        return f"{self.prefix}:paused"
+
+    @property
     def active(self) -> str:
         """Hash of each level's latest submission time (Unix seconds): whether its reserved slots are kept."""
         return f"{self.prefix}:levels:active"

@@ -17,6 +17,7 @@ from redis.exceptions import ResponseError
 
 from llmq.pipeline.config import Config
 from llmq.pipeline.keys import Group, Keys
+from llmq.pipeline.pausing import is_paused
 from llmq.pipeline.runtime.streams import as_str
 
 SCHEDULE_GROUP = Group.SCHEDULE.value
@@ -37,6 +38,8 @@ class LevelStatus(msgspec.Struct, kw_only=True):
     """Age of the oldest message not yet acked; None when the level is empty."""
     max_size: int
     max_wait_time_s: float
+    paused: bool = False
+    """Its admission is paused (``llmq-stage pause``): messages wait, none is admitted."""
 
 
 def group_depth(group: Mapping[str, Any], length: int) -> int:
@@ -58,7 +61,9 @@ async def level_status(redis: aioredis.Redis, keys: Keys, config: Config) -> lis
         pipe.xinfo_groups(stream)
         pipe.xrange(stream, count=1)
         pipe.zcount(keys.inflight(level.name), time.time(), "+inf")
+    pipe.hgetall(keys.paused)
     replies = await pipe.execute(raise_on_error=False)
+    paused = {k.decode() for k in replies.pop()}
     now_ms = time.time() * 1000
     out = []
     for i, level in enumerate(config.queue.levels):
@@ -84,6 +89,7 @@ async def level_status(redis: aioredis.Redis, keys: Keys, config: Config) -> lis
                 oldest_age_s=None if oldest is None else round(max(0.0, now_ms - _entry_ms(oldest)) / 1000, 3),
                 max_size=config.queue.max_size(level),
                 max_wait_time_s=level.max_wait_time.seconds,
+                paused=is_paused(paused, level.name),
             )
         )
     return out

@@ -18,7 +18,8 @@ KEYS       per message: its level stream, its status hash, its idempotency recor
            earlier release kept for the same key (the same record again when none; see llmq/pipeline/submit.py).
            A message without an idempotency key names a record it never reads (keys share one hash tag).
            With direct admission, then: every level's stream, every level's in-flight set (both in the
-           order of the levels' ARGV below), the dispatch stream. Last: the levels' activity hash.
+           order of the levels' ARGV below), the dispatch stream. Last: the paused levels' hash (a paused
+           level's message is never admitted here), then the levels' activity hash.
 ARGV[1]    status hash TTL in seconds      ARGV[2]  idempotency record TTL in seconds
 ARGV[3]    m, the number of messages       ARGV[4]  now (Unix seconds) to admit a lone message directly, or ''
 ARGV[5..]  per message: payload, message id, level, enqueued_at, the level's max depth, the digest of
@@ -51,10 +52,11 @@ end
 --@include status
 --@include inflight
 local hash_ttl, idem_ttl, m, direct_at = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local active = KEYS[#KEYS]
+local paused, active = KEYS[#KEYS - 1], KEYS[#KEYS]
 
 -- Admit the lone message now, if nothing waits anywhere and a slot is free for it.
-local function admit_at_once(payload, id)
+local function admit_at_once(payload, id, level)
+  if redis.call('HEXISTS', paused, level) == 1 or redis.call('HEXISTS', paused, '*') == 1 then return false end
   local d = 5 + 7 * m
   local exp, cap, n, own = ARGV[d], tonumber(ARGV[d + 1]), tonumber(ARGV[d + 2]), tonumber(ARGV[d + 3])
   local window = tonumber(ARGV[d + 4])
@@ -102,7 +104,7 @@ for i = 1, m do
     local depth = depths[stream]
     if depth >= max_depth then
       out[i] = {'full', depth}
-    elseif direct_at ~= '' and m == 1 and admit_at_once(payload, id) then
+    elseif direct_at ~= '' and m == 1 and admit_at_once(payload, id, level) then
       if digest ~= '' then redis.call('SET', idem, id .. ' ' .. digest, 'EX', idem_ttl) end
       status_queued(hash, level, enqueued, hash_ttl, streamed)
       status_scheduled(hash, direct_at)

@@ -196,7 +196,7 @@ class Submitter:
             level = self._index[subs[0].message.level]
             args += [now + self._lease_s, self._capacity, len(self._index), level, self._reserve_window_s]
             args += self._levels_args
-        keys.append(self.keys.active)
+        keys += [self.keys.paused, self.keys.active]
         return keys, args
 
 

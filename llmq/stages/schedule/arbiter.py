@@ -23,7 +23,7 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
-from llmq.pipeline import background, inflight, window
+from llmq.pipeline import background, inflight, pausing, window
 from llmq.pipeline.config import Config, LevelConfig
 from llmq.pipeline.keys import Group, Keys
 from llmq.pipeline.lua import Lua
@@ -44,6 +44,7 @@ missed notice, an expired lease). Normally it wakes on the ``finished``/``slots`
 
 SLO_VIOLATIONS = Counter("llmq_slo_violations_total", "Admissions later than the level's max_wait_time", ["level"])
 INFLIGHT = Gauge("llmq_inflight", "Admitted messages not yet finished", ["level"])
+PAUSED = Gauge("llmq_level_paused", "1 while the level's admission is paused (llmq-stage pause)", ["level"])
 STAGGER = Gauge("llmq_admission_stagger_seconds", "Spacing between staggered admissions (0: not staggering)")
 
 GONE: Literal["gone"] = "gone"
@@ -170,7 +171,11 @@ class Arbiter:
             pipe.zcount(self.keys.backend_slots(b.name), now, "+inf")
         if self.reserving:
             pipe.hmget(self.keys.active, [lv.name for lv in self.reserving])
+        pipe.hgetall(self.keys.paused)
         replies = await pipe.execute()
+        paused = {k.decode() for k in replies.pop()}
+        for lv in self.levels:
+            PAUSED.labels(level=lv.name).set(1 if pausing.is_paused(paused, lv.name) else 0)
         held = dict(zip((lv.name for lv in self.levels), map(int, replies), strict=False))
         if self.followed:
             self._follow_backends(replies[len(self.levels) : len(self.levels) + 3 * len(self.followed)])
@@ -182,10 +187,13 @@ class Arbiter:
         if not self._has_waiting():
             return
         views = [_view(lv, held[lv.name], self.reserved[lv.name]) for lv in self.levels]
-        heads = {name: [c.message.enqueued_at for c in q] for name, q in self.waiting.items()}
+        heads = {
+            name: [c.message.enqueued_at for c in q] if not pausing.is_paused(paused, name) else []
+            for name, q in self.waiting.items()
+        }
         free_total = self.capacity - sum(held.values())
         order = select(heads, views, free_total, now, self.config.scheduler.strategy, self._wrr)
-        if self.overcommit:
+        if self.overcommit and not pausing.is_paused(paused, self.levels[0].name):
             order += self._overcommitted(order, held)
         gap_s = self.stagger.interval_s() if self.staggered else 0.0
         STAGGER.set(gap_s)

@@ -1,0 +1,87 @@
+"""``llmq-stage pause`` and ``resume``: stop and restart admission of some levels, or of the whole queue,
+before maintenance (``llmq.pipeline.pausing``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated
+
+import redis.asyncio as aioredis
+import typer
+
+from llmq.cli.common import ConfigOption, load_or_exit, say_which_redis
+from llmq.cli.exit_codes import ExitCode
+from llmq.pipeline import pausing
+from llmq.pipeline.config import Config
+from llmq.pipeline.errors import ConnectError
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.redis import make_redis, wait_for_redis
+
+Levels = Annotated[
+    list[str] | None, typer.Argument(help="Levels (as named in the config). None: give --all.", show_default=False)
+]
+All = Annotated[bool, typer.Option("--all", help="The whole queue: every level, and any added later.")]
+
+
+def pause(
+    levels: Levels = None,
+    every: All = False,
+    reason: Annotated[str, typer.Option(help="Why, shown by status and resume.")] = "",
+    config: ConfigOption = None,
+) -> None:
+    """Stop admitting messages of LEVELS (or --all) while messages keep queueing: calls already admitted run
+    to their end. Wait until `llmq-stage status` shows no INFLIGHT before maintenance; then `resume`."""
+    cfg = load_or_exit(config)
+    chosen = _chosen(cfg, levels, every)
+    _run(cfg, config, lambda r, k: pausing.pause(r, k, chosen, reason))
+
+
+def resume(levels: Levels = None, every: All = False, config: ConfigOption = None) -> None:
+    """Admit messages of LEVELS (or --all: everything paused, by level or as a whole) again."""
+    cfg = load_or_exit(config)
+    chosen = _chosen(cfg, levels, every)
+
+    async def clear(r: aioredis.Redis, k: Keys) -> None:
+        names = list(await pausing.read(r, k)) if every else chosen
+        if names:
+            await pausing.resume(r, k, names)
+
+    _run(cfg, config, clear)
+
+
+def _chosen(cfg: Config, levels: list[str] | None, every: bool) -> list[str]:
+    known = [lv.name for lv in cfg.queue.levels]
+    if every == bool(levels):
+        typer.echo("error: name the levels, or give --all (not both)", err=True)
+        raise typer.Exit(ExitCode.USAGE)
+    unknown = [name for name in levels or [] if name not in known]
+    if unknown:
+        typer.echo(f"error: no level {', '.join(map(repr, unknown))}; levels: {', '.join(known)}", err=True)
+        raise typer.Exit(ExitCode.USAGE)
+    return [pausing.EVERY] if every else list(levels or [])
+
+
+def _run(cfg: Config, path: Path | None, change: Callable[[aioredis.Redis, Keys], Awaitable[None]]) -> None:
+    say_which_redis(cfg, path)
+
+    async def go() -> dict[str, str]:
+        redis = make_redis(cfg.redis)
+        keys = Keys(cfg.redis.key_prefix)
+        try:
+            await wait_for_redis(redis, cfg.redis, timeout_s=5)
+            await change(redis, keys)
+            return await pausing.read(redis, keys)
+        finally:
+            await redis.aclose()
+
+    try:
+        paused = asyncio.run(go())
+    except ConnectError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(ExitCode.CONNECT) from None
+    if not paused:
+        typer.echo("admitting every level")
+    for name, since in sorted(paused.items()):
+        typer.echo(f"paused: {'every level' if name == pausing.EVERY else name} (since {since})")
