@@ -88,7 +88,8 @@ logging: {format: xml}
     )
     assert problems == [
         "server.colour: unknown field "
-        "(expected one of: allow_anonymous, host, max_batch, max_body_bytes, max_poll_wait, mode, port, sync_timeout)",
+        "(expected one of: allow_anonymous, api_keys_file, host, max_batch, max_body_bytes, max_poll_wait, mode, "
+        "port, sync_timeout)",
         "server.port: 99999 must be <= 65535",
         'queue.levels[1].max_wait_time: invalid duration "5 sec" (write it like "100ms", "30s", "5m")',
         'queue.levels[2].priority: expected an integer, got str "4"',
@@ -334,7 +335,8 @@ scheduler: {{timeout: 60s}}
 
 PRODUCTION_REFUSED = (
     "api_keys: server.mode is production but no API key is set, so anyone could read every result and replay "
-    "dead letters; set api_keys (or LLMQ_API_KEYS), or server.allow_anonymous: true to mean it"
+    "dead letters; set api_keys (or LLMQ_API_KEYS, or server.api_keys_file), or server.allow_anonymous: true to "
+    "mean it"
 )
 
 

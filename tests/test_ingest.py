@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from llmq.stages.ingest.submit import Submission, Submitted, Submitter, Verdict,
 from tests.conftest import free_port
 from tests.support.clients import QUEUEING, client_for
 from tests.support.harness import CHAT
+from tests.support.procs import llmq_stage
 
 
 @pytest.fixture
@@ -116,6 +118,66 @@ async def test_api_keys_are_required_when_configured(redis: aioredis.Redis, keys
         assert ok.status_code == 202
         # health and metrics stay open for probes and scrapers
         assert (await http.get("/api/v1/health")).status_code == 200
+
+
+def test_api_keys_rotate_through_the_key_file_without_a_restart(stage_env: dict[str, str], tmp_path: Path) -> None:
+    # Given an ingest process whose keys are in a key file, beside one from the config
+    key_file = tmp_path / "keys"
+    key_file.write_text("# rotated by the operator\nk-old\n")
+    port = free_port()
+    env = {
+        **stage_env,
+        "LLMQ_API_KEYS": "k-config",
+        "LLMQ_SERVER__API_KEYS_FILE": str(key_file),
+        "LLMQ_SERVER__HOST": "127.0.0.1",
+        **QUEUEING,
+    }
+    proc = llmq_stage(env, "run", "ingest", "--port", str(port))
+    url = f"http://127.0.0.1:{port}/api/v1/messages"
+
+    def status_with(key: str) -> int:
+        return httpx.post(url, json={"request": CHAT}, headers={"Authorization": f"Bearer {key}"}).status_code
+
+    try:
+        proc.wait_for_log("ingest listening")
+        assert status_with("k-old") == 202 and status_with("k-config") == 202 and status_with("k-new") == 401
+        # When the operator writes a new file with both keys and renames it into place
+        staged = tmp_path / "keys.new"
+        staged.write_text("k-old\nk-new\n")
+        staged.replace(key_file)
+        # Then the new key is accepted within the check interval, no restart
+        deadline = time.monotonic() + 10
+        while status_with("k-new") != 202:
+            assert time.monotonic() < deadline, "the new key was never accepted"
+            time.sleep(0.1)
+        # When the old key is removed and the process told at once (SIGHUP)
+        staged.write_text("k-new\n")
+        staged.replace(key_file)
+        proc.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while status_with("k-old") != 401:
+            assert time.monotonic() < deadline, "the old key was never refused"
+            time.sleep(0.1)
+        assert status_with("k-new") == 202 and status_with("k-config") == 202
+        # and a key file emptied by mistake never opens the API: with only the config's key left, none other passes
+        staged.write_text("")
+        staged.replace(key_file)
+        proc.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while status_with("k-new") != 401:
+            assert time.monotonic() < deadline, "the emptied file kept its keys"
+            time.sleep(0.1)
+        assert httpx.post(url, json={"request": CHAT}).status_code == 401
+        assert "k-new" not in proc.text() and "k-old" not in proc.text()  # no key in the logs
+    finally:
+        proc.kill()
+
+
+def test_an_unreadable_key_file_is_a_config_error(stage_env: dict[str, str], tmp_path: Path) -> None:
+    env = {**stage_env, "LLMQ_SERVER__API_KEYS_FILE": str(tmp_path / "missing")}
+    proc = llmq_stage(env, "run", "ingest", "--port", str(free_port()))
+    assert proc.wait() == 3
+    assert f"server.api_keys_file: cannot read {tmp_path / 'missing'}: FileNotFoundError" in proc.text()
 
 
 async def test_health_and_metrics(http: httpx.AsyncClient) -> None:

@@ -57,6 +57,9 @@ class ServerConfig(_Section, frozen=True):
     """``production`` refuses to start without ``api_keys`` unless ``allow_anonymous`` is true."""
     allow_anonymous: bool = False
     """Serve the API without keys in production mode (every result and the dead letters open to anyone)."""
+    api_keys_file: str | None = None
+    """A file of API keys, one a line, accepted besides ``api_keys`` and read again when it changes: keys
+    rotate without a restart (``llmq.stages.ingest.keyring``). With one, the API always needs a key."""
     max_body_bytes: Positive = 1_048_576
     """Largest accepted request body in bytes (413 above it); a batch body may be four times larger."""
     max_batch: Positive = 1000

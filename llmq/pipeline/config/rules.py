@@ -19,6 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 from redis.asyncio.connection import parse_url
 
 from llmq.pipeline.echo import ECHO_SCHEME
+from llmq.pipeline.keyfile import read_key_file
 
 if TYPE_CHECKING:
     from llmq.pipeline.config import Config
@@ -212,10 +213,22 @@ def semantic_problems(config: Config) -> list[str]:
     for i, key in enumerate(config.api_keys):
         if not key.strip():
             problems.append(f"api_keys[{i}]: an empty key would let in every request that sends none")
-    if config.server.mode == "production" and not config.api_keys and not config.server.allow_anonymous:
+    key_file = config.server.api_keys_file
+    if key_file is not None:
+        try:
+            read_key_file(key_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"server.api_keys_file: cannot read {key_file}: {exc.__class__.__name__}")
+    if (
+        config.server.mode == "production"
+        and not config.api_keys
+        and key_file is None
+        and not config.server.allow_anonymous
+    ):
         problems.append(
             "api_keys: server.mode is production but no API key is set, so anyone could read every result and "
-            "replay dead letters; set api_keys (or LLMQ_API_KEYS), or server.allow_anonymous: true to mean it"
+            "replay dead letters; set api_keys (or LLMQ_API_KEYS, or server.api_keys_file), or "
+            "server.allow_anonymous: true to mean it"
         )
     problems += _connection_problems(config)
     if not config.metrics.path.startswith("/"):

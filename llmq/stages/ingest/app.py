@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
@@ -23,6 +24,7 @@ from llmq.pipeline.config import Config
 from llmq.pipeline.keys import Keys
 from llmq.stages.ingest.admin import Admin
 from llmq.stages.ingest.http_api import ApiKeyMiddleware, handled, http_error, server_error
+from llmq.stages.ingest.keyring import KeyRing
 from llmq.stages.ingest.messages import Messages
 from llmq.stages.ingest.openai_facade import OpenAIFacade
 
@@ -33,6 +35,7 @@ def create_app(
     messages = Messages(config, redis=redis, keys=keys, pool=pool)
     admin = Admin(config, redis=redis, keys=keys, pool=pool)
     openai = OpenAIFacade(messages, config)
+    ring = KeyRing(list(config.api_keys), config.server.api_keys_file)
     routes = [
         ("/api/v1/messages", messages.submit, ["POST"]),
         ("/api/v1/messages/batch", messages.submit_batch, ["POST"]),
@@ -59,12 +62,18 @@ def create_app(
         messages.hub.start()
         messages.drain.start()
         depth = asyncio.create_task(admin.refresh_depth())
+        watch = asyncio.create_task(ring.watch()) if ring.path else None
+        hup = _on_sighup(ring.reload) if ring.path else False
         if pool is not None:
             await pool.open(wait=False)
         try:
             yield
         finally:
             depth.cancel()
+            if watch is not None:
+                watch.cancel()
+            if hup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await messages.waiter.close()
             await messages.hub.close()
             await messages.drain.close()
@@ -73,7 +82,16 @@ def create_app(
 
     return Starlette(
         routes=[Route(path, handled(path, fn), methods=methods) for path, fn, methods in routes],
-        middleware=[Middleware(ApiKeyMiddleware, keys=list(config.api_keys), metrics_path=config.metrics.path)],
+        middleware=[Middleware(ApiKeyMiddleware, ring=ring, metrics_path=config.metrics.path)],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
+
+
+def _on_sighup(reload: Callable[[], object]) -> bool:
+    """Read the key file again on SIGHUP (besides every few seconds); False where no handler can be set."""
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+        return False
+    return True

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llmq.pipeline.models import Message, encode
 from llmq.pipeline.redis import UNAVAILABLE
 from llmq.stages.ingest import schema
+from llmq.stages.ingest.keyring import KeyRing
 
 T = TypeVar("T")
 
@@ -94,13 +95,13 @@ class ApiKeyMiddleware:
     """401 unless ``Authorization: Bearer <key>`` or ``X-API-Key`` matches a configured key (constant-time
     comparison against every key; keys are never logged). The request's ``caller`` is set from the key."""
 
-    def __init__(self, app: ASGIApp, keys: list[str], metrics_path: str) -> None:
+    def __init__(self, app: ASGIApp, ring: KeyRing, metrics_path: str) -> None:
         self.app = app
-        self.keys = [k.encode() for k in keys]
+        self.ring = ring
         self.public = PUBLIC_PATHS | {metrics_path}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in self.public:
+        if scope["type"] != "http" or not self.ring.secured or scope["path"] in self.public:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
@@ -109,7 +110,7 @@ class ApiKeyMiddleware:
         if auth[:7].lower() == b"bearer ":
             given = auth[7:].strip()
         ok = False
-        for key in self.keys:
+        for key in self.ring.keys:
             ok |= hmac.compare_digest(given, key)
         if not ok:
             await reject(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})(
