@@ -720,13 +720,14 @@ async def test_an_unsendable_request_fails_its_message_at_once_and_spares_the_ci
 
 async def test_streams_left_early_close_their_connections_and_the_pool_goes_on() -> None:
     # Given a backend that streams for ten seconds, and a pool of 17 connections (concurrency 1 + spares)
-    gone = 0
+    gone = started = 0
 
     async def stream(request: web.Request) -> web.StreamResponse:
-        nonlocal gone
+        nonlocal gone, started
+        started += 1
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
         try:
+            await response.prepare(request)  # (a client cut by its timeout on a loaded machine may be gone already)
             for _ in range(1000):
                 await response.write(b'data: {"choices": []}\n\n')
                 await asyncio.sleep(0.01)
@@ -755,7 +756,7 @@ async def test_streams_left_early_close_their_connections_and_the_pool_goes_on()
                     async for _ in calls.sse_data(reply):
                         pass
         # Then the backend saw each of the 50 clients go (so it can stop generating), and the pool is not used up
-        await eventually(lambda: _true(gone == 50), what="the backend to see every client gone", within=5)
+        await eventually(lambda: _true(gone == started >= 40), what="the backend to see every client gone", within=5)
         async with asyncio.timeout(5), pool.stream(url, b"{}", {}) as reply:
             assert reply.status == 200
     finally:

@@ -77,8 +77,10 @@ async def test_the_arbiter_outlives_a_failed_round(
 
 
 async def test_realtime_is_admitted_within_its_slo_behind_a_flood_of_low(redis: aioredis.Redis, keys: Keys) -> None:
-    # Given backends kept busy by 1000 queued low messages (4 slots, 300 ms calls)
+    # Given backends kept busy by 1000 queued low messages (4 slots, 300 ms calls), one kept for realtime
+    # always (reserve_window 0s: even before its first message)
     env = {
+        "LLMQ_SCHEDULER__RESERVE_WINDOW": "0s",
         "LLMQ_QUEUE__LEVELS": "[{name: realtime, priority: 1, max_wait_time: 100ms, max_concurrent: 4, reserved: 1},"
         " {name: low, priority: 4, max_wait_time: 2s, max_concurrent: 4}]",
     }
@@ -140,8 +142,9 @@ async def test_a_levels_reserved_slot_is_kept_only_while_it_had_traffic_recently
 async def test_a_backlog_on_regular_calls_is_staggered_so_slots_free_one_by_one(
     redis: aioredis.Redis, keys: Keys, stagger: bool
 ) -> None:
-    # Given 5 unreserved slots (6, one reserved for realtime) and calls of a fixed 100 ms
+    # Given 5 unreserved slots (6, one reserved for realtime, always) and calls of a fixed 100 ms
     env = {
+        "LLMQ_SCHEDULER__RESERVE_WINDOW": "0s",
         "LLMQ_SCHEDULER__STAGGER": str(stagger).lower(),
         "LLMQ_QUEUE__LEVELS": "[{name: realtime, priority: 1, max_wait_time: 100ms, max_concurrent: 6, reserved: 1},"
         " {name: low, priority: 4, max_wait_time: 60s, max_concurrent: 6}]",

@@ -26,6 +26,7 @@ from llmq.pipeline.config import Config
 from llmq.pipeline.db import describe as describe_postgres
 from llmq.pipeline.db import make_pool, migrate, wait_for_postgres
 from llmq.pipeline.errors import ConnectError, ListenError
+from llmq.pipeline.keyfile import read_key_file
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.level_status import LevelStatus, level_status
 from llmq.pipeline.logging import reopen_logs, setup_logging
@@ -94,14 +95,10 @@ def run(
         raise typer.Exit(ExitCode.USAGE)
     loaded = read_or_exit(config)
     cfg = loaded.config
-    if stage == "dispatch" and not cfg.backends:
+    problem = _stage_problem(stage, cfg)
+    if problem:
         source = config or os.environ.get("CONFIG_PATH") or "<defaults>"
-        typer.echo(f"error: invalid configuration {source}:", err=True)
-        typer.echo(
-            "  backends: none configured, and a dispatcher needs one (the config's backends, or LLMQ_BACKENDS; "
-            "llmq-stage up runs a mock backend when none is configured)",
-            err=True,
-        )
+        typer.echo(f"error: invalid configuration {source}:\n  {problem}", err=True)
         raise typer.Exit(ExitCode.CONFIG)
     handler = setup_logging(cfg.logging, stage=stage)
     for warning in loaded.warnings:
@@ -109,6 +106,9 @@ def run(
     # SIGUSR1's default action kills the process; reopen logs instead from the very start (the event
     # loop installs its own handler for the same once it runs).
     signal.signal(signal.SIGUSR1, lambda *_: reopen_logs(handler))
+    # SIGHUP's default action kills the process too: the ingest reloads its key file on it (once serving),
+    # every other stage, and the ingest until then, ignores it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     listen_port = spec.default_port(cfg) if port is None else port
     try:
         if stage == "mock-backend":
@@ -143,6 +143,22 @@ def run(
         log.error("cannot start %s: %s", stage, exc)
         raise typer.Exit(ExitCode.FAILURE) from None
     raise typer.Exit(code)
+
+
+def _stage_problem(stage: str, cfg: Config) -> str | None:
+    """What keeps ``stage`` from running with ``cfg``, beyond what every stage checks: the config problem."""
+    if stage == "dispatch" and not cfg.backends:
+        return (
+            "backends: none configured, and a dispatcher needs one (the config's backends, or LLMQ_BACKENDS; "
+            "llmq-stage up runs a mock backend when none is configured)"
+        )
+    key_file = cfg.server.api_keys_file
+    if stage == "ingest" and key_file is not None:
+        try:
+            read_key_file(key_file)
+        except (OSError, UnicodeDecodeError) as exc:  # (only the ingest reads it: the others need not see it)
+            return f"server.api_keys_file: cannot read {key_file}: {exc.__class__.__name__}"
+    return None
 
 
 def _postgres_answers(cfg: Config, timeout_s: float) -> bool:

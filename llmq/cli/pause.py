@@ -44,9 +44,10 @@ def resume(levels: Levels = None, every: All = False, config: ConfigOption = Non
     chosen = _chosen(cfg, levels, every)
 
     async def clear(r: aioredis.Redis, k: Keys) -> None:
-        names = list(await pausing.read(r, k)) if every else chosen
-        if names:
-            await pausing.resume(r, k, names)
+        if every:
+            await pausing.resume_all(r, k)
+        else:
+            await pausing.resume(r, k, chosen)
 
     _run(cfg, config, clear)
 

@@ -58,6 +58,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGUSR1, self._forward, signal.SIGUSR1)
+        loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)  # the ingest reloads its key file
         watchers = [asyncio.create_task(self._watch(child)) for child in self.children]
         if on_ready:
             on_ready()
@@ -66,7 +67,7 @@ class Supervisor:
         for w in watchers:
             w.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if self._signals > 1:
             return ExitCode.INTERRUPTED

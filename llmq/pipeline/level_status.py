@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 
 from llmq.pipeline.config import Config
 from llmq.pipeline.keys import Group, Keys
-from llmq.pipeline.pausing import is_paused
+from llmq.pipeline.pausing import is_paused, names
 from llmq.pipeline.runtime.streams import as_str
 
 SCHEDULE_GROUP = Group.SCHEDULE.value
@@ -63,7 +63,7 @@ async def level_status(redis: aioredis.Redis, keys: Keys, config: Config) -> lis
         pipe.zcount(keys.inflight(level.name), time.time(), "+inf")
     pipe.hgetall(keys.paused)
     replies = await pipe.execute(raise_on_error=False)
-    paused = {k.decode() for k in replies.pop()}
+    paused = names(replies.pop())
     now_ms = time.time() * 1000
     out = []
     for i, level in enumerate(config.queue.levels):

@@ -11,7 +11,6 @@ from collections.abc import Collection, Iterable
 import redis.asyncio as aioredis
 
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.runtime.streams import as_str
 
 EVERY = "*"
 
@@ -26,10 +25,20 @@ async def resume(redis: aioredis.Redis, keys: Keys, levels: Iterable[str]) -> No
     await redis.hdel(keys.paused, *levels)
 
 
+async def resume_all(redis: aioredis.Redis, keys: Keys) -> None:
+    """Clear every pause, whatever its field holds."""
+    await redis.delete(keys.paused)
+
+
+def names(raw: Iterable[bytes]) -> set[str]:
+    """The paused hash's fields as text: a field that is no UTF-8 (written by hand) never stops a reader."""
+    return {f.decode(errors="replace") for f in raw}
+
+
 async def read(redis: aioredis.Redis, keys: Keys) -> dict[str, str]:
     """What is paused: level (or ``EVERY``) -> since when and why."""
-    raw = await redis.hgetall(keys.paused)
-    return {as_str(k): as_str(v) for k, v in raw.items()}
+    raw: dict[bytes, bytes] = await redis.hgetall(keys.paused)  # type: ignore[assignment]
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items()}
 
 
 def is_paused(paused: Collection[str], level: str) -> bool:

@@ -19,7 +19,6 @@ from psycopg.conninfo import conninfo_to_dict
 from redis.asyncio.connection import parse_url
 
 from llmq.pipeline.echo import ECHO_SCHEME
-from llmq.pipeline.keyfile import read_key_file
 
 if TYPE_CHECKING:
     from llmq.pipeline.config import Config
@@ -214,11 +213,6 @@ def semantic_problems(config: Config) -> list[str]:
         if not key.strip():
             problems.append(f"api_keys[{i}]: an empty key would let in every request that sends none")
     key_file = config.server.api_keys_file
-    if key_file is not None:
-        try:
-            read_key_file(key_file)
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(f"server.api_keys_file: cannot read {key_file}: {exc.__class__.__name__}")
     if (
         config.server.mode == "production"
         and not config.api_keys

@@ -338,7 +338,9 @@ class Dispatch(Stage):
             else []
         )
         if result.status in (Status.RETRYING, Status.FAILED):
-            log.warning(
+            # a failure at warning; an attempt to be retried at info (an outage would flood warnings)
+            log.log(
+                logging.INFO if result.status is Status.RETRYING else logging.WARNING,
                 "message %s, attempt %d on backend %s: %s (%s)",
                 msg.id,
                 msg.attempts,

@@ -74,6 +74,7 @@ def create_app(
                 watch.cancel()
             if hup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not back to the default, which kills
             await messages.waiter.close()
             await messages.hub.close()
             await messages.drain.close()

@@ -173,7 +173,7 @@ class Arbiter:
             pipe.hmget(self.keys.active, [lv.name for lv in self.reserving])
         pipe.hgetall(self.keys.paused)
         replies = await pipe.execute()
-        paused = {k.decode() for k in replies.pop()}
+        paused = pausing.names(replies.pop())
         for lv in self.levels:
             PAUSED.labels(level=lv.name).set(1 if pausing.is_paused(paused, lv.name) else 0)
         held = dict(zip((lv.name for lv in self.levels), map(int, replies), strict=False))
