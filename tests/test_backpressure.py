@@ -4,6 +4,7 @@ and a backend refusing past its capacity neither opening its circuit nor losing 
 from __future__ import annotations
 
 import asyncio
+import logging
 import statistics
 import time
 from typing import Any
@@ -20,7 +21,7 @@ from llmq.pipeline.window import BETA, Windows
 from llmq.stages.dispatch import Dispatch
 from llmq.stages.dispatch.calls import classify
 from llmq.stages.dispatch.engines import Engines, Reading, behind, read_metrics
-from llmq.stages.dispatch.http_pool import Answer
+from llmq.stages.dispatch.http_pool import Answer, HTTPError
 from llmq.stages.mock_backend import MockBackend, MockSettings
 from tests.conftest import eventually
 from tests.support.harness import Harness
@@ -423,3 +424,25 @@ async def test_the_mock_gives_back_a_call_cancelled_while_it_waits_in_the_engine
     await asyncio.gather(first, queued, return_exceptions=True)
     # Then nothing is counted in flight any more: max_concurrent (busy_above) would refuse calls forever
     assert mock.current == 0 and mock.engine_waiting == 0 and mock.engine_running == 0
+
+
+class _Unreachable:
+    async def get(self, url: str, *, timeout_s: float) -> Answer:
+        raise HTTPError("connection refused")
+
+
+async def test_unreadable_engine_metrics_are_logged_once_not_at_every_scrape(
+    redis: aioredis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    [backend] = _backends("{name: v, url: 'http://v/v1', metrics_url: 'http://v/metrics'}")
+    windows = Windows([backend], redis=redis, keys=keys)
+    engines = Engines([backend], redis=redis, keys=keys, http=_Unreachable(), windows=windows)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="llmq.dispatch"):
+        for _ in range(5):
+            await engines._scrape(backend)
+        engines.http = _Metrics("vllm:num_requests_waiting 0\n")  # type: ignore[assignment]
+        await engines._scrape(backend)
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("could not read the engine metrics" in line for line in lines) == 1, lines
+    assert sum("can be read again" in line for line in lines) == 1, lines
+    assert not engines.holding("v")

@@ -100,6 +100,8 @@ class Engines:
         self.http = http
         self._held: dict[str, str] = {}
         """Backend -> why it is held, as this process last read its engine."""
+        self._failing: set[str] = set()
+        """Backends whose metrics could not be read last time."""
 
     def holding(self, name: str) -> bool:
         return name in self._held
@@ -118,8 +120,14 @@ class Engines:
             reading = read_metrics(answer.text)
         except Exception as exc:  # unreachable, or what it answered is no Prometheus text: hold nothing
             SCRAPE_ERRORS.labels(backend=backend.name).inc()
-            log.warning("could not read the engine metrics of backend %s: %s", backend.name, exc)
+            if backend.name not in self._failing:  # once, not every SCRAPE_S (the counter counts them all)
+                log.warning("could not read the engine metrics of backend %s: %s", backend.name, exc)
+            self._failing.add(backend.name)
             reading = Reading(None, None)
+        else:
+            if backend.name in self._failing:
+                log.info("the engine metrics of backend %s can be read again", backend.name)
+            self._failing.discard(backend.name)
         if reading.waiting is not None:
             ENGINE_WAITING.labels(backend=backend.name).set(reading.waiting)
         if reading.kv_cache is not None:
