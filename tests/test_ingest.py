@@ -138,6 +138,12 @@ def test_api_keys_rotate_through_the_key_file_without_a_restart(stage_env: dict[
     def status_with(key: str) -> int:
         return httpx.post(url, json={"request": CHAT}, headers={"Authorization": f"Bearer {key}"}).status_code
 
+    def until(key: str, code: int, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while status_with(key) != code:
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+
     try:
         proc.wait_for_log("ingest listening")
         assert status_with("k-old") == 202 and status_with("k-config") == 202 and status_with("k-new") == 401
@@ -146,27 +152,18 @@ def test_api_keys_rotate_through_the_key_file_without_a_restart(stage_env: dict[
         staged.write_text("k-old\nk-new\n")
         staged.replace(key_file)
         # Then the new key is accepted within the check interval, no restart
-        deadline = time.monotonic() + 10
-        while status_with("k-new") != 202:
-            assert time.monotonic() < deadline, "the new key was never accepted"
-            time.sleep(0.1)
+        until("k-new", 202, "the new key was never accepted")
         # When the old key is removed and the process told at once (SIGHUP)
         staged.write_text("k-new\n")
         staged.replace(key_file)
         proc.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while status_with("k-old") != 401:
-            assert time.monotonic() < deadline, "the old key was never refused"
-            time.sleep(0.1)
+        until("k-old", 401, "the old key was never refused")
         assert status_with("k-new") == 202 and status_with("k-config") == 202
         # and a key file emptied by mistake never opens the API: with only the config's key left, none other passes
         staged.write_text("")
         staged.replace(key_file)
         proc.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while status_with("k-new") != 401:
-            assert time.monotonic() < deadline, "the emptied file kept its keys"
-            time.sleep(0.1)
+        until("k-new", 401, "the emptied file kept its keys")
         assert httpx.post(url, json={"request": CHAT}).status_code == 401
         assert "k-new" not in proc.text() and "k-old" not in proc.text()  # no key in the logs
     finally:

@@ -28,8 +28,12 @@ from tests.support.harness import CHAT, Harness
 from tests.support.schedule import pending
 
 
+async def _inflight(redis: aioredis.Redis, keys: Keys, level: str) -> int:
+    return int(await redis.zcount(keys.inflight(level), time.time(), "+inf"))
+
+
 async def _inflight_is(redis: aioredis.Redis, keys: Keys, level: str, n: int) -> bool:
-    return int(await redis.zcount(keys.inflight(level), time.time(), "+inf")) >= n
+    return await _inflight(redis, keys, level) >= n
 
 
 async def _has(outcomes: Callable[[], Awaitable[dict[str, str]]], n: int) -> bool:
@@ -116,10 +120,6 @@ async def test_a_levels_reserved_slot_is_kept_only_while_it_had_traffic_recently
     }
     backends = {"a": MockSettings(latency_ms=200)}
     async with Harness(redis, keys, backends=backends, env=env, backend_config={"a": {"max_concurrent": 4}}) as h:
-
-        async def low_running() -> int:
-            return int(await redis.zcount(keys.inflight("low"), time.time(), "+inf"))
-
         # When a backlog of low arrives while realtime has been idle
         for _ in range(200):
             await h.submit("low")
@@ -131,7 +131,7 @@ async def test_a_levels_reserved_slot_is_kept_only_while_it_had_traffic_recently
         seen: list[int] = []
         started = time.monotonic()
         while time.monotonic() - started < 0.8:
-            seen.append(await low_running())
+            seen.append(await _inflight(redis, keys, "low"))
             await asyncio.sleep(0.02)
         assert max(seen[10:]) == 3, seen  # (calls admitted before the realtime message end within 200 ms)
         # and once realtime has been quiet for the window, low takes the fourth slot again

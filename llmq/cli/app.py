@@ -14,7 +14,7 @@ import typer
 import uvicorn
 
 from llmq.cli import loop
-from llmq.cli.common import ConfigOption, load_or_exit, read_or_exit, say_which_redis
+from llmq.cli.common import ConfigOption, load_or_exit, on_redis, read_or_exit
 from llmq.cli.consume import consume
 from llmq.cli.dlq import dlq_app
 from llmq.cli.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedRedis
@@ -28,7 +28,7 @@ from llmq.pipeline.db import make_pool, migrate, wait_for_postgres
 from llmq.pipeline.errors import ConnectError, ListenError
 from llmq.pipeline.keyfile import read_key_file
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.level_status import LevelStatus, level_status
+from llmq.pipeline.level_status import level_status
 from llmq.pipeline.logging import reopen_logs, setup_logging
 from llmq.pipeline.redis import describe, make_redis, wait_for_redis
 from llmq.pipeline.runtime.ops_server import listen
@@ -340,21 +340,7 @@ def status(
     """Show each level's depth, pending, in-flight, consumers and oldest message age (and, on stderr, which
     Redis it read)."""
     cfg = load_or_exit(config)
-    say_which_redis(cfg, config)
-
-    async def fetch() -> list[LevelStatus]:
-        redis = make_redis(cfg.redis)
-        try:
-            await wait_for_redis(redis, cfg.redis, timeout_s=5)
-            return await level_status(redis, Keys(cfg.redis.key_prefix), cfg)
-        finally:
-            await redis.aclose()
-
-    try:
-        rows = asyncio.run(fetch())
-    except ConnectError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(ExitCode.CONNECT) from None
+    rows = on_redis(cfg, config, lambda redis, keys: level_status(redis, keys, cfg))
     if as_json:
         typer.echo(msgspec.json.encode(rows).decode())
         return

@@ -1,17 +1,24 @@
-"""What every command shares: the --config option and loading the config or exiting with code 3."""
+"""What every command shares: the --config option, loading the config or exiting with code 3, and running a
+short piece of work on the configured Redis or exiting with code 4."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
+import redis.asyncio as aioredis
 import typer
 
 from llmq.cli.exit_codes import ExitCode
 from llmq.pipeline.config import Config, LoadedConfig, read_config
-from llmq.pipeline.errors import ConfigError
-from llmq.pipeline.redis import describe
+from llmq.pipeline.errors import ConfigError, ConnectError
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.redis import describe, make_redis, wait_for_redis
+
+T = TypeVar("T")
 
 ConfigOption = Annotated[
     Path | None,
@@ -35,6 +42,26 @@ def say_which_redis(config: Config, path: Path | None) -> None:
     source = path or os.environ.get("CONFIG_PATH")
     origin = f"config {source}" if source else "no config file (--config or CONFIG_PATH): defaults and LLMQ_*"
     typer.echo(f"reading {describe(config.redis)}, key prefix {config.redis.key_prefix} ({origin})", err=True)
+
+
+def on_redis(config: Config, path: Path | None, work: Callable[[aioredis.Redis, Keys], Awaitable[T]]) -> T:
+    """Say which Redis (``say_which_redis``), then run ``work`` on it with the deployment's keys; exit code 4,
+    naming it, when it does not answer within 5 s."""
+    say_which_redis(config, path)
+
+    async def go() -> T:
+        redis = make_redis(config.redis)
+        try:
+            await wait_for_redis(redis, config.redis, timeout_s=5)
+            return await work(redis, Keys(config.redis.key_prefix))
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(go())
+    except ConnectError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(ExitCode.CONNECT) from None
 
 
 def read_or_exit(path: Path | None) -> LoadedConfig:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -12,13 +11,10 @@ from typing import Annotated, TypeVar
 import msgspec
 import typer
 
-from llmq.cli.common import ConfigOption, load_or_exit, say_which_redis
+from llmq.cli.common import ConfigOption, load_or_exit, on_redis
 from llmq.cli.exit_codes import ExitCode
 from llmq.pipeline.config.durations import parse_duration
 from llmq.pipeline.dlq import DeadLetter, DeadLetters
-from llmq.pipeline.errors import ConnectError
-from llmq.pipeline.keys import Keys
-from llmq.pipeline.redis import make_redis, wait_for_redis
 
 dlq_app = typer.Typer(help="Inspect, replay and purge dead letters.", no_args_is_help=True)
 
@@ -27,22 +23,8 @@ T = TypeVar("T")
 
 def _run(config: Path | None, work: Callable[[DeadLetters], Awaitable[T]]) -> T:
     cfg = load_or_exit(config)
-    say_which_redis(cfg, config)
-
-    async def go() -> T:
-        redis = make_redis(cfg.redis)
-        try:
-            await wait_for_redis(redis, cfg.redis, timeout_s=5)
-            levels = [lv.name for lv in cfg.queue.levels]
-            return await work(DeadLetters(redis=redis, keys=Keys(cfg.redis.key_prefix), levels=levels))
-        finally:
-            await redis.aclose()
-
-    try:
-        return asyncio.run(go())
-    except ConnectError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(ExitCode.CONNECT) from None
+    levels = [lv.name for lv in cfg.queue.levels]
+    return on_redis(cfg, config, lambda redis, keys: work(DeadLetters(redis=redis, keys=keys, levels=levels)))
 
 
 def _when(ts: float) -> str:

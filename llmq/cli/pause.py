@@ -3,7 +3,6 @@ before maintenance (``llmq.pipeline.pausing``)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
@@ -11,13 +10,11 @@ from typing import Annotated
 import redis.asyncio as aioredis
 import typer
 
-from llmq.cli.common import ConfigOption, load_or_exit, say_which_redis
+from llmq.cli.common import ConfigOption, load_or_exit, on_redis
 from llmq.cli.exit_codes import ExitCode
 from llmq.pipeline import pausing
 from llmq.pipeline.config import Config
-from llmq.pipeline.errors import ConnectError
 from llmq.pipeline.keys import Keys
-from llmq.pipeline.redis import make_redis, wait_for_redis
 
 Levels = Annotated[
     list[str] | None, typer.Argument(help="Levels (as named in the config). None: give --all.", show_default=False)
@@ -65,23 +62,11 @@ def _chosen(cfg: Config, levels: list[str] | None, every: bool) -> list[str]:
 
 
 def _run(cfg: Config, path: Path | None, change: Callable[[aioredis.Redis, Keys], Awaitable[None]]) -> None:
-    say_which_redis(cfg, path)
+    async def then_read(redis: aioredis.Redis, keys: Keys) -> dict[str, str]:
+        await change(redis, keys)
+        return await pausing.read(redis, keys)
 
-    async def go() -> dict[str, str]:
-        redis = make_redis(cfg.redis)
-        keys = Keys(cfg.redis.key_prefix)
-        try:
-            await wait_for_redis(redis, cfg.redis, timeout_s=5)
-            await change(redis, keys)
-            return await pausing.read(redis, keys)
-        finally:
-            await redis.aclose()
-
-    try:
-        paused = asyncio.run(go())
-    except ConnectError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(ExitCode.CONNECT) from None
+    paused = on_redis(cfg, path, then_read)
     if not paused:
         typer.echo("admitting every level")
     for name, since in sorted(paused.items()):
