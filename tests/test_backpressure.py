@@ -226,8 +226,9 @@ async def test_with_engine_metrics_the_waiting_happens_in_llmq_not_in_the_engine
             if window == "auto":
                 config |= {"max_concurrent": "auto", "concurrency": {"min": 1, "max": 8}}
         async with Harness(redis, keys, backends=backends, backend_config={"v": config}) as h:
-            # When 40 messages arrive at once
-            ids = [await h.submit() for _ in range(40)]
+            # When 80 messages arrive at once (enough that the window's first cut, a scrape or two after the
+            # first calls, does not decide the average)
+            ids = [await h.submit() for _ in range(80)]
             queues[metered] = await _engine_queue(h, ids)
     # Then without metrics the engine holds 6 waiting nearly all the time; with them, llmq sends nothing new
     # while any wait there, and the engine's queue is far shorter on average: with a fixed max_concurrent
