@@ -190,7 +190,7 @@ def test_a_bad_environment_value_names_the_variable() -> None:
         load_config(None, env={"LLMQ_SERVER__PORT": "eighty", "LLMQ_NOSUCH__THING": "1"})
     assert info.value.problems == [
         "nosuch: unknown field (expected one of: api_keys, backends, database, loadbalancer, logging, metrics, "
-        "queue, scheduler, server) (from LLMQ_NOSUCH__THING)",
+        "queue, scheduler, server, tenant_defaults, tenants) (from LLMQ_NOSUCH__THING)",
         'server.port: expected an integer, got str "eighty" (from LLMQ_SERVER__PORT)',
     ]
 

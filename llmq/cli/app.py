@@ -158,6 +158,8 @@ def _stage_problem(stage: str, cfg: Config) -> str | None:
             read_key_file(key_file)
         except (OSError, UnicodeDecodeError) as exc:  # (only the ingest reads it: the others need not see it)
             return f"server.api_keys_file: cannot read {key_file}: {exc.__class__.__name__}"
+        except ValueError as exc:  # the message names the line, never its words (a key)
+            return f"server.api_keys_file: {key_file}: {exc}"
     return None
 
 

@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from llmq.pipeline.echo import prompt_chars
+from llmq.pipeline.tokens import prompt_chars
 
 
 def made_up_chunks(

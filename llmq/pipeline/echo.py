@@ -10,19 +10,7 @@ import os
 import time
 from typing import Any
 
-
-def prompt_chars(request: dict[str, Any]) -> int:
-    """Characters of the messages' contents, or of a legacy ``prompt`` or an embedding's ``input`` (about 4
-    to a token)."""
-    messages = request.get("messages")
-    if isinstance(messages, list):
-        return sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
-    given = request.get("prompt", request.get("input"))
-    if isinstance(given, str):
-        return len(given)
-    if isinstance(given, list):
-        return sum(len(g) if isinstance(g, str) else 4 for g in given)
-    return 0
+from llmq.pipeline.tokens import prompt_chars
 
 
 def answer(endpoint: str, body: dict[str, Any], *, name: str, default_model: str) -> dict[str, Any]:

@@ -118,6 +118,29 @@ class Keys:
         digest = hashlib.sha256(session_id.encode()).hexdigest()
         return f"{self.prefix}:affinity:{digest}"
 
+    def tenant(self, tenant: str | None) -> str:
+        """Where a tenant's keys start (``None``: the unnamed tenant's); the name is hashed like sessions."""
+        digest = hashlib.sha256(b"\0" if tenant is None else tenant.encode()).hexdigest()[:32]
+        return f"{self.prefix}:tenant:{digest}"
+
+    def tenant_open(self, tenant: str | None) -> str:
+        """Sorted set of a tenant's messages accepted and not yet ended (its ``max_queued``), scored by when
+        their status hash would expire unended (a message lost with its hash leaves by then)."""
+        return f"{self.tenant(tenant)}:open"
+
+    def tenant_rate(self, tenant: str | None) -> str:
+        """Hash of a tenant's rate limits (``rpm``, ``tpm``): each one's theoretical arrival time (GCRA)."""
+        return f"{self.tenant(tenant)}:rate"
+
+    def tenant_vtime(self, level: str, tenant: str | None) -> str:
+        """A tenant's virtual time in a level: the estimated tokens / weight it was admitted for, from where it
+        started (``llmq.stages.schedule.fair``); it expires once the tenant has been idle a while."""
+        return f"{self.tenant(tenant)}:vt:{level}"
+
+    def level_vtime(self, level: str) -> str:
+        """A level's virtual time: the start of the latest admission, where a tenant new to the level starts."""
+        return f"{self.prefix}:vt:{level}"
+
     def consumer_lease(self, group: str, consumer: str) -> str:
         """Liveness lease of a consumer name: held by exactly one live process."""
         return f"{self.prefix}:consumer:{group}:{consumer}"

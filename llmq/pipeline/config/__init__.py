@@ -225,6 +225,10 @@ class SchedulerConfig(_Section, frozen=True):
     reserve_window: Duration = Duration("60s")
     """A level's ``reserved`` slots are kept free only while it has had a message within this window: an
     idle realtime level costs the lower levels nothing. ``0s``: kept always."""
+    lookahead: Positive = 2000
+    """How many waiting messages of each level a scheduler holds in view (at least its ``max_concurrent`` plus
+    ``queue.worker.max_batch_size``). Tenants share a level fairly among the messages in view: keep the
+    tenants' backlogs within it (``max_queued``) for fairness to hold while one of them floods the level."""
     direct_admission: bool = True
     """A message submitted on its own while no message waits in any level, and a slot is free for it (its
     level's max_concurrent, the backends' capacity less the slots higher levels keep reserved), is admitted by
@@ -330,6 +334,27 @@ class BackendConfig(_Section, frozen=True):
         return self.max_concurrent if isinstance(self.max_concurrent, int) else self.bounds.max
 
 
+class TenantLimits(_Section, frozen=True):
+    """What a tenant may take: its share of a level's admissions and its quotas (none when unset)."""
+
+    weight: Positive = 1
+    """Its share of a level's admissions against the other tenants waiting there, counted in estimated tokens
+    (a tenant of weight 2 gets twice the tokens of one of weight 1 while both wait)."""
+    max_queued: Positive | None = None
+    """Most of its messages accepted and not yet ended (waiting or running); past it, 429."""
+    rpm: Positive | None = None
+    """Most messages it may submit a minute (429 past it, with when to retry)."""
+    tpm: Positive | None = None
+    """Most estimated tokens (prompt characters / 4 plus the completion budget) it may submit a minute."""
+
+
+class TenantConfig(TenantLimits, frozen=True):
+    name: str = ""
+    """Required: what requests name in ``tenant`` (``X-LLMQ-Tenant``), what the archive's rows carry."""
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    """API keys that are this tenant's: a request with one of them is the tenant's, whatever it claims."""
+
+
 class Config(_Section, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
@@ -340,7 +365,25 @@ class Config(_Section, frozen=True):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     backends: list[BackendConfig] = msgspec.field(default_factory=list)
     api_keys: list[str] = msgspec.field(default_factory=list)
-    """Accepted API keys for the HTTP API; empty means the API is open."""
+    """Accepted API keys for the HTTP API; empty means the API is open. These keys belong to no tenant: a
+    request with one names its tenant itself (``tenant``, ``X-LLMQ-Tenant``)."""
+    tenants: list[TenantConfig] = msgspec.field(default_factory=list)
+    """Tenants with a weight, quotas or API keys of their own; any other tenant has ``tenant_defaults``."""
+    tenant_defaults: TenantLimits = msgspec.field(default_factory=TenantLimits)
+    """The weight and quotas of a tenant not listed in ``tenants`` (a request that names no tenant is the
+    unnamed tenant's, with these too)."""
+
+    @property
+    def keys_with_tenants(self) -> list[tuple[str, str | None]]:
+        """Every API key of the config with the tenant it belongs to (None: ``api_keys``, no tenant's)."""
+        return [(k, None) for k in self.api_keys] + [(k, t.name) for t in self.tenants for k in t.api_keys]
+
+    def tenant(self, name: str | None) -> TenantLimits:
+        """The weight and quotas of a tenant."""
+        for t in self.tenants:
+            if t.name == name:
+                return t
+        return self.tenant_defaults
 
     @property
     def redis(self) -> RedisConfig:

@@ -29,6 +29,7 @@ SECRET_FIELDS = (
     "database.postgres.password",
     "database.postgres.dsn",
     "api_keys",
+    "tenants[].api_keys",
 )
 """Fields whose values are or may contain secrets. Backends' keys are not among them: the config names only
 the environment variable holding each (``backends[].api_key_env``)."""
@@ -67,6 +68,7 @@ _ENCODE_HINT = "percent-encode any '/', '?', '#' or '@' in the user name and pas
 def holds_secret(path: str) -> bool:
     """Whether the value at ``path`` may be a secret: a secret field, an item of one (``api_keys[0]``), or a
     section above one, where a misplaced secret would land (``database.redis: "redis://:pw@host"``)."""
+    path = re.sub(r"\[\d+\]", "[]", path)  # tenants[2].api_keys[0] is tenants[].api_keys[]
     return any(path == field or path.startswith(field + "[") or field.startswith(path + ".") for field in SECRET_FIELDS)
 
 
@@ -212,10 +214,11 @@ def semantic_problems(config: Config) -> list[str]:
     for i, key in enumerate(config.api_keys):
         if not key.strip():
             problems.append(f"api_keys[{i}]: an empty key would let in every request that sends none")
+    problems += _tenant_problems(config)
     key_file = config.server.api_keys_file
     if (
         config.server.mode == "production"
-        and not config.api_keys
+        and not config.keys_with_tenants
         and key_file is None
         and not config.server.allow_anonymous
     ):
@@ -227,6 +230,28 @@ def semantic_problems(config: Config) -> list[str]:
     problems += _connection_problems(config)
     if not config.metrics.path.startswith("/"):
         problems.append(f"metrics.path: {config.metrics.path!r} must start with '/'")
+    return problems
+
+
+def _tenant_problems(config: Config) -> list[str]:
+    problems = []
+    names: dict[str, int] = {}
+    owners: dict[str, str] = {}
+    for i, tenant in enumerate(config.tenants):
+        if not tenant.name.strip():
+            problems.append(f"tenants[{i}].name: required, and not blank")
+        elif tenant.name in names:
+            problems.append(f"tenants[{i}].name: {tenant.name!r} is tenants[{names[tenant.name]}] already")
+        names.setdefault(tenant.name, i)
+        for j, key in enumerate(tenant.api_keys):
+            where = f"tenants[{i}].api_keys[{j}]"
+            if not key.strip():
+                problems.append(f"{where}: an empty key would let in every request that sends none")
+            elif key in config.api_keys:
+                problems.append(f"{where}: the key is in api_keys too, where it belongs to no tenant")
+            elif key in owners and owners[key] != where:
+                problems.append(f"{where}: the key is {owners[key]} already; a key belongs to one tenant")
+            owners.setdefault(key, where)
     return problems
 
 

@@ -1,10 +1,17 @@
 --[[ status: every change of a message's status hash (<prefix>msg:<id>), one function per transition.
 Included by each script that changes it; llmq/pipeline/transitions.py builds the commit effects that call
 them. The hash's fields: status, level, attempts, enqueued_at, scheduled_at, started_at, retry_at,
-finished_at, cancelled_at, replayed_at, backend, result, error, streamed, abort, behind, left_mark.
+finished_at, cancelled_at, replayed_at, backend, result, error, streamed, abort, behind, left_mark, open.
 ]]
 local function status_of(hash)
   return redis.call('HGET', hash, 'status')
+end
+
+-- Ended: no longer one of its tenant's open messages (the set submit.lua counts max_queued by, named in
+-- the hash's 'open' field).
+local function status_closed(hash)
+  local open = redis.call('HGET', hash, 'open')
+  if open then redis.call('ZREM', open, hash) end
 end
 
 -- Submitted: queued in its level; the hash lives ttl seconds at most until the message ends. A streamed
@@ -44,17 +51,20 @@ end
 -- Reached its end: the terminal status and the outcome's fields (field, value, ..., 'status' among
 -- them); the hash is kept ttl seconds.
 local function status_ended(hash, ttl, ...)
+  status_closed(hash)
   redis.call('HSET', hash, ...)
   redis.call('EXPIRE', hash, ttl)
 end
 
 -- An end that a cancel overtook: the hash stays cancelled, and is kept ttl seconds.
 local function status_cancel_kept(hash, ttl)
+  status_closed(hash)
   redis.call('EXPIRE', hash, ttl)
 end
 
 -- Cancelled by its client before it reached a backend.
 local function status_cancelled(hash, now)
+  status_closed(hash)
   redis.call('HSET', hash, 'status', CANCELLED, 'cancelled_at', now)
 end
 

@@ -14,8 +14,13 @@ scheduler.reserve_window), it goes straight to the dispatch stream with its slot
 scheduler to wake. With anything waiting, it is queued. Each level's latest submission time is kept (the
 levels' activity hash), for that window.
 
-KEYS       per message: its level stream, its status hash, its idempotency record, and the record an
-           earlier release kept for the same key (the same record again when none; see llmq/pipeline/submit.py).
+A tenant over a quota gets nothing queued: its open messages (accepted, not ended: a sorted set of their
+status hashes, left by status.lua's ends) at max_queued, or a rate limit (rpm, tpm: GCRA, a minute's worth
+allowed at once) that this message would pass. A repeated call counts nothing twice: it finds the hash.
+
+KEYS       per message: its level stream, its status hash, its idempotency record, the record an earlier
+           release kept for the same key (the same record again when none; see llmq/stages/ingest/submit.py),
+           its tenant's open messages, its tenant's rates.
            A message without an idempotency key names a record it never reads (keys share one hash tag).
            With direct admission, then: every level's stream, every level's in-flight set (both in the
            order of the levels' ARGV below), the dispatch stream. Last: the paused levels' hash (a paused
@@ -23,13 +28,14 @@ KEYS       per message: its level stream, its status hash, its idempotency recor
 ARGV[1]    status hash TTL in seconds      ARGV[2]  idempotency record TTL in seconds
 ARGV[3]    m, the number of messages       ARGV[4]  now (Unix seconds) to admit a lone message directly, or ''
 ARGV[5..]  per message: payload, message id, level, enqueued_at, the level's max depth, the digest of
-           the request ('' when it has no idempotency key), '1' when it is streamed ('' when not)
+           the request ('' when it has no idempotency key), '1' when it is streamed ('' when not), its
+           tenant's max_queued, rpm and tpm ('' for none), its estimated tokens
 then, with direct admission: the lease expiry of an in-flight slot, the backends' capacity, n (the number
 of levels), the index of the message's level among them, the reserve window in seconds (0: reserved slots
 are always kept), and per level: max_concurrent, reserved, priority, name.
 Returns per message one of: {'queued', id, depth before it (-1: queued by an earlier run), 1 when it was
 admitted directly}, {'duplicate', first id}, {'conflict', first id} (the key came with another request),
-{'full', depth}.
+{'full', depth}, {'limited', the quota's name, seconds to wait, the quota, the tenant's figure now}.
 ]]
 -- The level's depth, and the count of its entries that have left it (false when Redis cannot tell).
 local function waiting(stream)
@@ -49,6 +55,50 @@ local function waiting(stream)
   return redis.call('XLEN', stream), false
 end
 
+-- Rate limits by GCRA: each limit's theoretical arrival time moves on by cost * 60 / rate; a request that
+-- would move it more than a minute past now waits for the rest.
+local RATE_WINDOW = 60
+local function tat_after(rates, name, rate, cost, now)
+  local tat = math.max(tonumber(redis.call('HGET', rates, name)) or 0, now)
+  return tat + cost * RATE_WINDOW / rate
+end
+
+-- Which quota the message would break, how long until it would not, and the figure: or nil.
+local function over_quota(open, rates, max_queued, rpm, tpm, tokens, now)
+  if max_queued then
+    redis.call('ZREMRANGEBYSCORE', open, '-inf', now)
+    local n = redis.call('ZCARD', open)
+    if n >= max_queued then return {'max_queued', 1, max_queued, n} end
+  end
+  local late, which = 0, nil
+  for _, q in ipairs({{'rpm', rpm, 1}, {'tpm', tpm, tokens}}) do
+    if q[2] then
+      local wait = tat_after(rates, q[1], q[2], q[3], now) - now - RATE_WINDOW
+      if wait > late then late, which = wait, q[1] end
+    end
+  end
+  if which then
+    local limit = which == 'rpm' and rpm or tpm
+    return {which, math.ceil(late), limit, limit}
+  end
+end
+
+local function count_quota(open, rates, hash, max_queued, rpm, tpm, tokens, now, ttl)
+  if max_queued then
+    redis.call('ZADD', open, now + ttl, hash)
+    redis.call('HSET', hash, 'open', open)
+  end
+  local until_s = 0
+  for _, q in ipairs({{'rpm', rpm, 1}, {'tpm', tpm, tokens}}) do
+    if q[2] then
+      local tat = tat_after(rates, q[1], q[2], q[3], now)
+      redis.call('HSET', rates, q[1], tostring(tat))
+      until_s = math.max(until_s, tat - now)
+    end
+  end
+  if until_s > 0 then redis.call('EXPIRE', rates, math.ceil(until_s) + 1) end
+end
+
 --@include status
 --@include inflight
 local hash_ttl, idem_ttl, m, direct_at = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
@@ -57,7 +107,7 @@ local paused, active = KEYS[#KEYS - 1], KEYS[#KEYS]
 -- Admit the lone message now, if nothing waits anywhere and a slot is free for it.
 local function admit_at_once(payload, id, level)
   if redis.call('HEXISTS', paused, level) == 1 or redis.call('HEXISTS', paused, '*') == 1 then return false end
-  local d = 5 + 7 * m
+  local d = 5 + 11 * m
   local exp, cap, n, own = ARGV[d], tonumber(ARGV[d + 1]), tonumber(ARGV[d + 2]), tonumber(ARGV[d + 3])
   local window = tonumber(ARGV[d + 4])
   local function level_arg(j, k) return ARGV[d + 5 + 4 * (j - 1) + k] end
@@ -68,26 +118,29 @@ local function admit_at_once(payload, id, level)
     return tonumber(level_arg(j, 1))
   end
   for j = 1, n do
-    if waiting(KEYS[4 * m + j]) > 0 then return false end
+    if waiting(KEYS[6 * m + j]) > 0 then return false end
   end
-  local held, total = inflight_counts(4 * m + n + 1, n, direct_at)
+  local held, total = inflight_counts(6 * m + n + 1, n, direct_at)
   if held[own] >= tonumber(level_arg(own, 0)) then return false end
   local floor = 0
   for j = 1, n do
     if tonumber(level_arg(j, 2)) < tonumber(level_arg(own, 2)) then floor = floor + math.max(0, kept(j) - held[j]) end
   end
   if total >= cap - floor then return false end
-  inflight_hold(KEYS[4 * m + n + own], id, exp)
-  redis.call('XADD', KEYS[4 * m + 2 * n + 1], '*', M, payload)
+  inflight_hold(KEYS[6 * m + n + own], id, exp)
+  redis.call('XADD', KEYS[6 * m + 2 * n + 1], '*', M, payload)
   return true
 end
 
 local depths, lefts, out, latest = {}, {}, {}, {}
 for i = 1, m do
-  local stream, hash, idem, legacy = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
-  local a = 5 + 7 * (i - 1)
+  local stream, hash, idem, legacy = KEYS[6 * i - 5], KEYS[6 * i - 4], KEYS[6 * i - 3], KEYS[6 * i - 2]
+  local open, rates = KEYS[6 * i - 1], KEYS[6 * i]
+  local a = 5 + 11 * (i - 1)
   local payload, id, level, enqueued, max_depth, digest, streamed =
     ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5], ARGV[a + 6]
+  local max_queued, rpm, tpm, tokens = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9]),
+    tonumber(ARGV[a + 10])
   local first = digest ~= '' and (redis.call('GET', idem) or (legacy ~= idem and redis.call('GET', legacy)))
   if redis.call('EXISTS', hash) == 1 then
     out[i] = {'queued', id, -1}
@@ -102,17 +155,22 @@ for i = 1, m do
   else
     if not depths[stream] then depths[stream], lefts[stream] = waiting(stream) end
     local depth = depths[stream]
+    local quota = depth < max_depth and over_quota(open, rates, max_queued, rpm, tpm, tokens, tonumber(enqueued))
     if depth >= max_depth then
       out[i] = {'full', depth}
+    elseif quota then
+      out[i] = {'limited', quota[1], quota[2], quota[3], quota[4]}
     elseif direct_at ~= '' and m == 1 and admit_at_once(payload, id, level) then
       if digest ~= '' then redis.call('SET', idem, id .. ' ' .. digest, 'EX', idem_ttl) end
       status_queued(hash, level, enqueued, hash_ttl, streamed)
       status_scheduled(hash, direct_at)
+      count_quota(open, rates, hash, max_queued, rpm, tpm, tokens, tonumber(enqueued), hash_ttl)
       out[i] = {'queued', id, 0, 1}
     else
       if digest ~= '' then redis.call('SET', idem, id .. ' ' .. digest, 'EX', idem_ttl) end
       redis.call('XADD', stream, '*', M, payload)
       status_queued(hash, level, enqueued, hash_ttl, streamed, depth, lefts[stream])
+      count_quota(open, rates, hash, max_queued, rpm, tpm, tokens, tonumber(enqueued), hash_ttl)
       out[i] = {'queued', id, depth}
       depth = depth + 1
     end

@@ -35,8 +35,9 @@ from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.stage import Stage
 from llmq.pipeline.runtime.streams import Entry
 from llmq.pipeline.streamed import is_streamed
+from llmq.pipeline.tokens import estimate_tokens
 from llmq.pipeline.window import REFRESH_S, Windows
-from llmq.stages.dispatch.calls import Caller, CallResult, clean_text, estimate_tokens, storable, token_count
+from llmq.stages.dispatch.calls import Caller, CallResult, clean_text, storable, token_count
 from llmq.stages.dispatch.engines import Engines
 from llmq.stages.dispatch.http_pool import Pool
 from llmq.stages.dispatch.limits import BackendLimits

@@ -1,8 +1,5 @@
-"""A call to a backend: what it costs before (the token estimate, for tpm limits), making it (``Caller``),
-and what its answer means after (``classify``: completed, retried or failed; ``storable``).
-
-The echo backend counts its reported prompt tokens with the same ``prompt_chars``.
-"""
+"""A call to a backend: making it (``Caller``), and what its answer means after (``classify``: completed,
+retried or failed; ``storable``). Its estimated cost in tokens is ``llmq.pipeline.tokens``'."""
 
 from __future__ import annotations
 
@@ -24,7 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from llmq.pipeline.chunks import Assembler
 from llmq.pipeline.config import BackendConfig, Config
-from llmq.pipeline.echo import ECHO_SCHEME, answer, prompt_chars
+from llmq.pipeline.echo import ECHO_SCHEME, answer
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import Coalesced, Lua
 from llmq.pipeline.models import Message, Status
@@ -73,18 +70,7 @@ class CallResult(msgspec.Struct, kw_only=True):
     attempt counted nothing: the slot was held already)."""
 
 
-MAX_ESTIMATE = 10**9
-"""No estimate is larger: a client's max_tokens of 1e15 must not overflow a minute's token counter."""
 TOKENS_MAX = 2**63 - 1
-
-
-def estimate_tokens(request: dict[str, Any]) -> int:
-    """Prompt characters / 4 plus the requested completion budget (256 when unset or not a positive number),
-    at most ``MAX_ESTIMATE``."""
-    budget = request.get("max_completion_tokens") or request.get("max_tokens")
-    if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
-        budget = 256
-    return int(min(MAX_ESTIMATE, prompt_chars(request) // 4 + min(budget, MAX_ESTIMATE)))
 
 
 def token_count(value: object) -> int | None:

@@ -16,7 +16,7 @@ from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import Coalesced, Lua
 from llmq.pipeline.runtime import effects
 from llmq.pipeline.runtime.effects import Effect
-from llmq.stages.dispatch.calls import MAX_ESTIMATE
+from llmq.pipeline.tokens import MAX_ESTIMATE
 
 
 class BackendLimits:

@@ -97,7 +97,7 @@ class Admin:
             title="llmq",
             version="0.1.0",
             levels=self.levels,
-            secured=bool(self.config.api_keys) or self.config.server.api_keys_file is not None,
+            secured=bool(self.config.keys_with_tenants) or self.config.server.api_keys_file is not None,
             max_wait_s=self.config.server.max_poll_wait.seconds,
         )
         return respond(doc)

@@ -35,7 +35,7 @@ def create_app(
     messages = Messages(config, redis=redis, keys=keys, pool=pool)
     admin = Admin(config, redis=redis, keys=keys, pool=pool)
     openai = OpenAIFacade(messages, config)
-    ring = KeyRing(list(config.api_keys), config.server.api_keys_file)
+    ring = KeyRing(config.keys_with_tenants, config.server.api_keys_file)
     routes = [
         ("/api/v1/messages", messages.submit, ["POST"]),
         ("/api/v1/messages/batch", messages.submit_batch, ["POST"]),

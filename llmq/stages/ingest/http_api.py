@@ -34,6 +34,7 @@ PUBLIC_PATHS = frozenset({"/api/v1/health", "/api/v1/metrics", "/openapi.json", 
 REASONS = {
     400: "malformed",
     401: "auth",
+    403: "tenant",
     404: "not_found",
     409: "conflict",
     413: "too_large",
@@ -91,9 +92,21 @@ def caller(request: Request) -> str:
     return str(request.scope.get("state", {}).get("caller", ""))
 
 
+def tenant_of(request: Request, claimed: str | None, field: str) -> str | None:
+    """The tenant a request is: its API key's, when the key is a tenant's (BadInput 403 when it claims another
+    one in ``field``); otherwise the one it names, if any (no keys, or a key of no tenant)."""
+    owner = request.scope.get("state", {}).get("tenant")
+    if owner is None:
+        return claimed
+    if claimed is not None and claimed != owner:
+        raise BadInput(403, f"this API key is tenant {owner!r}'s; it cannot submit as {claimed!r}", field)
+    return str(owner)
+
+
 class ApiKeyMiddleware:
     """401 unless ``Authorization: Bearer <key>`` or ``X-API-Key`` matches a configured key (constant-time
-    comparison against every key; keys are never logged). The request's ``caller`` is set from the key."""
+    comparison against every key; keys are never logged). The request's ``caller`` is set from the key, and
+    its ``tenant`` when the key is a tenant's."""
 
     def __init__(self, app: ASGIApp, ring: KeyRing, metrics_path: str) -> None:
         self.app = app
@@ -109,15 +122,18 @@ class ApiKeyMiddleware:
         auth = headers.get(b"authorization", b"")
         if auth[:7].lower() == b"bearer ":
             given = auth[7:].strip()
-        ok = False
-        for key in self.ring.keys:
-            ok |= hmac.compare_digest(given, key)
+        ok, tenant = False, None
+        for key, owner in self.ring.keys:  # every key compared, whichever matches: the time tells nothing
+            if hmac.compare_digest(given, key):
+                ok, tenant = True, owner
         if not ok:
             await reject(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})(
                 scope, receive, send
             )
             return
-        scope.setdefault("state", {})["caller"] = caller_of(given)
+        state = scope.setdefault("state", {})
+        state["caller"] = caller_of(given)
+        state["tenant"] = tenant
         await self.app(scope, receive, send)
 
 

@@ -1,9 +1,9 @@
-"""The API keys the ingest accepts: the config's (``api_keys``, ``LLMQ_API_KEYS``) and those of a key file
-(``server.api_keys_file``, one key a line), read again when the file changes (checked every ``CHECK_S``)
-or on SIGHUP, so keys rotate without a restart: add the new key, move clients over, remove the old one.
-Write the file whole and rename it into place (as a Kubernetes Secret volume does): a file read half
-written would turn keys away until the next check. With a key file the API is never open, even while the
-file holds no key."""
+"""The API keys the ingest accepts: the config's (``api_keys``, ``LLMQ_API_KEYS``, ``tenants[].api_keys``)
+and those of a key file (``server.api_keys_file``, one key a line, its tenant after it or none), read again
+when the file changes (checked every ``CHECK_S``) or on SIGHUP, so keys rotate without a restart: add the new
+key, move clients over, remove the old one. Write the file whole and rename it into place (as a Kubernetes
+Secret volume does): a file read half written would turn keys away until the next check. With a key file
+the API is never open, even while the file holds no key."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ CHECK_S = 2.0
 
 
 class KeyRing:
-    def __init__(self, static: list[str], path: str | None) -> None:
-        self.static = [k.encode() for k in static]
+    def __init__(self, static: list[tuple[str, str | None]], path: str | None) -> None:
+        self.static = [(k.encode(), t) for k, t in static]
         self.path = path
-        self.keys: list[bytes] = list(self.static)
-        """Every key accepted now."""
+        self.keys: list[tuple[bytes, str | None]] = list(self.static)
+        """Every key accepted now, with the tenant it belongs to (None: a key of no tenant)."""
         self._seen: bytes | None = None
         self.reload()
 
@@ -39,15 +39,15 @@ class KeyRing:
             return False
         try:
             from_file = read_key_file(self.path)
-        except (OSError, UnicodeDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
             log.error("could not read server.api_keys_file %s: %s; the keys stay as they were", self.path, exc)
             return False
-        digest = hashlib.sha256("\n".join(from_file).encode()).digest()
+        digest = hashlib.sha256(repr(from_file).encode()).digest()
         if digest == self._seen:
             return False
         first = self._seen is None
         self._seen = digest
-        self.keys = self.static + [k.encode() for k in from_file]
+        self.keys = self.static + [(k.encode(), t) for k, t in from_file]
         if not first:
             log.info("API keys reloaded from %s: %d accepted", self.path, len(self.keys))
         return True

@@ -41,9 +41,19 @@ from llmq.stages.ingest.http_api import (
     read_body,
     reject,
     respond,
+    tenant_of,
 )
 from llmq.stages.ingest.sse import Item, life
-from llmq.stages.ingest.submit import Submission, Submitted, Submitter, Verdict, new_message, request_digest
+from llmq.stages.ingest.submit import (
+    Quota,
+    Submission,
+    Submitted,
+    Submitter,
+    Verdict,
+    new_message,
+    over_tpm,
+    request_digest,
+)
 
 RESUMES = Counter("llmq_stream_resumes_total", "Event streams opened after an event id (a client resuming)")
 DISCONNECT_CANCELS = Counter(
@@ -110,11 +120,13 @@ class Messages:
             level=sub.level,
             request=sub.request,
             session_id=sub.session_id,
-            tenant=sub.tenant,
+            tenant=tenant_of(request, sub.tenant, f"{where}tenant"),
             idempotency_key=sub.idempotency_key,
             deadline_ms=sub.deadline_ms,
             metadata=sub.metadata,
         )
+        if why := over_tpm(self.config, msg):
+            raise BadInput(422, why, f"{where}request.max_tokens")
         try:
             digest = request_digest(sub) if sub.idempotency_key else ""
         except ValueError as exc:
@@ -137,6 +149,13 @@ class Messages:
         over = depth - self.submitter.max_size[level] + 1
         return {"Retry-After": str(self.drain.retry_after_s(level, max(1, over)))}
 
+    def limited(self, level: str, quota: Quota) -> dict[str, str]:
+        """The Retry-After of a 429 for a tenant over a quota: when its rate allows the message, or when, at the
+        level's measured drain rate, enough of its open messages will have ended."""
+        if quota.name == "max_queued":
+            return {"Retry-After": str(self.drain.retry_after_s(level, max(1, quota.figure - quota.limit + 1)))}
+        return {"Retry-After": str(quota.retry_after_s)}
+
     async def submit(self, request: Request) -> Response:
         body = await read_body(request, limit=self.max_body)
         submission = self._message(decode_json(_submit_decoder, body), request)
@@ -147,6 +166,9 @@ class Messages:
         if result.verdict is Verdict.FULL:
             headers = self.full(msg.level, result.depth or 0)
             return reject(429, f"level {msg.level!r} is full ({result.depth} waiting)", headers=headers)
+        if result.quota is not None:
+            headers = self.limited(msg.level, result.quota)
+            return reject(429, result.quota.describe(msg.tenant), "tenant", headers=headers)
         if result.verdict is Verdict.DUPLICATE:
             try:
                 existing = await self.view(result.message_id or "")
@@ -191,6 +213,12 @@ class Messages:
                 REJECTED.labels(reason="backpressure").inc()
                 results[i] = schema.BatchItem(
                     index=i, status_code=429, error=f"level {msg.level!r} is full", level=msg.level
+                )
+                continue
+            if result.quota is not None:
+                REJECTED.labels(reason="quota").inc()
+                results[i] = schema.BatchItem(
+                    index=i, status_code=429, error=result.quota.describe(msg.tenant), field=f"[{i}].tenant"
                 )
                 continue
             code, doc = self._accepted(msg, result)

@@ -17,8 +17,8 @@ from starlette.responses import Response, StreamingResponse
 
 from llmq.pipeline.chunks import Assembler
 from llmq.pipeline.config import Config
-from llmq.pipeline.echo import prompt_chars
 from llmq.pipeline.models import Status, new_id
+from llmq.pipeline.tokens import prompt_chars
 from llmq.stages.ingest import schema, sse
 from llmq.stages.ingest.http_api import (
     INGESTED,
@@ -30,9 +30,10 @@ from llmq.stages.ingest.http_api import (
     openai_error,
     read_body,
     respond,
+    tenant_of,
 )
 from llmq.stages.ingest.sse import OPEN_STREAMS, SSE_HEADERS, Item
-from llmq.stages.ingest.submit import Submission, Submitted, Verdict, new_message, request_digest
+from llmq.stages.ingest.submit import Quota, Submission, Submitted, Verdict, new_message, over_tpm, request_digest
 
 _answered = re.compile(r"answered (\d{3}):")
 _any_decoder = msgspec.json.Decoder()
@@ -55,6 +56,8 @@ class Queue(Protocol):
     def wait_s(self, level: str, ahead: int) -> float | None: ...
 
     def full(self, level: str, depth: int) -> dict[str, str]: ...
+
+    def limited(self, level: str, quota: Quota) -> dict[str, str]: ...
 
 
 class OpenAIFacade:
@@ -110,15 +113,21 @@ class OpenAIFacade:
             if value is not None and len(value) > schema.TEXT_MAX:
                 return openai_error(400, f"{header} is over {schema.TEXT_MAX} characters", param=header)
             named[header] = value
+        try:
+            tenant = tenant_of(request, named["x-llmq-tenant"], "X-LLMQ-Tenant")
+        except BadInput as exc:
+            return openai_error(exc.status, exc.message, param=exc.field, kind="permission_error")
         msg = new_message(
             message_id=new_id(),
             level=level,
             request=doc,
             session_id=named["x-llmq-session-id"],
-            tenant=named["x-llmq-tenant"],
+            tenant=tenant,
             idempotency_key=named["idempotency-key"],
             endpoint=endpoint,
         )
+        if why := over_tpm(self.config, msg):
+            return openai_error(400, why, param="max_tokens")
         try:
             payload = encode_message(msg)
         except BadInput as exc:
@@ -134,6 +143,12 @@ class OpenAIFacade:
         if result.verdict is Verdict.FULL:
             response = openai_error(429, f"priority level {level!r} is full; retry later", kind="rate_limit_error")
             response.headers.update(self.queue.full(level, result.depth or 0))
+            return response
+        if result.quota is not None:
+            response = openai_error(
+                429, result.quota.describe(msg.tenant), param="X-LLMQ-Tenant", kind="rate_limit_error"
+            )
+            response.headers.update(self.queue.limited(level, result.quota))
             return response
         message_id = result.message_id or msg.id
         if result.verdict is Verdict.QUEUED:

@@ -9,7 +9,8 @@ An idempotency key belongs to whoever sent it: the record is keyed by the caller
 the key, and holds a digest of the request, so another caller's key never returns this one's message and
 a key reused with a different request is a conflict (as Stripe answers). A level's depth is lag + pending
 of the ``schedule`` group (what waits for admission), not XLEN, which also counts acked entries not yet
-trimmed.
+trimmed. A tenant's quotas (``max_queued``, ``rpm``, ``tpm``) are checked by the same script, with the
+message: one over a quota is refused (``Verdict.LIMITED``) and counts toward nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from llmq.pipeline.models import Message
 from llmq.pipeline.redis import UNAVAILABLE
 from llmq.pipeline.runtime.streams import as_str
 from llmq.pipeline.streamed import is_streamed
+from llmq.pipeline.tokens import estimate_tokens
 
 HASH_TTL_S = 7 * 24 * 3600
 """A queued message's status hash lives this long at most; finishing sets ``queue.result_retention``."""
@@ -49,6 +51,8 @@ class Verdict(enum.Enum):
     DUPLICATE = "duplicate"
     CONFLICT = "conflict"
     FULL = "full"
+    LIMITED = "limited"
+    """Its tenant is over a quota."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,43 @@ class Submitted:
     made it full."""
     admitted: bool = False
     """It was admitted at once (``scheduler.direct_admission``): it is on its way to a backend."""
+    quota: Quota | None = None
+    """The quota its tenant is over (``Verdict.LIMITED``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """A tenant's quota that refused a message."""
+
+    name: str
+    """``max_queued``, ``rpm`` or ``tpm``: the field of ``tenants[]`` (or ``tenant_defaults``)."""
+    limit: int
+    retry_after_s: int
+    """When the message would be accepted (rates), or 1 (``max_queued``: when one of the tenant's ends)."""
+    figure: int
+    """Its open messages (``max_queued``), or the limit itself."""
+
+    def describe(self, tenant: str | None) -> str:
+        if self.name == "max_queued":
+            return f"{_who(tenant)} has {self.figure} messages queued or running, its max_queued of {self.limit}"
+        unit = "messages" if self.name == "rpm" else "estimated tokens"
+        return f"{_who(tenant)} is over its {self.name} of {self.limit} {unit} a minute"
+
+
+def _who(tenant: str | None) -> str:
+    return "the unnamed tenant" if tenant is None else f"tenant {tenant!r}"
+
+
+def over_tpm(config: Config, msg: Message) -> str | None:
+    """Why a message can never pass its tenant's tpm (its estimate alone is more), or None."""
+    tpm = config.tenant(msg.tenant).tpm
+    tokens = estimate_tokens(msg.request) if tpm else 0
+    if tpm and tokens > tpm:
+        return (
+            f"the request's estimate of {tokens} tokens (prompt characters / 4 + max_tokens) is more than "
+            f"{_who(msg.tenant)}'s tpm of {tpm}: lower max_tokens or the prompt"
+        )
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,10 +228,14 @@ class Submitter:
             record = idempotency_record(self.keys, sub.caller, msg.tenant, idem) if idem else self.keys.idem("")
             legacy = (legacy_record(self.keys, sub.caller, idem) if idem else None) or record
             keys += [self.keys.level(msg.level), self.keys.msg(msg.id), record, legacy]
+            keys += [self.keys.tenant_open(msg.tenant), self.keys.tenant_rate(msg.tenant)]
             # callers validate the level
             digest = (sub.digest or "-") if idem else ""
             streamed = "1" if is_streamed(msg) else ""
             args += [sub.payload, msg.id, msg.level, msg.enqueued_at, self.max_size[msg.level], digest, streamed]
+            quotas = self.config.tenant(msg.tenant)
+            tokens = estimate_tokens(msg.request) if quotas.tpm else 0
+            args += [quotas.max_queued or "", quotas.rpm or "", quotas.tpm or "", tokens]
         if direct:
             keys += self._direct_keys
             level = self._index[subs[0].message.level]
@@ -202,6 +247,9 @@ class Submitter:
 
 def _verdict(reply: list[bytes | int]) -> Submitted:
     verdict = Verdict(as_str(reply[0]))
+    if verdict is Verdict.LIMITED:
+        quota = Quota(as_str(reply[1]), int(reply[3]), max(1, int(reply[2])), int(reply[4]))
+        return Submitted(verdict, None, quota=quota)
     if verdict is Verdict.FULL:
         return Submitted(verdict, None, int(reply[1]))
     if verdict in (Verdict.DUPLICATE, Verdict.CONFLICT):

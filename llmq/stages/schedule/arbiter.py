@@ -6,9 +6,10 @@ It picks the next messages with ``admission.select`` and admits them with one ca
 sorted set per level scored by lease expiry, so a crashed dispatcher's slots free themselves), acks each
 message in its level and does the hand-off — ZADD in-flight, XADD dispatch, status "scheduled" —
 atomically. Several scheduler processes therefore never over-admit, and a repeated admission admits
-nothing twice. While a backlog waits and calls take a regular time, the admissions of every level but the
-top one and those with reserved slots are staggered (``stagger``); the time of the next one is kept in
-Redis for every scheduler process.
+nothing twice. Within a level, tenants take turns by their fair shares (``fair``): the script moves their
+virtual times with each admission. While a backlog waits and calls take a regular time, the admissions of
+every level but the top one and those with reserved slots are staggered (``stagger``); the time of the
+next one is kept in Redis for every scheduler process.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,6 +33,7 @@ from llmq.pipeline.notify import Listener
 from llmq.pipeline.redis import UNAVAILABLE
 from llmq.pipeline.runtime.streams import Entry, as_str
 from llmq.stages.schedule.admission import LevelView, select
+from llmq.stages.schedule.fair import VTIME_TTL_S, LevelQueue
 from llmq.stages.schedule.stagger import Stagger, stagger
 
 log = logging.getLogger("llmq.schedule")
@@ -61,6 +62,8 @@ class Candidate:
     entry: Entry
     message: Message
     decisions: Decisions
+    cost: float = 1.0
+    """Its estimated tokens over its tenant's weight: how far its admission moves the tenant's virtual time."""
     decided: bool = False
 
     def decide(self, status: Decision) -> None:
@@ -95,7 +98,7 @@ class Arbiter:
         self.overcommit = sum(b.overcommit for b in config.backends)
         """Calls the top level may have over the capacity, on backends that schedule by priority."""
         self.lease_s = config.lease_s
-        self.waiting: dict[str, deque[Candidate]] = {lv.name: deque() for lv in self.levels}
+        self.waiting: dict[str, LevelQueue] = {lv.name: LevelQueue() for lv in self.levels}
         self._wake = asyncio.Event()
         self._wrr: dict[str, int] = {}
         self._admit = Lua(redis, "admit")
@@ -162,7 +165,12 @@ class Arbiter:
     async def _round(self) -> None:
         now = time.time()
         self._expire(now)
+        # Where tenants wait together, their virtual times are read to order them.
+        shared = [name for name, q in self.waiting.items() if len(q.tenants) > 1]
         pipe = self.redis.pipeline(transaction=False)
+        for name in shared:
+            tenants = list(self.waiting[name].tenants)
+            pipe.mget([self.keys.level_vtime(name)] + [self.keys.tenant_vtime(name, t) for t in tenants])
         for lv in self.levels:
             inflight.count_live(pipe, self.keys, lv.name, now)
         for b in self.followed:
@@ -173,6 +181,7 @@ class Arbiter:
             pipe.hmget(self.keys.active, [lv.name for lv in self.reserving])
         pipe.hgetall(self.keys.paused)
         replies = await pipe.execute()
+        vtimes = {name: replies.pop(0) for name in shared}
         paused = pausing.names(replies.pop())
         for lv in self.levels:
             PAUSED.labels(level=lv.name).set(1 if pausing.is_paused(paused, lv.name) else 0)
@@ -187,11 +196,14 @@ class Arbiter:
         if not self._has_waiting():
             return
         views = [_view(lv, held[lv.name], self.reserved[lv.name]) for lv in self.levels]
-        heads = {
-            name: [c.message.enqueued_at for c in q] if not pausing.is_paused(paused, name) else []
-            for name, q in self.waiting.items()
-        }
         free_total = self.capacity - sum(held.values())
+        # Each level's next candidates in the order its tenants' shares give: no more than this round can admit.
+        room = max(0, free_total) + self.overcommit
+        ordered: dict[str, list[Candidate]] = {}
+        for name, queue in self.waiting.items():
+            if queue and not pausing.is_paused(paused, name):
+                ordered[name] = self._ordered(name, queue, room, vtimes.get(name))
+        heads = {name: [c.message.enqueued_at for c in cands] for name, cands in ordered.items()}
         order = select(heads, views, free_total, now, self.config.scheduler.strategy, self._wrr)
         if self.overcommit and not pausing.is_paused(paused, self.levels[0].name):
             order += self._overcommitted(order, held)
@@ -206,10 +218,12 @@ class Arbiter:
             self._held = len(kept) < len(order)
             order = kept
         reserved = {v.name: v.reserved_unused for v in views}
+        used = dict.fromkeys(ordered, 0)
         for level, count in _runs(order):
             cfg = self.by_name[level]
             floor = sum(reserved[h.name] for h in self.levels if h.priority < cfg.priority)
-            batch = [self.waiting[level][i] for i in range(count)]
+            batch = ordered[level][used[level] : used[level] + count]
+            used[level] += count
             run_gap_s = gap_s if staggering and level in self.staggered else 0.0
             if run_gap_s:
                 self._stagger_next = now + gap_s
@@ -219,14 +233,21 @@ class Arbiter:
             reserved[level] = max(0, reserved[level] - admitted)
             queue = self.waiting[level]
             for cand, code in zip(batch, codes, strict=False):
-                if queue and queue[0] is cand:  # give_back (shutdown) may have emptied it meanwhile
-                    queue.popleft()
+                queue.remove(cand)
                 if code == 1:
                     self._admitted(cand, now)
                 else:
                     cand.decide(GONE if code == -1 else Status(as_str(code)))
             if len(codes) < count:
                 break  # the limits moved under us (another scheduler admitted): recount next round
+
+    def _ordered(self, level: str, queue: LevelQueue, k: int, vtimes: list[bytes | None] | None) -> list[Candidate]:
+        """The first ``k`` candidates of a level in fair order: ``vtimes`` are the level's virtual time and its
+        tenants' (in the queue's order of tenants), read this round where tenants wait together."""
+        if vtimes is None:
+            return queue.order(k, 0.0, {})
+        level_vt, *tenant_vts = (float(v) if v is not None else 0.0 for v in vtimes)
+        return queue.order(k, level_vt, dict(zip(queue.tenants, tenant_vts, strict=True)))
 
     def _overcommitted(self, order: list[str], held: dict[str, int]) -> list[str]:
         """Top-level picks past the capacity, up to the backends' ``overcommit``: an engine that schedules by
@@ -261,7 +282,9 @@ class Arbiter:
         it examined."""
         keys = [self.keys.inflight(x.name) for x in self.levels]
         keys += [self.keys.inflight(lv.name), self.keys.dispatch, self.keys.level(lv.name), self.keys.stagger]
-        keys += [self.keys.msg(c.message.id) for c in batch]
+        keys.append(self.keys.level_vtime(lv.name))
+        for c in batch:
+            keys += [self.keys.msg(c.message.id), self.keys.tenant_vtime(lv.name, c.message.tenant)]
         args: list[str | bytes | float | int] = [
             now,
             now + self.lease_s,
@@ -271,9 +294,10 @@ class Arbiter:
             floor,
             len(self.levels),
             gap_s,
+            VTIME_TTL_S,
         ]
         for c in batch:
-            args += [c.message.id, c.entry.id, c.entry.data]
+            args += [c.message.id, c.entry.id, c.entry.data, repr(c.cost)]
         return list(await self._admit(keys, args))
 
     def _admitted(self, cand: Candidate, now: float) -> None:
@@ -302,13 +326,9 @@ class Arbiter:
 
     def _expire(self, now: float) -> None:
         """Messages whose deadline passed while they waited are decided EXPIRED (never dispatched)."""
-        for name, queue in self.waiting.items():
-            expired = [c for c in queue if c.message.deadline is not None and c.message.deadline < now]
-            if not expired:
-                continue
-            for c in expired:
+        for queue in self.waiting.values():
+            for c in queue.overdue(now):
                 c.decide(Status.EXPIRED)
-            self.waiting[name] = deque(c for c in queue if not c.decided)
 
 
 def _view(lv: LevelConfig, held: int, reserved: int) -> LevelView:

@@ -1,5 +1,6 @@
 """The intakes: one per level, each reads its level's stream alone (group ``schedule``), so a batch read
-from ``low`` never rides ahead of ``realtime``, and waits for the arbiter to decide each message."""
+from ``low`` never rides ahead of ``realtime``, and waits for the arbiter to decide each message. Each holds
+up to ``scheduler.lookahead`` messages of its level: those among which its tenants share fairly."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from llmq.pipeline.models import Message, Outcome, Status, decode_message
 from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.stage import Stage
 from llmq.pipeline.runtime.streams import Entry
+from llmq.pipeline.tokens import estimate_tokens
 from llmq.stages.schedule.arbiter import GONE, GROUP, Arbiter, Candidate, Decisions
 
 DROPPED = Counter("llmq_not_dispatched_total", "Messages ended before dispatch", ["level", "status"])
@@ -31,8 +33,9 @@ class LevelIntake(Stage):
         self.redis = redis
         self.keys = keys
         self.arbiter = arbiter
+        self.config = config
         self.retention_s = config.queue.result_retention.seconds
-        self.max_in_hand = level.in_flight_cap + config.queue.worker.max_batch_size
+        self.max_in_hand = max(level.in_flight_cap + config.queue.worker.max_batch_size, config.scheduler.lookahead)
 
     async def handle(self, batch: Batch) -> None:
         """Idempotent: admission is keyed by message id (a redelivered message re-takes its own slot), and an
@@ -51,7 +54,8 @@ class LevelIntake(Stage):
             elif msg.deadline is not None and msg.deadline < now:
                 self._end(batch, entry, msg, Status.EXPIRED, now)
             else:
-                waiting.append(Candidate(entry, msg, decisions))
+                cost = estimate_tokens(msg.request) / self.config.tenant(msg.tenant).weight
+                waiting.append(Candidate(entry, msg, decisions, cost))
         if batch.decided:
             await batch.commit()
         if not waiting:

@@ -1,0 +1,221 @@
+"""Tenants: who a request's tenant is (its API key's, or the one it names), their fair shares of a level by
+estimated tokens, and their quotas (max_queued, rpm, tpm) refused with 429 naming the quota."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import redis.asyncio as aioredis
+
+from llmq.pipeline.config import load_config
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.lua import Lua
+from llmq.pipeline.models import FIELD, decode_message, encode, new_id
+from llmq.pipeline.runtime.streams import Entry
+from llmq.stages.ingest.submit import Submission, Submitter, new_message
+from llmq.stages.mock_backend import MockSettings
+from llmq.stages.schedule.arbiter import Candidate, Decisions
+from llmq.stages.schedule.fair import LevelQueue
+from tests.support.clients import QUEUEING, client_for
+from tests.support.harness import CHAT, Harness
+
+TENANTS = "[{name: acme, api_keys: [k-acme]}, {name: slow, max_queued: 3}, {name: paced, rpm: 5}]"
+QUOTAS = "[{name: slow, max_queued: 3}, {name: paced, rpm: 5}]"
+
+
+def _cand(tenant: str | None, at: float, cost: float = 1.0) -> Candidate:
+    msg = new_message(message_id=new_id(), level="normal", request=CHAT, tenant=tenant)
+    msg.enqueued_at = at
+    decisions: Decisions = asyncio.Queue()
+    return Candidate(Entry(f"{int(at * 1000)}-0", b""), msg, decisions, cost)
+
+
+async def _tenants_queued(redis: aioredis.Redis, keys: Keys, level: str = "normal") -> list[str | None]:
+    return [decode_message(fields[FIELD]).tenant for _, fields in await redis.xrange(keys.level(level))]
+
+
+# --- Fair shares -----------------------------------------------------------------------------------------
+
+
+def test_tenants_waiting_together_take_turns_whatever_the_order_they_came_in() -> None:
+    # Given 10 messages of a flooding tenant read before 3 of another, none admitted yet for either
+    queue = LevelQueue()
+    queue.extend([_cand("a", i) for i in range(10)] + [_cand("b", 100 + i) for i in range(3)])
+    # Then the first six admissions alternate between them
+    assert [c.message.tenant for c in queue.order(6, 0.0, {})] == ["a", "b", "a", "b", "a", "b"]
+
+
+def test_shares_are_counted_in_tokens_not_in_messages() -> None:
+    # Given a tenant whose messages cost 4 times the tokens of the other's
+    queue = LevelQueue()
+    queue.extend(
+        [_cand("big", i, cost=400) for i in range(10)] + [_cand("small", 100 + i, cost=100) for i in range(20)]
+    )
+    # Then the small one gets 4 admissions for each of the big one's
+    picks = [c.message.tenant for c in queue.order(15, 0.0, {})]
+    assert picks.count("small") == 12 and picks.count("big") == 3
+
+
+def test_a_tenant_behind_in_virtual_time_catches_up_but_a_newcomer_gets_no_credit() -> None:
+    queue = LevelQueue()
+    queue.extend([_cand("ahead", i) for i in range(5)] + [_cand("behind", 10 + i) for i in range(5)])
+    queue.extend([_cand("new", 20 + i) for i in range(5)])
+    # Given "ahead" admitted for 3 more than the level's latest start, "behind" at the level's start,
+    # and "new" never seen (a virtual time far behind would be a credit for the time it sent nothing)
+    picks = [c.message.tenant for c in queue.order(6, 10.0, {"ahead": 13.0, "behind": 10.0})]
+    # Then behind and the newcomer share the turns until they reach "ahead"
+    assert picks[:6].count("ahead") == 0 and set(picks) == {"behind", "new"}
+
+
+def test_removing_decided_candidates_and_overdue_ones_keeps_the_count() -> None:
+    queue = LevelQueue()
+    cands = [_cand("a", 1), _cand("b", 2), _cand("a", 3)]
+    cands[2].message.deadline = 5.0
+    queue.extend(cands)
+    queue.remove(cands[0])
+    assert len(queue) == 2 and [c.message.tenant for c in queue.order(5, 0, {})] == ["b", "a"]
+    assert queue.overdue(6.0) == [cands[2]] and len(queue) == 1 and list(queue) == [cands[1]]
+
+
+async def test_a_flooding_tenant_does_not_hold_back_one_that_came_after_it(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a level with 120 messages of tenant "a" queued before 20 of tenant "b", nothing admitted yet
+    env = {"LLMQ_SCHEDULER__STAGGER": "false", **QUEUEING}
+    async with Harness(redis, keys, backends={"x": MockSettings(latency_ms=5)}, env=env, stages=("retry",)) as h:
+        ids = {"a": [await h.submit(tenant="a") for _ in range(120)]}
+        ids["b"] = [await h.submit(tenant="b") for _ in range(20)]
+    # When a scheduler and a dispatcher with 2 slots work through them
+    backend = {"x": {"max_concurrent": 2}}
+    async with Harness(redis, keys, backends={"x": MockSettings(latency_ms=5)}, env=env, backend_config=backend) as h:
+        statuses = await h.wait_terminal(ids["a"] + ids["b"], within=60)
+    # Then "b" had half of the first 40 admissions, not none (first in, first out would admit all of "a"'s first)
+    order = sorted(statuses, key=lambda i: float(statuses[i]["scheduled_at"]))
+    b_ids = set(ids["b"])
+    assert sum(i in b_ids for i in order[:40]) >= 18
+    assert {s["status"] for s in statuses.values()} == {"completed"}
+
+
+async def test_virtual_times_move_with_each_admission_once(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given two tenants' messages admitted by the scheduler, with weights 1 and 3
+    env = {"LLMQ_TENANTS": "[{name: heavy, weight: 3}]", **QUEUEING}
+    async with Harness(redis, keys, backends={"x": MockSettings(latency_ms=1)}, env=env) as h:
+        ids = [await h.submit(tenant="light"), await h.submit(tenant="heavy")]
+        await h.wait_terminal(ids)
+    # Then each tenant's virtual time moved by its message's estimated tokens over its weight (257 tokens)
+    light = float(await redis.get(keys.tenant_vtime("normal", "light")))
+    heavy = float(await redis.get(keys.tenant_vtime("normal", "heavy")))
+    assert light == 257.0 and abs(heavy - 257 / 3) < 1e-9
+    assert 0 < await redis.ttl(keys.tenant_vtime("normal", "light")) <= 600
+
+
+# --- Who the tenant is -----------------------------------------------------------------------------------
+
+
+async def test_a_tenants_key_makes_its_requests_the_tenants_and_cannot_claim_another(
+    redis: aioredis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("k-file beta\nk-plain\n")
+    env = {"LLMQ_API_KEYS": "k-admin", "LLMQ_TENANTS": TENANTS, "LLMQ_SERVER__API_KEYS_FILE": str(key_file)}
+    async with client_for(redis, keys, env) as http:
+
+        async def submit(key: str, **fields: str) -> httpx.Response:
+            body = {"request": CHAT, **fields}
+            return await http.post("/api/v1/messages", json=body, headers={"Authorization": f"Bearer {key}"})
+
+        # A tenant's key (in the config, in the key file) makes the message the tenant's
+        assert (await submit("k-acme")).status_code == 202
+        assert (await submit("k-file")).status_code == 202
+        assert (await submit("k-acme", tenant="acme")).status_code == 202
+        # A key of no tenant names its own (a trusted service's key), or none
+        assert (await submit("k-admin", tenant="gamma")).status_code == 202
+        assert (await submit("k-plain")).status_code == 202
+        # A tenant's key claiming another tenant is refused, naming the field, and nothing is queued
+        refused = await submit("k-acme", tenant="beta")
+        assert refused.status_code == 403 and refused.json()["field"] == "tenant"
+        assert "acme" in refused.json()["error"]
+        facade = await http.post(
+            "/v1/chat/completions",
+            json=CHAT,
+            headers={"Authorization": "Bearer k-file", "X-LLMQ-Tenant": "acme"},
+        )
+        assert facade.status_code == 403 and facade.json()["error"]["param"] == "X-LLMQ-Tenant"
+    assert await _tenants_queued(redis, keys) == ["acme", "beta", "acme", "gamma", None]
+
+
+async def test_without_keys_the_tenant_is_the_one_the_request_names(redis: aioredis.Redis, keys: Keys) -> None:
+    async with client_for(redis, keys) as http:
+        assert (await http.post("/api/v1/messages", json={"request": CHAT, "tenant": "t1"})).status_code == 202
+    assert await _tenants_queued(redis, keys) == ["t1"]
+
+
+# --- Quotas ----------------------------------------------------------------------------------------------
+
+
+async def test_max_queued_refuses_a_tenant_past_it_and_frees_a_place_when_one_ends(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    async with client_for(redis, keys, {"LLMQ_TENANTS": QUOTAS}) as http:
+
+        async def submit(tenant: str) -> httpx.Response:
+            return await http.post("/api/v1/messages", json={"request": CHAT, "tenant": tenant})
+
+        first = [(await submit("slow")).json()["id"] for _ in range(3)]
+        # The fourth is refused with 429 naming the quota, with a Retry-After, and is not queued
+        refused = await submit("slow")
+        assert refused.status_code == 429
+        assert "max_queued of 3" in refused.json()["error"] and refused.json()["field"] == "tenant"
+        assert int(refused.headers["Retry-After"]) >= 1
+        # Another tenant is not held back by it
+        assert (await submit("other")).status_code == 202
+        # Once one of the three ends (cancelled), there is room for one more
+        assert (await http.delete(f"/api/v1/messages/{first[0]}")).status_code == 200
+        assert (await submit("slow")).status_code == 202
+        assert (await submit("slow")).status_code == 429
+    assert (await _tenants_queued(redis, keys)).count("slow") == 4
+
+
+async def test_rpm_refuses_past_a_minutes_worth_with_when_to_retry(redis: aioredis.Redis, keys: Keys) -> None:
+    async with client_for(redis, keys, {"LLMQ_TENANTS": QUOTAS}) as http:
+        codes = [
+            (await http.post("/api/v1/messages", json={"request": CHAT, "tenant": "paced"})).status_code
+            for _ in range(5)
+        ]
+        refused = await http.post("/api/v1/messages", json={"request": CHAT, "tenant": "paced"})
+        # a batch's items are refused one by one, naming the quota
+        batch = await http.post("/api/v1/messages/batch", json=[{"request": CHAT, "tenant": "paced"}])
+    assert codes == [202] * 5
+    assert refused.status_code == 429 and "rpm of 5" in refused.json()["error"]
+    # one message every 12 s: the next fits in about 12 s
+    assert 10 <= int(refused.headers["Retry-After"]) <= 12
+    assert batch.json()[0]["status_code"] == 429 and batch.json()[0]["field"] == "[0].tenant"
+
+
+async def test_a_request_larger_than_its_tenants_tpm_is_refused_as_bad_input(redis: aioredis.Redis, keys: Keys) -> None:
+    # (a 429 would have the client retry for ever: the estimate alone is over a minute's tokens)
+    async with client_for(redis, keys, {"LLMQ_TENANT_DEFAULTS__TPM": "1000"}) as http:
+        too_big = await http.post("/api/v1/messages", json={"request": {**CHAT, "max_tokens": 5000}})
+        fits = await http.post("/api/v1/messages", json={"request": {**CHAT, "max_tokens": 500}})
+        refused = await http.post("/api/v1/messages", json={"request": {**CHAT, "max_tokens": 500}})
+    assert too_big.status_code == 422 and too_big.json()["field"] == "request.max_tokens"
+    assert fits.status_code == 202
+    assert refused.status_code == 429 and "tpm of 1000" in refused.json()["error"]
+
+
+async def test_a_submission_sent_again_after_a_lost_reply_counts_once(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a tenant with every quota, and one submission whose script call is sent twice (its reply lost)
+    config = load_config(
+        None, env={"LLMQ_KEY_PREFIX": keys.prefix, **QUEUEING, "LLMQ_TENANTS": "[{name: t, max_queued: 5, rpm: 60}]"}
+    )
+    submitter = Submitter(config, redis=redis, keys=keys)
+    msg = new_message(message_id=new_id(), level="normal", request=CHAT, tenant="t")
+
+    call_keys, args = submitter._call([Submission(msg, encode(msg))])
+    script = Lua(redis, "submit")
+    first, again = await script(call_keys, args), await script(call_keys, args)
+    # Then the second call queued nothing and counted nothing more
+    assert first[0][0] == b"queued" and again[0][2] == -1
+    assert await redis.zcard(keys.tenant_open("t")) == 1
+    tat = float(await redis.hget(keys.tenant_rate("t"), "rpm"))
+    assert abs(tat - (msg.enqueued_at + 1.0)) < 1e-3  # moved on by one message (60 s / 60), not two
