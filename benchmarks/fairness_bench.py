@@ -14,8 +14,9 @@ of them had none left.
 - **four tenants** of 100, 200, 400 and 800 messages (513, 257, 129 and 65 tokens each), equal weights,
   then weights 1:2:3:4. Target: Jain's index over the weighted shares at least 0.95 (1.0: exactly even).
 - **beyond the lookahead**: the noisy neighbour with A's backlog four times ``scheduler.lookahead``: a
-  scheduler orders only the messages it holds, so B's share falls toward its share of arrivals. The
-  measured limit behind the advice to bound a tenant's backlog with ``max_queued``.
+  scheduler orders only the messages it holds, so B's share falls toward its share of arrivals. Then the
+  remedy: the same offer with A's ``max_queued`` at 1,500, so the 6,500 past it are refused (429) and what
+  is queued fits the lookahead.
 
     .venv/bin/python -m benchmarks.fairness_bench [--redis-url URL]
 
@@ -57,6 +58,7 @@ async def run(
     tenants: dict[str, tuple[int, int]],
     *,
     weights: dict[str, int] | None = None,
+    max_queued: dict[str, int] | None = None,
     one_tenant: bool = False,
 ) -> dict[str, Any]:
     """``tenants``: name -> (messages, max_tokens). With ``one_tenant``, every message is sent without a tenant
@@ -64,13 +66,17 @@ async def run(
     prefix = "{fair" + uuid.uuid4().hex[:6] + "}"
     api, mock = free_port(), free_port()
     weights = weights or {}
+    limits = {
+        t: f"weight: {weights.get(t, 1)}" + (f", max_queued: {max_queued[t]}" if t in (max_queued or {}) else "")
+        for t in tenants
+    }
     total = sum(n for n, _ in tenants.values())
     env = run_env(url, prefix, api) | {
         "LLMQ_QUEUE__DEFAULT_MAX_SIZE": str(total + 1000),
         "LLMQ_QUEUE__LEVELS": f"[{{name: normal, priority: 3, max_wait_time: 600s, max_concurrent: {SLOTS}}}]",
         "LLMQ_BACKENDS": f'[{{name: mock, url: "http://127.0.0.1:{mock}/v1", max_concurrent: {SLOTS}}}]',
         "LLMQ_SCHEDULER__LOOKAHEAD": str(LOOKAHEAD),
-        "LLMQ_TENANTS": "[" + ", ".join(f"{{name: {t}, weight: {w}}}" for t, w in weights.items()) + "]",
+        "LLMQ_TENANTS": "[" + ", ".join(f"{{name: {t}, {limit}}}" for t, limit in limits.items()) + "]",
     }
     rng = random.Random(7)
     order = [t for t, (n, _) in tenants.items() for _ in range(n)]
@@ -87,12 +93,16 @@ async def run(
     with stages(env, *argvs):
         async with httpx.AsyncClient(timeout=60) as http:
             await http.post(f"http://127.0.0.1:{mock}/admin/config", json={"latency_ms": LATENCY_MS})
-            ids: list[str] = []
+            accepted: list[tuple[str, str]] = []  # (id, tenant) of each message queued (not refused by a quota)
             for i in range(0, len(items), 1000):
                 reply = await http.post(f"http://127.0.0.1:{api}/api/v1/messages/batch", json=items[i : i + 1000])
                 reply.raise_for_status()
-                ids += [m["id"] for m in reply.json()]
-            first_out = {t: [i for i, x in zip(ids, order, strict=True) if x == t] for t in tenants}
+                accepted += [
+                    (m["id"], t) for m, t in zip(reply.json(), order[i : i + 1000], strict=True) if m.get("id")
+                ]
+            ids = [mid for mid, _ in accepted]
+            order = [t for _, t in accepted]
+            first_out = {t: [i for i, x in accepted if x == t] for t in tenants}
 
             async def one_ran_out() -> bool:
                 # every tenant's backlog is gone once one of them has all of its messages admitted
@@ -132,7 +142,8 @@ def summary(
     doc = {
         "variant": name,
         "tenants": {
-            t: {"messages": n, "tokens_each": cost[t], "weight": weights.get(t, 1)} for t, (n, _) in tenants.items()
+            t: {"offered": n, "queued": order.count(t), "tokens_each": cost[t], "weight": weights.get(t, 1)}
+            for t, (n, _) in tenants.items()
         },
         "token_share": {t: shares[t] / whole for t in tenants},
         "jain": jain(list(shares.values())),
@@ -159,6 +170,7 @@ async def main() -> None:
         results.append(await run(url, "four tenants, weights 1:2:3:4", four, weights=weighted))
         beyond = {"A": (4 * LOOKAHEAD, 256), "B": (400, 64)}
         results.append(await run(url, "noisy neighbour, A's backlog 4x lookahead", beyond))
+        results.append(await run(url, "the same, A's max_queued 1500", beyond, max_queued={"A": 1500}))
     print(f"  ({time.time() - started:.0f} s)")
     write_result("fairness_bench", {"machine": machine(), "variants": results})
 
