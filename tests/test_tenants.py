@@ -109,6 +109,38 @@ async def test_virtual_times_move_with_each_admission_once(redis: aioredis.Redis
     assert 0 < await redis.ttl(keys.tenant_vtime("normal", "light")) <= 600
 
 
+def test_a_tenant_at_its_max_in_flight_gives_no_more_than_its_room() -> None:
+    queue = LevelQueue()
+    queue.extend([_cand("capped", i) for i in range(5)] + [_cand("free", 10 + i) for i in range(5)])
+    room: dict[str | None, int] = {"capped": 1}
+    picks = [c.message.tenant for c in queue.order(6, 0.0, {}, room)]
+    assert picks.count("capped") == 1 and picks.count("free") == 5 and room == {"capped": 0}
+
+
+async def test_max_in_flight_holds_a_tenants_messages_while_others_take_the_slots(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given a tenant allowed 1 message in flight and another with no limit, 6 messages each, 4 slots
+    env = {"LLMQ_TENANTS": "[{name: capped, max_in_flight: 1}]", "LLMQ_SCHEDULER__STAGGER": "false"}
+    backend = {"x": {"max_concurrent": 4}}
+    async with Harness(redis, keys, backends={"x": MockSettings(latency_ms=100)}, env=env, backend_config=backend) as h:
+        capped = [await h.submit(tenant="capped") for _ in range(6)]
+        free = [await h.submit(tenant="free") for _ in range(6)]
+        statuses = await h.wait_terminal(capped + free, within=60)
+        running_left = await redis.zcard(keys.tenant_running("capped"))
+    assert {s["status"] for s in statuses.values()} == {"completed"}
+
+    def most_at_once(ids: list[str]) -> int:
+        spans = [(float(statuses[i]["scheduled_at"]), float(statuses[i]["finished_at"])) for i in ids]
+        return max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+
+    # Then the capped tenant never had more than one admitted at once, the other used the rest
+    assert most_at_once(capped) == 1
+    assert most_at_once(free) >= 3
+    # and nothing is left counted as running once they all ended
+    assert running_left == 0
+
+
 # --- Who the tenant is -----------------------------------------------------------------------------------
 
 

@@ -128,6 +128,11 @@ class Keys:
         their status hash would expire unended (a message lost with its hash leaves by then)."""
         return f"{self.tenant(tenant)}:open"
 
+    def tenant_running(self, tenant: str | None) -> str:
+        """Sorted set of a tenant's messages admitted and not yet ended nor waiting to retry (its
+        ``max_in_flight``), scored by when they were admitted."""
+        return f"{self.tenant(tenant)}:running"
+
     def tenant_rate(self, tenant: str | None) -> str:
         """Hash of a tenant's rate limits (``rpm``, ``tpm``): each one's theoretical arrival time (GCRA)."""
         return f"{self.tenant(tenant)}:rate"

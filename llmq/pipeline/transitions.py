@@ -26,6 +26,10 @@ from llmq.pipeline.streamed import end_event, is_streamed
 
 _json = msgspec.json.Encoder()
 
+UNENDED_TTL_S = 7 * 24 * 3600
+"""A message's status hash lives this long at most before it ends (ending sets ``queue.result_retention``);
+what counts a tenant's unended messages forgets one older than this."""
+
 
 def ended(keys: Keys, outcome: Outcome, *, retention_s: float, cancellable: bool = False) -> effects.Effect:
     """The effect that records ``outcome``; its status hash is kept ``retention_s`` (at least 1 s). An end

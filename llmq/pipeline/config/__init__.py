@@ -342,6 +342,9 @@ class TenantLimits(_Section, frozen=True):
     (a tenant of weight 2 gets twice the tokens of one of weight 1 while both wait)."""
     max_queued: Positive | None = None
     """Most of its messages accepted and not yet ended (waiting or running); past it, 429."""
+    max_in_flight: Positive | None = None
+    """Most of its messages admitted at once (calls running or about to); past it, its messages wait in
+    their level while other tenants' go ahead."""
     rpm: Positive | None = None
     """Most messages it may submit a minute (429 past it, with when to retry)."""
     tpm: Positive | None = None

@@ -1,17 +1,25 @@
 --[[ status: every change of a message's status hash (<prefix>msg:<id>), one function per transition.
 Included by each script that changes it; llmq/pipeline/transitions.py builds the commit effects that call
 them. The hash's fields: status, level, attempts, enqueued_at, scheduled_at, started_at, retry_at,
-finished_at, cancelled_at, replayed_at, backend, result, error, streamed, abort, behind, left_mark, open.
+finished_at, cancelled_at, replayed_at, backend, result, error, streamed, abort, behind, left_mark, and
+the sets that count it for its tenant's quotas: open (accepted, not ended) and running (admitted, not ended
+nor waiting to retry), each holding the hash's own key while it counts.
 ]]
 local function status_of(hash)
   return redis.call('HGET', hash, 'status')
 end
 
--- Ended: no longer one of its tenant's open messages (the set submit.lua counts max_queued by, named in
--- the hash's 'open' field).
+-- No longer running for its tenant (max_in_flight): it ended, or waits to retry.
+local function status_stopped(hash)
+  local running = redis.call('HGET', hash, 'running')
+  if running then redis.call('ZREM', running, hash) end
+end
+
+-- Ended: no longer one of its tenant's open messages (max_queued), nor running.
 local function status_closed(hash)
   local open = redis.call('HGET', hash, 'open')
   if open then redis.call('ZREM', open, hash) end
+  status_stopped(hash)
 end
 
 -- Submitted: queued in its level; the hash lives ttl seconds at most until the message ends. A streamed
@@ -24,9 +32,11 @@ local function status_queued(hash, level, now, ttl, streamed, behind, left_mark)
   redis.call('EXPIRE', hash, ttl)
 end
 
--- Admitted by the scheduler: handed to dispatch.
+-- Admitted by the scheduler: handed to dispatch, and running for its tenant.
 local function status_scheduled(hash, now)
   redis.call('HSET', hash, 'status', SCHEDULED, 'scheduled_at', now)
+  local running = redis.call('HGET', hash, 'running')
+  if running then redis.call('ZADD', running, now, hash) end
 end
 
 -- Taken by a dispatcher, about to be sent to a backend.
@@ -37,6 +47,7 @@ end
 -- Waiting for another attempt, with fields (field, value, ...), unless it ended meanwhile (a cancel won
 -- the race: it stays cancelled).
 local function status_retrying(hash, ...)
+  status_stopped(hash)
   if not ENDED[status_of(hash)] then
     redis.call('HSET', hash, 'status', RETRYING, ...)
     redis.call('HDEL', hash, 'behind', 'left_mark')  -- queued again at the end: its first position is no more

@@ -20,7 +20,7 @@ allowed at once) that this message would pass. A repeated call counts nothing tw
 
 KEYS       per message: its level stream, its status hash, its idempotency record, the record an earlier
            release kept for the same key (the same record again when none; see llmq/stages/ingest/submit.py),
-           its tenant's open messages, its tenant's rates.
+           its tenant's open messages, its tenant's rates, its tenant's running messages.
            A message without an idempotency key names a record it never reads (keys share one hash tag).
            With direct admission, then: every level's stream, every level's in-flight set (both in the
            order of the levels' ARGV below), the dispatch stream. Last: the paused levels' hash (a paused
@@ -29,7 +29,8 @@ ARGV[1]    status hash TTL in seconds      ARGV[2]  idempotency record TTL in se
 ARGV[3]    m, the number of messages       ARGV[4]  now (Unix seconds) to admit a lone message directly, or ''
 ARGV[5..]  per message: payload, message id, level, enqueued_at, the level's max depth, the digest of
            the request ('' when it has no idempotency key), '1' when it is streamed ('' when not), its
-           tenant's max_queued, rpm and tpm ('' for none), its estimated tokens
+           tenant's max_queued, rpm and tpm ('' for none), its estimated tokens, '1' when its tenant has a
+           max_in_flight (the hash names the running set, which admissions count: never admitted here)
 then, with direct admission: the lease expiry of an in-flight slot, the backends' capacity, n (the number
 of levels), the index of the message's level among them, the reserve window in seconds (0: reserved slots
 are always kept), and per level: max_concurrent, reserved, priority, name.
@@ -107,7 +108,7 @@ local paused, active = KEYS[#KEYS - 1], KEYS[#KEYS]
 -- Admit the lone message now, if nothing waits anywhere and a slot is free for it.
 local function admit_at_once(payload, id, level)
   if redis.call('HEXISTS', paused, level) == 1 or redis.call('HEXISTS', paused, '*') == 1 then return false end
-  local d = 5 + 11 * m
+  local d = 5 + 12 * m
   local exp, cap, n, own = ARGV[d], tonumber(ARGV[d + 1]), tonumber(ARGV[d + 2]), tonumber(ARGV[d + 3])
   local window = tonumber(ARGV[d + 4])
   local function level_arg(j, k) return ARGV[d + 5 + 4 * (j - 1) + k] end
@@ -118,29 +119,30 @@ local function admit_at_once(payload, id, level)
     return tonumber(level_arg(j, 1))
   end
   for j = 1, n do
-    if waiting(KEYS[6 * m + j]) > 0 then return false end
+    if waiting(KEYS[7 * m + j]) > 0 then return false end
   end
-  local held, total = inflight_counts(6 * m + n + 1, n, direct_at)
+  local held, total = inflight_counts(7 * m + n + 1, n, direct_at)
   if held[own] >= tonumber(level_arg(own, 0)) then return false end
   local floor = 0
   for j = 1, n do
     if tonumber(level_arg(j, 2)) < tonumber(level_arg(own, 2)) then floor = floor + math.max(0, kept(j) - held[j]) end
   end
   if total >= cap - floor then return false end
-  inflight_hold(KEYS[6 * m + n + own], id, exp)
-  redis.call('XADD', KEYS[6 * m + 2 * n + 1], '*', M, payload)
+  inflight_hold(KEYS[7 * m + n + own], id, exp)
+  redis.call('XADD', KEYS[7 * m + 2 * n + 1], '*', M, payload)
   return true
 end
 
 local depths, lefts, out, latest = {}, {}, {}, {}
 for i = 1, m do
-  local stream, hash, idem, legacy = KEYS[6 * i - 5], KEYS[6 * i - 4], KEYS[6 * i - 3], KEYS[6 * i - 2]
-  local open, rates = KEYS[6 * i - 1], KEYS[6 * i]
-  local a = 5 + 11 * (i - 1)
+  local stream, hash, idem, legacy = KEYS[7 * i - 6], KEYS[7 * i - 5], KEYS[7 * i - 4], KEYS[7 * i - 3]
+  local open, rates, running = KEYS[7 * i - 2], KEYS[7 * i - 1], KEYS[7 * i]
+  local a = 5 + 12 * (i - 1)
   local payload, id, level, enqueued, max_depth, digest, streamed =
     ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5], ARGV[a + 6]
   local max_queued, rpm, tpm, tokens = tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9]),
     tonumber(ARGV[a + 10])
+  local capped = ARGV[a + 11] == '1'
   local first = digest ~= '' and (redis.call('GET', idem) or (legacy ~= idem and redis.call('GET', legacy)))
   if redis.call('EXISTS', hash) == 1 then
     out[i] = {'queued', id, -1}
@@ -160,7 +162,7 @@ for i = 1, m do
       out[i] = {'full', depth}
     elseif quota then
       out[i] = {'limited', quota[1], quota[2], quota[3], quota[4]}
-    elseif direct_at ~= '' and m == 1 and admit_at_once(payload, id, level) then
+    elseif direct_at ~= '' and m == 1 and not capped and admit_at_once(payload, id, level) then
       if digest ~= '' then redis.call('SET', idem, id .. ' ' .. digest, 'EX', idem_ttl) end
       status_queued(hash, level, enqueued, hash_ttl, streamed)
       status_scheduled(hash, direct_at)
@@ -170,6 +172,7 @@ for i = 1, m do
       if digest ~= '' then redis.call('SET', idem, id .. ' ' .. digest, 'EX', idem_ttl) end
       redis.call('XADD', stream, '*', M, payload)
       status_queued(hash, level, enqueued, hash_ttl, streamed, depth, lefts[stream])
+      if capped then redis.call('HSET', hash, 'running', running) end
       count_quota(open, rates, hash, max_queued, rpm, tpm, tokens, tonumber(enqueued), hash_ttl)
       out[i] = {'queued', id, depth}
       depth = depth + 1

@@ -35,9 +35,8 @@ from llmq.pipeline.redis import UNAVAILABLE
 from llmq.pipeline.runtime.streams import as_str
 from llmq.pipeline.streamed import is_streamed
 from llmq.pipeline.tokens import estimate_tokens
+from llmq.pipeline.transitions import UNENDED_TTL_S
 
-HASH_TTL_S = 7 * 24 * 3600
-"""A queued message's status hash lives this long at most; finishing sets ``queue.result_retention``."""
 IDEMPOTENCY_TTL_S = 24 * 3600
 PER_CALL = 100
 """Messages of a batch per submit script call. One call per message made Valkey run the script's set-up
@@ -184,7 +183,9 @@ class Submitter:
     async def submit(self, sub: Submission) -> Submitted:
         """One script call; the submissions of concurrent requests share a round trip. With
         ``scheduler.direct_admission``, the script admits the message at once when nothing waits anywhere."""
-        keys, args = self._call([sub], direct=sub.message.level in self._direct)
+        # (a tenant with max_in_flight is admitted by the scheduler alone, which counts it)
+        direct = sub.message.level in self._direct and not self.config.tenant(sub.message.tenant).max_in_flight
+        keys, args = self._call([sub], direct=direct)
         submitted = _verdict((await self._retrying(lambda: self._one(keys, args)))[0])
         if submitted.admitted:
             level = sub.message.level
@@ -221,7 +222,7 @@ class Submitter:
     ) -> tuple[list[str], list[str | bytes | int | float]]:
         keys: list[str] = []
         now = time.time()
-        args: list[str | bytes | int | float] = [HASH_TTL_S, IDEMPOTENCY_TTL_S, len(subs), now if direct else ""]
+        args: list[str | bytes | int | float] = [UNENDED_TTL_S, IDEMPOTENCY_TTL_S, len(subs), now if direct else ""]
         for sub in subs:
             msg = sub.message
             idem = msg.idempotency_key
@@ -229,6 +230,7 @@ class Submitter:
             legacy = (legacy_record(self.keys, sub.caller, idem) if idem else None) or record
             keys += [self.keys.level(msg.level), self.keys.msg(msg.id), record, legacy]
             keys += [self.keys.tenant_open(msg.tenant), self.keys.tenant_rate(msg.tenant)]
+            keys.append(self.keys.tenant_running(msg.tenant))
             # callers validate the level
             digest = (sub.digest or "-") if idem else ""
             streamed = "1" if is_streamed(msg) else ""
@@ -236,6 +238,7 @@ class Submitter:
             quotas = self.config.tenant(msg.tenant)
             tokens = estimate_tokens(msg.request) if quotas.tpm else 0
             args += [quotas.max_queued or "", quotas.rpm or "", quotas.tpm or "", tokens]
+            args.append("1" if quotas.max_in_flight else "")
         if direct:
             keys += self._direct_keys
             level = self._index[subs[0].message.level]

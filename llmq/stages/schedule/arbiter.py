@@ -32,6 +32,7 @@ from llmq.pipeline.models import Message, Status
 from llmq.pipeline.notify import Listener
 from llmq.pipeline.redis import UNAVAILABLE
 from llmq.pipeline.runtime.streams import Entry, as_str
+from llmq.pipeline.transitions import UNENDED_TTL_S
 from llmq.stages.schedule.admission import LevelView, select
 from llmq.stages.schedule.fair import VTIME_TTL_S, LevelQueue
 from llmq.stages.schedule.stagger import Stagger, stagger
@@ -165,12 +166,16 @@ class Arbiter:
     async def _round(self) -> None:
         now = time.time()
         self._expire(now)
-        # Where tenants wait together, their virtual times are read to order them.
+        # Where tenants wait together, their virtual times are read to order them; where a tenant waiting has a
+        # max_in_flight, its messages running.
         shared = [name for name, q in self.waiting.items() if len(q.tenants) > 1]
+        capped = {t for q in self.waiting.values() for t in q.tenants if self.config.tenant(t).max_in_flight}
         pipe = self.redis.pipeline(transaction=False)
         for name in shared:
             tenants = list(self.waiting[name].tenants)
             pipe.mget([self.keys.level_vtime(name)] + [self.keys.tenant_vtime(name, t) for t in tenants])
+        for t in capped:
+            pipe.zcount(self.keys.tenant_running(t), now - UNENDED_TTL_S, "+inf")
         for lv in self.levels:
             inflight.count_live(pipe, self.keys, lv.name, now)
         for b in self.followed:
@@ -182,6 +187,7 @@ class Arbiter:
         pipe.hgetall(self.keys.paused)
         replies = await pipe.execute()
         vtimes = {name: replies.pop(0) for name in shared}
+        room = {t: (self.config.tenant(t).max_in_flight or 0) - int(replies.pop(0)) for t in capped}
         paused = pausing.names(replies.pop())
         for lv in self.levels:
             PAUSED.labels(level=lv.name).set(1 if pausing.is_paused(paused, lv.name) else 0)
@@ -198,11 +204,11 @@ class Arbiter:
         views = [_view(lv, held[lv.name], self.reserved[lv.name]) for lv in self.levels]
         free_total = self.capacity - sum(held.values())
         # Each level's next candidates in the order its tenants' shares give: no more than this round can admit.
-        room = max(0, free_total) + self.overcommit
+        slots = max(0, free_total) + self.overcommit
         ordered: dict[str, list[Candidate]] = {}
         for name, queue in self.waiting.items():
             if queue and not pausing.is_paused(paused, name):
-                ordered[name] = self._ordered(name, queue, room, vtimes.get(name))
+                ordered[name] = self._ordered(queue, slots, vtimes.get(name), room)
         heads = {name: [c.message.enqueued_at for c in cands] for name, cands in ordered.items()}
         order = select(heads, views, free_total, now, self.config.scheduler.strategy, self._wrr)
         if self.overcommit and not pausing.is_paused(paused, self.levels[0].name):
@@ -241,13 +247,17 @@ class Arbiter:
             if len(codes) < count:
                 break  # the limits moved under us (another scheduler admitted): recount next round
 
-    def _ordered(self, level: str, queue: LevelQueue, k: int, vtimes: list[bytes | None] | None) -> list[Candidate]:
+    @staticmethod
+    def _ordered(
+        queue: LevelQueue, k: int, vtimes: list[bytes | None] | None, room: dict[str | None, int]
+    ) -> list[Candidate]:
         """The first ``k`` candidates of a level in fair order: ``vtimes`` are the level's virtual time and its
-        tenants' (in the queue's order of tenants), read this round where tenants wait together."""
+        tenants' (in the queue's order of tenants), read this round where tenants wait together; ``room`` how
+        many more the tenants with a max_in_flight may have admitted (taken as they are ordered)."""
         if vtimes is None:
-            return queue.order(k, 0.0, {})
+            return queue.order(k, 0.0, {}, room)
         level_vt, *tenant_vts = (float(v) if v is not None else 0.0 for v in vtimes)
-        return queue.order(k, level_vt, dict(zip(queue.tenants, tenant_vts, strict=True)))
+        return queue.order(k, level_vt, dict(zip(queue.tenants, tenant_vts, strict=True)), room)
 
     def _overcommitted(self, order: list[str], held: dict[str, int]) -> list[str]:
         """Top-level picks past the capacity, up to the backends' ``overcommit``: an engine that schedules by
@@ -285,6 +295,7 @@ class Arbiter:
         keys.append(self.keys.level_vtime(lv.name))
         for c in batch:
             keys += [self.keys.msg(c.message.id), self.keys.tenant_vtime(lv.name, c.message.tenant)]
+            keys.append(self.keys.tenant_running(c.message.tenant))
         args: list[str | bytes | float | int] = [
             now,
             now + self.lease_s,
@@ -295,9 +306,11 @@ class Arbiter:
             len(self.levels),
             gap_s,
             VTIME_TTL_S,
+            UNENDED_TTL_S,
         ]
         for c in batch:
-            args += [c.message.id, c.entry.id, c.entry.data, repr(c.cost)]
+            cap = self.config.tenant(c.message.tenant).max_in_flight
+            args += [c.message.id, c.entry.id, c.entry.data, repr(c.cost), cap or ""]
         return list(await self._admit(keys, args))
 
     def _admitted(self, cand: Candidate, now: float) -> None:

@@ -99,12 +99,16 @@ class LevelQueue:
         self._size -= len(gone)
         return gone
 
-    def order(self, k: int, level_vtime: float, vtimes: dict[str | None, float]) -> list[Candidate]:
+    def order(
+        self, k: int, level_vtime: float, vtimes: dict[str | None, float], room: dict[str | None, int] | None = None
+    ) -> list[Candidate]:
         """The first ``k`` messages in the order they are to be admitted: by each tenant's next start
-        (``vtimes``, missing ones at ``level_vtime``), then by arrival."""
+        (``vtimes``, missing ones at ``level_vtime``), then by arrival. A tenant in ``room`` (those with a
+        max_in_flight) gives no more than its room there, which is taken as it gives them."""
         if k <= 0:
             return []
-        if len(self.tenants) == 1:
+        room = {} if room is None else room
+        if len(self.tenants) == 1 and not room:
             (queue,) = self.tenants.values()
             return [queue[i] for i in range(min(k, len(queue)))]
         heap: list[tuple[float, float, int, str | None]] = []
@@ -117,6 +121,10 @@ class LevelQueue:
         out: list[Candidate] = []
         while heap and len(out) < k:
             start, _, seq, tenant = heapq.heappop(heap)
+            if tenant in room:
+                if room[tenant] <= 0:
+                    continue  # at its max_in_flight: none of its messages this round
+                room[tenant] -= 1
             queue = self.tenants[tenant]
             cand = queue[taken[tenant]]
             out.append(cand)
