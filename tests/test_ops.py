@@ -6,6 +6,8 @@ missing on a developer's machine its test says so and skips, and CI (LLMQ_TEST_R
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import json
 import logging
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ from llmq.pipeline.errors import ConfigError
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.logging import JsonFormatter
 from llmq.pipeline.models import FIELD
-from tests.conftest import free_port
+from tests.conftest import eventually, free_port
 from tests.support.harness import CHAT
 from tests.support.procs import ROOT, Proc, llmq_stage, stop_all
 
@@ -552,6 +555,25 @@ def test_the_scripts_give_redis_cli_the_password_llmq_reads(url: str, password: 
     assert out.stdout.split("\n") == [password, rest]
 
 
+@pytest.mark.parametrize(
+    ("url", "password", "rest"),
+    [
+        ("postgresql://llmqueue:p%2Fw%40x@db:5432/llm_queue", "p/w@x", "postgresql://llmqueue@db:5432/llm_queue"),
+        ("postgres://u:plain@db/x?sslmode=require", "plain", "postgres://u@db/x?sslmode=require"),
+        ("postgresql://u@db/x", "", "postgresql://u@db/x"),
+        ("host=db dbname=x user=u", "", "host=db dbname=x user=u"),
+    ],
+)
+def test_the_scripts_give_the_postgres_tools_the_password_off_their_command_line(
+    url: str, password: str, rest: str
+) -> None:
+    script = 'source ops/scripts/_pg_auth.sh; printf "%s\\n%s" "${PGPASSWORD:-}" "$pg_url"'
+    out = subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, env={"LLMQ_DATABASE_URL": url}, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split("\n") == [password, rest]
+
+
 def test_shell_scripts_pass_shellcheck() -> None:
     shellcheck = tool("shellcheck")
     # -x follows `source` into ops/scripts/_redis_auth.sh (its path is given from the repo root)
@@ -643,9 +665,13 @@ async def test_backup_wipe_restore_brings_back_the_rows_and_the_stream_entries(
         assert backup.returncode == 0, backup.stdout + backup.stderr
         (dump,) = (tmp_path / "backups").glob("postgres_*.dump")
         (rdb,) = (tmp_path / "backups").glob("redis_*.rdb")
-        # restore refuses while Redis runs
+        # restore refuses while Redis runs, and without the Redis to check
         refused = run(str(SCRIPTS / "restore.sh"), "redis", str(rdb), str(data), env=env)
         assert refused.returncode == 3 and "stop it first" in refused.stderr
+        unchecked = {k: v for k, v in env.items() if k != "LLMQ_REDIS_URL"}
+        refused = run(str(SCRIPTS / "restore.sh"), "redis", str(rdb), str(data), env=unchecked)
+        assert refused.returncode == 2 and "set LLMQ_REDIS_URL" in refused.stderr
+        assert (data / "appendonlydir").exists()  # nothing moved
         # and everything is wiped
         await client.aclose()
         server.stop()
@@ -677,33 +703,182 @@ async def test_backup_wipe_restore_brings_back_the_rows_and_the_stream_entries(
         server.stop()
 
 
-@pytest.mark.timeout(60)
-async def test_maintenance_reports_the_checklist_and_fails_loudly(
-    tmp_path: Path, database_url: str, redis_url: str, redis: aioredis.Redis, keys: Keys
+def _slow_pg_dump(folder: Path, real_bindir: str, pause_s: float) -> str:
+    """A PG_BINDIR whose pg_dump is the real one followed by a pause, as a dump of a large archive takes long:
+    the stages keep archiving meanwhile."""
+    folder.mkdir()
+    wrapper = folder / "pg_dump"
+    wrapper.write_text(f'#!/bin/sh\n"{real_bindir}/pg_dump" "$@" || exit $?\nsleep {pause_s}\n')
+    wrapper.chmod(0o755)
+    for tool in ("pg_restore", "psql"):
+        (folder / tool).symlink_to(Path(real_bindir) / tool)
+    return str(folder)
+
+
+@pytest.mark.timeout(180)
+async def test_a_backup_taken_under_traffic_loses_no_message_finished_meanwhile(
+    tmp_path: Path, database_url: str, postgres_admin_url: str
 ) -> None:
+    # Given the pipeline running against a Redis of its own (AOF on) and PostgreSQL, messages flowing through
+    # to the archive, and a dump slow enough that many are archived (and leave Redis) while it runs
+    from llmq.stages.mock_backend import MockSettings
+    from tests.support.harness import Harness
+
+    data = tmp_path / "redis"
+    data.mkdir()
+    server = Valkey(data)
+    url = server.start()
+    keys = Keys("{bt}")
     await migrate(database_url)
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        await conn.execute(INSERT_ROW, (ROW_IDS[0],))
-    await redis.xadd(keys.level("low"), {FIELD: b"x"})
-    await redis.xgroup_create(keys.level("low"), "schedule", id="0")
     env = {
         **os.environ,
         "LLMQ_DATABASE_URL": database_url,
-        "LLMQ_REDIS_URL": redis_url,
-        "LLMQ_KEY_PREFIX": keys.prefix,
-        "DATA_DIR": str(tmp_path),
-        "PG_BINDIR": _pg_bindir(database_url),
+        "LLMQ_REDIS_URL": url,
+        "PG_BINDIR": _slow_pg_dump(tmp_path / "slow", _pg_bindir(database_url), 2.0),
         "REDIS_CLI": _valkey_cli(),
     }
-    backup = run(str(SCRIPTS / "backup.sh"), str(tmp_path / "backups"), env=env)
-    assert backup.returncode == 0, backup.stderr
-    report = run(str(SCRIPTS / "maintenance.sh"), env=env)
-    assert report.returncode == 0, report.stdout + report.stderr
-    assert "messages: 1" in report.stdout
-    assert re.search(rf"{re.escape(keys.level('low'))}\s+length 1", report.stdout)
-    assert re.search(r"group schedule\s+pending 0 lag 1", report.stdout)
-    assert "maintenance: all checks passed" in report.stdout
-    # a database that does not answer is a failure, named
-    broken = run(str(SCRIPTS / "maintenance.sh"), env={**env, "LLMQ_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x"})
-    assert broken.returncode == 1
-    assert "FAIL: postgres:" in broken.stdout
+    fast = {"LLMQ_QUEUE__ARCHIVED_RETENTION": "1s"}
+    wide = {"a": {"max_concurrent": 64}}  # no backlog: the stages stop within seconds
+    mock = {"a": MockSettings(latency_ms=500)}  # what was accepted just before the backup ends during it
+    client = aioredis.from_url(url)
+    try:
+        async with Harness(client, keys, backends=mock, env=fast, backend_config=wide, database_url=database_url) as h:
+            sent: list[str] = []
+
+            async def traffic() -> None:
+                while True:
+                    sent.append(await h.submit())
+                    await asyncio.sleep(0.02)
+
+            flowing = asyncio.create_task(traffic())
+            await asyncio.sleep(1.0)
+            before = list(sent)  # accepted before the backup began: each must be in one of its copies
+            backup = await asyncio.to_thread(run, str(SCRIPTS / "backup.sh"), str(tmp_path / "backups"), env=env)
+            flowing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flowing
+        assert backup.returncode == 0, backup.stdout + backup.stderr
+        assert len(before) >= 30
+        (dump,) = (tmp_path / "backups").glob("postgres_*.dump")
+        (rdb,) = (tmp_path / "backups").glob("redis_*.rdb")
+        # (every prompt and answer is in them: readable by their owner alone)
+        assert {f.stat().st_mode & 0o777 for f in (dump, rdb)} == {0o600}
+        # When everything is lost (the database too) and restored, and the stages run again
+        await client.aclose()
+        server.stop()
+        name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+        async with await psycopg.AsyncConnection.connect(postgres_admin_url, autocommit=True) as conn:
+            await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        for item in data.iterdir():
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+        # (a lost database is named, with what creates it)
+        lost = run(str(SCRIPTS / "restore.sh"), "postgres", str(dump), env=env)
+        assert lost.returncode == 2 and f'database "{name}" does not exist' in lost.stderr
+        assert "LLMQ_ADMIN_DATABASE_URL" in lost.stderr
+        env["LLMQ_ADMIN_DATABASE_URL"] = postgres_admin_url
+        for argv in (["postgres", str(dump)], ["redis", str(rdb), str(data)]):
+            restored = run(str(SCRIPTS / "restore.sh"), *argv, env=env)
+            assert restored.returncode == 0, restored.stdout + restored.stderr
+        server = Valkey(data)
+        client = aioredis.from_url(server.start())
+
+        async def archived() -> set[str]:
+            async with await psycopg.AsyncConnection.connect(database_url) as conn:
+                rows = await (await conn.execute("SELECT id::text FROM messages")).fetchall()
+            return {r[0] for r in rows}
+
+        async with Harness(client, keys, backends=mock, env=fast, backend_config=wide, database_url=database_url):
+
+            async def all_back() -> bool:
+                return set(before) <= await archived()
+
+            await eventually(all_back, within=60, what="every message accepted before the backup archived")
+        # Then every message accepted before the backup began is archived: in the dump, or run and archived
+        # again from the snapshot
+        assert set(before) <= await archived()
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_maintenance_reports_the_checklist_and_fails_loudly(
+    tmp_path: Path, database_url: str, keys: Keys
+) -> None:
+    # Given a Redis run as production runs it (append-only file on), a stream whose group was given 2 of its
+    # 3 entries, an archive with a row and a backup
+    data = tmp_path / "redis"
+    data.mkdir()
+    server = Valkey(data)
+    client = aioredis.from_url(server.start())
+    try:
+        await migrate(database_url)
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await conn.execute(INSERT_ROW, (ROW_IDS[0],))
+        for _ in range(3):
+            await client.xadd(keys.level("low"), {FIELD: b"x"})
+        await client.xgroup_create(keys.level("low"), "schedule", id="0")
+        await client.xreadgroup("schedule", "c", {keys.level("low"): ">"}, count=2)
+        env = {
+            **os.environ,
+            "LLMQ_DATABASE_URL": database_url,
+            "LLMQ_REDIS_URL": f"redis://127.0.0.1:{server.port}/0",
+            "LLMQ_KEY_PREFIX": keys.prefix,
+            "DATA_DIR": str(tmp_path),
+            "PG_BINDIR": _pg_bindir(database_url),
+            "REDIS_CLI": _valkey_cli(),
+        }
+        backup = run(str(SCRIPTS / "backup.sh"), str(tmp_path / "backups"), env=env)
+        assert backup.returncode == 0, backup.stderr
+        # When the checklist runs, then every check passes and says what it found
+        report = run(str(SCRIPTS / "maintenance.sh"), env=env)
+        assert report.returncode == 0, report.stdout + report.stderr
+        assert "messages: 1" in report.stdout
+        assert re.search(rf"{re.escape(keys.level('low'))}\s+length 3", report.stdout)
+        assert re.search(r"group schedule\s+waiting 1 pending 2", report.stdout)
+        assert "appendonly yes" in report.stdout and "WARN: no maxmemory" in report.stdout
+        assert "maintenance: all checks passed" in report.stdout
+        # and each broken thing is a failure, named
+        nowhere = {**env, "LLMQ_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x"}
+        broken = run(str(SCRIPTS / "maintenance.sh"), env=nowhere)
+        assert broken.returncode == 1 and "FAIL: postgres:" in broken.stdout
+        await client.config_set("appendonly", "no")
+        await client.config_set("maxmemory-policy", "allkeys-lru")
+        await client.config_set("maxmemory", str(int((await client.info("memory"))["used_memory"]) + 1000))
+        risky = run(str(SCRIPTS / "maintenance.sh"), env=env)
+        assert risky.returncode == 1
+        assert "FAIL: appendonly is off" in risky.stdout
+        assert "FAIL: maxmemory-policy is allkeys-lru" in risky.stdout
+        assert re.search(r"FAIL: redis memory at \d+% of maxmemory", risky.stdout)
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+def test_the_runbooks_cron_lines_run_as_written(tmp_path: Path, database_url: str, redis_url: str) -> None:
+    # Given the runbook's cron lines, with this test's servers in the file they read and its folders
+    lines = [ln for ln in (OPS / "README.md").read_text().splitlines() if re.match(r"\d+ \d+ \* \* \* ", ln)]
+    assert len(lines) == 2, lines
+    env_file = tmp_path / "backup.env"
+    db = psycopg.conninfo.conninfo_to_dict(database_url)
+    host = urllib.parse.quote(db["host"], safe="")  # (a socket folder, for the embedded server)
+    db_url = f"postgresql://{db['user']}@{host}:{db.get('port', 5432)}/{db['dbname']}"  # as the runbook has it
+    env_file.write_text(
+        f"LLMQ_DATABASE_URL={db_url}\nLLMQ_REDIS_URL={redis_url}\n"
+        f"PG_BINDIR={_pg_bindir(database_url)}\nREDIS_CLI={_valkey_cli()}\nDATA_DIR={tmp_path}\n"
+        f"BACKUP_DIR={tmp_path}/backups\n"
+    )
+    (tmp_path / "logs").mkdir()
+    asyncio.run(migrate(database_url))
+    for line in lines:
+        command = line.split(" ", 5)[5]
+        command = command.replace("/etc/llmq/backup.env", str(env_file)).replace("/opt/llmq", str(ROOT))
+        command = command.replace("/data/llm-queue", str(tmp_path))
+        # When cron runs it (with /bin/sh and cron's bare environment)
+        cron_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+        result = subprocess.run(["/bin/sh", "-c", command], env=cron_env, capture_output=True, text=True)
+        assert result.returncode in (0, 1), result.stderr  # maintenance fails checks of a test Redis (no AOF)
+    # Then the backup was made (each file its owner's alone) and both wrote their logs
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "backups").iterdir()} == {0o600}
+    assert "backup complete" in (tmp_path / "logs" / "backup.log").read_text()
+    assert "== backups" in (tmp_path / "logs" / "maintenance.log").read_text()

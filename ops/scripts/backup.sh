@@ -15,7 +15,7 @@
 set -euo pipefail
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"
   exit 0
 fi
 dir="${1:-${BACKUP_DIR:-/data/llm-queue/backups}}"
@@ -25,19 +25,26 @@ keep_days="${KEEP_DAYS:-7}"
 pg_dump="${PG_BINDIR:+$PG_BINDIR/}pg_dump"
 redis_cli="${REDIS_CLI:-redis-cli}"
 stamp="$(date -u +%Y%m%d_%H%M%S)"
+umask 077  # the backups hold every prompt and answer: their owner's alone
 mkdir -p "$dir"
 
 # shellcheck source=ops/scripts/_redis_auth.sh
 source "$(dirname "$0")/_redis_auth.sh"
+# shellcheck source=ops/scripts/_pg_auth.sh
+source "$(dirname "$0")/_pg_auth.sh"
 
-# Each file is written under a .partial name and renamed when complete: a backup that is there is whole.
-echo "$(date -u +%FT%TZ) postgres backup -> $dir/postgres_$stamp.dump"
-"$pg_dump" --format=custom --no-owner --file "$dir/postgres_$stamp.dump.partial" "$LLMQ_DATABASE_URL"
-mv "$dir/postgres_$stamp.dump.partial" "$dir/postgres_$stamp.dump"
-
+# Redis first, then PostgreSQL: a message is in Redis until its outcome is archived, so each one accepted
+# before the snapshot is either in it or was archived before it, and so before the dump began. The other
+# order loses the messages archived while the dump runs: too late for the dump, gone from Redis by the
+# snapshot. Each file is written under a .partial name and renamed when complete: a backup that is there
+# is whole.
 echo "$(date -u +%FT%TZ) redis backup -> $dir/redis_$stamp.rdb"
 "$redis_cli" -u "$redis_url" --no-auth-warning --rdb "$dir/redis_$stamp.rdb.partial" >/dev/null
 mv "$dir/redis_$stamp.rdb.partial" "$dir/redis_$stamp.rdb"
+
+echo "$(date -u +%FT%TZ) postgres backup -> $dir/postgres_$stamp.dump"
+"$pg_dump" --format=custom --no-owner --file "$dir/postgres_$stamp.dump.partial" "$pg_url"
+mv "$dir/postgres_$stamp.dump.partial" "$dir/postgres_$stamp.dump"
 
 find "$dir" -maxdepth 1 \( -name 'postgres_*.dump' -o -name 'redis_*.rdb' -o -name '*.partial' \) \
   -mtime +"$keep_days" -delete

@@ -4,18 +4,21 @@
 # Usage:
 #   restore.sh postgres FILE.dump
 #       Replaces the llmq tables of LLMQ_DATABASE_URL with the backup, in one transaction.
-#       Stop the archive stage first; start it again afterwards.
+#       Stop the archive stage first; start it again afterwards. A database that is gone is created
+#       first when LLMQ_ADMIN_DATABASE_URL names another database of the same server (postgres) as a
+#       user allowed to CREATE DATABASE.
 #   restore.sh redis FILE.rdb DATA_DIR
 #       Installs the snapshot in the data folder of a STOPPED Redis (the folder its `dir` names). The
 #       current files are moved to DATA_DIR/pre-restore-<time>/, never deleted. The snapshot becomes both
 #       dump.rdb and the base of a fresh append-only file, so Redis loads it with appendonly on or off.
-#       Then start Redis, then the stages.
-# Environment: LLMQ_DATABASE_URL, PG_BINDIR (folder of pg_restore), LLMQ_REDIS_URL (used only to refuse
-#   when Redis still answers), REDIS_CLI, APPENDDIRNAME (default appendonlydir), APPENDFILENAME
-#   (default appendonly.aof).
+#       LLMQ_REDIS_URL names that Redis: the restore refuses while it answers (or give --stopped
+#       after DATA_DIR, when its address is unknown here). Then start Redis, then the stages.
+# Environment: LLMQ_DATABASE_URL, LLMQ_ADMIN_DATABASE_URL, PG_BINDIR (folder of pg_restore and psql),
+#   LLMQ_REDIS_URL, REDIS_CLI, APPENDDIRNAME (default appendonlydir), APPENDFILENAME (default
+#   appendonly.aof).
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit "${1:-2}"; }
 [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && usage 0
 [[ $# -ge 2 ]] || usage
 what="$1" file="$2"
@@ -24,15 +27,48 @@ what="$1" file="$2"
 case "$what" in
   postgres)
     : "${LLMQ_DATABASE_URL:?set LLMQ_DATABASE_URL}"
+    # shellcheck source=ops/scripts/_pg_auth.sh
+    source "$(dirname "$0")/_pg_auth.sh"
+    psql="${PG_BINDIR:+$PG_BINDIR/}psql"
+    if ! answer="$("$psql" "$pg_url" -tAc 'SELECT 1' 2>&1)"; then
+      if [[ "$answer" != *"does not exist"* ]]; then
+        echo "restore.sh: cannot reach the database of LLMQ_DATABASE_URL: $answer" >&2
+        exit 4
+      fi
+      # The database is gone: its name, from a URL (…/name?…) or a conninfo (dbname=name)
+      if [[ "$pg_url" =~ ^postgres(ql)?://[^/]*/([^?]+) ]]; then
+        name="${BASH_REMATCH[2]}"
+      elif [[ "$pg_url" =~ (^|[[:space:]])dbname=([^[:space:]]+) ]]; then
+        name="${BASH_REMATCH[2]}"
+      else
+        echo "restore.sh: the database of LLMQ_DATABASE_URL does not exist, and its name cannot be read" >&2
+        exit 2
+      fi
+      if [[ -z "${LLMQ_ADMIN_DATABASE_URL:-}" ]]; then
+        echo "restore.sh: database \"$name\" does not exist; create it (createdb $name), or set" \
+          "LLMQ_ADMIN_DATABASE_URL to the same server's postgres database and run this again" >&2
+        exit 2
+      fi
+      # (the admin URL is given with its password, if any, only here: PGPASSWORD is the llmq user's)
+      "$psql" "$LLMQ_ADMIN_DATABASE_URL" -v ON_ERROR_STOP=1 -qc "CREATE DATABASE \"${name//\"/\"\"}\""
+      echo "database $name created"
+    fi
     "${PG_BINDIR:+$PG_BINDIR/}pg_restore" --clean --if-exists --no-owner --single-transaction \
-      --exit-on-error --dbname "$LLMQ_DATABASE_URL" "$file"
+      --exit-on-error --dbname "$pg_url" "$file"
     echo "postgres restored from $file"
     ;;
   redis)
-    [[ $# -eq 3 ]] || usage
+    [[ $# -eq 3 || ( $# -eq 4 && "$4" == "--stopped" ) ]] || usage
     data_dir="$3"
     [[ -d "$data_dir" ]] || { echo "restore.sh: no such Redis data folder: $data_dir" >&2; exit 2; }
-    if [[ -n "${LLMQ_REDIS_URL:-}" ]] && "${REDIS_CLI:-redis-cli}" -u "$LLMQ_REDIS_URL" --no-auth-warning ping \
+    if [[ -z "${LLMQ_REDIS_URL:-}" && "${4:-}" != "--stopped" ]]; then
+      echo "restore.sh: set LLMQ_REDIS_URL to the Redis whose data folder this is, so the restore can" \
+        "check it is stopped (or pass --stopped after DATA_DIR once you have stopped it)" >&2
+      exit 2
+    fi
+    # shellcheck source=ops/scripts/_redis_auth.sh
+    source "$(dirname "$0")/_redis_auth.sh"
+    if [[ -n "$redis_url" ]] && "${REDIS_CLI:-redis-cli}" -u "$redis_url" --no-auth-warning ping \
         >/dev/null 2>&1; then
       echo "restore.sh: Redis at LLMQ_REDIS_URL still answers; stop it first" >&2
       exit 3
