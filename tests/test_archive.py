@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,7 @@ async def test_a_row_postgresql_refuses_is_dead_lettered_alone_and_archives_once
         # Then the 48 other rows are archived
         assert await archived_rows(database_url) == 48
         # and each refused row is a dead letter of its own, with PostgreSQL's reason
-        dlq = DeadLetters(redis=redis, keys=keys, levels=["realtime", "high", "normal", "low"])
+        dlq = DeadLetters(redis=redis, keys=keys, config=load_config(None, env={}))
         dead = await dlq.list()
         assert {d.message_id: d.reason for d in dead} == {
             mid: f'refused by PostgreSQL: value "{value}" is out of range for type integer'
@@ -314,6 +315,38 @@ def test_db_migrate_command(database_url: str, stage_env: dict[str, str]) -> Non
     second = subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert first.returncode == 0 and "applied migrations 0001, 0002" in first.stdout, first.stderr
     assert second.returncode == 0 and "is up to date" in second.stdout
+
+
+async def test_db_purge_deletes_the_rows_older_than_the_retention_and_nothing_else(
+    database_url: str, stage_env: dict[str, str]
+) -> None:
+    # Given 12 archived messages, finished 1 to 12 days ago
+    await migrate(database_url)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        for day in range(1, 13):
+            await conn.execute(
+                "INSERT INTO messages (id, level, status, enqueued_at, finished_at)"
+                " VALUES (%s, 'low', 'completed', now(), now() - make_interval(days => %s))",
+                (str(uuid.uuid4()), day),
+            )
+    env = {**stage_env, "LLMQ_DATABASE_URL": database_url}
+
+    def purge(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "llmq.cli", "db", "purge", *args]
+        return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    # When a dry run, then a purge of what is older than 7 days (in batches of 2) runs
+    dry = purge("--older-than", "7d12h", "--dry-run")
+    done = purge("--older-than", "7d12h", "--batch-size", "2")
+    # Then the dry run deleted nothing, the purge the 5 older rows, and the newer 7 are there
+    assert dry.returncode == 0 and "would delete 5 messages" in dry.stdout, dry.stderr
+    assert done.returncode == 0 and "deleted 5 messages" in done.stdout, done.stderr
+    assert await archived_rows(database_url) == 7
+    # A retention that would delete everything, or none given, is refused naming the option
+    for bad in (["--older-than", "0s"], ["--older-than", "a week"]):
+        refused = purge(*bad)
+        assert refused.returncode == 2 and "--older-than" in refused.stderr
+    assert await archived_rows(database_url) == 7
 
 
 async def test_sigkilled_archiver_loses_and_duplicates_nothing(

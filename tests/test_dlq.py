@@ -11,6 +11,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
+from llmq.pipeline.config import load_config
 from llmq.pipeline.dlq import DeadLetters, dead_letter
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, Message, encode, new_id
@@ -39,7 +40,7 @@ async def test_dead_letters_of_the_release_before_are_found_by_message_id(redis:
     msg = new_message(message_id=new_id(), level="normal", request=CHAT)
     for reason in ("first", "second"):
         await redis.xadd(keys.dlq, {FIELD: encode(msg), b"reason": reason, b"message_id": msg.id})
-    dead = DeadLetters(redis=redis, keys=keys, levels=["normal"])
+    dead = DeadLetters(redis=redis, keys=keys, config=load_config(None, env={}))
     assert await dead.find(msg.id) is None
     # When the archive indexes them at start (once)
     assert await dead.reindex() == 2  # the older, then the newer over it
@@ -57,7 +58,7 @@ async def test_dead_letters_replay_once_and_complete(redis: aioredis.Redis, keys
         mid = await h.submit("high")
         assert (await h.wait_terminal([mid]))[mid]["status"] == "dead"
         await eventually(lambda: status_in_db(database_url, mid, "dead"), what="dead row")
-        dlq = DeadLetters(redis=redis, keys=keys, levels=["realtime", "high", "normal", "low"])
+        dlq = DeadLetters(redis=redis, keys=keys, config=load_config(None, env={}))
         [dead] = await dlq.list()
         assert dead.message_id == mid and "answered 502" in (dead.error or "")
         # When the backend recovers and the dead letter is replayed twice
@@ -107,7 +108,7 @@ async def test_dlq_commands(redis: aioredis.Redis, keys: Keys, stage_env: dict[s
 
 async def test_dead_letters_are_bounded_and_found_by_message_id(redis: aioredis.Redis, keys: Keys) -> None:
     # Given 30 dead letters, each of its own message
-    dead = DeadLetters(redis=redis, keys=keys, levels=["normal"])
+    dead = DeadLetters(redis=redis, keys=keys, config=load_config(None, env={}))
     commit = Commit(redis, stream=keys.retry, group="retry", channel=keys.finished, dlq=keys.dlq)
     ids = [new_id() for _ in range(30)]
     for mid in ids:

@@ -33,13 +33,13 @@ def test_a_key_file_with_a_byte_order_mark_does_not_turn_its_comment_into_a_key(
     key_file = tmp_path / "keys"
     key_file.write_text("# llmq API keys\nk-secret\n", encoding="utf-8-sig")  # BOM first
     # The comment is not a key; the BOM is not part of any key
-    assert read_key_file(key_file) == [("k-secret", None)]
+    assert [(k, t) for k, t, _ in read_key_file(key_file)] == [("k-secret", None)]
 
 
 def test_the_first_key_of_a_key_file_with_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     key_file = tmp_path / "keys"
     key_file.write_text("k-first\nk-second\n", encoding="utf-8-sig")
-    assert read_key_file(key_file) == [("k-first", None), ("k-second", None)]
+    assert [(k, t) for k, t, _ in read_key_file(key_file)] == [("k-first", None), ("k-second", None)]
 
 
 async def test_a_comment_of_a_bom_key_file_does_not_authenticate_over_http(

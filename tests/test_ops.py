@@ -121,6 +121,7 @@ def test_compose_keeps_the_queue_safe_and_every_stage_checked() -> None:
     for services in (base, prod):
         redis_cmd = services["redis"]["command"]
         assert "--maxmemory-policy noeviction" in redis_cmd and "--appendonly yes" in redis_cmd
+        assert "--maxmemory ${REDIS_MAXMEMORY:-2gb}" in redis_cmd  # bounded (ops/README.md, Redis sizing)
         assert "--requirepass" in redis_cmd
     config = load_config(None, env={})
     for stage in ("ingest", "schedule", "dispatch", "retry", "archive"):
@@ -250,6 +251,8 @@ EXTERNAL = {
     "up": "prometheus",
     "pg_up": "postgres-exporter",
     "redis_up": "redis-exporter",
+    "redis_memory_used_bytes": "redis-exporter",
+    "redis_memory_max_bytes": "redis-exporter",
     "node_memory_MemTotal_bytes": "node-exporter",
     "node_memory_MemAvailable_bytes": "node-exporter",
     "node_cpu_seconds_total": "node-exporter",

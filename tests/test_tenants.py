@@ -4,12 +4,15 @@ estimated tokens, and their quotas (max_queued, rpm, tpm) refused with 429 namin
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
+import pytest
 import redis.asyncio as aioredis
 
-from llmq.pipeline.config import load_config
+from llmq.pipeline.config import ConfigError, load_config, read_config
+from llmq.pipeline.dlq import DeadLetters
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import Lua
 from llmq.pipeline.models import FIELD, decode_message, encode, new_id
@@ -251,3 +254,198 @@ async def test_a_submission_sent_again_after_a_lost_reply_counts_once(redis: aio
     assert await redis.zcard(keys.tenant_open("t")) == 1
     tat = float(await redis.hget(keys.tenant_rate("t"), "rpm"))
     assert abs(tat - (msg.enqueued_at + 1.0)) < 1e-3  # moved on by one message (60 s / 60), not two
+
+
+async def _post(http: httpx.AsyncClient, key: str | None = None, **fields: object) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return await http.post("/api/v1/messages", json={"request": CHAT, **fields}, headers=headers)
+
+
+# --- Found by review: secret leaks --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        # a natural slip: tenants written as a mapping keyed by name instead of a list
+        {"LLMQ_TENANTS": "{acme: {api_keys: [sk-live-TOPSECRET]}}"},
+        # a YAML typo in LLMQ_TENANTS (a missing bracket): the whole value is read as a string
+        {"LLMQ_TENANTS": "[{name: acme, api_keys: [sk-live-TOPSECRET]}"},
+        # the LLMQ_A__B__C form every other setting takes, tried for one tenant's keys
+        {"LLMQ_TENANTS__0__API_KEYS": "sk-live-TOPSECRET"},
+    ],
+)
+def test_a_misshapen_tenants_section_never_prints_a_tenants_api_key(env: dict[str, str]) -> None:
+    # A correct system names the path and the kind of value only (as it does for api_keys and for a misplaced
+    # database.redis secret): "tenants" is a section above tenants[].api_keys, where a key may be.
+    # Root cause: rules.holds_secret("tenants") is False: it tests field.startswith(path + ".") only, and the
+    # field is "tenants[].api_keys" (a "[" follows, not a ".").
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, env=env)
+    assert "TOPSECRET" not in str(caught.value), str(caught.value)
+
+
+# --- Found by review: spending another tenant's share or quota ----------------------------------------------
+
+
+async def test_a_tenants_key_listed_again_in_the_key_file_without_a_tenant_can_claim_any_tenant(
+    redis: aioredis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    # Given acme's key in the config (tenants[].api_keys), and the same key also in the key file on a line of
+    # its own (an operator adding keys to the file as before, or a rotation script re-writing every key)
+    key_file = tmp_path / "keys"
+    key_file.write_text("k-acme\n")
+    env = {"LLMQ_TENANTS": "[{name: acme, api_keys: [k-acme]}]", "LLMQ_SERVER__API_KEYS_FILE": str(key_file)}
+    async with client_for(redis, keys, env) as http:
+        # When acme's key claims tenant "beta"
+        spoofed = await _post(http, "k-acme", tenant="beta")
+    # Then a correct system refuses it (403): the key is acme's (or the conflict is refused when the file is
+    # read). Root cause: ApiKeyMiddleware (http_api.py) keeps the owner of the LAST matching entry of
+    # ring.keys, and KeyRing puts the file's keys after the config's: the file's "no tenant" wins.
+    assert spoofed.status_code == 403, spoofed.text
+
+
+async def test_a_tenant_named_nul_shares_the_unnamed_tenants_quota(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given every tenant allowed one open message, and a message of the unnamed tenant queued
+    async with client_for(redis, keys, {"LLMQ_TENANT_DEFAULTS__MAX_QUEUED": "1"}) as http:
+        assert (await _post(http)).status_code == 202
+        # When a request names the tenant "\0" (a distinct tenant, a valid JSON string)
+        other = await _post(http, tenant="\u0000")
+    # Then a correct system queues it: it is not the unnamed tenant. Root cause: Keys.tenant (keys.py) hashes
+    # None as b"\0", the very bytes of the tenant "\0": both share :open, :rate, :running and the vtimes.
+    assert other.status_code == 202, other.text
+
+
+# --- Found by review: counters after a dead-letter replay ---------------------------------------------------
+
+
+async def test_a_dead_letter_replayed_counts_toward_its_tenants_max_queued(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given a tenant allowed one open message, whose one message died (no retries) and was dead-lettered
+    env = {"LLMQ_QUEUE__RETRY__MAX_RETRIES": "0", "LLMQ_TENANTS": "[{name: t, max_queued: 1}]"}
+    failing = {"a": MockSettings(fail_rate=1.0, fail_status=502, latency_ms=1)}
+    async with Harness(redis, keys, backends=failing, env=env) as h:
+        mid = await h.submit(tenant="t")
+        assert (await h.wait_terminal([mid]))[mid]["status"] == "dead"
+    # When an operator replays it (nothing consuming: it waits in its level again, open)
+    dlq = DeadLetters(redis=redis, keys=keys, config=load_config(None, env=env))
+    [dead] = await dlq.list()
+    assert await dlq.replay(dead) is True
+    assert (await redis.hget(keys.msg(mid), "status")) == b"queued"
+    open_counted = await redis.zcard(keys.tenant_open("t"))
+    async with client_for(redis, keys, env) as http:
+        second = await _post(http, tenant="t")
+    # Then a correct system counts the replayed message as one of the tenant's open ones (it waits again, it
+    # will run), so the tenant at its max_queued of 1 is refused a second (429). Root cause:
+    # scripts/dlq_replay-5.lua / status.lua's status_replayed make the message live again without ZADDing
+    # its hash back to the tenant's open set (the 'open' field is still there; status_closed had ZREMed it).
+    assert (open_counted, second.status_code) == (1, 429), second.text
+
+
+# --- Found by review: admission -----------------------------------------------------------------------------
+
+TWO_LEVELS = (
+    "[{name: high, priority: 1, max_wait_time: 5s, max_concurrent: 1},"
+    " {name: normal, priority: 2, max_wait_time: 30s, max_concurrent: 8}]"
+)
+
+
+async def _scheduled(h: Harness, mid: str, within: float) -> float | None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        at = (await h.status(mid)).get("scheduled_at")
+        if at:
+            return float(at)
+        await asyncio.sleep(0.02)
+    return None
+
+
+async def test_a_capped_tenants_room_is_not_spent_on_a_level_that_cannot_admit(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given tenant t allowed 2 in flight with 1 running (in normal), level high full (1 of 1, another
+    # tenant's call), and t waiting with one message in high and one in normal; 7 backend slots free
+    env = {
+        "LLMQ_QUEUE__LEVELS": TWO_LEVELS,
+        "LLMQ_TENANTS": "[{name: t, max_in_flight: 2}]",
+        "LLMQ_SCHEDULER__STAGGER": "false",
+    }
+    slow = {"x": MockSettings(latency_ms=3000)}
+    async with Harness(redis, keys, backends=slow, env=env, backend_config={"x": {"max_concurrent": 8}}) as h:
+        first = await h.submit("normal", tenant="t")
+        assert await _scheduled(h, first, 2.0)
+        blocker = await h.submit("high", tenant="other")
+        assert await _scheduled(h, blocker, 2.0)
+        waiting_high = await h.submit("high", tenant="t")
+        submitted = time.time()
+        second = await h.submit("normal", tenant="t")
+        # When the scheduler runs its rounds
+        at = await _scheduled(h, second, 1.5)
+        await h.wait_terminal([first, blocker, waiting_high, second], within=30)
+    # Then a correct system admits t's normal message at once: t has room for one more and normal has free
+    # slots (its high message cannot go anyway: high is at its max_concurrent). Instead every round orders
+    # high first, hands t's one unit of room to its high message (LevelQueue.order decrements the shared
+    # `room`), select() then admits nothing from high, and normal's order has no message of t: the slots stay
+    # idle until the other tenant's high call ends. Root cause: Arbiter._round (arbiter.py, the loop building
+    # `ordered` with k = all free slots per level) spends room on candidates that are never admitted.
+    late = None if at is None else round(at - submitted, 2)
+    assert late is not None and late < 1.0, f"t's normal message admitted after {late}s (None: not within 1.5 s)"
+
+
+async def test_dead_letters_replayed_after_their_hash_expired_keep_their_tenants_max_in_flight(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given a tenant allowed 1 message in flight, whose 3 messages died and whose status hashes have expired
+    # (queue.result_retention; dead letters are kept 14 days by default, results 24 h)
+    env = {
+        "LLMQ_QUEUE__RETRY__MAX_RETRIES": "0",
+        "LLMQ_QUEUE__RESULT_RETENTION": "1s",
+        "LLMQ_TENANTS": "[{name: capped, max_in_flight: 1}]",
+        "LLMQ_SCHEDULER__STAGGER": "false",
+    }
+    failing = {"x": MockSettings(fail_rate=1.0, fail_status=502, latency_ms=1)}
+    async with Harness(redis, keys, backends=failing, env=env) as h:
+        ids = [await h.submit(tenant="capped") for _ in range(3)]
+        await h.wait_terminal(ids)
+    await asyncio.sleep(2.2)
+    assert not any([await redis.exists(keys.msg(i)) for i in ids])
+    # When an operator replays them all once the backend is healthy again
+    dlq = DeadLetters(redis=redis, keys=keys, config=load_config(None, env=env))
+    for dead in await dlq.list():
+        assert await dlq.replay(dead) is True
+    slow = {"x": MockSettings(latency_ms=800)}
+    kept = {**env, "LLMQ_QUEUE__RESULT_RETENTION": "60s"}  # (the first to end is read with the last)
+    async with Harness(redis, keys, backends=slow, env=kept, backend_config={"x": {"max_concurrent": 8}}) as h:
+        statuses = await h.wait_terminal(ids, within=30)
+    spans = [(float(s["scheduled_at"]), float(s["finished_at"])) for s in statuses.values()]
+    most_at_once = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+    # Then a correct system runs them one at a time (its max_in_flight of 1). Instead all 3 run at once: the
+    # remade hash has no 'running' field, so status_scheduled (status.lua) never adds it to the tenant's
+    # running set, and admit.lua's cap check counts nothing. Root cause: dlq_replay-5.lua / status_replayed
+    # restore neither the tenant's running set nor its open set (DeadLetters.replay passes no tenant keys).
+    assert most_at_once == 1, f"{most_at_once} of the capped tenant's messages ran at once"
+
+
+async def test_a_prompt_of_token_arrays_is_estimated_by_its_tokens(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given every tenant allowed 10,000 estimated tokens a minute (tpm), and the 50,000-token prompt that
+    # /v1/completions (and /v1/embeddings' input) accept as token ids: flat, or as a batch of token arrays
+    env = {"LLMQ_TENANT_DEFAULTS__TPM": "10000", "LLMQ_SERVER__SYNC_TIMEOUT": "100ms"}
+    async with client_for(redis, keys, env) as http:
+        flat = await http.post("/v1/completions", json={"model": "m", "prompt": [7] * 50_000, "max_tokens": 1})
+        nested = await http.post("/v1/completions", json={"model": "m", "prompt": [[7] * 50_000], "max_tokens": 1})
+        queued = await redis.xlen(keys.level("normal"))
+    # Then a correct system estimates both at 50,001 tokens and refuses both (400 on max_tokens: the
+    # estimate alone is over the tpm). The flat one is refused; the nested one is estimated at 2 tokens and
+    # queued: a tenant evades its tpm and takes a 25,000-fold share of its level by wrapping its prompt in a
+    # list. Root cause: llmq/pipeline/tokens.py prompt_chars counts a list item that is not a string as 4
+    # characters (`else 4`), so a token array of any length is 1 token.
+    assert flat.status_code == 400
+    assert (nested.status_code, queued) == (400, 0), nested.text
+
+
+def test_a_tenant_capped_in_flight_without_a_bounded_backlog_is_warned_of() -> None:
+    # A capped tenant's backlog past the lookahead fills a scheduler's view of its level: the other tenants'
+    # messages behind it wait while slots are free (the README says so). The config says so too.
+    capped = read_config(
+        None, env={"LLMQ_TENANTS": "[{name: a, max_in_flight: 2}, {name: b, max_in_flight: 2, max_queued: 100}]"}
+    )
+    assert [w.split(":")[0] for w in capped.warnings] == ["tenants[0].max_in_flight"]

@@ -20,6 +20,7 @@ from llmq.cli.dlq import dlq_app
 from llmq.cli.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedRedis
 from llmq.cli.exit_codes import ExitCode
 from llmq.cli.pause import pause, resume
+from llmq.cli.purge import purge
 from llmq.cli.stages import MOCK_BACKEND_PORT, STAGES, postgres_of
 from llmq.cli.supervisor import Child, Supervisor, child_env, stage_argv
 from llmq.pipeline.config import Config
@@ -48,8 +49,12 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Check configuration files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-db_app = typer.Typer(help="PostgreSQL schema.", no_args_is_help=True)
+db_app = typer.Typer(help="PostgreSQL: the schema, and the archive's retention.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+db_app.command(
+    "purge",
+    epilog="Examples:\n\n  llmq-stage db purge --older-than 30d\n\n  llmq-stage db purge --older-than 90d --dry-run",
+)(purge)
 app.add_typer(dlq_app, name="dlq")
 app.command(epilog="Examples:\n\n  llmq-stage pause low\n\n  llmq-stage pause --all --reason 'Redis upgrade'")(pause)
 app.command(epilog="Examples:\n\n  llmq-stage resume low\n\n  llmq-stage resume --all")(resume)
@@ -155,7 +160,7 @@ def _stage_problem(stage: str, cfg: Config) -> str | None:
     key_file = cfg.server.api_keys_file
     if stage == "ingest" and key_file is not None:
         try:
-            read_key_file(key_file)
+            read_key_file(key_file, cfg.keys_with_tenants)
         except (OSError, UnicodeDecodeError) as exc:  # (only the ingest reads it: the others need not see it)
             return f"server.api_keys_file: cannot read {key_file}: {exc.__class__.__name__}"
         except ValueError as exc:  # the message names the line, never its words (a key)

@@ -23,8 +23,7 @@ T = TypeVar("T")
 
 def _run(config: Path | None, work: Callable[[DeadLetters], Awaitable[T]]) -> T:
     cfg = load_or_exit(config)
-    levels = [lv.name for lv in cfg.queue.levels]
-    return on_redis(cfg, config, lambda redis, keys: work(DeadLetters(redis=redis, keys=keys, levels=levels)))
+    return on_redis(cfg, config, lambda redis, keys: work(DeadLetters(redis=redis, keys=keys, config=cfg)))
 
 
 def _when(ts: float) -> str:

@@ -20,12 +20,14 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from llmq.pipeline.config import Config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import Lua
 from llmq.pipeline.models import FIELD, Message, Status, decode_message, decode_outcome, encode
 from llmq.pipeline.runtime import effects
 from llmq.pipeline.runtime.streams import as_str
 from llmq.pipeline.streamed import is_streamed
+from llmq.pipeline.transitions import UNENDED_TTL_S
 
 TRIM_PER_CALL = 1000
 """Dead letters dropped per script call when trimming, so one call never holds Redis long."""
@@ -119,10 +121,11 @@ def _text(value: bytes) -> str:
 
 
 class DeadLetters:
-    def __init__(self, *, redis: aioredis.Redis, keys: Keys, levels: list[str]) -> None:
+    def __init__(self, *, redis: aioredis.Redis, keys: Keys, config: Config) -> None:
         self.redis = redis
         self.keys = keys
-        self.levels = levels
+        self.config = config
+        self.levels = [lv.name for lv in config.queue.levels]
         self._replay = Lua(redis, "dlq_replay")
         self._trim = Lua(redis, "dlq_trim")
         self._index = Lua(redis, "dlq_index")
@@ -183,20 +186,16 @@ class DeadLetters:
                 msg, level=target_level, attempts=0, retry_after=None, history=[*msg.history, note]
             )
             keys = [self.keys.dlq, self.keys.level(target_level), self.keys.msg(msg.id), self.keys.dlq_index]
-            keys.append(self.keys.events(msg.id))
+            keys += [self.keys.events(msg.id), self.keys.tenant_open(msg.tenant)]
             streamed = "1" if is_streamed(msg) else ""
-            args: list[str | bytes | float] = [
-                dl.entry_id,
-                encode(replayed),
-                Status.QUEUED.value,
-                now,
-                msg.id,
-                streamed,
-            ]
+            # open again: it counts toward its tenant's max_queued until it ends
+            counted = now + UNENDED_TTL_S if self.config.tenant(msg.tenant).max_queued else ""
+            args: list[str | bytes | float] = [dl.entry_id, encode(replayed), Status.QUEUED.value, now, msg.id]
+            args += [streamed, counted]
         else:
             # an outcome the archive could not take: back to done as it was
-            keys = [self.keys.dlq, self.keys.done, self.keys.dlq, self.keys.dlq_index, self.keys.dlq]
-            args = [dl.entry_id, dl.payload, "", now, dl.message_id or ""]
+            keys = [self.keys.dlq, self.keys.done, self.keys.dlq, self.keys.dlq_index, self.keys.dlq, self.keys.dlq]
+            args = [dl.entry_id, dl.payload, "", now, dl.message_id or "", "", ""]
         return bool(await self._replay(keys, args))
 
     async def purge(self, *, older_than_s: float) -> int:

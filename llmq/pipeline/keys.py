@@ -119,8 +119,10 @@ class Keys:
         return f"{self.prefix}:affinity:{digest}"
 
     def tenant(self, tenant: str | None) -> str:
-        """Where a tenant's keys start (``None``: the unnamed tenant's); the name is hashed like sessions."""
-        digest = hashlib.sha256(b"\0" if tenant is None else tenant.encode()).hexdigest()[:32]
+        """Where a tenant's keys start (``None``: the unnamed tenant's); the name is hashed like sessions, in a
+        namespace the unnamed tenant is not in (no name is spelled as it)."""
+        named = b"n" if tenant is None else b"t" + tenant.encode()
+        digest = hashlib.sha256(named).hexdigest()[:32]
         return f"{self.prefix}:tenant:{digest}"
 
     def tenant_open(self, tenant: str | None) -> str:

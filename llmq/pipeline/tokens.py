@@ -17,17 +17,21 @@ def prompt_chars(request: dict[str, Any]) -> int:
     if isinstance(messages, list):
         return sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
     given = request.get("prompt", request.get("input"))
-    if isinstance(given, str):
-        return len(given)
-    if isinstance(given, list):
-        return sum(len(g) if isinstance(g, str) else 4 for g in given)
-    return 0
+    if isinstance(given, list):  # texts, token ids, or token arrays: a token id counts as 4 characters
+        return sum(_chars(g) if not isinstance(g, list) else sum(map(_chars, g)) for g in given)
+    return _chars(given)
+
+
+def _chars(item: object) -> int:
+    if isinstance(item, str):
+        return len(item)
+    return 4 if isinstance(item, int) else 0
 
 
 def estimate_tokens(request: dict[str, Any]) -> int:
     """Prompt characters / 4 plus the requested completion budget (256 when unset or not a positive number),
-    at most ``MAX_ESTIMATE``."""
+    at least 1 and at most ``MAX_ESTIMATE``."""
     budget = request.get("max_completion_tokens") or request.get("max_tokens")
     if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
         budget = 256
-    return int(min(MAX_ESTIMATE, prompt_chars(request) // 4 + min(budget, MAX_ESTIMATE)))
+    return max(1, int(min(MAX_ESTIMATE, prompt_chars(request) // 4 + min(budget, MAX_ESTIMATE))))

@@ -69,13 +69,16 @@ def holds_secret(path: str) -> bool:
     """Whether the value at ``path`` may be a secret: a secret field, an item of one (``api_keys[0]``), or a
     section above one, where a misplaced secret would land (``database.redis: "redis://:pw@host"``)."""
     path = re.sub(r"\[\d+\]", "[]", path)  # tenants[2].api_keys[0] is tenants[].api_keys[]
-    return any(path == field or path.startswith(field + "[") or field.startswith(path + ".") for field in SECRET_FIELDS)
+    return any(
+        path == field or path.startswith(field + "[") or field.startswith((path + ".", path + "["))
+        for field in SECRET_FIELDS
+    )
 
 
 def config_warnings(config: Config, given: Collection[str], origins: Mapping[str, str]) -> list[str]:
     """What is allowed but likely wrong, one line each: fields that do nothing (of ``given``, the dotted paths
-    the file or the environment set, named with their variable from ``origins``), and a shutdown grace
-    shorter than a backend call."""
+    the file or the environment set, named with their variable from ``origins``), a shutdown grace shorter
+    than a backend call, and a tenant whose in-flight cap lets its backlog fill the schedulers' view."""
     warnings: list[str] = []
     ignored = [
         f"{path} ({why})" + (f" (from {origins[path]})" if path in origins else "")
@@ -91,6 +94,17 @@ def config_warnings(config: Config, given: Collection[str], origins: Mapping[str
             "longer backend call is abandoned, reclaimed and made again; make the grace at least the timeout "
             "(and the container's stop grace period longer than both)"
         )
+    lookahead = config.scheduler.lookahead
+    capped = [(f"tenants[{i}]", t) for i, t in enumerate(config.tenants)] + [
+        ("tenant_defaults", config.tenant_defaults)
+    ]
+    for where, tenant in capped:
+        if tenant.max_in_flight and (tenant.max_queued or lookahead + 1) > lookahead:
+            warnings.append(
+                f"{where}.max_in_flight: without a max_queued within scheduler.lookahead ({lookahead}), a backlog "
+                "of this tenant can fill a scheduler's view of a level, and other tenants' messages behind it "
+                "wait while slots are free"
+            )
     return warnings
 
 

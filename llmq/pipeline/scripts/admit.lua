@@ -56,6 +56,9 @@ while a <= #ARGV do
   else
     inflight_hold(inflight, ARGV[a], exp)
     redis.call('XADD', dispatch, '*', M, ARGV[a + 2])
+    -- counted by its tenant's running set, named here (a replayed message's hash may be new, its tenant
+    -- capped since it was queued)
+    if ARGV[a + 4] ~= '' then redis.call('HSET', KEYS[m], 'running', KEYS[m + 2]) end
     status_scheduled(KEYS[m], now)
     local lvt = tonumber(redis.call('GET', level_vt)) or 0
     local start = math.max(tonumber(redis.call('GET', KEYS[m + 1])) or 0, lvt)

@@ -32,7 +32,7 @@ local function status_queued(hash, level, now, ttl, streamed, behind, left_mark)
   redis.call('EXPIRE', hash, ttl)
 end
 
--- Admitted by the scheduler: handed to dispatch, and running for its tenant.
+-- Admitted by the scheduler: handed to dispatch, and running for its tenant (when admit.lua named its set).
 local function status_scheduled(hash, now)
   redis.call('HSET', hash, 'status', SCHEDULED, 'scheduled_at', now)
   local running = redis.call('HGET', hash, 'running')

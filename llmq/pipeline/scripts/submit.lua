@@ -20,7 +20,7 @@ allowed at once) that this message would pass. A repeated call counts nothing tw
 
 KEYS       per message: its level stream, its status hash, its idempotency record, the record an earlier
            release kept for the same key (the same record again when none; see llmq/stages/ingest/submit.py),
-           its tenant's open messages, its tenant's rates, its tenant's running messages.
+           its tenant's open messages, its tenant's rates.
            A message without an idempotency key names a record it never reads (keys share one hash tag).
            With direct admission, then: every level's stream, every level's in-flight set (both in the
            order of the levels' ARGV below), the dispatch stream. Last: the paused levels' hash (a paused
@@ -30,7 +30,7 @@ ARGV[3]    m, the number of messages       ARGV[4]  now (Unix seconds) to admit 
 ARGV[5..]  per message: payload, message id, level, enqueued_at, the level's max depth, the digest of
            the request ('' when it has no idempotency key), '1' when it is streamed ('' when not), its
            tenant's max_queued, rpm and tpm ('' for none), its estimated tokens, '1' when its tenant has a
-           max_in_flight (the hash names the running set, which admissions count: never admitted here)
+           max_in_flight (admit.lua counts its running messages: it is never admitted here)
 then, with direct admission: the lease expiry of an in-flight slot, the backends' capacity, n (the number
 of levels), the index of the message's level among them, the reserve window in seconds (0: reserved slots
 are always kept), and per level: max_concurrent, reserved, priority, name.
@@ -119,24 +119,24 @@ local function admit_at_once(payload, id, level)
     return tonumber(level_arg(j, 1))
   end
   for j = 1, n do
-    if waiting(KEYS[7 * m + j]) > 0 then return false end
+    if waiting(KEYS[6 * m + j]) > 0 then return false end
   end
-  local held, total = inflight_counts(7 * m + n + 1, n, direct_at)
+  local held, total = inflight_counts(6 * m + n + 1, n, direct_at)
   if held[own] >= tonumber(level_arg(own, 0)) then return false end
   local floor = 0
   for j = 1, n do
     if tonumber(level_arg(j, 2)) < tonumber(level_arg(own, 2)) then floor = floor + math.max(0, kept(j) - held[j]) end
   end
   if total >= cap - floor then return false end
-  inflight_hold(KEYS[7 * m + n + own], id, exp)
-  redis.call('XADD', KEYS[7 * m + 2 * n + 1], '*', M, payload)
+  inflight_hold(KEYS[6 * m + n + own], id, exp)
+  redis.call('XADD', KEYS[6 * m + 2 * n + 1], '*', M, payload)
   return true
 end
 
 local depths, lefts, out, latest = {}, {}, {}, {}
 for i = 1, m do
-  local stream, hash, idem, legacy = KEYS[7 * i - 6], KEYS[7 * i - 5], KEYS[7 * i - 4], KEYS[7 * i - 3]
-  local open, rates, running = KEYS[7 * i - 2], KEYS[7 * i - 1], KEYS[7 * i]
+  local stream, hash, idem, legacy = KEYS[6 * i - 5], KEYS[6 * i - 4], KEYS[6 * i - 3], KEYS[6 * i - 2]
+  local open, rates = KEYS[6 * i - 1], KEYS[6 * i]
   local a = 5 + 12 * (i - 1)
   local payload, id, level, enqueued, max_depth, digest, streamed =
     ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5], ARGV[a + 6]
@@ -172,7 +172,6 @@ for i = 1, m do
       if digest ~= '' then redis.call('SET', idem, id .. ' ' .. digest, 'EX', idem_ttl) end
       redis.call('XADD', stream, '*', M, payload)
       status_queued(hash, level, enqueued, hash_ttl, streamed, depth, lefts[stream])
-      if capped then redis.call('HSET', hash, 'running', running) end
       count_quota(open, rates, hash, max_queued, rpm, tpm, tokens, tonumber(enqueued), hash_ttl)
       out[i] = {'queued', id, depth}
       depth = depth + 1

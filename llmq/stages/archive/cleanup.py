@@ -36,7 +36,7 @@ class Cleanup:
         self.config = config
         self.redis = redis
         self.keys = keys
-        self.dead = dlq.DeadLetters(redis=redis, keys=keys, levels=[lv.name for lv in config.queue.levels])
+        self.dead = dlq.DeadLetters(redis=redis, keys=keys, config=config)
 
     async def run(self) -> None:
         """Every few seconds: the backlog gauge, and trimming what every group acked (so Redis holds what is in

@@ -37,7 +37,7 @@ class Admin:
         self.keys = keys
         self.pool = pool
         self.levels = [lv.name for lv in config.queue.levels]
-        self.dead = DeadLetters(redis=redis, keys=keys, levels=self.levels)
+        self.dead = DeadLetters(redis=redis, keys=keys, config=config)
 
     async def health(self, _: Request) -> Response:
         checks = {"redis": "ok"}

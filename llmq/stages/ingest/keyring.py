@@ -38,16 +38,16 @@ class KeyRing:
         if self.path is None:
             return False
         try:
-            from_file = read_key_file(self.path)
+            from_file = read_key_file(self.path, [(k.decode(), t) for k, t in self.static])
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             log.error("could not read server.api_keys_file %s: %s; the keys stay as they were", self.path, exc)
             return False
-        digest = hashlib.sha256(repr(from_file).encode()).digest()
+        digest = hashlib.sha256(repr([(k, t) for k, t, _ in from_file]).encode()).digest()
         if digest == self._seen:
             return False
         first = self._seen is None
         self._seen = digest
-        self.keys = self.static + [(k.encode(), t) for k, t in from_file]
+        self.keys = self.static + [(k.encode(), t) for k, t, _ in from_file]
         if not first:
             log.info("API keys reloaded from %s: %d accepted", self.path, len(self.keys))
         return True

@@ -230,7 +230,6 @@ class Submitter:
             legacy = (legacy_record(self.keys, sub.caller, idem) if idem else None) or record
             keys += [self.keys.level(msg.level), self.keys.msg(msg.id), record, legacy]
             keys += [self.keys.tenant_open(msg.tenant), self.keys.tenant_rate(msg.tenant)]
-            keys.append(self.keys.tenant_running(msg.tenant))
             # callers validate the level
             digest = (sub.digest or "-") if idem else ""
             streamed = "1" if is_streamed(msg) else ""

@@ -228,14 +228,15 @@ class Arbiter:
         for level, count in _runs(order):
             cfg = self.by_name[level]
             floor = sum(reserved[h.name] for h in self.levels if h.priority < cfg.priority)
-            batch = ordered[level][used[level] : used[level] + count]
-            used[level] += count
+            batch = self._take(ordered[level], used, level, count, room)
+            if not batch:
+                continue
             run_gap_s = gap_s if staggering and level in self.staggered else 0.0
             if run_gap_s:
                 self._stagger_next = now + gap_s
             codes = await self._admit_run(cfg, batch, now, floor, run_gap_s)
             admitted = codes.count(1)
-            self._held = self._held or (run_gap_s > 0 and len(codes) < count)  # another scheduler's turn
+            self._held = self._held or (run_gap_s > 0 and len(codes) < len(batch))  # another scheduler's turn
             reserved[level] = max(0, reserved[level] - admitted)
             queue = self.waiting[level]
             for cand, code in zip(batch, codes, strict=False):
@@ -244,7 +245,7 @@ class Arbiter:
                     self._admitted(cand, now)
                 else:
                     cand.decide(GONE if code == -1 else Status(as_str(code)))
-            if len(codes) < count:
+            if len(codes) < len(batch):
                 break  # the limits moved under us (another scheduler admitted): recount next round
 
     @staticmethod
@@ -253,11 +254,32 @@ class Arbiter:
     ) -> list[Candidate]:
         """The first ``k`` candidates of a level in fair order: ``vtimes`` are the level's virtual time and its
         tenants' (in the queue's order of tenants), read this round where tenants wait together; ``room`` how
-        many more the tenants with a max_in_flight may have admitted (taken as they are ordered)."""
+        many more the tenants with a max_in_flight may have admitted (this level alone: what the round admits
+        takes it, ``_take``)."""
         if vtimes is None:
-            return queue.order(k, 0.0, {}, room)
+            return queue.order(k, 0.0, {}, dict(room))
         level_vt, *tenant_vts = (float(v) if v is not None else 0.0 for v in vtimes)
-        return queue.order(k, level_vt, dict(zip(queue.tenants, tenant_vts, strict=True)), room)
+        return queue.order(k, level_vt, dict(zip(queue.tenants, tenant_vts, strict=True)), dict(room))
+
+    @staticmethod
+    def _take(
+        ordered: list[Candidate], used: dict[str, int], level: str, count: int, room: dict[str | None, int]
+    ) -> list[Candidate]:
+        """The next ``count`` candidates of a level's order, passing over those whose tenant's room another
+        level took in this round (they wait for the next)."""
+        batch: list[Candidate] = []
+        i = used[level]
+        while len(batch) < count and i < len(ordered):
+            cand = ordered[i]
+            i += 1
+            tenant = cand.message.tenant
+            if tenant in room:
+                if room[tenant] <= 0:
+                    continue
+                room[tenant] -= 1
+            batch.append(cand)
+        used[level] = i
+        return batch
 
     def _overcommitted(self, order: list[str], held: dict[str, int]) -> list[str]:
         """Top-level picks past the capacity, up to the backends' ``overcommit``: an engine that schedules by
