@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,59 @@ def test_compose_keeps_the_queue_safe_and_every_stage_checked() -> None:
     assert monitoring <= set(prod)
 
 
+def _runbook_env() -> dict[str, str]:
+    """The .env the runbook writes (its `cat > .env` block), comments dropped."""
+    text = (OPS / "README.md").read_text()
+    block = text.split("cat > .env <<'EOF'\n", 1)[1].split("\nEOF", 1)[0]
+    return dict(line.split("#")[0].strip().split("=", 1) for line in block.splitlines() if line.strip())
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m[1], m[2]), value)
+
+
+def test_production_publishes_each_port_once_on_loopback_and_nginx_balances_every_ingest_replica() -> None:
+    # Compose appends the `ports` of an override file to the base file's (it replaces nothing): the ports a
+    # service publishes in production are both files' together, with the runbook's .env
+    env = _runbook_env()
+    base, prod = (yaml.safe_load(p.read_text())["services"] for p in COMPOSE_FILES)
+    for name in set(base) | set(prod):
+        published = [_interpolate(p, env) for f in (base, prod) for p in f.get(name, {}).get("ports", [])]
+        ip_ports = [p.rsplit(":", 1)[0] for p in published]
+        assert all(p.startswith("127.0.0.1:") for p in ip_ports), (name, published)  # nginx is the public side
+        targets = [p.rsplit(":", 1)[1] for p in published]
+        assert len(targets) == len(set(targets)), f"{name} publishes one container port twice: {published}"
+    # One host port per ingest replica, and nginx's upstream lists each of them
+    first, last = map(int, env["API_PORTS"].split("-"))
+    assert last - first + 1 == prod["ingest"]["deploy"]["replicas"] >= 2
+    upstream = (OPS / "nginx" / "llmq.conf").read_text().split("upstream llmq_ingest {", 1)[1].split("}", 1)[0]
+    assert re.findall(r"server 127\.0\.0\.1:(\d+)", upstream) == [str(p) for p in range(first, last + 1)]
+
+
+RUNS_AS = {"prometheus": "65534", "alertmanager": "65534", "grafana": "472"}
+"""The users the monitoring images run as (their Dockerfiles' USER); redis and postgres start as root and
+give their data folders to their own user."""
+
+
+def test_the_runbook_creates_every_data_folder_for_the_user_that_writes_it() -> None:
+    runbook = (OPS / "README.md").read_text()
+    (made,) = re.findall(r"sudo mkdir -p /data/llm-queue/\{([^}]*)\}", runbook)
+    owned = {
+        folder: uid
+        for uid, folders in re.findall(r"sudo chown (\d+)(?::\d+)? /data/llm-queue/\{?([\w,]+)\}?", runbook)
+        for folder in folders.split(",")
+    }
+    prod = yaml.safe_load(COMPOSE_FILES[1].read_text())["services"]
+    for name, service in prod.items():
+        for volume in service.get("volumes", []):
+            if not volume.startswith("/data/llm-queue/"):
+                continue
+            folder = volume.split(":")[0].removeprefix("/data/llm-queue/")
+            assert folder in made.split(","), f"{name} mounts /data/llm-queue/{folder}, which the runbook never makes"
+            if name in RUNS_AS and not volume.endswith(":ro"):
+                assert owned.get(folder) == RUNS_AS[name], f"{name} writes {folder} as {RUNS_AS[name]}"
+
+
 def _compose_stages() -> dict[str, dict[str, Any]]:
     """Each llmq service as `docker compose -f compose.yaml -f compose.prod.yaml` runs it: the production
     file's keys over the base file's (enough for the top-level keys the tests read)."""
@@ -200,6 +254,68 @@ def test_prometheus_scrapes_every_stage_on_its_port() -> None:
             port = int(target.split(":")[1]) if target else job["dns_sd_configs"][0]["port"]
             scraped[job["job_name"].removeprefix("llmq-")] = port
     assert scraped == expected
+
+
+@pytest.mark.timeout(120)
+async def test_a_second_dispatcher_on_one_host_is_scraped_by_prometheus(
+    tmp_path: Path, stage_env: dict[str, str]
+) -> None:
+    # Given Prometheus with the shipped llmq-dispatch job, reading its targets from a folder (its DNS
+    # discovery left out: compose's names do not resolve here), and two dispatchers on this host: the
+    # first on the default ops port, the second with --port 0, both announcing themselves in that folder
+    prometheus = tool("prometheus")
+    targets_dir = tmp_path / "targets"
+    targets_dir.mkdir()
+    shipped = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    (job,) = [j for j in shipped["scrape_configs"] if j["job_name"] == "llmq-dispatch"]
+    job.pop("dns_sd_configs")
+    (files,) = job["file_sd_configs"]
+    assert files["files"] == ["/etc/prometheus/targets/dispatch-*.json"]
+    files["files"] = [str(targets_dir / "dispatch-*.json")]
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [job]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    web = free_port()
+    env = {
+        **stage_env,
+        "LLMQ_SERVER__HOST": "127.0.0.1",
+        "LLMQ_METRICS__TARGETS_DIR": str(targets_dir),
+        "LLMQ_METRICS__PORT": str(free_port() - 1),  # (dispatch's port is metrics.port + 1)
+        "LLMQ_BACKENDS": f'[{{name: b, url: "http://127.0.0.1:{free_port()}/v1"}}]',
+    }
+    argv = [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}"]
+    server = Proc([*argv, f"--web.listen-address=127.0.0.1:{web}"], dict(os.environ))
+    procs = [llmq_stage(env, "run", "dispatch"), llmq_stage(env, "run", "dispatch", "--port", "0")]
+    try:
+        ports = {p.wait_for_log("stage started", timeout=30)["ops_port"] for p in procs}
+
+        async def scraped() -> set[int]:
+            async with httpx.AsyncClient(timeout=5) as http:
+                try:
+                    found = (await http.get(f"http://127.0.0.1:{web}/api/v1/targets")).json()["data"]
+                except (httpx.HTTPError, ValueError):
+                    return set()
+            return {
+                int(t["labels"]["instance"].rsplit(":", 1)[1])
+                for t in found["activeTargets"]
+                if t["health"] == "up" and t["labels"]["job"] == "llmq-dispatch"
+            }
+
+        async def both() -> bool:
+            return await scraped() == ports
+
+        # Then Prometheus scrapes both, as job llmq-dispatch (what the alert rules read)
+        await eventually(both, within=60, what="both dispatchers scraped")
+        # and once the second stops, its target is gone (no false LlmqStageDown for a clean stop)
+        stop_all(procs[1:])
+        assert sorted(p.name for p in targets_dir.iterdir()) == [next(targets_dir.iterdir()).name]
+
+        async def one() -> bool:
+            return len(await scraped()) == 1
+
+        await eventually(one, within=30, what="the stopped dispatcher's target withdrawn")
+    finally:
+        stop_all(procs)
+        stop_all([server])
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
@@ -369,6 +485,59 @@ def test_kubernetes_deployments_probe_the_ports_the_stages_serve() -> None:
         assert container["readinessProbe"]["httpGet"] == {"path": health, "port": port}, name
         assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": port}, name
         assert container["resources"]["limits"] and container["resources"]["requests"], name
+
+
+def test_kubernetes_images_are_the_release_never_latest() -> None:
+    # An image named by a moving tag is pulled again at every pod start and leaves nothing to roll back to
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    containers = [
+        c
+        for path in K8S.glob("*.yaml")
+        for doc in yaml_docs(path)
+        for c in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+    ]
+    assert len(containers) == 6  # five stages and the migration
+    assert {(c["image"], c["imagePullPolicy"]) for c in containers} == {(f"llmq:{version}", "IfNotPresent")}
+
+
+def _relabel(rules: list[dict[str, Any]], labels: dict[str, str]) -> dict[str, str] | None:
+    """Prometheus's relabelling, for the actions the shipped jobs use (replace, keep); None when dropped."""
+    labels = dict(labels)
+    for rule in rules:
+        value = rule.get("separator", ";").join(labels.get(n, "") for n in rule.get("source_labels", []))
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        if rule.get("action", "replace") == "keep":
+            if not match:
+                return None
+        elif match:
+            labels[rule["target_label"]] = match.expand(re.sub(r"\$(\d+)", r"\\\1", rule.get("replacement", "$1")))
+    return labels
+
+
+def test_kubernetes_pods_are_scraped_as_the_jobs_the_alerts_read() -> None:
+    # Given the shipped Kubernetes scrape job (Debian's promtool has no Kubernetes discovery to check it with)
+    (job,) = yaml.safe_load((PROMETHEUS / "kubernetes.yml").read_text())["scrape_configs"]
+    assert job["kubernetes_sd_configs"] == [{"role": "pod", "namespaces": {"names": ["llmq"]}}]
+    for path in K8S.glob("*.yaml"):
+        for doc in yaml_docs(path):
+            if doc["kind"] != "Deployment":
+                continue
+            pod = doc["spec"]["template"]
+            port = pod["spec"]["containers"][0]["ports"][0]["containerPort"]
+            meta = {"__address__": f"10.1.2.3:{port}", "__meta_kubernetes_pod_name": "p-1"}
+            meta |= {f"__meta_kubernetes_pod_label_{k.replace('.', '_').replace('/', '_')}": v
+                     for k, v in pod["metadata"]["labels"].items()}  # fmt: skip
+            meta |= {f"__meta_kubernetes_pod_annotation_{k.replace('.', '_').replace('/', '_')}": v
+                     for k, v in pod["metadata"]["annotations"].items()}  # fmt: skip
+            # When Prometheus discovers the pod, then it is the job llmq-<stage> the alert rules and the
+            # dashboard read, at the port and path the stage serves its metrics on
+            target = _relabel(job["relabel_configs"], meta)
+            stage = doc["metadata"]["name"].removeprefix("llmq-")
+            assert target is not None, doc["metadata"]["name"]
+            assert (target["job"], target["__address__"]) == (f"llmq-{stage}", f"10.1.2.3:{port}")
+            assert target["__metrics_path__"] == "/metrics" and target["stage"] == stage
+    # and a pod of another app is not scraped
+    assert _relabel(job["relabel_configs"], {"__meta_kubernetes_pod_label_app_kubernetes_io_name": "x"}) is None
 
 
 def _secret_env() -> dict[str, str]:

@@ -24,6 +24,7 @@ from llmq.pipeline.errors import ConnectError, ConsumerNameTaken
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.logging import reopen_logs
 from llmq.pipeline.redis import UNAVAILABLE, describe, make_redis, wait_for_redis
+from llmq.pipeline.runtime import targets
 from llmq.pipeline.runtime.names import ConsumerLease
 from llmq.pipeline.runtime.ops_server import OpsServer, ops_app
 from llmq.pipeline.runtime.runner import Runner, RunnerSettings
@@ -142,6 +143,14 @@ async def _serve(
     ops = OpsServer(ops_app(health, metrics_path=config.metrics.path), host=config.server.host, port=port)
     ops.start()
     ctx = {"stage": group, "consumer": name}
+    target = None
+    if config.metrics.targets_dir is not None:
+        try:
+            target = targets.announce(
+                config.metrics.targets_dir, stage=group, consumer=name, host=config.server.host, port=ops.port
+            )
+        except OSError as exc:  # scraped or not, the stage does its work
+            log.error("could not write the Prometheus target file in metrics.targets_dir: %s", exc, extra=ctx)
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
@@ -190,6 +199,8 @@ async def _serve(
         for st in reversed(stages):
             await st.close()
         await ops.stop()
+        if target is not None:
+            targets.withdraw(target)
         try:
             await lease.release()
         except UNAVAILABLE:

@@ -262,6 +262,10 @@ class MetricsConfig(_Section, frozen=True):
     enabled: bool = True
     port: Port = 8081
     path: str = "/metrics"
+    targets_dir: str | None = None
+    """A folder Prometheus reads targets from (``file_sd_configs``): every stage process but ingest writes its
+    ops address there while it runs, so one started with ``--port 0`` (a second dispatcher on one host) is
+    scraped too (``llmq.pipeline.runtime.targets``)."""
 
 
 class ConcurrencyBounds(_Section, frozen=True):
