@@ -3,8 +3,10 @@ and ``up`` on embedded servers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -204,8 +206,9 @@ async def test_up_runs_the_queue_on_embedded_servers_and_stops_cleanly(tmp_path:
     env["LLMQ_SERVER__HOST"] = "127.0.0.1"
     env["LLMQ_METRICS__PORT"] = str(free_port(span=4))  # schedule; dispatch, retry, archive take the next ports
     data_dir = tmp_path / "data"
+    env["LLMQ_HOME"] = str(data_dir)  # its data folder (the default: .llmq)
     # When `llmq-stage up` starts
-    proc = llmq_stage(env, "up", "--data-dir", str(data_dir), "--mock-port", str(free_port()))
+    proc = llmq_stage(env, "up", "--mock-port", str(free_port()))
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
 
@@ -234,6 +237,15 @@ async def test_up_runs_the_queue_on_embedded_servers_and_stops_cleanly(tmp_path:
         assert "embedded PostgreSQL listening on postgresql://" in proc.text()
         assert "no backend configured: mock backend on http://127.0.0.1:" in proc.text()
         assert _servers_under(data_dir), "embedded servers should run while up runs"
+        # and a command run beside it, with no config, reads the queue up runs (not localhost:6379), saying so
+        argv = [sys.executable, "-m", "llmq.cli", "status", "--json"]
+        beside = await asyncio.to_thread(subprocess.run, argv, env=env, capture_output=True, text=True, timeout=60)
+        assert beside.returncode == 0, beside.stderr
+        assert "the servers of the llmq-stage up running here" in beside.stderr
+        embedded_redis = re.search(r"embedded Redis \(valkey\) listening on (redis://\S+)", proc.text())
+        assert embedded_redis and embedded_redis[1].rsplit("/", 1)[0] in beside.stderr
+        assert {row["level"] for row in json.loads(beside.stdout)} >= {"high"}
+        assert (data_dir / "servers.json").stat().st_mode & 0o777 == 0o600
         # When it receives SIGTERM
         proc.signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, proc.text()
@@ -242,7 +254,20 @@ async def test_up_runs_the_queue_on_embedded_servers_and_stops_cleanly(tmp_path:
     # Then every stage and server is gone, and the data stays for the next start
     assert "llmq stopped" in proc.text()
     assert _servers_under(data_dir) == []
+    assert not (data_dir / "servers.json").exists()  # nothing beside it to find any more
     assert (data_dir / "valkey").is_dir() and (data_dir / "postgres" / "PG_VERSION").exists()
+
+
+def test_a_record_left_by_an_up_that_was_killed_is_ignored(tmp_path: Path) -> None:
+    # Given a record of servers whose `llmq-stage up` is gone (killed: it could not remove it)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / "servers.json").write_text(json.dumps({"pid": gone.pid, "env": {"LLMQ_REDIS_URL": "redis://x:1/0"}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMQ_") and k != "CONFIG_PATH"}
+    env["LLMQ_HOME"] = str(tmp_path)
+    # When a command runs beside it, then it does not read the recorded servers
+    status = subprocess.run([sys.executable, "-m", "llmq.cli", "dlq", "list"], env=env, capture_output=True, text=True)
+    assert "redis://x:1" not in status.stderr and "no config file" in status.stderr
 
 
 # --- no secret in what a stage prints -------------------------------------------------------------------

@@ -13,8 +13,8 @@ import msgspec
 import typer
 import uvicorn
 
-from llmq.cli import loop
-from llmq.cli.common import ConfigOption, load_or_exit, on_redis, read_or_exit
+from llmq.cli import beside_up, loop
+from llmq.cli.common import ConfigOption, load_beside_up, load_or_exit, on_redis, read_or_exit
 from llmq.cli.consume import consume
 from llmq.cli.dlq import dlq_app
 from llmq.cli.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedRedis
@@ -251,8 +251,13 @@ def up(
         list[str] | None, typer.Option(help="Processes per stage, e.g. --scale dispatch=4 (repeatable).")
     ] = None,
     data_dir: Annotated[
-        Path, typer.Option(help="Where the embedded servers keep their data (survives restarts).")
-    ] = Path(".llmq"),
+        Path | None,
+        typer.Option(
+            help="Where the embedded servers keep their data (survives restarts). Default: $LLMQ_HOME, else "
+            ".llmq; the commands run beside up (status, dlq, pause) find its servers there.",
+            show_default=False,
+        ),
+    ] = None,
     mock_port: Annotated[
         int, typer.Option(help="Port of the mock backend started when no backend is configured.")
     ] = MOCK_BACKEND_PORT,
@@ -279,7 +284,7 @@ def up(
     bind = host or (cfg.server.host if "server.host" in loaded.given else "127.0.0.1")
     env_overrides = {"LLMQ_SERVER__HOST": bind}
     servers: list[EmbeddedRedis | EmbeddedPostgres] = []
-    data_dir = data_dir.resolve()
+    data_dir = (data_dir or beside_up.home(os.environ)).resolve()
     try:
         if cfg.database.redis is None:
             redis_server = EmbeddedRedis(data_dir / "valkey")
@@ -319,9 +324,13 @@ def up(
             err=True,
         )
 
+    shared = {k: v for k, v in env_overrides.items() if k in ("LLMQ_REDIS_URL", "LLMQ_DATABASE_URL", "CONFIG_PATH")}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    servers_record = beside_up.record(data_dir, shared)
     try:
         code = asyncio.run(supervisor.run(on_ready=ready))
     finally:
+        beside_up.forget(servers_record)
         _stop_servers(servers)
     typer.echo("llmq stopped", err=True)
     raise typer.Exit(code)
@@ -346,7 +355,7 @@ def status(
 ) -> None:
     """Show each level's depth, pending, in-flight, consumers and oldest message age (and, on stderr, which
     Redis it read)."""
-    cfg = load_or_exit(config)
+    cfg = load_beside_up(config)
     rows = on_redis(cfg, config, lambda redis, keys: level_status(redis, keys, cfg))
     if as_json:
         typer.echo(msgspec.json.encode(rows).decode())

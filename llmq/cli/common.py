@@ -1,5 +1,6 @@
 """What every command shares: the --config option, loading the config or exiting with code 3, and running a
-short piece of work on the configured Redis or exiting with code 4."""
+short piece of work on the configured Redis or exiting with code 4. The commands that look at the queue
+(``load_beside_up``) read the one a running ``llmq-stage up`` runs when nothing names another."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Annotated, TypeVar
 import redis.asyncio as aioredis
 import typer
 
+from llmq.cli import beside_up
 from llmq.cli.exit_codes import ExitCode
 from llmq.pipeline.config import Config, LoadedConfig, read_config
 from llmq.pipeline.errors import ConfigError, ConnectError
@@ -36,11 +38,38 @@ def load_or_exit(path: Path | None) -> Config:
     return read_or_exit(path).config
 
 
+def load_beside_up(path: Path | None) -> Config:
+    """``load_or_exit`` for a command that looks at the queue: with no config file (--config, CONFIG_PATH) and
+    no LLMQ_REDIS_URL, the servers and config a running ``llmq-stage up`` recorded in ``$LLMQ_HOME``
+    (``.llmq``), if any."""
+    found = _beside_up(path)
+    env = {**found[0], **os.environ} if found else None
+    try:
+        return read_config(path, env).config
+    except ConfigError as exc:
+        typer.echo(f"error: invalid configuration {exc.source}:", err=True)
+        for problem in exc.problems:
+            typer.echo(f"  {problem}", err=True)
+        raise typer.Exit(ExitCode.CONFIG) from None
+
+
+def _beside_up(path: Path | None) -> tuple[dict[str, str], Path] | None:
+    if path is not None or "CONFIG_PATH" in os.environ or "LLMQ_REDIS_URL" in os.environ:
+        return None
+    return beside_up.recorded(os.environ)
+
+
 def say_which_redis(config: Config, path: Path | None) -> None:
     """On stderr: the Redis a command reads, and where that came from, so zeros from the wrong one are not
     taken for an idle queue."""
+    found = _beside_up(path)
     source = path or os.environ.get("CONFIG_PATH")
-    origin = f"config {source}" if source else "no config file (--config or CONFIG_PATH): defaults and LLMQ_*"
+    if found:
+        origin = f"the servers of the llmq-stage up running here, recorded in {found[1]}"
+    elif source:
+        origin = f"config {source}"
+    else:
+        origin = "no config file (--config or CONFIG_PATH): defaults and LLMQ_*"
     typer.echo(f"reading {describe(config.redis)}, key prefix {config.redis.key_prefix} ({origin})", err=True)
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, TypeVar
 import msgspec
 import typer
 
-from llmq.cli.common import ConfigOption, load_or_exit, on_redis
+from llmq.cli.common import ConfigOption, load_beside_up, on_redis
 from llmq.cli.exit_codes import ExitCode
 from llmq.pipeline.config.durations import parse_duration
 from llmq.pipeline.dlq import DeadLetter, DeadLetters
@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 
 def _run(config: Path | None, work: Callable[[DeadLetters], Awaitable[T]]) -> T:
-    cfg = load_or_exit(config)
+    cfg = load_beside_up(config)
     return on_redis(cfg, config, lambda redis, keys: work(DeadLetters(redis=redis, keys=keys, config=cfg)))
 
 

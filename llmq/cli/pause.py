@@ -10,7 +10,7 @@ from typing import Annotated
 import redis.asyncio as aioredis
 import typer
 
-from llmq.cli.common import ConfigOption, load_or_exit, on_redis
+from llmq.cli.common import ConfigOption, load_beside_up, on_redis
 from llmq.cli.exit_codes import ExitCode
 from llmq.pipeline import pausing
 from llmq.pipeline.config import Config
@@ -30,14 +30,14 @@ def pause(
 ) -> None:
     """Stop admitting messages of LEVELS (or --all) while messages keep queueing: calls already admitted run
     to their end. Wait until `llmq-stage status` shows no INFLIGHT before maintenance; then `resume`."""
-    cfg = load_or_exit(config)
+    cfg = load_beside_up(config)
     chosen = _chosen(cfg, levels, every)
     _run(cfg, config, lambda r, k: pausing.pause(r, k, chosen, reason))
 
 
 def resume(levels: Levels = None, every: All = False, config: ConfigOption = None) -> None:
     """Admit messages of LEVELS (or --all: everything paused, by level or as a whole) again."""
-    cfg = load_or_exit(config)
+    cfg = load_beside_up(config)
     chosen = _chosen(cfg, levels, every)
 
     async def clear(r: aioredis.Redis, k: Keys) -> None:
