@@ -4,8 +4,10 @@ estimated tokens, and their quotas (max_queued, rpm, tpm) refused with 429 namin
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -13,6 +15,7 @@ import redis.asyncio as aioredis
 
 from llmq.pipeline.config import ConfigError, load_config, read_config
 from llmq.pipeline.dlq import DeadLetters
+from llmq.pipeline.keyfile import read_key_file
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import Lua
 from llmq.pipeline.models import FIELD, decode_message, encode, new_id
@@ -39,7 +42,7 @@ async def _tenants_queued(redis: aioredis.Redis, keys: Keys, level: str = "norma
     return [decode_message(fields[FIELD]).tenant for _, fields in await redis.xrange(keys.level(level))]
 
 
-# --- Fair shares -----------------------------------------------------------------------------------------
+# --- Fair shares --------------------------------------------------------------------------------------------
 
 
 def test_tenants_waiting_together_take_turns_whatever_the_order_they_came_in() -> None:
@@ -144,7 +147,7 @@ async def test_max_in_flight_holds_a_tenants_messages_while_others_take_the_slot
     assert running_left == 0
 
 
-# --- Who the tenant is -----------------------------------------------------------------------------------
+# --- Who the tenant is --------------------------------------------------------------------------------------
 
 
 async def test_a_tenants_key_makes_its_requests_the_tenants_and_cannot_claim_another(
@@ -185,7 +188,7 @@ async def test_without_keys_the_tenant_is_the_one_the_request_names(redis: aiore
     assert await _tenants_queued(redis, keys) == ["t1"]
 
 
-# --- Quotas ----------------------------------------------------------------------------------------------
+# --- Quotas -------------------------------------------------------------------------------------------------
 
 
 async def test_max_queued_refuses_a_tenant_past_it_and_frees_a_place_when_one_ends(
@@ -448,4 +451,146 @@ def test_a_tenant_capped_in_flight_without_a_bounded_backlog_is_warned_of() -> N
     capped = read_config(
         None, env={"LLMQ_TENANTS": "[{name: a, max_in_flight: 2}, {name: b, max_in_flight: 2, max_queued: 100}]"}
     )
-    assert [w.split(":")[0] for w in capped.warnings] == ["tenants[0].max_in_flight"]
+    assert [w.split(":")[0] for w in capped.warnings] == ["tenants[].max_in_flight"]
+
+
+TPM = {"LLMQ_TENANT_DEFAULTS__TPM": "10000", "LLMQ_SERVER__SYNC_TIMEOUT": "100ms"}
+"""Every tenant allowed 10,000 estimated tokens a minute; the facade gives up waiting at once (nothing runs)."""
+
+BIG = "x" * 200_000
+"""A prompt of about 50,000 tokens (4 characters a token): five times the tpm above."""
+
+
+# --- Found by the second review: the key file's conflict error ----------------------------------------------
+
+
+def test_a_key_file_conflict_never_prints_the_words_of_its_lines(tmp_path: Path) -> None:
+    # Given a key file written with its columns swapped (tenant first, then its keys: the natural way to list
+    # a tenant with two keys), which the reader takes as the key "acme" given to two tenants
+    key_file = tmp_path / "keys"
+    key_file.write_text("acme sk-live-SECRET-A\nacme sk-live-SECRET-B\n")
+    # When it is read (the ingest's start prints this error and exits 3; a reload logs it)
+    with pytest.raises(ValueError) as caught:
+        read_key_file(key_file)
+    # Then a correct system names the lines only ("line 2: its key has another owner than in line 1"), as the
+    # module promises ("the message names the line, never its words"): the second word of a key-file line
+    # is as likely a key as a tenant. Root cause: llmq/pipeline/keyfile.py:36-39 quotes both owners
+    # (_owner(first[0]), _owner(entry.tenant)) in the ValueError, here the two live keys.
+    assert "SECRET" not in str(caught.value), str(caught.value)
+
+
+# --- Estimates that leave the prompt uncounted (tpm and fair shares evaded) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body"),
+    [
+        # /v1/completions with an empty `messages` besides its prompt: prompt_chars reads `messages` first and
+        # never looks at `prompt` (a completions backend ignores the extra field)
+        ("/v1/completions", {"model": "m", "prompt": BIG, "messages": [], "max_tokens": 1}),
+        # /v1/embeddings with a `prompt` of null besides its input: request.get("prompt", request.get("input"))
+        # takes the null prompt and the input is never counted (an embeddings backend ignores `prompt`)
+        ("/v1/embeddings", {"model": "m", "input": BIG, "prompt": None}),
+        # /v1/completions has no max_completion_tokens (OpenAI's legacy API, vLLM's CompletionRequest read
+        # max_tokens only): the estimate takes it over max_tokens, so a 50,000-token budget counts as 1
+        ("/v1/completions", {"model": "m", "prompt": "hi", "max_completion_tokens": 1, "max_tokens": 50_000}),
+    ],
+    ids=["completions-with-empty-messages", "embeddings-with-null-prompt", "completions-max-completion-tokens"],
+)
+async def test_a_facade_request_is_estimated_by_what_its_backend_will_count(
+    redis: aioredis.Redis, keys: Keys, endpoint: str, body: dict[str, Any]
+) -> None:
+    async with client_for(redis, keys, TPM) as http:
+        answer = await http.post(endpoint, json=body)
+        queued = await redis.xlen(keys.level("normal"))
+    # Then a correct system estimates about 50,000 tokens and refuses it (400 on max_tokens: the estimate
+    # alone is over the tenant's tpm of 10,000), as it does for the same prompt sent plainly. Instead it is
+    # estimated at 1 to 256 tokens and queued: the tenant evades its tpm, and takes a share of its level
+    # hundreds of times its due. Root cause: llmq/pipeline/tokens.py:16-22 (prompt_chars picks `messages`,
+    # else `prompt` even when null, else `input`, whatever the endpoint) and :34 (max_completion_tokens
+    # before max_tokens on every endpoint); the estimate is not told which endpoint the body is for.
+    assert (answer.status_code, queued) == (400, 0), (answer.status_code, answer.text[:200])
+
+
+@pytest.mark.parametrize(
+    "request_body",
+    [
+        # n completions of max_tokens each: the backend generates (and bills) n * max_tokens
+        {**CHAT, "n": 50, "max_tokens": 5000},
+        # function definitions are part of the prompt the model reads (and bills)
+        {**CHAT, "max_tokens": 1, "tools": [{"type": "function", "function": {"name": "f", "description": BIG}}]},
+        # an assistant turn's tool call arguments are prompt too; its content is null
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": BIG}}],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+            ],
+            "max_tokens": 1,
+        },
+    ],
+    ids=["n-choices", "tools", "tool-call-arguments"],
+)
+async def test_a_chat_request_is_estimated_by_all_it_will_cost(
+    redis: aioredis.Redis, keys: Keys, request_body: dict[str, Any]
+) -> None:
+    async with client_for(redis, keys, TPM) as http:
+        answer = await http.post("/api/v1/messages", json={"request": request_body})
+    # Then a correct system estimates each at about 50,000 tokens or more (250,000 for n=50) and refuses it
+    # (422 on the request: its estimate alone is over the tenant's tpm of 10,000). Instead each is estimated
+    # at the content of its messages plus one choice's max_tokens, and queued. Root cause:
+    # llmq/pipeline/tokens.py:16-18 counts only messages[].content (str() of it), and :34-37 one choice's
+    # budget, ignoring `n`, `tools` and `tool_calls`.
+    assert answer.status_code == 422, (answer.status_code, answer.text[:200])
+
+
+# --- The fix for the NUL tenant moved every tenant's counters -----------------------------------------------
+
+
+async def test_a_tenants_messages_queued_before_the_upgrade_still_count_toward_its_max_queued(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given tenant "acme" allowed 2 open messages, with 2 queued by the release before c5ebcbd (a rolling
+    # upgrade, ops/README.md "Upgrade and roll back": those messages stay queued across it). That release
+    # counted them in the open set named by sha256(name) (and wrote it in each status hash's 'open' field).
+    old_open = f"{keys.prefix}:tenant:{hashlib.sha256(b'acme').hexdigest()[:32]}:open"
+    now = time.time()
+    for _ in range(2):
+        hash_key = keys.msg(new_id())
+        await redis.hset(hash_key, mapping={"status": "queued", "level": "normal", "open": old_open})
+        await redis.zadd(old_open, {hash_key: now + 7 * 86400})
+    async with client_for(redis, keys, {"LLMQ_TENANTS": "[{name: acme, max_queued: 2}]"}) as http:
+        third = await http.post("/api/v1/messages", json={"request": CHAT, "tenant": "acme"})
+    # Then a correct system refuses a third (429 max_queued): the tenant has 2 messages open. Instead it is
+    # queued, and a tenant gets its quotas afresh at the upgrade (max_queued and max_in_flight doubled
+    # while the old messages drain, rpm/tpm budgets and fair-share virtual times reset; and in a mixed fleet
+    # old and new processes count apart). Root cause: llmq/pipeline/keys.py:124 now hashes b"t" + name,
+    # renaming every named tenant's keys to fix the unnamed one's; keeping sha256(name) for named tenants
+    # and giving the unnamed tenant a key no digest spells (":tenant:-") would have fixed NUL alone.
+    assert third.status_code == 429, (third.status_code, third.text[:200])
+
+
+# --- The lookahead warning checks each tenant alone ---------------------------------------------------------
+
+
+def test_capped_tenants_whose_backlogs_together_fill_the_lookahead_are_warned_of() -> None:
+    from llmq.pipeline.config import read_config
+
+    # Given two tenants capped in flight, each with a max_queued within the lookahead of 2,000 but 3,000
+    # together: both at their max_in_flight, their 2,998 waiting messages fill every scheduler's view of the
+    # level, and a third tenant's messages behind them wait while slots are free
+    loaded = read_config(
+        None,
+        env={
+            "LLMQ_TENANTS": "[{name: a, max_in_flight: 1, max_queued: 1500},"
+            " {name: b, max_in_flight: 1, max_queued: 1500}]"
+        },
+    )
+    # Then a correct system warns, as the README advises ("give tenants a max_queued whose sum fits in the
+    # lookahead"). Root cause: llmq/pipeline/config/rules.py:97-102 compares each tenant's max_queued with
+    # the lookahead alone (and tenant_defaults' too, though it applies to every unlisted tenant at once).
+    assert any("lookahead" in w for w in loaded.warnings), loaded.warnings

@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from llmq.pipeline.tokens import prompt_chars
+from llmq.pipeline.tokens import CHAT, COMPLETIONS, prompt_chars
 
 
 def made_up_chunks(
@@ -36,7 +36,7 @@ def made_up_chunks(
     out.append(chunk({}, "stop"))
     options = body.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage"):
-        prompt = max(1, prompt_chars(body) // 4)
+        prompt = max(1, prompt_chars(body, COMPLETIONS if legacy else CHAT) // 4)
         usage = {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
         out.append(base | {"choices": [], "usage": usage})
     return out

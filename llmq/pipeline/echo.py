@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any
 
-from llmq.pipeline.tokens import prompt_chars
+from llmq.pipeline.tokens import CHAT, COMPLETIONS, EMBEDDINGS, prompt_chars
 
 
 def answer(endpoint: str, body: dict[str, Any], *, name: str, default_model: str) -> dict[str, Any]:
@@ -24,7 +24,7 @@ def answer(endpoint: str, body: dict[str, Any], *, name: str, default_model: str
 
 def text_completion(body: dict[str, Any], *, name: str, default_model: str) -> dict[str, Any]:
     """A legacy completion (``POST /v1/completions``) answering ``body``."""
-    chat = completion(body, name=name, default_model=default_model)
+    chat = completion(body, name=name, default_model=default_model, endpoint=COMPLETIONS)
     return chat | {
         "id": "cmpl-" + os.urandom(12).hex(),
         "object": "text_completion",
@@ -40,7 +40,7 @@ def embeddings(body: dict[str, Any], *, default_model: str) -> dict[str, Any]:
         {"object": "embedding", "index": i, "embedding": [((len(str(x)) + k) % 10) / 10 for k in range(8)]}
         for i, x in enumerate(inputs)
     ]
-    tokens = max(1, prompt_chars(body) // 4)
+    tokens = max(1, prompt_chars(body, EMBEDDINGS) // 4)
     return {
         "object": "list",
         "data": data,
@@ -49,10 +49,10 @@ def embeddings(body: dict[str, Any], *, default_model: str) -> dict[str, Any]:
     }
 
 
-def completion(body: dict[str, Any], *, name: str, default_model: str) -> dict[str, Any]:
+def completion(body: dict[str, Any], *, name: str, default_model: str, endpoint: str = CHAT) -> dict[str, Any]:
     """A chat completion answering ``body``, with ``usage`` counted from its messages (about 4 characters
     per token) and at most 16 completion tokens."""
-    prompt_tokens = max(1, prompt_chars(body) // 4)
+    prompt_tokens = max(1, prompt_chars(body, endpoint) // 4)
     budget = body.get("max_tokens")
     completion_tokens = min(budget, 16) if isinstance(budget, int) and budget > 0 else 16
     return {

@@ -32,14 +32,9 @@ def read_key_file(path: str | Path, config_keys: Sequence[tuple[str, str | None]
             raise ValueError(f"line {number}: expected '<key>' or '<key> <tenant>', found {len(words)} words")
         entry = KeyLine(words[0], words[1] if len(words) == 2 else None, number)
         first = owners.setdefault(entry.key, (entry.tenant, f"line {entry.line}"))
-        if first[0] != entry.tenant:
+        if first[0] != entry.tenant:  # (named by where, never by a word of a line: the words may be keys)
             raise ValueError(
-                f"line {number}: its key belongs to {_owner(first[0])} in {first[1]}, and to {_owner(entry.tenant)} "
-                "here; a key belongs to one tenant (or none)"
+                f"line {number}: its key has another owner in {first[1]}; a key belongs to one tenant (or none)"
             )
         keys.append(entry)
     return keys
-
-
-def _owner(tenant: str | None) -> str:
-    return "no tenant" if tenant is None else f"tenant {tenant!r}"

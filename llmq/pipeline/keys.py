@@ -119,11 +119,11 @@ class Keys:
         return f"{self.prefix}:affinity:{digest}"
 
     def tenant(self, tenant: str | None) -> str:
-        """Where a tenant's keys start (``None``: the unnamed tenant's); the name is hashed like sessions, in a
-        namespace the unnamed tenant is not in (no name is spelled as it)."""
-        named = b"n" if tenant is None else b"t" + tenant.encode()
-        digest = hashlib.sha256(named).hexdigest()[:32]
-        return f"{self.prefix}:tenant:{digest}"
+        """Where a tenant's keys start; the name is hashed like sessions. The unnamed tenant's (``None``) is
+        ``-``, which no digest spells."""
+        if tenant is None:
+            return f"{self.prefix}:tenant:-"
+        return f"{self.prefix}:tenant:{hashlib.sha256(tenant.encode()).hexdigest()[:32]}"
 
     def tenant_open(self, tenant: str | None) -> str:
         """Sorted set of a tenant's messages accepted and not yet ended (its ``max_queued``), scored by when

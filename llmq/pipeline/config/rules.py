@@ -95,16 +95,20 @@ def config_warnings(config: Config, given: Collection[str], origins: Mapping[str
             "(and the container's stop grace period longer than both)"
         )
     lookahead = config.scheduler.lookahead
-    capped = [(f"tenants[{i}]", t) for i, t in enumerate(config.tenants)] + [
-        ("tenant_defaults", config.tenant_defaults)
-    ]
-    for where, tenant in capped:
-        if tenant.max_in_flight and (tenant.max_queued or lookahead + 1) > lookahead:
-            warnings.append(
-                f"{where}.max_in_flight: without a max_queued within scheduler.lookahead ({lookahead}), a backlog "
-                "of this tenant can fill a scheduler's view of a level, and other tenants' messages behind it "
-                "wait while slots are free"
-            )
+    capped = [t for t in config.tenants if t.max_in_flight]
+    queued = sum(t.max_queued or lookahead + 1 for t in capped)
+    if config.tenant_defaults.max_in_flight:
+        warnings.append(
+            "tenant_defaults.max_in_flight: every tenant not listed is capped, and their backlogs together are "
+            "bounded by nothing: they can fill a scheduler's view of a level (scheduler.lookahead), and other "
+            "tenants' messages behind them wait while slots are free; cap listed tenants, each with a max_queued"
+        )
+    elif queued > lookahead:
+        warnings.append(
+            f"tenants[].max_in_flight: the capped tenants' max_queued add up to more than scheduler.lookahead "
+            f"({lookahead}) (or one has none): their backlogs can fill a scheduler's view of a level, and other "
+            "tenants' messages behind them wait while slots are free"
+        )
     return warnings
 
 

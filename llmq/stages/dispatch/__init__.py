@@ -134,7 +134,8 @@ class Dispatch(Stage):
     async def handle(self, batch: Batch) -> None:
         """Idempotent on redelivery: a message whose status is already terminal is not sent again."""
         messages = [decode_message(entry.data) for entry in batch.entries]
-        tokens = [estimate_tokens(m.request) for m in messages]  # for the tpm limits of begin and _call alike
+        # the estimates, for the tpm limits of begin and _call alike
+        tokens = [estimate_tokens(m.request, m.endpoint) for m in messages]
         started = time.time()
         before, took, earlier = await self._begin_batch(batch, messages, tokens, started)
         results = await asyncio.gather(

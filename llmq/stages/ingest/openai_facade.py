@@ -18,7 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from llmq.pipeline.chunks import Assembler
 from llmq.pipeline.config import Config
 from llmq.pipeline.models import Status, new_id
-from llmq.pipeline.tokens import prompt_chars
+from llmq.pipeline.tokens import CHAT, prompt_chars
 from llmq.stages.ingest import schema, sse
 from llmq.stages.ingest.http_api import (
     INGESTED,
@@ -159,7 +159,14 @@ class OpenAIFacade:
             # A repeat of an idempotent request follows the first one's message: going away, it leaves it be.
             owner = result.verdict is Verdict.QUEUED
             relay = self._relay(
-                message_id, level, doc, result.depth, include_usage=usage, owner=owner, admitted=result.admitted
+                message_id,
+                level,
+                doc,
+                result.depth,
+                include_usage=usage,
+                owner=owner,
+                admitted=result.admitted,
+                endpoint=endpoint,
             )
             return StreamingResponse(relay, media_type="text/event-stream", headers=headers | SSE_HEADERS)
         finished, view = await self.queue.wait_result(message_id, self.config.server.sync_timeout.seconds)
@@ -186,6 +193,7 @@ class OpenAIFacade:
         include_usage: bool,
         owner: bool,
         admitted: bool = False,
+        endpoint: str = CHAT,
     ) -> AsyncIterator[bytes]:
         """The stream a client of ``stream: true`` reads: comments while its request waits, then the backend's
         chunks as they come (each with the ``id:`` to resume from), then ``[DONE]``, or an error event."""
@@ -218,7 +226,7 @@ class OpenAIFacade:
                     end = _any_decoder.decode(item.data)
                     if end.get("status") == Status.COMPLETED.value:
                         if include_usage and not usage_sent:
-                            yield sse.openai_chunk(sse.Item("usage", counted_usage(doc, counted)))
+                            yield sse.openai_chunk(sse.Item("usage", counted_usage(doc, counted, endpoint)))
                         yield sse.DONE
                     else:
                         yield sse.openai_error(_ended_without_answer(end))
@@ -265,10 +273,10 @@ def _refused(endpoint: str, doc: dict[str, Any]) -> Response | None:
     return openai_error(400, f"{field} must be a string or a non-empty array", param=field)
 
 
-def counted_usage(doc: dict[str, Any], counted: Assembler) -> bytes:
+def counted_usage(doc: dict[str, Any], counted: Assembler, endpoint: str = CHAT) -> bytes:
     """A usage chunk llmq counted, for a client that asked for one when the backend sent none: the prompt at
     about 4 characters a token, one token per chunk that carried text; with the stream's id and model."""
-    prompt = max(1, prompt_chars(doc) // 4)
+    prompt = max(1, prompt_chars(doc, endpoint) // 4)
     usage = {"prompt_tokens": prompt, "completion_tokens": counted.chunks, "total_tokens": prompt + counted.chunks}
     first = counted.first or {}
     head = {k: first.get(k) for k in ("id", "created", "model")} | {

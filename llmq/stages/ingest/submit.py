@@ -93,7 +93,7 @@ def _who(tenant: str | None) -> str:
 def over_tpm(config: Config, msg: Message) -> str | None:
     """Why a message can never pass its tenant's tpm (its estimate alone is more), or None."""
     tpm = config.tenant(msg.tenant).tpm
-    tokens = estimate_tokens(msg.request) if tpm else 0
+    tokens = estimate_tokens(msg.request, msg.endpoint) if tpm else 0
     if tpm and tokens > tpm:
         return (
             f"the request's estimate of {tokens} tokens (prompt characters / 4 + max_tokens) is more than "
@@ -235,7 +235,7 @@ class Submitter:
             streamed = "1" if is_streamed(msg) else ""
             args += [sub.payload, msg.id, msg.level, msg.enqueued_at, self.max_size[msg.level], digest, streamed]
             quotas = self.config.tenant(msg.tenant)
-            tokens = estimate_tokens(msg.request) if quotas.tpm else 0
+            tokens = estimate_tokens(msg.request, msg.endpoint) if quotas.tpm else 0
             args += [quotas.max_queued or "", quotas.rpm or "", quotas.tpm or "", tokens]
             args.append("1" if quotas.max_in_flight else "")
         if direct:

@@ -54,7 +54,7 @@ class LevelIntake(Stage):
             elif msg.deadline is not None and msg.deadline < now:
                 self._end(batch, entry, msg, Status.EXPIRED, now)
             else:
-                cost = estimate_tokens(msg.request) / self.config.tenant(msg.tenant).weight
+                cost = estimate_tokens(msg.request, msg.endpoint) / self.config.tenant(msg.tenant).weight
                 waiting.append(Candidate(entry, msg, decisions, cost))
         if batch.decided:
             await batch.commit()
