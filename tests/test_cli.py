@@ -236,6 +236,7 @@ async def test_up_runs_the_queue_on_embedded_servers_and_stops_cleanly(tmp_path:
         assert "embedded Redis (valkey) listening on redis://127.0.0.1:" in proc.text()
         assert "embedded PostgreSQL listening on postgresql://" in proc.text()
         assert "no backend configured: mock backend on http://127.0.0.1:" in proc.text()
+        assert f"llmq is up: dashboard http://127.0.0.1:{port}/" in proc.text()
         assert _servers_under(data_dir), "embedded servers should run while up runs"
         # and a command run beside it, with no config, reads the queue up runs (not localhost:6379), saying so
         argv = [sys.executable, "-m", "llmq.cli", "status", "--json"]

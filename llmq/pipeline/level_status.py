@@ -98,7 +98,9 @@ async def level_status(redis: aioredis.Redis, keys: Keys, config: Config) -> lis
 async def _oldest_unacked(redis: aioredis.Redis, stream: str, group: dict[Any, Any], pending: int) -> str | None:
     if pending:
         summary: Any = await redis.xpending(stream, SCHEDULE_GROUP)
-        return as_str(summary["min"])
+        if summary["min"] is not None:
+            return as_str(summary["min"])
+        # acked between the two reads (a busy queue): the oldest is the first not delivered, if any
     last = as_str(group["last-delivered-id"])
     after: Any = await redis.xrange(stream, min=f"({last}", count=1)
     return as_str(after[0][0]) if after else None

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from llmq.pipeline.config import Config
+from llmq.pipeline.config.durations import parse_duration
 from llmq.pipeline.dlq import DeadLetters
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.level_status import level_status
@@ -91,6 +92,17 @@ class Admin:
         if not replayed:
             raise BadInput(409, "already replayed")
         return respond({"replayed": dl.entry_id, "message_id": dl.message_id})
+
+    async def dlq_purge(self, request: Request) -> Response:
+        """``DELETE /api/v1/dlq?older_than=1d``: delete the dead letters older than that (never all: give it)."""
+        given = request.query_params.get("older_than")
+        try:
+            age_s = parse_duration(given or "")
+        except ValueError:
+            age_s = 0.0
+        if age_s <= 0:
+            raise BadInput(422, 'older_than must be a duration longer than 0, e.g. "1d" or "12h"', "older_than")
+        return respond({"purged": await self.dead.purge(older_than_s=age_s)})
 
     async def openapi_json(self, _: Request) -> Response:
         doc = schema.openapi(

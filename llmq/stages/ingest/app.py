@@ -23,6 +23,7 @@ from starlette.routing import Route
 from llmq.pipeline.config import Config
 from llmq.pipeline.keys import Keys
 from llmq.stages.ingest.admin import Admin
+from llmq.stages.ingest.dashboard import Dashboard
 from llmq.stages.ingest.http_api import ApiKeyMiddleware, handled, http_error, server_error
 from llmq.stages.ingest.keyring import KeyRing
 from llmq.stages.ingest.messages import Messages
@@ -35,6 +36,7 @@ def create_app(
     messages = Messages(config, redis=redis, keys=keys, pool=pool)
     admin = Admin(config, redis=redis, keys=keys, pool=pool)
     openai = OpenAIFacade(messages, config)
+    dashboard = Dashboard(config, redis=redis, keys=keys, pool=pool)
     ring = KeyRing(config.keys_with_tenants, config.server.api_keys_file)
     routes = [
         ("/api/v1/messages", messages.submit, ["POST"]),
@@ -48,12 +50,16 @@ def create_app(
         ("/api/v1/health", admin.health, ["GET"]),
         ("/api/v1/queues/status", admin.queues_status, ["GET"]),
         ("/api/v1/dlq", admin.dlq_list, ["GET"]),
+        ("/api/v1/dlq", admin.dlq_purge, ["DELETE"]),
         ("/api/v1/dlq/{id}", admin.dlq_show, ["GET"]),
         ("/api/v1/dlq/{id}/replay", admin.dlq_replay, ["POST"]),
         (config.metrics.path, admin.metrics, ["GET"]),
         ("/api/v1/metrics", admin.metrics, ["GET"]),
         ("/openapi.json", admin.openapi_json, ["GET"]),
         ("/docs", admin.docs, ["GET"]),
+        ("/", dashboard.page, ["GET"]),
+        ("/ui/{name}", dashboard.asset, ["GET"]),
+        ("/api/v1/dashboard", dashboard.document, ["GET"]),
     ]
 
     @contextlib.asynccontextmanager

@@ -29,8 +29,11 @@ HTTP_DURATION = Histogram("http_request_duration_seconds", "HTTP request duratio
 INGESTED = Counter("llmq_messages_ingested_total", "Messages accepted into a level stream", ["level"])
 REJECTED = Counter("llmq_rejected_total", "Requests rejected, by reason", ["reason"])
 
-PUBLIC_PATHS = frozenset({"/api/v1/health", "/api/v1/metrics", "/openapi.json", "/docs"})
-"""Served without an API key, with the configured ``metrics.path`` (Prometheus scrapes without one)."""
+PUBLIC_PATHS = frozenset(
+    {"/api/v1/health", "/api/v1/metrics", "/openapi.json", "/docs", "/", "/ui/app.js", "/ui/app.css"}
+)
+"""Served without an API key, with the configured ``metrics.path`` (Prometheus scrapes without one). The
+dashboard's page and assets hold no data: the page asks for a key and sends it with every call it makes."""
 REASONS = {
     400: "malformed",
     401: "auth",

@@ -1,0 +1,168 @@
+"""The dashboard: the page (``ui/``, served at ``/`` to a browser) and the one JSON document it polls
+(``GET /api/v1/dashboard``).
+
+The document is read from what the stages share, never from a stage's memory: each level's depth, in-flight
+messages and oldest age (``level_status``), each backend's calls running now (its slots set), its window and
+whether its engine holds it (Redis), every consumer group's consumers, pending entries and lag (XINFO), and,
+from the archive, the last ``WINDOW_S`` of finished messages: each level's queue wait p50 and p99 and
+throughput, each backend's latency and error rate, and the newest messages. Without PostgreSQL those are
+null and the page says so.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psycopg
+import redis.asyncio as aioredis
+from psycopg_pool import AsyncConnectionPool
+from redis.exceptions import ResponseError
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, Response
+
+from llmq.pipeline import window
+from llmq.pipeline.config import Config
+from llmq.pipeline.keys import Group, Keys
+from llmq.pipeline.level_status import level_status
+from llmq.pipeline.runtime.streams import as_str
+from llmq.stages.ingest.http_api import BadInput, respond
+
+WINDOW_S = 300
+"""The span of the archive the page's rates and percentiles cover."""
+RECENT = 25
+UI = Path(str(resources.files("llmq.stages.ingest") / "ui"))
+ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}
+
+_LEVELS_SQL = """
+SELECT level, count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY queue_wait_ms),
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY queue_wait_ms)
+FROM messages WHERE finished_at > now() - make_interval(secs => %s) GROUP BY level
+"""
+_BACKENDS_SQL = """
+SELECT backend, count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms),
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms), count(*) FILTER (WHERE status <> 'completed')
+FROM messages WHERE finished_at > now() - make_interval(secs => %s) AND backend IS NOT NULL GROUP BY backend
+"""
+_RECENT_SQL = """
+SELECT id::text, level, status, tenant, backend, extract(epoch FROM finished_at), queue_wait_ms, latency_ms
+FROM messages ORDER BY finished_at DESC LIMIT %s
+"""
+
+
+class Dashboard:
+    def __init__(self, config: Config, *, redis: aioredis.Redis, keys: Keys, pool: AsyncConnectionPool | None) -> None:
+        self.config = config
+        self.redis = redis
+        self.keys = keys
+        self.pool = pool
+        self.caps = {lv.name: lv.in_flight_cap for lv in config.queue.levels}
+
+    async def page(self, request: Request) -> Response:
+        """``/``: the page for a browser; for anything else, where the API is."""
+        if "text/html" in request.headers.get("accept", ""):
+            return HTMLResponse((UI / "index.html").read_text())
+        return respond({"service": "llmq", "dashboard": "/", "api": "/api/v1", "openapi": "/openapi.json"})
+
+    async def asset(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in ASSETS:
+            raise BadInput(404, "no such file")
+        return FileResponse(UI / name, media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
+
+    async def document(self, _: Request) -> Response:
+        levels = await level_status(self.redis, self.keys, self.config)
+        doc: dict[str, Any] = {
+            "at": time.time(),
+            "window_s": WINDOW_S,
+            "levels": [msgspec.structs.asdict(lv) | {"max_concurrent": self.caps.get(lv.level)} for lv in levels],
+            "backends": await self._backends(),
+            "groups": await self._groups(),
+            "dead_letters": int(await self.redis.xlen(self.keys.dlq)),
+            "archive": None,
+        }
+        if self.pool is not None:
+            try:
+                doc["archive"] = await self._archive()
+            except (psycopg.Error, OSError, TimeoutError):
+                doc["archive"] = None  # the page says the archive cannot be read now
+        return respond(doc)
+
+    async def _backends(self) -> list[dict[str, Any]]:
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        for b in self.config.backends:
+            pipe.zcount(self.keys.backend_slots(b.name), now, "+inf")
+            pipe.hget(self.keys.backend_limit(b.name), "limit")
+            pipe.get(self.keys.backend_held(b.name))
+        replies = await pipe.execute()
+        out = []
+        for i, b in enumerate(self.config.backends):
+            running, limit, held = replies[3 * i : 3 * i + 3]
+            slots = window.slots(b, window.limit_of(limit)) if b.adaptive else b.slots
+            out.append(
+                {
+                    "name": b.name,
+                    "running": int(running),
+                    "slots": slots,
+                    "adaptive": b.adaptive,
+                    "held": as_str(held) if held is not None else None,
+                    "models": b.models,
+                }
+            )
+        return out
+
+    async def _groups(self) -> list[dict[str, Any]]:
+        streams = [(self.keys.level(lv.name), Group.SCHEDULE.value) for lv in self.config.queue.levels]
+        streams += [(self.keys.dispatch, Group.DISPATCH.value), (self.keys.retry, Group.RETRY.value)]
+        streams += [(self.keys.done, Group.ARCHIVE.value)]
+        out = []
+        for stream, group in streams:
+            try:
+                infos: Any = await self.redis.xinfo_groups(stream)
+            except ResponseError:  # no such stream yet: nothing has gone through it
+                infos = []
+            info = next((g for g in infos if as_str(g["name"]) == group), None)
+            out.append(
+                {
+                    "stream": stream.removeprefix(self.keys.prefix + ":"),
+                    "group": group,
+                    "consumers": int(info["consumers"]) if info else 0,
+                    "pending": int(info["pending"]) if info else 0,
+                    "lag": None if not info or info.get("lag") is None else int(info["lag"]),
+                }
+            )
+        return out
+
+    async def _archive(self) -> dict[str, Any]:
+        assert self.pool is not None
+        async with self.pool.connection(timeout=2) as conn:
+            levels = await (await conn.execute(_LEVELS_SQL, (WINDOW_S,))).fetchall()
+            backends = await (await conn.execute(_BACKENDS_SQL, (WINDOW_S,))).fetchall()
+            recent = await (await conn.execute(_RECENT_SQL, (RECENT,))).fetchall()
+        return {
+            "levels": {
+                level: {"finished": n, "per_min": n * 60 / WINDOW_S, "wait_p50_ms": p50, "wait_p99_ms": p99}
+                for level, n, p50, p99 in levels
+            },
+            "backends": {
+                name: {"calls": n, "latency_p50_ms": p50, "latency_p99_ms": p99, "error_rate": bad / n if n else 0}
+                for name, n, p50, p99, bad in backends
+            },
+            "recent": [
+                {
+                    "id": mid,
+                    "level": level,
+                    "status": status,
+                    "tenant": tenant,
+                    "backend": backend,
+                    "finished_at": float(finished),
+                    "queue_wait_ms": wait,
+                    "latency_ms": latency,
+                }
+                for mid, level, status, tenant, backend, finished, wait, latency in recent
+            ],
+        }
