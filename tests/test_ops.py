@@ -254,6 +254,13 @@ def test_prometheus_scrapes_every_stage_on_its_port() -> None:
             port = int(target.split(":")[1]) if target else job["dns_sd_configs"][0]["port"]
             scraped[job["job_name"].removeprefix("llmq-")] = port
     assert scraped == expected
+    # and a service compose.prod.yaml runs as replicas is found through DNS, which names every replica (a
+    # static target reaches one of them over a kept-alive connection, and never sees the other)
+    prod = yaml.safe_load(COMPOSE_FILES[1].read_text())["services"]
+    jobs = {j["job_name"]: j for j in yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]}
+    for name, service in prod.items():
+        if service.get("deploy", {}).get("replicas", 1) > 1:
+            assert jobs[f"llmq-{name}"]["dns_sd_configs"][0]["names"] == [name], name
 
 
 @pytest.mark.timeout(120)
@@ -714,17 +721,17 @@ def _wait_for_text(proc: Proc, path: Path, text: str, timeout: float = 20) -> No
     ("url", "password", "rest"),
     [
         ("redis://:p%2Fw%40x@redis:6379/0", "p/w@x", "redis://redis:6379/0"),  # percent-encoded, as the README asks
-        ("rediss://llmq:plain@redis:6380/1", "plain", "rediss://llmq@redis:6380/1"),
+        ("rediss://llmq:plain@redis:6380/1", "plain", "rediss://redis:6380/1 --user llmq"),
         ("redis://:back\\slash%25@redis/0", "back\\slash%", "redis://redis/0"),
         ("redis://redis:6379/0", "", "redis://redis:6379/0"),
     ],
 )
 def test_the_scripts_give_redis_cli_the_password_llmq_reads(url: str, password: str, rest: str) -> None:
-    script = 'source ops/scripts/_redis_auth.sh; printf "%s\\n%s" "${REDISCLI_AUTH:-}" "$redis_url"'
+    script = 'source ops/scripts/_redis_auth.sh; printf "%s\\n%s" "${REDISCLI_AUTH:-}" "$redis_url ${redis_user[*]}"'
     out = subprocess.run(
         ["bash", "-c", script], cwd=ROOT, env={"LLMQ_REDIS_URL": url}, capture_output=True, text=True, check=True
     )
-    assert out.stdout.split("\n") == [password, rest]
+    assert out.stdout.rstrip().split("\n") == [password, rest]
 
 
 @pytest.mark.parametrize(

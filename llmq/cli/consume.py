@@ -147,7 +147,11 @@ async def _serve(
     if config.metrics.targets_dir is not None:
         try:
             target = targets.announce(
-                config.metrics.targets_dir, stage=group, consumer=name, host=config.server.host, port=ops.port
+                config.metrics.targets_dir,
+                stage=group,
+                consumer=name,
+                host=config.metrics.targets_host or config.server.host,
+                port=ops.port,
             )
         except OSError as exc:  # scraped or not, the stage does its work
             log.error("could not write the Prometheus target file in metrics.targets_dir: %s", exc, extra=ctx)
@@ -178,15 +182,18 @@ async def _serve(
     )
 
     code = ExitCode.OK
-    for st in stages:
-        await st.start()
+    opened: list[Stage] = []
 
     async def run_all() -> None:
         await asyncio.gather(*(r.run() for r in runners))
 
-    run = asyncio.create_task(run_all(), name="runners")
-    keep = asyncio.create_task(lease.keep(), name="lease")
-    try:
+    keep: asyncio.Task[None] | None = None
+    try:  # whatever fails from here (a stage's start too) stops the ops port, its target and the lease
+        for st in stages:
+            await st.start()
+            opened.append(st)
+        run = asyncio.create_task(run_all(), name="runners")
+        keep = asyncio.create_task(lease.keep(), name="lease")
         done, _ = await asyncio.wait({run, keep}, return_when=asyncio.FIRST_COMPLETED)
         if keep in done:
             log.error("%s", keep.exception(), extra=ctx)
@@ -195,8 +202,9 @@ async def _serve(
                 r.stop()
         await run
     finally:
-        keep.cancel()
-        for st in reversed(stages):
+        if keep is not None:
+            keep.cancel()
+        for st in reversed(opened):
             await st.close()
         await ops.stop()
         if target is not None:

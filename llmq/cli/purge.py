@@ -6,9 +6,10 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
+import psycopg
 import typer
 
-from llmq.cli.common import ConfigOption, load_or_exit
+from llmq.cli.common import ConfigOption, load_beside_up
 from llmq.cli.exit_codes import ExitCode
 from llmq.cli.stages import postgres_of
 from llmq.pipeline.config.durations import parse_duration
@@ -37,8 +38,12 @@ def purge(
     if age_s <= 0:
         typer.echo("error: --older-than: must be longer than 0 (it would delete every message)", err=True)
         raise typer.Exit(2)
-    pg = postgres_of(load_or_exit(config))
-    cutoff = datetime.now(UTC) - timedelta(seconds=age_s)
+    pg = postgres_of(load_beside_up(config))
+    try:
+        cutoff = datetime.now(UTC) - timedelta(seconds=age_s)
+    except OverflowError:
+        typer.echo(f"error: --older-than: {older_than} reaches back before the year 1", err=True)
+        raise typer.Exit(2) from None
 
     async def go() -> int:
         await wait_for_postgres(pg, timeout_s=10)
@@ -50,6 +55,12 @@ def purge(
         n = asyncio.run(go())
     except ConnectError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(ExitCode.CONNECT) from None
+    except psycopg.errors.UndefinedTable:
+        typer.echo(f"error: {describe_postgres(pg)} has no messages table: run `llmq-stage db migrate`", err=True)
+        raise typer.Exit(ExitCode.CONFIG) from None
+    except psycopg.Error as exc:
+        typer.echo(f"error: {describe_postgres(pg)}: {exc.__class__.__name__}: {exc}", err=True)
         raise typer.Exit(ExitCode.CONNECT) from None
     verb = "would delete" if dry_run else "deleted"
     typer.echo(f"{verb} {n} messages finished before {cutoff:%Y-%m-%d %H:%M:%S} UTC from {describe_postgres(pg)}")

@@ -39,7 +39,7 @@ source "$(dirname "$0")/_pg_auth.sh"
 # snapshot. Each file is written under a .partial name and renamed when complete: a backup that is there
 # is whole.
 echo "$(date -u +%FT%TZ) redis backup -> $dir/redis_$stamp.rdb"
-"$redis_cli" -u "$redis_url" --no-auth-warning --rdb "$dir/redis_$stamp.rdb.partial" >/dev/null
+"$redis_cli" -u "$redis_url" "${redis_user[@]}" --no-auth-warning --rdb "$dir/redis_$stamp.rdb.partial" >/dev/null
 mv "$dir/redis_$stamp.rdb.partial" "$dir/redis_$stamp.rdb"
 
 echo "$(date -u +%FT%TZ) postgres backup -> $dir/postgres_$stamp.dump"

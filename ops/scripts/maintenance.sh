@@ -31,7 +31,7 @@ fail() { echo "FAIL: $*"; failed=1; }
 source "$(dirname "$0")/_redis_auth.sh"
 # shellcheck source=ops/scripts/_pg_auth.sh
 source "$(dirname "$0")/_pg_auth.sh"
-rcli() { "${REDIS_CLI:-redis-cli}" -u "$redis_url" --no-auth-warning "$@"; }
+rcli() { "${REDIS_CLI:-redis-cli}" -u "$redis_url" "${redis_user[@]}" --no-auth-warning "$@"; }
 
 echo "== disk ($data_dir)"
 if [[ -d "$data_dir" ]]; then
@@ -109,7 +109,7 @@ newest="$(find "$backup_dir" -maxdepth 1 -name 'postgres_*.dump' -printf '%T@ %p
   | sort -n | tail -1 | cut -d' ' -f2-)"
 if [[ -z "$newest" ]]; then
   fail "no backup in $backup_dir (ops/scripts/backup.sh)"
-elif [[ -n "$(find "$newest" -mtime +1)" ]]; then
+elif [[ -n "$(find "$newest" -mmin +1500)" ]]; then  # 25 hours: a daily backup missed once
   fail "newest backup $newest is older than a day"
 elif ! "${PG_BINDIR:+$PG_BINDIR/}pg_restore" --list "$newest" >/dev/null; then
   fail "backup $newest is unreadable"

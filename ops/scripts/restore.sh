@@ -31,15 +31,17 @@ case "$what" in
     source "$(dirname "$0")/_pg_auth.sh"
     psql="${PG_BINDIR:+$PG_BINDIR/}psql"
     if ! answer="$("$psql" "$pg_url" -tAc 'SELECT 1' 2>&1)"; then
-      if [[ "$answer" != *"does not exist"* ]]; then
+      if [[ ! "$answer" =~ database\ \"[^\"]*\"\ does\ not\ exist ]]; then
         echo "restore.sh: cannot reach the database of LLMQ_DATABASE_URL: $answer" >&2
         exit 4
       fi
-      # The database is gone: its name, from a URL (…/name?…) or a conninfo (dbname=name)
-      if [[ "$pg_url" =~ ^postgres(ql)?://[^/]*/([^?]+) ]]; then
-        name="${BASH_REMATCH[2]}"
+      # The database is gone: its name and owner, from a URL (user@…/name?…) or a conninfo (dbname=, user=)
+      owner=""
+      if [[ "$pg_url" =~ ^postgres(ql)?://(([^@/]*)@)?[^/]*/([^?]+) ]]; then
+        name="${BASH_REMATCH[4]}" owner="${BASH_REMATCH[3]}"
       elif [[ "$pg_url" =~ (^|[[:space:]])dbname=([^[:space:]]+) ]]; then
         name="${BASH_REMATCH[2]}"
+        [[ "$pg_url" =~ (^|[[:space:]])user=([^[:space:]]+) ]] && owner="${BASH_REMATCH[2]}"
       else
         echo "restore.sh: the database of LLMQ_DATABASE_URL does not exist, and its name cannot be read" >&2
         exit 2
@@ -49,8 +51,11 @@ case "$what" in
           "LLMQ_ADMIN_DATABASE_URL to the same server's postgres database and run this again" >&2
         exit 2
       fi
-      # (the admin URL is given with its password, if any, only here: PGPASSWORD is the llmq user's)
-      "$psql" "$LLMQ_ADMIN_DATABASE_URL" -v ON_ERROR_STOP=1 -qc "CREATE DATABASE \"${name//\"/\"\"}\""
+      # Owned by llmq's user, who restores into it (PostgreSQL 15 lets only the owner create in public).
+      # The admin's password, like llmq's, reaches psql through PGPASSWORD.
+      sql="CREATE DATABASE \"${name//\"/\"\"}\"${owner:+ OWNER \"${owner//\"/\"\"}\"}"
+      pg_split "$LLMQ_ADMIN_DATABASE_URL"
+      PGPASSWORD="${pg_split_password:-${PGPASSWORD:-}}" "$psql" "$pg_split_url" -v ON_ERROR_STOP=1 -qc "$sql"
       echo "database $name created"
     fi
     "${PG_BINDIR:+$PG_BINDIR/}pg_restore" --clean --if-exists --no-owner --single-transaction \
@@ -66,12 +71,26 @@ case "$what" in
         "check it is stopped (or pass --stopped after DATA_DIR once you have stopped it)" >&2
       exit 2
     fi
-    # shellcheck source=ops/scripts/_redis_auth.sh
-    source "$(dirname "$0")/_redis_auth.sh"
-    if [[ -n "$redis_url" ]] && "${REDIS_CLI:-redis-cli}" -u "$redis_url" --no-auth-warning ping \
-        >/dev/null 2>&1; then
-      echo "restore.sh: Redis at LLMQ_REDIS_URL still answers; stop it first" >&2
-      exit 3
+    if [[ "${4:-}" != "--stopped" ]]; then
+      # Stopped means nothing accepts a connection at its address. Any other outcome (a reply, a TLS or
+      # password error, no answer in time) may be a live server: refused.
+      if [[ "$LLMQ_REDIS_URL" =~ ^unix://([^?]*) ]]; then
+        [[ -S "${BASH_REMATCH[1]}" ]] && listening=0 || listening=1
+      elif [[ "$LLMQ_REDIS_URL" =~ ^rediss?://([^@/]*@)?(\[[^]/]*\]|[^:/?]*)(:([0-9]+))? ]]; then
+        host="${BASH_REMATCH[2]#[}" port="${BASH_REMATCH[4]:-6379}"
+        host="${host%]}"
+        listening=0
+        # shellcheck disable=SC2016  # $1 and $2 are the inner shell's arguments
+        timeout 5 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "${host:-localhost}" "$port" 2>/dev/null || listening=$?
+      else
+        echo "restore.sh: cannot read an address in LLMQ_REDIS_URL; stop Redis and pass --stopped" >&2
+        exit 2
+      fi
+      if (( listening == 0 || listening == 124 )); then
+        echo "restore.sh: something still answers (or does not refuse) at the address of LLMQ_REDIS_URL;" \
+          "stop it first" >&2
+        exit 3
+      fi
     fi
     aof_dir="${APPENDDIRNAME:-appendonlydir}" aof="${APPENDFILENAME:-appendonly.aof}"
     aside="$data_dir/pre-restore-$(date -u +%Y%m%d_%H%M%S)"

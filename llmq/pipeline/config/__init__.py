@@ -266,6 +266,10 @@ class MetricsConfig(_Section, frozen=True):
     """A folder Prometheus reads targets from (``file_sd_configs``): every stage process but ingest writes its
     ops address there while it runs, so one started with ``--port 0`` (a second dispatcher on one host) is
     scraped too (``llmq.pipeline.runtime.targets``)."""
+    targets_host: str | None = None
+    """The address Prometheus reaches these processes at, written in their target files. Default: the address
+    they bind (``server.host``), or the machine's name when they bind every interface. Prometheus run by
+    compose reaches the host as ``host.docker.internal`` (``compose.prod.yaml`` maps it)."""
 
 
 class ConcurrencyBounds(_Section, frozen=True):
