@@ -96,10 +96,13 @@ async def test_the_page_shows_the_queue_moving_and_runs_a_request_sent_from_it(
         await eventually(
             lambda: _contains(page, "#recent", ids[-1][-12:]), within=20, what="the newest message in the list"
         )
-        # When a request is sent from the page
+        # When a request is sent from the page, with the keyboard alone (Tab from the prompt to Send, Enter)
         await page.select_option("#try-level", "realtime")
         await page.fill("#try-prompt", "Hi from the dashboard")
-        await page.click("#try button[type=submit]")
+        await page.focus("#try-prompt")
+        await page.keyboard.press("Tab")
+        assert await page.evaluate("document.activeElement.textContent") == "Send"
+        await page.keyboard.press("Enter")
         # Then it completes and its detail shows the backend's reply
         await page.wait_for_function("document.querySelector('#try-status').textContent.includes('completed')")
         await page.wait_for_selector("#detail dl")

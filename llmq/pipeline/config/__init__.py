@@ -8,6 +8,7 @@ Structs' ``*_s`` properties are the parsed values).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -366,7 +367,7 @@ class TenantConfig(TenantLimits, frozen=True):
     """API keys that are this tenant's: a request with one of them is the tenant's, whatever it claims."""
 
 
-class Config(_Section, frozen=True):
+class Config(_Section, frozen=True, dict=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
@@ -390,11 +391,12 @@ class Config(_Section, frozen=True):
         return [(k, None) for k in self.api_keys] + [(k, t.name) for t in self.tenants for k in t.api_keys]
 
     def tenant(self, name: str | None) -> TenantLimits:
-        """The weight and quotas of a tenant."""
-        for t in self.tenants:
-            if t.name == name:
-                return t
-        return self.tenant_defaults
+        """The weight and quotas of a tenant (looked up for every message: by a dict, not a scan)."""
+        return self._tenants_by_name.get(name, self.tenant_defaults) if name is not None else self.tenant_defaults
+
+    @functools.cached_property
+    def _tenants_by_name(self) -> dict[str, TenantConfig]:
+        return {t.name: t for t in reversed(self.tenants)}  # (the first of a name wins, as validation says)
 
     @property
     def redis(self) -> RedisConfig:
