@@ -85,8 +85,9 @@ async def test_the_page_shows_the_queue_moving_and_runs_a_request_sent_from_it(
         assert await throughput.inner_text() in ("0.0", "–")
         # When messages flow through the queue
         async with httpx.AsyncClient(base_url=url) as http:
-            ids = [(await http.post("/api/v1/messages", json={"level": "high", "request": CHAT})).json()["id"]
-                   for _ in range(12)]  # fmt: skip
+            body = {"level": "high", "request": CHAT}
+            ids = [(await http.post("/api/v1/messages", json=body | {"tenant": f"t{i % 2}"})).json()["id"]
+                   for i in range(12)]  # fmt: skip
 
         # Then the page's numbers change without a reload: high's finished messages per minute, the newest
         async def moved() -> bool:
@@ -96,6 +97,10 @@ async def test_the_page_shows_the_queue_moving_and_runs_a_request_sent_from_it(
         await eventually(
             lambda: _contains(page, "#recent", ids[-1][-12:]), within=20, what="the newest message in the list"
         )
+        # and each tenant's share of the tokens used: two tenants of equal traffic, about half each
+        await eventually(lambda: _contains(page, "#tenants", "t1"), within=20, what="the tenants' shares")
+        shares = await page.locator("#tenants td.share").all_inner_texts()
+        assert len(shares) == 2 and abs(sum(float(x.rstrip("%")) for x in shares) - 100) < 0.5, shares
         # When a request is sent from the page, with the keyboard alone (Tab from the prompt to Send, Enter)
         await page.select_option("#try-level", "realtime")
         await page.fill("#try-prompt", "Hi from the dashboard")

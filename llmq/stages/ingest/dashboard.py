@@ -5,7 +5,8 @@ The document is read from what the stages share, never from a stage's memory: ea
 messages and oldest age (``level_status``), each backend's calls running now (its slots set), its window and
 whether its engine holds it (Redis), every consumer group's consumers, pending entries and lag (XINFO), and,
 from the archive, the last ``WINDOW_S`` of finished messages: each level's queue wait p50 and p99 and
-throughput, each backend's latency and error rate, and the newest messages. Without PostgreSQL those are
+throughput, each backend's latency and error rate, each tenant's tokens (its share), and the newest
+messages. Without PostgreSQL those are
 null and the page says so.
 """
 
@@ -46,6 +47,10 @@ _BACKENDS_SQL = """
 SELECT backend, count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms),
        percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms), count(*) FILTER (WHERE status <> 'completed')
 FROM messages WHERE finished_at > now() - make_interval(secs => %s) AND backend IS NOT NULL GROUP BY backend
+"""
+_TENANTS_SQL = """
+SELECT tenant, count(*), sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0))
+FROM messages WHERE finished_at > now() - make_interval(secs => %s) GROUP BY tenant ORDER BY 3 DESC LIMIT 50
 """
 _RECENT_SQL = """
 SELECT id::text, level, status, tenant, backend, extract(epoch FROM finished_at), queue_wait_ms, latency_ms
@@ -142,6 +147,7 @@ class Dashboard:
         async with self.pool.connection(timeout=2) as conn:
             levels = await (await conn.execute(_LEVELS_SQL, (WINDOW_S,))).fetchall()
             backends = await (await conn.execute(_BACKENDS_SQL, (WINDOW_S,))).fetchall()
+            tenants = await (await conn.execute(_TENANTS_SQL, (WINDOW_S,))).fetchall()
             recent = await (await conn.execute(_RECENT_SQL, (RECENT,))).fetchall()
         return {
             "levels": {
@@ -152,6 +158,15 @@ class Dashboard:
                 name: {"calls": n, "latency_p50_ms": p50, "latency_p99_ms": p99, "error_rate": bad / n if n else 0}
                 for name, n, p50, p99, bad in backends
             },
+            "tenants": [
+                {
+                    "tenant": tenant,
+                    "finished": n,
+                    "tokens": int(tokens or 0),
+                    "weight": self.config.tenant(tenant).weight,
+                }
+                for tenant, n, tokens in tenants
+            ],
             "recent": [
                 {
                     "id": mid,

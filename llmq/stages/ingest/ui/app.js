@@ -62,7 +62,6 @@ function idButton(id) {
 
 function render(doc) {
   const archive = doc.archive;
-  $(".window").textContent = `${Math.round(doc.window_s / 60)} min`;
   fill("#levels", doc.levels.map((lv) => {
     const seen = archive && archive.levels[lv.level];
     const p99 = seen ? seen.wait_p99_ms : null;
@@ -91,6 +90,13 @@ function render(doc) {
       cell(seen ? seen.calls : null, "num"),
     ];
   }));
+  const tenants = archive ? archive.tenants : [];
+  const allTokens = tenants.reduce((sum, t) => sum + t.tokens, 0);
+  fill("#tenants", tenants.map((t) => [
+    cell(t.tenant === null ? "(none)" : t.tenant), cell(t.weight, "num"), cell(t.finished, "num"),
+    cell(t.tokens, "num"), cell(allTokens ? `${((100 * t.tokens) / allTokens).toFixed(1)}%` : null, "num share"),
+  ]));
+  for (const span of document.querySelectorAll(".window")) span.textContent = `${Math.round(doc.window_s / 60)} min`;
   fill("#groups", doc.groups.map((g) => [
     cell(g.stream), cell(g.group), cell(g.consumers, "num"), cell(g.pending, "num"), cell(g.lag, "num"),
   ]));
