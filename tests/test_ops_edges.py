@@ -126,7 +126,7 @@ def test_backup_authenticates_as_the_acl_user_of_the_redis_url(tmp_path: Path, d
                "PG_BINDIR": _pg_bindir(database_url), "REDIS_CLI": REDIS_CLI}  # fmt: skip
         # When backup.sh runs
         result = run(str(SCRIPTS / "backup.sh"), str(tmp_path / "backups"), env=env)
-        # Then it backs up. It fails: _redis_auth.sh turns the URL into redis://llmq@host, and redis-cli reads
+        # Then it backs up. It failed: _redis_auth.sh turns the URL into redis://llmq@host, and redis-cli reads
         # a userinfo without ":" as the PASSWORD ("AUTH llmq"), ignoring REDISCLI_AUTH, so the snapshot is
         # refused (NOAUTH / WRONGPASS). A correct script passes the user with --user and the password in
         # REDISCLI_AUTH, and drops the userinfo from the URL.

@@ -281,7 +281,7 @@ async def _post(http: httpx.AsyncClient, key: str | None = None, **fields: objec
 def test_a_misshapen_tenants_section_never_prints_a_tenants_api_key(env: dict[str, str]) -> None:
     # A correct system names the path and the kind of value only (as it does for api_keys and for a misplaced
     # database.redis secret): "tenants" is a section above tenants[].api_keys, where a key may be.
-    # Root cause: rules.holds_secret("tenants") is False: it tests field.startswith(path + ".") only, and the
+    # The defect was: rules.holds_secret("tenants") is False: it tests field.startswith(path + ".") only, and the
     # field is "tenants[].api_keys" (a "[" follows, not a ".").
     with pytest.raises(ConfigError) as caught:
         load_config(None, env=env)
@@ -303,7 +303,7 @@ async def test_a_tenants_key_listed_again_in_the_key_file_without_a_tenant_can_c
         # When acme's key claims tenant "beta"
         spoofed = await _post(http, "k-acme", tenant="beta")
     # Then a correct system refuses it (403): the key is acme's (or the conflict is refused when the file is
-    # read). Root cause: ApiKeyMiddleware (http_api.py) keeps the owner of the LAST matching entry of
+    # read). The defect was: ApiKeyMiddleware (http_api.py) keeps the owner of the LAST matching entry of
     # ring.keys, and KeyRing puts the file's keys after the config's: the file's "no tenant" wins.
     assert spoofed.status_code == 403, spoofed.text
 
@@ -314,7 +314,7 @@ async def test_a_tenant_named_nul_shares_the_unnamed_tenants_quota(redis: aiored
         assert (await _post(http)).status_code == 202
         # When a request names the tenant "\0" (a distinct tenant, a valid JSON string)
         other = await _post(http, tenant="\u0000")
-    # Then a correct system queues it: it is not the unnamed tenant. Root cause: Keys.tenant (keys.py) hashes
+    # Then a correct system queues it: it is not the unnamed tenant. The defect was: Keys.tenant (keys.py) hashes
     # None as b"\0", the very bytes of the tenant "\0": both share :open, :rate, :running and the vtimes.
     assert other.status_code == 202, other.text
 
@@ -338,7 +338,7 @@ async def test_a_dead_letter_replayed_counts_toward_its_tenants_max_queued(redis
     async with client_for(redis, keys, env) as http:
         second = await _post(http, tenant="t")
     # Then a correct system counts the replayed message as one of the tenant's open ones (it waits again, it
-    # will run), so the tenant at its max_queued of 1 is refused a second (429). Root cause:
+    # will run), so the tenant at its max_queued of 1 is refused a second (429). The defect was:
     # scripts/dlq_replay-5.lua / status.lua's status_replayed make the message live again without ZADDing
     # its hash back to the tenant's open set (the 'open' field is still there; status_closed had ZREMed it).
     assert (open_counted, second.status_code) == (1, 429), second.text
@@ -388,7 +388,7 @@ async def test_a_capped_tenants_room_is_not_spent_on_a_level_that_cannot_admit(
     # slots (its high message cannot go anyway: high is at its max_concurrent). Instead every round orders
     # high first, hands t's one unit of room to its high message (LevelQueue.order decrements the shared
     # `room`), select() then admits nothing from high, and normal's order has no message of t: the slots stay
-    # idle until the other tenant's high call ends. Root cause: Arbiter._round (arbiter.py, the loop building
+    # idle until the other tenant's high call ends. The defect was: Arbiter._round (arbiter.py, the loop building
     # `ordered` with k = all free slots per level) spends room on candidates that are never admitted.
     late = None if at is None else round(at - submitted, 2)
     assert late is not None and late < 1.0, f"t's normal message admitted after {late}s (None: not within 1.5 s)"
@@ -423,7 +423,7 @@ async def test_dead_letters_replayed_after_their_hash_expired_keep_their_tenants
     most_at_once = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
     # Then a correct system runs them one at a time (its max_in_flight of 1). Instead all 3 run at once: the
     # remade hash has no 'running' field, so status_scheduled (status.lua) never adds it to the tenant's
-    # running set, and admit.lua's cap check counts nothing. Root cause: dlq_replay-5.lua / status_replayed
+    # running set, and admit.lua's cap check counts nothing. The defect was: dlq_replay-5.lua / status_replayed
     # restore neither the tenant's running set nor its open set (DeadLetters.replay passes no tenant keys).
     assert most_at_once == 1, f"{most_at_once} of the capped tenant's messages ran at once"
 
@@ -439,7 +439,7 @@ async def test_a_prompt_of_token_arrays_is_estimated_by_its_tokens(redis: aiored
     # Then a correct system estimates both at 50,001 tokens and refuses both (400 on max_tokens: the
     # estimate alone is over the tpm). The flat one is refused; the nested one is estimated at 2 tokens and
     # queued: a tenant evades its tpm and takes a 25,000-fold share of its level by wrapping its prompt in a
-    # list. Root cause: llmq/pipeline/tokens.py prompt_chars counts a list item that is not a string as 4
+    # list. The defect was: llmq/pipeline/tokens.py prompt_chars counts a list item that is not a string as 4
     # characters (`else 4`), so a token array of any length is 1 token.
     assert flat.status_code == 400
     assert (nested.status_code, queued) == (400, 0), nested.text
@@ -474,7 +474,7 @@ def test_a_key_file_conflict_never_prints_the_words_of_its_lines(tmp_path: Path)
         read_key_file(key_file)
     # Then a correct system names the lines only ("line 2: its key has another owner than in line 1"), as the
     # module promises ("the message names the line, never its words"): the second word of a key-file line
-    # is as likely a key as a tenant. Root cause: llmq/pipeline/keyfile.py:36-39 quotes both owners
+    # is as likely a key as a tenant. The defect was: llmq/pipeline/keyfile.py:36-39 quotes both owners
     # (_owner(first[0]), _owner(entry.tenant)) in the ValueError, here the two live keys.
     assert "SECRET" not in str(caught.value), str(caught.value)
 
@@ -506,7 +506,7 @@ async def test_a_facade_request_is_estimated_by_what_its_backend_will_count(
     # Then a correct system estimates about 50,000 tokens and refuses it (400 on max_tokens: the estimate
     # alone is over the tenant's tpm of 10,000), as it does for the same prompt sent plainly. Instead it is
     # estimated at 1 to 256 tokens and queued: the tenant evades its tpm, and takes a share of its level
-    # hundreds of times its due. Root cause: llmq/pipeline/tokens.py:16-22 (prompt_chars picks `messages`,
+    # hundreds of times its due. The defect was: llmq/pipeline/tokens.py:16-22 (prompt_chars picks `messages`,
     # else `prompt` even when null, else `input`, whatever the endpoint) and :34 (max_completion_tokens
     # before max_tokens on every endpoint); the estimate is not told which endpoint the body is for.
     assert (answer.status_code, queued) == (400, 0), (answer.status_code, answer.text[:200])
@@ -542,7 +542,7 @@ async def test_a_chat_request_is_estimated_by_all_it_will_cost(
         answer = await http.post("/api/v1/messages", json={"request": request_body})
     # Then a correct system estimates each at about 50,000 tokens or more (250,000 for n=50) and refuses it
     # (422 on the request: its estimate alone is over the tenant's tpm of 10,000). Instead each is estimated
-    # at the content of its messages plus one choice's max_tokens, and queued. Root cause:
+    # at the content of its messages plus one choice's max_tokens, and queued. The defect was:
     # llmq/pipeline/tokens.py:16-18 counts only messages[].content (str() of it), and :34-37 one choice's
     # budget, ignoring `n`, `tools` and `tool_calls`.
     assert answer.status_code == 422, (answer.status_code, answer.text[:200])
@@ -568,7 +568,7 @@ async def test_a_tenants_messages_queued_before_the_upgrade_still_count_toward_i
     # Then a correct system refuses a third (429 max_queued): the tenant has 2 messages open. Instead it is
     # queued, and a tenant gets its quotas afresh at the upgrade (max_queued and max_in_flight doubled
     # while the old messages drain, rpm/tpm budgets and fair-share virtual times reset; and in a mixed fleet
-    # old and new processes count apart). Root cause: llmq/pipeline/keys.py:124 now hashes b"t" + name,
+    # old and new processes count apart). The defect was: llmq/pipeline/keys.py:124 now hashes b"t" + name,
     # renaming every named tenant's keys to fix the unnamed one's; keeping sha256(name) for named tenants
     # and giving the unnamed tenant a key no digest spells (":tenant:-") would have fixed NUL alone.
     assert third.status_code == 429, (third.status_code, third.text[:200])
@@ -591,6 +591,6 @@ def test_capped_tenants_whose_backlogs_together_fill_the_lookahead_are_warned_of
         },
     )
     # Then a correct system warns, as the README advises ("give tenants a max_queued whose sum fits in the
-    # lookahead"). Root cause: llmq/pipeline/config/rules.py:97-102 compares each tenant's max_queued with
+    # lookahead"). The defect was: llmq/pipeline/config/rules.py:97-102 compares each tenant's max_queued with
     # the lookahead alone (and tenant_defaults' too, though it applies to every unlisted tenant at once).
     assert any("lookahead" in w for w in loaded.warnings), loaded.warnings

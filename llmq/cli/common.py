@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -43,14 +43,7 @@ def load_beside_up(path: Path | None) -> Config:
     no LLMQ_REDIS_URL, the servers and config a running ``llmq-stage up`` recorded in ``$LLMQ_HOME``
     (``.llmq``), if any."""
     found = _beside_up(path)
-    env = {**found[0], **os.environ} if found else None
-    try:
-        return read_config(path, env).config
-    except ConfigError as exc:
-        typer.echo(f"error: invalid configuration {exc.source}:", err=True)
-        for problem in exc.problems:
-            typer.echo(f"  {problem}", err=True)
-        raise typer.Exit(ExitCode.CONFIG) from None
+    return read_or_exit(path, {**found[0], **os.environ} if found else None).config
 
 
 def _beside_up(path: Path | None) -> tuple[dict[str, str], Path] | None:
@@ -93,10 +86,11 @@ def on_redis(config: Config, path: Path | None, work: Callable[[aioredis.Redis, 
         raise typer.Exit(ExitCode.CONNECT) from None
 
 
-def read_or_exit(path: Path | None) -> LoadedConfig:
-    """``load_or_exit``, keeping which fields were given and the config's warnings."""
+def read_or_exit(path: Path | None, env: Mapping[str, str] | None = None) -> LoadedConfig:
+    """``load_or_exit``, keeping which fields were given and the config's warnings (``env``: the environment
+    to read, ``os.environ`` when None)."""
     try:
-        return read_config(path)
+        return read_config(path, env)
     except ConfigError as exc:
         typer.echo(f"error: invalid configuration {exc.source}:", err=True)
         for problem in exc.problems:
