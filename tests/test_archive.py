@@ -25,7 +25,7 @@ from llmq.cli.consume import runner_settings
 from llmq.cli.embedded import EmbeddedPostgres
 from llmq.cli.stages import make_archive
 from llmq.pipeline.config import load_config
-from llmq.pipeline.db import migrate
+from llmq.pipeline.db import migrate, migrations
 from llmq.pipeline.dlq import DeadLetters
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, Message, Outcome, Status, encode, new_id
@@ -301,11 +301,11 @@ async def _tokens(dsn: str, mid: str) -> tuple[Any, ...] | None:
 
 async def test_migrations_are_idempotent_and_safe_concurrently(database_url: str) -> None:
     results = await asyncio.gather(*(migrate(database_url) for _ in range(4)))
-    assert sorted(v for r in results for v in r) == [1, 2]
+    assert sorted(v for r in results for v in r) == [m.version for m in migrations()]
     assert await migrate(database_url) == []
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         versions = await (await conn.execute("SELECT version FROM llmq_schema_migrations ORDER BY 1")).fetchall()
-    assert versions == [(1,), (2,)]
+    assert versions == [(m.version,) for m in migrations()]
 
 
 def test_db_migrate_command(database_url: str, stage_env: dict[str, str]) -> None:
@@ -313,7 +313,8 @@ def test_db_migrate_command(database_url: str, stage_env: dict[str, str]) -> Non
     run = [sys.executable, "-m", "llmq.cli", "db", "migrate"]
     first = subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     second = subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert first.returncode == 0 and "applied migrations 0001, 0002" in first.stdout, first.stderr
+    applied = ", ".join(f"{m.version:04d}" for m in migrations())
+    assert first.returncode == 0 and f"applied migrations {applied}" in first.stdout, first.stderr
     assert second.returncode == 0 and "is up to date" in second.stdout
 
 

@@ -12,10 +12,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import msgspec
+import psycopg
 import pytest
 import redis.asyncio as aioredis
 
 from llmq.cli.stages import postgres_of
+from llmq.pipeline import circuits
 from llmq.pipeline.db import make_pool, migrate
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.runtime.ops_server import OpsServer
@@ -203,3 +206,153 @@ async def test_dead_letters_are_purged_over_http_only_with_an_age(redis: aioredi
         purged = await http.delete("/api/v1/dlq?older_than=1d")
     assert purged.json() == {"purged": 1}
     assert [f[b"reason"] for _, f in await redis.xrange(keys.dlq)] == [b"new"]
+
+
+async def test_a_retried_message_shows_its_failed_attempt_and_request_and_an_open_stream_its_first_token(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    # Given a backend that fails every call for now (retried after 2 s), and the page open
+    await migrate(database_url)
+    env = {"LLMQ_QUEUE__RETRY__INITIAL_BACKOFF": "2s", "LLMQ_QUEUE__RETRY__MAX_BACKOFF": "2s"}
+    backend = MockSettings(latency_ms=150, fail_rate=1.0, fail_status=502, tokens_per_s=8, stream_tokens=30)
+    async with (
+        Harness(redis, keys, backends={"a": backend}, env=env, database_url=database_url) as h,
+        served(h, redis, keys) as url,
+        browser_page() as (page, errors),
+    ):
+        await page.goto(url + "/")
+        await page.wait_for_selector("#levels tbody tr")
+        # When a message fails its first attempt and, the backend healthy again, completes on its second
+        mid = await h.submit(request=CHAT | {"messages": [{"role": "user", "content": "detail-probe"}]})
+
+        async def retrying() -> bool:
+            return (await h.status(mid)).get("status") == "retrying"
+
+        await eventually(retrying, within=10, what="the first attempt failed")
+        async with httpx.AsyncClient() as http:
+            admin = f"http://127.0.0.1:{h.servers['a'].port}/admin/config"
+            healthy = msgspec.to_builtins(msgspec.structs.replace(backend, fail_rate=0.0))
+            (await http.post(admin, json=healthy)).raise_for_status()
+        assert (await h.wait_terminal([mid]))[mid]["status"] == "completed"
+        await eventually(lambda: _archived(database_url, mid), within=10, what="the message archived")
+        # and a streamed message is in its call (30 chunks at 8 a second)
+        streamed = await h.submit("high", request=CHAT | {"stream": True})
+        # Then the open streams list it with its time to first token (the backend answers after 150 ms)
+        row = page.locator(f"#streams tr:has(button[aria-label='show message {streamed}'])")
+        await eventually(lambda: _text_is_not(row.locator("td.ttft"), "waiting"), within=15, what="its first token")
+        ttft_ms = float((await row.locator("td.ttft").inner_text()).removesuffix(" ms"))
+        assert 150 <= ttft_ms < 2000, ttft_ms
+        chunks = row.locator("td.chunks")
+        before = int(await chunks.inner_text())
+        await eventually(lambda: _count_above(chunks, before), within=10, what="its chunks counted as they come")
+        # When the operator opens the retried message's detail by its id
+        await page.fill("#find-id", mid)
+        await page.press("#find-id", "Enter")
+        await page.wait_for_selector("#detail ol.attempts li")
+        detail = await page.inner_text("#detail")
+        # Then it shows the failed attempt (which, on which backend, why), the request and the reply
+        attempts = await page.locator("#detail ol.attempts li").all_inner_texts()
+        assert len(attempts) == 1 and attempts[0].startswith("attempt 1 on a at ") and "502" in attempts[0], attempts
+        assert "detail-probe" in detail and "mock reply from a" in detail and "completed" in detail
+        # and the stream, once ended, leaves the list, its time to first token archived
+        await h.wait_terminal([streamed], within=30)
+        await eventually(
+            lambda: _not_contains(page, "#streams", streamed[-12:]), within=10, what="the ended stream gone"
+        )
+        await eventually(lambda: _archived(database_url, streamed), within=10, what="the stream archived")
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            cur = await conn.execute("SELECT first_token_ms FROM messages WHERE id = %s", (streamed,))
+            row_ttft = (await cur.fetchone() or (None,))[0]
+        assert row_ttft is not None and 150 <= row_ttft < 2000
+    assert errors == []
+
+
+async def _archived(database_url: str, message_id: str) -> bool:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute("SELECT 1 FROM messages WHERE id = %s", (message_id,))
+        return await cur.fetchone() is not None
+
+
+async def _text_is_not(locator: Any, text: str) -> bool:
+    return await locator.count() == 1 and (await locator.inner_text()) != text
+
+
+async def _count_above(locator: Any, before: int) -> bool:
+    return int(await locator.inner_text()) > before
+
+
+async def test_the_dashboard_shows_a_circuit_a_dispatcher_opened(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    # Given a backend that fails every call, taken out after one failure and not probed for a minute
+    env = {"LLMQ_LOADBALANCER__MAX_FAILURES": "1", "LLMQ_LOADBALANCER__HEALTH_CHECK_INTERVAL": "60s"}
+    failing = {"a": MockSettings(latency_ms=5, fail_rate=1.0, fail_status=502), "b": MockSettings(latency_ms=5)}
+    backends = "[{name: a, url: 'http://x'}, {name: b, url: 'http://y'}]"
+    async with client_for(redis, keys, env={"LLMQ_BACKENDS": backends}) as http:
+
+        async def circuit(name: str) -> dict[str, Any]:
+            doc = (await http.get("/api/v1/dashboard")).json()
+            return next(b["circuit"] for b in doc["backends"] if b["name"] == name)
+
+        async with Harness(redis, keys, backends=failing, env=env) as h:
+            # (each dispatcher publishes its circuits as it starts)
+            await eventually(lambda: _state(circuit("a"), "closed"), within=10, what="the circuit published")
+            # When a message fails on it
+            mid = await h.submit()
+            # Then the page's document says the circuit is open in the one dispatcher, while the other
+            # backend's stays closed (and the message completes there)
+            await eventually(lambda: _state(circuit("a"), "open"), within=10, what="the circuit shown open")
+            assert (await circuit("a")) | {"until": None} == {
+                "state": "open",
+                "dispatchers": 1,
+                "of": 1,
+                "failures": 1,
+                "until": None,
+            }
+            assert (await circuit("b"))["state"] == "closed"
+            assert (await h.wait_terminal([mid]))[mid]["status"] == "completed"
+        # and once the dispatcher stopped, it holds no view any more
+        assert (await circuit("a"))["state"] == "unknown"
+
+
+async def _state(view: Any, state: str) -> bool:
+    return (await view)["state"] == state
+
+
+async def test_circuit_views_of_dispatchers_long_gone_are_deleted_and_stale_ones_not_read(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    now = time.time()
+    key = keys.backend_circuits("a")
+    old = circuits.View(state="open", failures=9, until=None, at=now - circuits.FORGET_S - 1)
+    stale = circuits.View(state="open", failures=9, until=None, at=now - circuits.STALE_S - 1)
+    await redis.hset(key, mapping={"gone": msgspec.json.encode(old), "stopped": msgspec.json.encode(stale)})
+    await redis.hset(key, "garbled", b"not json")
+    live = circuits.View(state="closed", failures=0, until=None, at=now)
+    await circuits.publish(redis, keys, "p1", {"a": live})
+    assert sorted(await redis.hkeys(key)) == [b"garbled", b"p1", b"stopped"]
+    read = await circuits.read(redis, keys, ["a", "never"])
+    assert read == {"a": [msgspec.structs.replace(live, at=read["a"][0].at)], "never": []}
+    assert circuits.summary(read["a"])["state"] == "closed" and circuits.summary([])["state"] == "unknown"
+
+
+async def test_a_tenants_key_is_refused_the_dashboard_and_the_dead_letters(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given an operator's key and a tenant's key
+    env = {"LLMQ_API_KEYS": "k-ops", "LLMQ_TENANTS": "[{name: acme, api_keys: [k-acme]}]"}
+    async with client_for(redis, keys, env=env) as http:
+        for path, method in [
+            ("/api/v1/dashboard", "GET"),
+            ("/api/v1/dashboard/messages/0190b3a0-0000-7000-8000-000000000000", "GET"),
+            ("/api/v1/dlq", "GET"),
+            ("/api/v1/dlq/1-0", "GET"),
+            ("/api/v1/dlq/1-0/replay", "POST"),
+            ("/api/v1/dlq?older_than=1d", "DELETE"),
+        ]:
+            # Then every tenant's messages are the operator's to see: the tenant's key gets 403
+            tenant = await http.request(method, path, headers={"X-API-Key": "k-acme"})
+            assert tenant.status_code == 403 and "operator" in tenant.json()["error"], (path, tenant.text)
+            operator = await http.request(method, path, headers={"X-API-Key": "k-ops"})
+            assert operator.status_code in (200, 404), (path, operator.text)
+        # and the tenant's key still submits
+        sent = await http.post("/api/v1/messages", json={"request": CHAT}, headers={"X-API-Key": "k-acme"})
+        assert sent.status_code == 202

@@ -17,6 +17,7 @@ from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, Status, decode_outcome, encode, new_id
 from llmq.pipeline.runtime.effects import Commit, xadd
 from llmq.pipeline.runtime.runner import Runner
+from llmq.stages.dispatch import attempt_line
 from llmq.stages.ingest.submit import new_message
 from llmq.stages.mock_backend import MockSettings
 from llmq.stages.retry import Retry, reason_of
@@ -207,3 +208,6 @@ def test_retry_after_is_honoured_when_longer() -> None:
 )
 def test_retry_reasons(error: str, reason: str) -> None:
     assert reason_of(error) == reason
+    # as the retry stage reads it: the last line of the message's errors (timeouts were labelled "other")
+    assert reason_of(attempt_line(2, "a", 0.0, error)) == reason
+    assert reason_of(attempt_line(2, "-", 0.0, error)) == reason

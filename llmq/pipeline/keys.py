@@ -109,6 +109,10 @@ class Keys:
         """Set (with why, expiring) while a backend's engine is behind: it gets no new call."""
         return f"{self.prefix}:backend:{backend}:held"
 
+    def backend_circuits(self, backend: str) -> str:
+        """Hash of each dispatcher's view of a backend's circuit (``llmq.pipeline.circuits``), by process."""
+        return f"{self.prefix}:backend:{backend}:circuits"
+
     def backend_window(self, backend: str, kind: str, minute: int) -> str:
         """Requests (``rpm``) or tokens (``tpm``) sent to a backend in one minute."""
         return f"{self.prefix}:backend:{backend}:{kind}:{minute}"

@@ -44,6 +44,10 @@ def ended(keys: Keys, outcome: Outcome, *, retention_s: float, cancellable: bool
         fields += ["result", _json.encode(outcome.response)]
     if outcome.error:
         fields += ["error", outcome.error]
+    if msg.errors:
+        fields += ["errors", _json.encode(msg.errors)]
+    if outcome.first_token_at:
+        fields += ["first_token_at", outcome.first_token_at]
     if outcome.started_at:
         fields += ["started_at", outcome.started_at]
     cancelled = b""

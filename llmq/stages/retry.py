@@ -39,7 +39,10 @@ DEAD = Counter("llmq_dead_letters_total", "Messages dead-lettered after max_retr
 
 
 def reason_of(error: str) -> str:
-    """A short label for metrics: timeout, connection, http_<status>, no_backend or other."""
+    """A short label for metrics: timeout, connection, http_<status>, no_backend or other. ``error`` may be
+    a line of a message's ``errors`` (``attempt N on <backend> at <time>: <error>``)."""
+    if error.startswith("attempt ") and ": " in error:
+        error = error.split(": ", 1)[1]
     if error.startswith("timeout"):
         return "timeout"
     if error.startswith("connection"):

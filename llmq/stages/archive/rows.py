@@ -42,6 +42,8 @@ COLUMNS = (
     "finished_at",
     "queue_wait_ms",
     "latency_ms",
+    "errors",
+    "first_token_ms",
 )
 
 NULL = b"\\N"
@@ -63,7 +65,7 @@ def copy_row(o: Outcome, *, store_bodies: bool) -> bytes:
     """One outcome's row, its line ending included."""
     m = o.message
     model = m.request.get("model")
-    started = o.started_at
+    started, first = o.started_at, o.first_token_at
     return (
         b"\t".join(
             (
@@ -85,6 +87,8 @@ def copy_row(o: Outcome, *, store_bodies: bool) -> bytes:
                 _timestamp(o.finished_at),
                 NULL if started is None else repr((started - m.enqueued_at) * 1000).encode(),
                 NULL if started is None else repr((o.finished_at - started) * 1000).encode(),
+                _json_text(m.errors) if m.errors else NULL,
+                NULL if started is None or first is None else repr((first - started) * 1000).encode(),
             )
         )
         + b"\n"

@@ -14,7 +14,10 @@ Outcomes: success -> ``done`` (completed); timeout, connection error, 408/409/42
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +26,7 @@ import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
-from llmq.pipeline import background, inflight, transitions
+from llmq.pipeline import background, circuits, inflight, transitions
 from llmq.pipeline.config import Config
 from llmq.pipeline.errors import GiveBack
 from llmq.pipeline.keys import Group, Keys
@@ -53,6 +56,7 @@ its attempt is retried through the retry stage."""
 REFUSED_AND_WAITED = Counter(
     "llmq_dispatch_refusals_waited_total", "Calls refused for capacity whose message waited here for another slot"
 )
+_json = msgspec.json.Encoder()
 LOST = "lost"
 """What the begin script says of a message whose entry another consumer owns now."""
 
@@ -64,6 +68,13 @@ class Held:
 
     backend: str
     counted_at: float | None
+
+
+def attempt_line(attempt: int, backend: str, at: float, error: str) -> str:
+    """One line of a message's ``errors``: which attempt failed, on which backend, when (UTC), and why."""
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+    where = "" if backend == "-" else f" on {backend}"  # "-": no backend was called
+    return f"attempt {attempt}{where} at {when}: {clean_text(error)}"
 
 
 def _storable(outcome: Outcome) -> Outcome:
@@ -103,6 +114,8 @@ class Dispatch(Stage):
         self._tasks: list[asyncio.Task[None]] = []
         self._begin = Lua(redis, "begin")
         self._stopping = asyncio.Event()
+        self.process = f"{socket.gethostname()}:{os.getpid()}"
+        """Whose circuits these are, in ``llmq.pipeline.circuits``."""
 
     async def start(self) -> None:
         http = Pool(
@@ -116,6 +129,7 @@ class Dispatch(Stage):
         self._tasks = [
             asyncio.create_task(prober.run(), name="health-probe"),
             asyncio.create_task(self._renew_loop(), name="inflight-renew"),
+            asyncio.create_task(self._circuits_loop(), name="circuits"),
         ]
         if self.windows.adaptive:
             self._tasks.append(asyncio.create_task(self._windows_loop(), name="windows"))
@@ -125,6 +139,11 @@ class Dispatch(Stage):
     async def close(self) -> None:
         for task in self._tasks:
             await background.cancel(task)
+        with contextlib.suppress(*UNAVAILABLE):  # else it goes stale, and the next writer deletes it
+            pipe = self.redis.pipeline(transaction=False)
+            for name in self.backends:
+                pipe.hdel(self.keys.backend_circuits(name), self.process)
+            await pipe.execute()
         if self.caller:
             await self.caller.http.aclose()
 
@@ -352,13 +371,15 @@ class Dispatch(Stage):
                 extra={"message_id": msg.id, "backend": result.backend, "level_name": msg.level},
             )
         if result.status is Status.RETRYING:
-            msg.errors = [*msg.errors, f"attempt {msg.attempts}: {clean_text(result.error or '')}"]
+            msg.errors = [*msg.errors, attempt_line(msg.attempts, result.backend, now, result.error or "")]
             msg.retry_after = result.retry_after
             msg.failed_backend = result.backend if backend else None
             batch.ack(
                 entry,
                 effects.xadd(self.keys.retry, encode(msg)),
-                transitions.retrying(self.keys, msg.id, attempts=msg.attempts, error=result.error or ""),
+                transitions.retrying(
+                    self.keys, msg.id, attempts=msg.attempts, error=result.error or "", errors=_json.encode(msg.errors)
+                ),
                 inflight.released(self.keys, msg.level, msg.id),
                 effects.publish(self.keys.slots, msg.level),
                 *correction,
@@ -373,6 +394,7 @@ class Dispatch(Stage):
             response=result.response,
             error=result.error,
             started_at=started,
+            first_token_at=result.first_token_at,
             finished_at=now,
             prompt_tokens=token_count(usage.get("prompt_tokens")),
             completion_tokens=token_count(usage.get("completion_tokens")),
@@ -403,6 +425,19 @@ class Dispatch(Stage):
                 log.warning("could not read the backends' windows: %s", exc)
             except Exception:  # a loop boundary: the windows must go on being followed
                 log.error("reading the backends' windows failed", exc_info=True)
+
+    async def _circuits_loop(self) -> None:
+        """Publish this process's circuits (``llmq.pipeline.circuits``) when one changes and every ``PUBLISH_S``."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.router.changed.wait(), circuits.PUBLISH_S)
+            self.router.changed.clear()
+            try:
+                await circuits.publish(self.redis, self.keys, self.process, self.router.views())
+            except UNAVAILABLE as exc:
+                log.warning("could not publish the backends' circuits: %s", exc)
+            except Exception:  # a loop boundary: the circuits must go on being published
+                log.error("publishing the backends' circuits failed", exc_info=True)
 
     async def _renew_loop(self) -> None:
         """Keep the in-flight slots of held messages leased while they wait for a backend slot (rpm, tpm) or

@@ -34,6 +34,7 @@ class Prober:
                     log.error("probing backend %s failed", name, exc_info=True)
                     continue
                 if circuit.probe(healthy):
+                    self.router.changed.set()
                     BACKEND_UP.labels(backend=name).set(1)
                     log.info("backend %s probed healthy: back in (half-open)", name)
 

@@ -24,14 +24,17 @@ log = logging.getLogger("llmq.dispatch")
 
 
 class Relay:
-    def __init__(self, script: Coalesced, key: str, status_key: str) -> None:
+    def __init__(self, script: Coalesced, key: str, status_key: str, backend: str) -> None:
         self.key = key
+        self.backend = backend
         self.status_key = status_key
         self._script = script
         self.token = os.urandom(8).hex()
         self.base_ms = int(time.time() * 1000)
         self.written = 0
         """Chunks handed to the relay: once one is, the client may have seen it."""
+        self.first_at: float | None = None
+        """When the first chunk came (Unix seconds): the call's time to first token."""
         self.refused = False
         """Another call owns the stream (this one's message was taken over), or it has ended."""
         self.aborted = False
@@ -42,6 +45,8 @@ class Relay:
     def add(self, data: bytes, *, usage_only: bool = False) -> None:
         """One chunk as the backend sent it (a ``usage``-only chunk apart: relayed to clients that asked)."""
         self.written += 1
+        if self.first_at is None:
+            self.first_at = time.time()
         self._waiting += [f"{self.base_ms}-{self.written}", USAGE if usage_only else CHUNK, data]
         if self._task is None:
             self._task = asyncio.create_task(self._flush())
@@ -57,7 +62,8 @@ class Relay:
             # the task runs a turn later: the chunks of this turn's read are in
             while self._waiting and not (self.refused or self.aborted):
                 batch, self._waiting = self._waiting, []
-                args = [self.token, LIVE_TTL_S, MAX_EVENTS, f"{self.base_ms}-0", *batch]
+                marker = f"{self.base_ms}-0"
+                args = [self.token, LIVE_TTL_S, MAX_EVENTS, marker, self.first_at or 0, self.backend, *batch]
                 written = await self._script([self.key, self.status_key], args)
                 self.refused, self.aborted = written == 0, written == 2
         except Exception:  # a boundary: the call goes on; clients miss chunks, the outcome has them all

@@ -15,6 +15,7 @@ upstream answers 503 too). With Retry-After it cools the backend until then.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from prometheus_client import Gauge
 
+from llmq.pipeline import circuits
 from llmq.pipeline.config import BackendConfig, Config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import Message, Status
@@ -62,6 +64,13 @@ class Circuit:
 
     def cool(self, until: float) -> None:
         self.cool_until = max(self.cool_until, until)
+
+    def view(self, now: float) -> circuits.View:
+        if self.open:
+            return circuits.View(state="open", failures=self.failures, until=None, at=now)
+        if now < self.cool_until:
+            return circuits.View(state="cooling", failures=self.failures, until=self.cool_until, at=now)
+        return circuits.View(state="closed", failures=self.failures, until=None, at=now)
 
     def probe(self, healthy: bool) -> bool:
         """Apply a health probe; return True when it closed an open circuit (half-open)."""
@@ -119,8 +128,14 @@ class Router:
         lb = config.loadbalancer
         self.circuits = {b.name: Circuit(max_failures=lb.max_failures) for b in config.backends}
         self.balancer = Balancer(lb.algorithm)
+        self.changed = asyncio.Event()
+        """Set when a circuit opens, closes or cools: this process's view is published again at once."""
         for name in self.backends:
             BACKEND_UP.labels(backend=name).set(1)
+
+    def views(self) -> dict[str, circuits.View]:
+        now = time.time()
+        return {name: circuit.view(now) for name, circuit in self.circuits.items()}
 
     def serves(self, model: object) -> bool:
         """Whether any backend serves ``model``, usable or not."""
@@ -185,11 +200,15 @@ class Router:
         """Learn from a call's outcome; ``busy``: this process had other calls running on the backend."""
         circuit = self.circuits[name]
         if result.status in _NOT_THE_BACKENDS_FAULT:
+            if circuit.failures:
+                self.changed.set()
             circuit.success()
         elif result.retry_after is not None:
             circuit.cool(time.time() + result.retry_after)
+            self.changed.set()
         elif result.capacity and busy:
             pass  # full, not broken: its window shrinks (max_concurrent: auto), its circuit stays closed
         elif circuit.failure():
+            self.changed.set()
             BACKEND_UP.labels(backend=name).set(0)
             log.warning("backend %s taken out after %d consecutive failures", name, circuit.failures)

@@ -20,7 +20,7 @@ from llmq.pipeline.keys import Keys
 from llmq.pipeline.level_status import level_status
 from llmq.pipeline.redis import CONNECTION_ERRORS, UNAVAILABLE
 from llmq.stages.ingest import schema
-from llmq.stages.ingest.http_api import BadInput, respond
+from llmq.stages.ingest.http_api import BadInput, operator_only, respond
 
 log = logging.getLogger("llmq.ingest")
 
@@ -70,18 +70,21 @@ class Admin:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     async def dlq_list(self, request: Request) -> Response:
+        operator_only(request)
         limit = request.query_params.get("limit", "50")
         if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
             raise BadInput(422, "limit must be an integer from 1 to 1000", "limit")
         return respond([dl.summary() for dl in await self.dead.list(limit=int(limit))])
 
     async def dlq_show(self, request: Request) -> Response:
+        operator_only(request)
         dl = await self.dead.find(request.path_params["id"])
         if dl is None:
             raise BadInput(404, "no such dead letter")
         return respond(dl.summary() | {"request": dl.message.request if dl.message else None})
 
     async def dlq_replay(self, request: Request) -> Response:
+        operator_only(request)
         dl = await self.dead.find(request.path_params["id"])
         if dl is None:
             raise BadInput(404, "no such dead letter (already replayed?)")
@@ -95,6 +98,7 @@ class Admin:
 
     async def dlq_purge(self, request: Request) -> Response:
         """``DELETE /api/v1/dlq?older_than=1d``: delete the dead letters older than that (never all: give it)."""
+        operator_only(request)
         given = request.query_params.get("older_than")
         try:
             age_s = parse_duration(given or "")

@@ -36,7 +36,7 @@ def create_app(
     messages = Messages(config, redis=redis, keys=keys, pool=pool)
     admin = Admin(config, redis=redis, keys=keys, pool=pool)
     openai = OpenAIFacade(messages, config)
-    dashboard = Dashboard(config, redis=redis, keys=keys, pool=pool)
+    dashboard = Dashboard(config, redis=redis, keys=keys, pool=pool, view=messages.view)
     ring = KeyRing(config.keys_with_tenants, config.server.api_keys_file)
     routes = [
         ("/api/v1/messages", messages.submit, ["POST"]),
@@ -60,6 +60,7 @@ def create_app(
         ("/", dashboard.page, ["GET"]),
         ("/ui/{name}", dashboard.asset, ["GET"]),
         ("/api/v1/dashboard", dashboard.document, ["GET"]),
+        ("/api/v1/dashboard/messages/{id}", dashboard.message, ["GET"]),
     ]
 
     @contextlib.asynccontextmanager

@@ -17,8 +17,8 @@ from llmq.stages.ingest.http_api import ArchiveUnavailable
 
 _SELECT = (
     "SELECT status, level, attempts, backend, extract(epoch FROM enqueued_at),"
-    " extract(epoch FROM started_at), extract(epoch FROM finished_at), response::text, error"
-    " FROM messages WHERE id = %s"
+    " extract(epoch FROM started_at), extract(epoch FROM finished_at), response::text, error, errors::text,"
+    " first_token_ms FROM messages WHERE id = %s"
 )
 
 
@@ -36,7 +36,7 @@ async def read_archived(pool: AsyncConnectionPool, message_id: str) -> schema.Me
         raise ArchiveUnavailable from None
     if row is None:
         return None
-    status, level, attempts, backend, enq, started, finished, response, error = row
+    status, level, attempts, backend, enq, started, finished, response, error, errors, first_token_ms = row
     return schema.MessageView(
         id=message_id,
         status=status,
@@ -48,4 +48,6 @@ async def read_archived(pool: AsyncConnectionPool, message_id: str) -> schema.Me
         finished_at=float(finished),
         result=msgspec.Raw(response.encode()) if response is not None else None,
         error=error,
+        errors=schema.error_lines(errors),
+        first_token_at=float(started) + first_token_ms / 1000 if started and first_token_ms is not None else None,
     )

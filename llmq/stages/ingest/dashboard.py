@@ -1,18 +1,23 @@
-"""The dashboard: the page (``ui/``, served at ``/`` to a browser) and the one JSON document it polls
-(``GET /api/v1/dashboard``).
+"""The dashboard: the page (``ui/``, served at ``/`` to a browser), the one JSON document it polls
+(``GET /api/v1/dashboard``) and a message's detail (``GET /api/v1/dashboard/messages/{id}``).
 
 The document is read from what the stages share, never from a stage's memory: each level's depth, in-flight
-messages and oldest age (``level_status``), each backend's calls running now (its slots set), its window and
-whether its engine holds it (Redis), every consumer group's consumers, pending entries and lag (XINFO), and,
-from the archive, the last ``WINDOW_S`` of finished messages: each level's queue wait p50 and p99 and
-throughput, each backend's latency and error rate, each tenant's tokens (its share), and the newest
-messages. Without PostgreSQL those are
-null and the page says so.
+messages and oldest age (``level_status``), each backend's calls running now (its slots set), its window,
+whether its engine holds it and each dispatcher's view of its circuit (``llmq.pipeline.circuits``), the
+streams open now with their time to first token (the status hashes of the in-flight messages), every
+consumer group's consumers, pending entries and lag (XINFO), and, from the archive, the last ``WINDOW_S``
+of finished messages: each level's queue wait and time to first token (p50, p99) and throughput, each
+backend's latency and error rate, each tenant's tokens (its share), and the newest messages. Without
+PostgreSQL those are null and the page says so.
+
+It shows every tenant's messages: a tenant's key is refused (``operator_only``).
 """
 
 from __future__ import annotations
 
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,22 +30,28 @@ from redis.exceptions import ResponseError
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 
-from llmq.pipeline import window
+from llmq.pipeline import circuits, window
 from llmq.pipeline.config import Config
 from llmq.pipeline.keys import Group, Keys
 from llmq.pipeline.level_status import level_status
+from llmq.pipeline.models import Status
 from llmq.pipeline.runtime.streams import as_str
-from llmq.stages.ingest.http_api import BadInput, respond
+from llmq.stages.ingest import schema
+from llmq.stages.ingest.http_api import BadInput, operator_only, respond
 
 WINDOW_S = 300
 """The span of the archive the page's rates and percentiles cover."""
 RECENT = 25
+OPEN_STREAMS = 50
+"""The open streams the page lists at most (the oldest first)."""
 UI = Path(str(resources.files("llmq.stages.ingest") / "ui"))
 ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}
 
 _LEVELS_SQL = """
 SELECT level, count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY queue_wait_ms),
-       percentile_cont(0.99) WITHIN GROUP (ORDER BY queue_wait_ms)
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY queue_wait_ms),
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY first_token_ms),
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY first_token_ms)
 FROM messages WHERE finished_at > now() - make_interval(secs => %s) GROUP BY level
 """
 _BACKENDS_SQL = """
@@ -56,11 +67,22 @@ _RECENT_SQL = """
 SELECT id::text, level, status, tenant, backend, extract(epoch FROM finished_at), queue_wait_ms, latency_ms
 FROM messages ORDER BY finished_at DESC LIMIT %s
 """
+_REQUEST_SQL = "SELECT request::text, tenant, model, session_id FROM messages WHERE id = %s"
 
 
 class Dashboard:
-    def __init__(self, config: Config, *, redis: aioredis.Redis, keys: Keys, pool: AsyncConnectionPool | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        redis: aioredis.Redis,
+        keys: Keys,
+        pool: AsyncConnectionPool | None,
+        view: Callable[[str], Awaitable[schema.MessageView | None]],
+    ) -> None:
         self.config = config
+        self.view = view
+        """A message as ``GET /api/v1/messages/{id}`` shows it (its status hash, else its archived row)."""
         self.redis = redis
         self.keys = keys
         self.pool = pool
@@ -78,13 +100,15 @@ class Dashboard:
             raise BadInput(404, "no such file")
         return FileResponse(UI / name, media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
 
-    async def document(self, _: Request) -> Response:
+    async def document(self, request: Request) -> Response:
+        operator_only(request)
         levels = await level_status(self.redis, self.keys, self.config)
         doc: dict[str, Any] = {
             "at": time.time(),
             "window_s": WINDOW_S,
             "levels": [msgspec.structs.asdict(lv) | {"max_concurrent": self.caps.get(lv.level)} for lv in levels],
             "backends": await self._backends(),
+            "streams": await self._streams(),
             "groups": await self._groups(),
             "dead_letters": int(await self.redis.xlen(self.keys.dlq)),
             "archive": None,
@@ -104,6 +128,7 @@ class Dashboard:
             pipe.hget(self.keys.backend_limit(b.name), "limit")
             pipe.get(self.keys.backend_held(b.name))
         replies = await pipe.execute()
+        views = await circuits.read(self.redis, self.keys, (b.name for b in self.config.backends))
         out = []
         for i, b in enumerate(self.config.backends):
             running, limit, held = replies[3 * i : 3 * i + 3]
@@ -115,10 +140,43 @@ class Dashboard:
                     "slots": slots,
                     "adaptive": b.adaptive,
                     "held": as_str(held) if held is not None else None,
+                    "circuit": circuits.summary(views[b.name]),
                     "models": b.models,
                 }
             )
         return out
+
+    async def _streams(self) -> list[dict[str, Any]]:
+        """The streamed messages in a call now, the longest running first: since when, on which backend, when
+        their first chunk came (None: not yet) and how many chunks they sent."""
+        pipe = self.redis.pipeline(transaction=False)
+        for lv in self.config.queue.levels:
+            pipe.zrange(self.keys.inflight(lv.name), 0, -1)
+        ids = [as_str(m) for members in await pipe.execute() for m in members]
+        fields = ("status", "streamed", "level", "backend", "started_at", "first_token_at")
+        for mid in ids:
+            pipe.hmget(self.keys.msg(mid), fields)
+            pipe.xlen(self.keys.events(mid))
+        replies = await pipe.execute()
+        now = time.time()
+        out: list[dict[str, Any]] = []
+        for mid, values, entries in zip(ids, replies[0::2], replies[1::2], strict=True):
+            status, streamed, level, backend, started, first = (as_str(v) if v is not None else None for v in values)
+            if status != Status.DISPATCHING.value or streamed != "1" or started is None:
+                continue
+            start = float(started)
+            out.append(
+                {
+                    "id": mid,
+                    "level": level,
+                    "backend": backend,
+                    "running_s": max(0.0, now - start),
+                    "ttft_ms": (float(first) - start) * 1000 if first else None,
+                    "chunks": max(0, int(entries) - 1),  # the first entry is the writer's marker
+                }
+            )
+        out.sort(key=lambda s: -s["running_s"])
+        return out[:OPEN_STREAMS]
 
     async def _groups(self) -> list[dict[str, Any]]:
         streams = [(self.keys.level(lv.name), Group.SCHEDULE.value) for lv in self.config.queue.levels]
@@ -151,8 +209,15 @@ class Dashboard:
             recent = await (await conn.execute(_RECENT_SQL, (RECENT,))).fetchall()
         return {
             "levels": {
-                level: {"finished": n, "per_min": n * 60 / WINDOW_S, "wait_p50_ms": p50, "wait_p99_ms": p99}
-                for level, n, p50, p99 in levels
+                level: {
+                    "finished": n,
+                    "per_min": n * 60 / WINDOW_S,
+                    "wait_p50_ms": p50,
+                    "wait_p99_ms": p99,
+                    "ttft_p50_ms": ttft50,
+                    "ttft_p99_ms": ttft99,
+                }
+                for level, n, p50, p99, ttft50, ttft99 in levels
             },
             "backends": {
                 name: {"calls": n, "latency_p50_ms": p50, "latency_p99_ms": p99, "error_rate": bad / n if n else 0}
@@ -181,3 +246,35 @@ class Dashboard:
                 for mid, level, status, tenant, backend, finished, wait, latency in recent
             ],
         }
+
+    async def message(self, request: Request) -> Response:
+        """A message's detail: what ``GET /api/v1/messages/{id}`` shows (status, timestamps, the response or
+        the error, every failed attempt), and, once archived, its request, tenant and model."""
+        operator_only(request)
+        message_id = request.path_params["id"]
+        try:
+            key = uuid.UUID(message_id)
+        except ValueError:
+            raise BadInput(404, "no such message") from None
+        view = await self.view(str(key))
+        if view is None:
+            raise BadInput(404, "no such message")
+        doc: dict[str, Any] = {"message": view, "request": None, "tenant": None, "model": None, "session_id": None}
+        if self.pool is None:
+            doc["request_note"] = "no archive is configured: requests are kept only in the archive"
+            return respond(doc)
+        try:
+            async with self.pool.connection(timeout=2) as conn:
+                row = await (await conn.execute(_REQUEST_SQL, (key,))).fetchone()
+        except (psycopg.Error, OSError, TimeoutError):
+            doc["request_note"] = "the archive cannot be read now"
+            return respond(doc)
+        if row is None:
+            doc["request_note"] = "not archived yet: the request is shown once the message has finished"
+            return respond(doc)
+        request_text, doc["tenant"], doc["model"], doc["session_id"] = row
+        if request_text is None:
+            doc["request_note"] = "not stored: database.postgres.store_bodies is off"
+        else:
+            doc["request"] = msgspec.Raw(request_text.encode())
+        return respond(doc)

@@ -106,6 +106,14 @@ def tenant_of(request: Request, claimed: str | None, field: str) -> str | None:
     return str(owner)
 
 
+def operator_only(request: Request) -> None:
+    """BadInput 403 for a tenant's key: what every tenant's messages show (the dashboard, the dead letters) is
+    read and acted on with an operator's key (one of no tenant), or with none where no keys are configured."""
+    owner = request.scope.get("state", {}).get("tenant")
+    if owner is not None:
+        raise BadInput(403, f"this API key is tenant {owner!r}'s; this needs an operator's key (one of no tenant)")
+
+
 class ApiKeyMiddleware:
     """401 unless ``Authorization: Bearer <key>`` or ``X-API-Key`` matches a configured key (constant-time
     comparison against every key; keys are never logged). The request's ``caller`` is set from the key, and

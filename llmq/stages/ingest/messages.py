@@ -354,6 +354,7 @@ def valid_id(message_id: str) -> bool:
 
 def _from_hash(message_id: str, fields: dict[bytes, bytes]) -> schema.MessageView:
     raw_result = fields.pop(b"result", None)
+    raw_errors = fields.pop(b"errors", None)
     doc = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
     # The stored JSON as it is: decoding it could fail on an answer nested deeper than this stack
     result = msgspec.Raw(raw_result) if raw_result is not None else None
@@ -365,6 +366,8 @@ def _from_hash(message_id: str, fields: dict[bytes, bytes]) -> schema.MessageVie
         backend=doc.get("backend"),
         result=result,
         error=doc.get("error") or None,
+        errors=schema.error_lines(raw_errors),
+        first_token_at=_time(doc, "first_token_at"),
         enqueued_at=_time(doc, "enqueued_at"),
         scheduled_at=_time(doc, "scheduled_at"),
         started_at=_time(doc, "started_at"),

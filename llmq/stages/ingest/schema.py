@@ -71,6 +71,8 @@ class MessageView(msgspec.Struct):
     started_at: float | None = None
     finished_at: float | None = None
     retry_at: float | None = None
+    first_token_at: float | None = None
+    """A streamed message: when its first chunk came."""
     position: int | None = None
     """While queued: messages waiting ahead of it in its level."""
     eta_s: float | None = None
@@ -78,6 +80,22 @@ class MessageView(msgspec.Struct):
     result: Annotated[msgspec.Raw, msgspec.Meta(extra_json_schema={"type": "object"})] | None = None
     """The backend's response body, once completed (passed through as stored)."""
     error: str | None = None
+    errors: list[str] | None = None
+    """One line per failed attempt, oldest first: its number, backend, time (UTC) and error."""
+
+
+_lines = msgspec.json.Decoder(list[str])
+
+
+def error_lines(raw: bytes | str | None) -> list[str] | None:
+    """A stored ``errors`` (a JSON list of lines: the status hash's field, the archive's column), or None
+    when there is none or it is not that."""
+    if not raw:
+        return None
+    try:
+        return _lines.decode(raw)
+    except msgspec.DecodeError:
+        return None
 
 
 class Health(msgspec.Struct):

@@ -60,6 +60,14 @@ function idButton(id) {
   return td;
 }
 
+function circuitCell(c) {
+  if (c.state === "unknown") return cell("no dispatcher", "muted");
+  const of = c.of > 1 ? ` in ${c.dispatchers} of ${c.of} dispatchers` : "";
+  if (c.state === "open") return cell(`open${of} (${c.failures} failures)`, "bad");
+  if (c.state === "cooling") return cell(`cooling${of} until ${when(c.until)}`, "warn");
+  return cell(c.failures ? `closed (${c.failures} failures)` : "closed", "ok");
+}
+
 function render(doc) {
   const archive = doc.archive;
   fill("#levels", doc.levels.map((lv) => {
@@ -75,6 +83,7 @@ function render(doc) {
       cell(seen ? ms(p99) : null, p99 === null ? "num" : p99 <= slo ? "num ok" : "num bad"),
       cell(ms(slo), "num"),
       cell(seen ? seen.per_min.toFixed(1) : archive ? "0.0" : null, "num throughput"),
+      cell(seen ? ms(seen.ttft_p50_ms) : null, "num"),
       cell(lv.paused ? "paused" : "–", lv.paused ? "warn" : ""),
     ];
   }));
@@ -83,6 +92,7 @@ function render(doc) {
     return [
       cell(b.name),
       cell(`${b.running} / ${b.slots}${b.adaptive ? " (auto)" : ""}`, "num running"),
+      circuitCell(b.circuit),
       cell(b.held ? `held: ${b.held}` : "taking calls", b.held ? "warn" : "ok"),
       cell(seen ? ms(seen.latency_p50_ms) : null, "num"),
       cell(seen ? ms(seen.latency_p99_ms) : null, "num"),
@@ -90,6 +100,11 @@ function render(doc) {
       cell(seen ? seen.calls : null, "num"),
     ];
   }));
+  fill("#streams", doc.streams.map((st) => [
+    idButton(st.id), cell(st.level), cell(st.backend), cell(secs(st.running_s), "num"),
+    cell(st.ttft_ms === null ? "waiting" : ms(st.ttft_ms), "num ttft"), cell(st.chunks, "num chunks"),
+  ]));
+  $("#streams-count").textContent = `(${doc.streams.length})`;
   const tenants = archive ? archive.tenants : [];
   const allTokens = tenants.reduce((sum, t) => sum + t.tokens, 0);
   fill("#tenants", tenants.map((t) => [
@@ -150,14 +165,17 @@ function confirmed(text) {
 async function show(id) {
   const detail = $("#detail");
   try {
-    const m = await api(`/api/v1/messages/${encodeURIComponent(id)}`);
+    const d = await api(`/api/v1/dashboard/messages/${encodeURIComponent(id)}`);
+    const m = d.message;
     const dl = document.createElement("dl");
     const add = (name, value) => {
       if (value === null || value === undefined) return;
       const dt = document.createElement("dt");
       const dd = document.createElement("dd");
       dt.textContent = name;
-      if (typeof value === "object") {
+      if (value instanceof Node) {
+        dd.append(value);
+      } else if (typeof value === "object") {
         const pre = document.createElement("pre");
         pre.textContent = JSON.stringify(value, null, 2);
         dd.append(pre);
@@ -171,11 +189,25 @@ async function show(id) {
     add("level", m.level);
     add("attempts", m.attempts);
     add("backend", m.backend);
-    for (const k of ["enqueued_at", "scheduled_at", "started_at", "finished_at", "retry_at"]) {
-      if (m[k]) add(k.replace("_at", ""), new Date(m[k] * 1000).toISOString());
+    add("tenant", d.tenant);
+    add("model", d.model);
+    for (const k of ["enqueued_at", "scheduled_at", "started_at", "first_token_at", "finished_at", "retry_at"]) {
+      if (m[k]) add(k.replace("_at", "").replace("_", " "), new Date(m[k] * 1000).toISOString());
     }
+    if (m.first_token_at && m.started_at) add("time to first token", ms((m.first_token_at - m.started_at) * 1000));
     add("position", m.position);
     add("error", m.error);
+    if (m.errors) {
+      const ol = document.createElement("ol");
+      ol.className = "attempts";
+      ol.append(...m.errors.map((line) => {
+        const li = document.createElement("li");
+        li.textContent = line;
+        return li;
+      }));
+      add("failed attempts", ol);
+    }
+    add("request", d.request ?? d.request_note);
     const reply = m.result && m.result.choices && m.result.choices[0] && m.result.choices[0].message;
     add("reply", reply ? reply.content : null);
     add("response", m.result);
