@@ -144,10 +144,21 @@ async def test_a_dead_letter_is_replayed_from_the_page_and_completes(
             admin = f"http://127.0.0.1:{h.servers['a'].port}/admin/config"
             (await http.post(admin, json={"fail_rate": 0.0})).raise_for_status()
         await page.goto(url + "/")
-        # When the operator replays it from the page, confirming in the dialog
-        await page.wait_for_selector(f"#dlq button[aria-label='replay message {mid}']")
-        await page.click(f"#dlq button[aria-label='replay message {mid}']")
-        await page.click("#confirm-ok")
+        # When the operator replays it from the page with the keyboard alone: Enter on its Replay button, Tab
+        # from Cancel (the dialog's first button, where the focus lands) to Confirm, Enter
+        replay = page.locator(f"#dlq button[aria-label='replay message {mid}']")
+        await replay.wait_for()
+        await replay.focus()
+        # (the list is drawn again every 2 s: the focus stays on that button)
+        drawn = await page.inner_text("#updated")
+        await page.wait_for_function(f"document.querySelector('#updated').textContent !== {drawn!r}")
+        assert await page.evaluate("document.activeElement.getAttribute('aria-label')") == f"replay message {mid}"
+        await page.keyboard.press("Enter")
+        await page.wait_for_selector("#confirm[open]")
+        assert await page.evaluate("document.activeElement.value") == "cancel"
+        await page.keyboard.press("Tab")
+        assert await page.evaluate("document.activeElement.id") == "confirm-ok"
+        await page.keyboard.press("Enter")
 
         # Then it runs again and completes, and the dead-letter list no longer holds it
         async def completed() -> bool:

@@ -114,8 +114,8 @@ class Dispatch(Stage):
         self._tasks: list[asyncio.Task[None]] = []
         self._begin = Lua(redis, "begin")
         self._stopping = asyncio.Event()
-        self.process = f"{socket.gethostname()}:{os.getpid()}"
-        """Whose circuits these are, in ``llmq.pipeline.circuits``."""
+        self.process = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        """Whose circuits these are, in ``llmq.pipeline.circuits``: this dispatcher's, whichever process runs it."""
 
     async def start(self) -> None:
         http = Pool(

@@ -37,11 +37,14 @@ function cell(text, cls) {
 
 function fill(table, rows) {
   const body = $(`${table} tbody`);
+  // A keyboard user's focus on a row's button survives the refresh: the same button gets it back.
+  const focused = body.contains(document.activeElement) ? document.activeElement.getAttribute("aria-label") : null;
   body.replaceChildren(...rows.map((cells) => {
     const tr = document.createElement("tr");
     tr.append(...cells);
     return tr;
   }));
+  if (focused) [...body.querySelectorAll("button")].find((b) => b.getAttribute("aria-label") === focused)?.focus();
 }
 
 const ms = (v) => (v === null || v === undefined ? null : v < 1000 ? `${v.toFixed(1)} ms` : `${(v / 1000).toFixed(2)} s`);
