@@ -188,7 +188,7 @@ async def _serve_ingest(cfg: Config, port: int, handler: logging.Handler, connec
             log.error("%s", exc)
             return ExitCode.CONNECT
         # The archive (status of messages whose Redis hash expired) and a health check, when configured.
-        pool = make_pool(cfg.database.postgres, max_size=2) if cfg.database.postgres else None
+        pool = make_pool(cfg.database.postgres, max_size=4) if cfg.database.postgres else None
         api = create_app(cfg, redis=redis, keys=Keys(cfg.redis.key_prefix), pool=pool)
         server = uvicorn.Server(_http_config(api, cfg, port))
         # uvicorn owns SIGINT/SIGTERM here and re-raises the signal after its graceful shutdown; with

@@ -367,6 +367,18 @@ class TenantConfig(TenantLimits, frozen=True):
     """API keys that are this tenant's: a request with one of them is the tenant's, whatever it claims."""
 
 
+class BatchesConfig(_Section, frozen=True):
+    """The OpenAI Batch API (``/v1/files``, ``/v1/batches``): input files kept in PostgreSQL, their requests
+    run as ordinary messages of one level."""
+
+    level: str | None = None
+    """The level a batch's requests run at (they never delay the levels above it); unset, the lowest one."""
+    max_file_bytes: Positive = 209_715_200
+    """Largest input file accepted (OpenAI's limit: 200 MB); past it, 413."""
+    max_lines: Positive = 50_000
+    """Most requests in one input file (OpenAI's limit); past it, 422 naming the line."""
+
+
 class Config(_Section, frozen=True, dict=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
@@ -376,6 +388,7 @@ class Config(_Section, frozen=True, dict=True):
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     backends: list[BackendConfig] = msgspec.field(default_factory=list)
+    batches: BatchesConfig = msgspec.field(default_factory=BatchesConfig)
     api_keys: list[str] = msgspec.field(default_factory=list)
     """Accepted API keys for the HTTP API; empty means the API is open. These keys belong to no tenant: a
     request with one names its tenant itself (``tenant``, ``X-LLMQ-Tenant``)."""
@@ -397,6 +410,13 @@ class Config(_Section, frozen=True, dict=True):
     @functools.cached_property
     def _tenants_by_name(self) -> dict[str, TenantConfig]:
         return {t.name: t for t in reversed(self.tenants)}  # (the first of a name wins, as validation says)
+
+    @property
+    def batch_level(self) -> str:
+        """The level a batch's requests run at: ``batches.level``, or the lowest-priority level."""
+        if self.batches.level is not None:
+            return self.batches.level
+        return max(self.queue.levels, key=lambda lv: lv.priority).name
 
     @property
     def redis(self) -> RedisConfig:

@@ -233,6 +233,11 @@ def semantic_problems(config: Config) -> list[str]:
         if not key.strip():
             problems.append(f"api_keys[{i}]: an empty key would let in every request that sends none")
     problems += _tenant_problems(config)
+    if config.batches.level is not None and q.level(config.batches.level) is None:
+        problems.append(
+            f"batches.level: {config.batches.level!r} is no level of queue.levels "
+            f"({', '.join(lv.name for lv in q.levels)})"
+        )
     key_file = config.server.api_keys_file
     if (
         config.server.mode == "production"

@@ -24,6 +24,7 @@ from llmq.pipeline.config import Config
 from llmq.pipeline.keys import Keys
 from llmq.stages.ingest.admin import Admin
 from llmq.stages.ingest.dashboard import Dashboard
+from llmq.stages.ingest.files import Files
 from llmq.stages.ingest.http_api import ApiKeyMiddleware, handled, http_error, server_error
 from llmq.stages.ingest.keyring import KeyRing
 from llmq.stages.ingest.messages import Messages
@@ -36,6 +37,7 @@ def create_app(
     messages = Messages(config, redis=redis, keys=keys, pool=pool)
     admin = Admin(config, redis=redis, keys=keys, pool=pool)
     openai = OpenAIFacade(messages, config)
+    files = Files(config, pool=pool)
     dashboard = Dashboard(config, redis=redis, keys=keys, pool=pool, view=messages.view)
     ring = KeyRing(config.keys_with_tenants, config.server.api_keys_file)
     routes = [
@@ -47,6 +49,11 @@ def create_app(
         ("/v1/completions", openai.completions, ["POST"]),
         ("/v1/embeddings", openai.embeddings, ["POST"]),
         ("/v1/models", openai.models, ["GET"]),
+        ("/v1/files", files.create, ["POST"]),
+        ("/v1/files", files.list, ["GET"]),
+        ("/v1/files/{id}", files.retrieve, ["GET"]),
+        ("/v1/files/{id}", files.delete, ["DELETE"]),
+        ("/v1/files/{id}/content", files.content, ["GET"]),
         ("/api/v1/health", admin.health, ["GET"]),
         ("/api/v1/queues/status", admin.queues_status, ["GET"]),
         ("/api/v1/dlq", admin.dlq_list, ["GET"]),

@@ -66,6 +66,17 @@ def openai_error(
     return respond({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
 
+def _openai_reject(
+    status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None
+) -> Response:
+    response = openai_error(status, message, param=field, kind=_OPENAI_KINDS.get(status, "invalid_request_error"))
+    response.headers.update(headers or {})
+    return response
+
+
+_OPENAI_KINDS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 503: "api_error"}
+
+
 class ArchiveUnavailable(Exception):
     """PostgreSQL could not be asked (a message whose Redis status has expired): 503, not "no such message"."""
 
@@ -200,16 +211,19 @@ def handled(path: str, handler: Callable[[Request], Awaitable[Response]]) -> Cal
     """Bad input becomes a 4xx naming the field, a Redis outage a 503; requests are counted and timed by
     route template (never the raw path, which holds ids)."""
 
+    # OpenAI's paths answer errors in OpenAI's shape, so its SDK raises its own exceptions
+    fail = _openai_reject if path.startswith("/v1/") else reject
+
     async def wrapped(request: Request) -> Response:
         started = time.perf_counter()
         try:
             response = await handler(request)
         except BadInput as exc:
-            response = reject(exc.status, exc.message, exc.field)
+            response = fail(exc.status, exc.message, exc.field)
         except UNAVAILABLE:
-            response = reject(503, "queue storage unavailable; retry later", headers={"Retry-After": "1"})
+            response = fail(503, "queue storage unavailable; retry later", headers={"Retry-After": "1"})
         except ArchiveUnavailable:
-            response = reject(503, "the archive is unavailable; retry later", headers={"Retry-After": "5"})
+            response = fail(503, "the archive is unavailable; retry later", headers={"Retry-After": "5"})
         HTTP_REQUESTS.labels(request.method, path, str(response.status_code)).inc()
         HTTP_DURATION.labels(request.method, path).observe(time.perf_counter() - started)
         return response
