@@ -271,6 +271,28 @@ def test_a_record_left_by_an_up_that_was_killed_is_ignored(tmp_path: Path) -> No
     assert "redis://x:1" not in status.stderr and "no config file" in status.stderr
 
 
+@pytest.mark.parametrize("variable", ["LLMQ_REDIS_URL", "LLMQ_DATABASE__REDIS__URL", "LLMQ_DATABASE__REDIS__ADDR"])
+def test_a_redis_named_in_the_environment_wins_over_the_record_of_a_live_up(tmp_path: Path, variable: str) -> None:
+    # Given a live `llmq-stage up`'s record of its servers (a live pid)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {"pid": live.pid, "env": {"LLMQ_REDIS_URL": "redis://127.0.0.1:6379/0"}}
+        (tmp_path / "servers.json").write_text(json.dumps(record))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLMQ_") and k != "CONFIG_PATH"}
+        env["LLMQ_HOME"] = str(tmp_path)
+        # When a command is told of another Redis, in any of the variables that name one (the record's
+        # LLMQ_REDIS_URL, applied after LLMQ_DATABASE__..., used to win over the nested forms)
+        env[variable] = "redis://127.0.0.1:1/0" if variable.endswith("URL") else "127.0.0.1:1"
+        run = [sys.executable, "-m", "llmq.cli", "status"]
+        status = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        live.kill()
+        live.wait()
+    # Then it reads that one, not the recorded one
+    assert "reading redis://127.0.0.1:1/0" in status.stderr and "llmq-stage up" not in status.stderr, status.stderr
+    assert status.returncode == 4
+
+
 # --- no secret in what a stage prints -------------------------------------------------------------------
 
 PASSWORD = "Pw-Xq7/Zr9"

@@ -189,8 +189,8 @@ def test_a_bad_environment_value_names_the_variable() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, env={"LLMQ_SERVER__PORT": "eighty", "LLMQ_NOSUCH__THING": "1"})
     assert info.value.problems == [
-        "nosuch: unknown field (expected one of: api_keys, backends, batches, database, loadbalancer, logging, metrics, "
-        "queue, scheduler, server, tenant_defaults, tenants) (from LLMQ_NOSUCH__THING)",
+        "nosuch: unknown field (expected one of: api_keys, backends, batches, database, loadbalancer, logging, "
+        "metrics, queue, scheduler, server, tenant_defaults, tenants) (from LLMQ_NOSUCH__THING)",
         'server.port: expected an integer, got str "eighty" (from LLMQ_SERVER__PORT)',
     ]
 
@@ -443,7 +443,8 @@ def test_every_config_field_is_in_the_example_file() -> None:
 def test_a_batchs_level_is_the_lowest_unless_named_and_a_named_one_must_exist() -> None:
     assert load_config(None, env={}).batch_level == "low"
     each = "max_wait_time: 1s, max_concurrent: 4"
-    levels = f"[{{name: now, priority: 1, {each}}}, {{name: later, priority: 9, {each}}}, {{name: soon, priority: 5, {each}}}]"
+    levels = ", ".join(f"{{name: {n}, priority: {p}, {each}}}" for n, p in (("now", 1), ("later", 9), ("soon", 5)))
+    levels = f"[{levels}]"
     assert load_config(None, env={"LLMQ_QUEUE__LEVELS": levels}).batch_level == "later"
     assert load_config(None, env={"LLMQ_BATCHES__LEVEL": "high"}).batch_level == "high"
     with pytest.raises(ConfigError) as info:

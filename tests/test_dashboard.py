@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,8 +20,10 @@ import redis.asyncio as aioredis
 
 from llmq.cli.stages import postgres_of
 from llmq.pipeline import circuits
+from llmq.pipeline.config import PostgresConfig, load_config
 from llmq.pipeline.db import make_pool, migrate
 from llmq.pipeline.keys import Keys
+from llmq.pipeline.models import new_id
 from llmq.pipeline.runtime.ops_server import OpsServer
 from llmq.stages.ingest import create_app
 from llmq.stages.mock_backend import MockSettings
@@ -146,13 +149,14 @@ async def test_a_dead_letter_is_replayed_from_the_page_and_completes(
         await page.goto(url + "/")
         # When the operator replays it from the page with the keyboard alone: Enter on its Replay button, Tab
         # from Cancel (the dialog's first button, where the focus lands) to Confirm, Enter
-        replay = page.locator(f"#dlq button[aria-label='replay message {mid}']")
+        replay = page.locator(f"#dlq button[aria-label^='replay message {mid},']")
         await replay.wait_for()
         await replay.focus()
         # (the list is drawn again every 2 s: the focus stays on that button)
         drawn = await page.inner_text("#updated")
         await page.wait_for_function(f"document.querySelector('#updated').textContent !== {drawn!r}")
-        assert await page.evaluate("document.activeElement.getAttribute('aria-label')") == f"replay message {mid}"
+        label = await replay.get_attribute("aria-label")
+        assert await page.evaluate("document.activeElement.getAttribute('aria-label')") == label
         await page.keyboard.press("Enter")
         await page.wait_for_selector("#confirm[open]")
         assert await page.evaluate("document.activeElement.value") == "cancel"
@@ -345,6 +349,12 @@ async def test_circuit_views_of_dispatchers_long_gone_are_deleted_and_stale_ones
     read = await circuits.read(redis, keys, ["a", "never"])
     assert read == {"a": [msgspec.structs.replace(live, at=read["a"][0].at)], "never": []}
     assert circuits.summary(read["a"])["state"] == "closed" and circuits.summary([])["state"] == "unknown"
+    # and a cooling circuit whose wait has passed reads as closed (it takes calls), before its next publish
+    cooled = circuits.View(state="cooling", failures=0, until=now - 0.1, at=now)
+    cooling = circuits.View(state="cooling", failures=0, until=now + 60, at=now)
+    await redis.hset(key, mapping={"p2": msgspec.json.encode(cooled), "p3": msgspec.json.encode(cooling)})
+    states = sorted(v.state for v in (await circuits.read(redis, keys, ["a"]))["a"])
+    assert states == ["closed", "closed", "cooling"]
 
 
 async def test_a_tenants_key_is_refused_the_dashboard_and_the_dead_letters(redis: aioredis.Redis, keys: Keys) -> None:
@@ -367,3 +377,80 @@ async def test_a_tenants_key_is_refused_the_dashboard_and_the_dead_letters(redis
         # and the tenant's key still submits
         sent = await http.post("/api/v1/messages", json={"request": CHAT}, headers={"X-API-Key": "k-acme"})
         assert sent.status_code == 202
+
+
+_ROW = (
+    "INSERT INTO messages (id, level, status, tenant, backend, attempts, enqueued_at, started_at, finished_at,"
+    " queue_wait_ms, latency_ms, prompt_tokens, completion_tokens, error)"
+    " VALUES (%s, 'normal', %s, %s, %s, 1, now() - interval '2 s', now() - interval '1 s', now(), 1000, 1000,"
+    " %s, 0, %s)"
+)
+
+
+async def test_shares_count_every_tenant_and_a_backends_error_rate_only_its_faults(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    # Given 60 tenants of 100 tokens each (more than the list shows), and backend a's ten messages: 6 answered,
+    # one cancelled by its client, one refused by a 400 (the request's fault), one dead, one failed on a 502
+    await migrate(database_url)
+    outcomes = [("completed", None)] * 6 + [("cancelled", "the streaming client went away")]
+    outcomes += [("failed", "backend a answered 400: bad request"), ("dead", "failed 4 attempts")]
+    outcomes += [("failed", "backend a answered 502 with a body that cannot be read: ValueError")]
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        for i in range(60):
+            await conn.execute(_ROW, (new_uuid(), "completed", f"t{i:02d}", "b", 100, None))
+        for status, error in outcomes:
+            await conn.execute(_ROW, (new_uuid(), status, "x", "a", 0, error))
+        await conn.commit()
+    pool = make_pool(PostgresConfig(dsn=database_url))
+    env = {"LLMQ_BACKENDS": "[{name: a, url: 'http://x'}, {name: b, url: 'http://y'}]"}
+    async with client_for(redis, keys, env=env, pool=pool) as http:
+        doc = (await http.get("/api/v1/dashboard")).json()
+    await pool.close()
+    # Then the shares are of every tenant's tokens (the page divides by tokens_total), and a's error rate
+    # counts the dead message and the 502 only
+    archive = doc["archive"]
+    assert len(archive["tenants"]) == 50 and archive["tokens_total"] == 6000
+    assert archive["backends"]["a"]["error_rate"] == 0.2
+
+
+def new_uuid() -> uuid.UUID:
+    return uuid.UUID(new_id())
+
+
+async def test_focus_stays_on_the_dead_letter_a_keyboard_user_is_on(redis: aioredis.Redis, keys: Keys) -> None:
+    # Given two dead letters with no readable message (their Replay buttons used to share one label) and a
+    # third arriving while the page is open
+    for n in (1, 2):
+        await redis.xadd(keys.dlq, {"d": b"\xff garbage", "reason": f"poison {n}", "stream": "x"})
+    async with (
+        served_app(redis, keys) as url,
+        browser_page() as (page, errors),
+    ):
+        await page.goto(url + "/")
+        await page.wait_for_selector("#dlq tbody tr:nth-child(2) button")
+        await page.evaluate("window.focusins = 0; document.addEventListener('focusin', () => window.focusins++)")
+        # When the keyboard user is on the second letter's Replay button through refreshes, one of which
+        # brings a new letter
+        await page.focus("#dlq tbody tr:nth-child(2) button")
+        for _ in range(2):
+            drawn = await page.inner_text("#updated")
+            await page.wait_for_function(f"document.querySelector('#updated').textContent !== {drawn!r}")
+        await redis.xadd(keys.dlq, {"d": b"\xff garbage", "reason": "poison 3", "stream": "x"})
+        await page.wait_for_selector("#dlq tbody tr:nth-child(3)")
+        # Then the focus is on that letter's button still, and refreshes that changed nothing moved no focus
+        reason = await page.evaluate("document.activeElement.closest('tr').children[2].textContent")
+        assert reason == "poison 2"
+        assert await page.evaluate("window.focusins") <= 2  # the focus itself, and its return after the new row
+    assert errors == []
+
+
+@contextlib.asynccontextmanager
+async def served_app(redis: aioredis.Redis, keys: Keys) -> AsyncIterator[str]:
+    config = load_config(None, env={"LLMQ_KEY_PREFIX": keys.prefix})
+    server = OpsServer(create_app(config, redis=redis, keys=keys), host="127.0.0.1", port=0, lifespan=True)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.stop()

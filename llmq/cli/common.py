@@ -40,14 +40,15 @@ def load_or_exit(path: Path | None) -> Config:
 
 def load_beside_up(path: Path | None) -> Config:
     """``load_or_exit`` for a command that looks at the queue: with no config file (--config, CONFIG_PATH) and
-    no LLMQ_REDIS_URL, the servers and config a running ``llmq-stage up`` recorded in ``$LLMQ_HOME``
-    (``.llmq``), if any."""
+    no Redis named in the environment (LLMQ_REDIS_URL, LLMQ_DATABASE__REDIS__*), the servers and config a
+    running ``llmq-stage up`` recorded in ``$LLMQ_HOME`` (``.llmq``), if any."""
     found = _beside_up(path)
     return read_or_exit(path, {**found[0], **os.environ} if found else None).config
 
 
 def _beside_up(path: Path | None) -> tuple[dict[str, str], Path] | None:
-    if path is not None or "CONFIG_PATH" in os.environ or "LLMQ_REDIS_URL" in os.environ:
+    named_redis = any(k == "LLMQ_REDIS_URL" or k.startswith("LLMQ_DATABASE__REDIS") for k in os.environ)
+    if path is not None or "CONFIG_PATH" in os.environ or named_redis:
         return None
     return beside_up.recorded(os.environ)
 

@@ -65,9 +65,16 @@ async def read(redis: aioredis.Redis, keys: Keys, backends: Iterable[str]) -> di
     replies = await pipe.execute()
     now = time.time()
     return {
-        name: [view for _, view in _views(fields) if now - view.at <= STALE_S]
+        name: [_as_of(view, now) for _, view in _views(fields) if now - view.at <= STALE_S]
         for name, fields in zip(names, replies, strict=True)
     }
+
+
+def _as_of(view: View, now: float) -> View:
+    """A cooling circuit whose wait has passed takes calls again: closed, though not published as such yet."""
+    if view.state == "cooling" and view.until is not None and view.until <= now:
+        return msgspec.structs.replace(view, state="closed", until=None)
+    return view
 
 
 def summary(views: list[View]) -> dict[str, Any]:

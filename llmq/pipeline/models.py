@@ -74,8 +74,8 @@ class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: str | None = None
     scheduled_at: float | None = None
     started_at: float | None = None
-    first_token_at: float | None = None
-    """When a streamed call's first chunk came."""
+    first_token_ms: float | None = None
+    """A streamed call's time from being sent to its first chunk."""
     finished_at: float
     prompt_tokens: int | None = None
     completion_tokens: int | None = None

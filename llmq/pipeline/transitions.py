@@ -46,8 +46,8 @@ def ended(keys: Keys, outcome: Outcome, *, retention_s: float, cancellable: bool
         fields += ["error", outcome.error]
     if msg.errors:
         fields += ["errors", _json.encode(msg.errors)]
-    if outcome.first_token_at:
-        fields += ["first_token_at", outcome.first_token_at]
+    if outcome.first_token_ms is not None:
+        fields += ["first_token_ms", outcome.first_token_ms]
     if outcome.started_at:
         fields += ["started_at", outcome.started_at]
     cancelled = b""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 import msgspec
@@ -38,11 +39,14 @@ SCHEDULED = Gauge("llmq_retry_scheduled", "Messages waiting for their retry back
 DEAD = Counter("llmq_dead_letters_total", "Messages dead-lettered after max_retries")
 
 
+_ATTEMPT = re.compile(r"attempt \d+(?: on .*?)? at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ: ")
+"""The head of a line of a message's ``errors`` (``llmq.stages.dispatch.attempt_line``)."""
+
+
 def reason_of(error: str) -> str:
     """A short label for metrics: timeout, connection, http_<status>, no_backend or other. ``error`` may be
     a line of a message's ``errors`` (``attempt N on <backend> at <time>: <error>``)."""
-    if error.startswith("attempt ") and ": " in error:
-        error = error.split(": ", 1)[1]
+    error = _ATTEMPT.sub("", error, count=1)
     if error.startswith("timeout"):
         return "timeout"
     if error.startswith("connection"):

@@ -9,8 +9,8 @@ away, on a level with abort_on_disconnect: scripts/cancel-1.lua) is told so and 
 KEYS[1]    the events stream       KEYS[2]  the message's status hash
 ARGV[1]    the call's token        ARGV[2]  the stream's TTL in seconds     ARGV[3]  its bound (MAXLEN ~)
 ARGV[4]    the marker's entry id (used when the stream is new)
-ARGV[5]    when the call's first chunk came (Unix seconds)   ARGV[6]  the call's backend
-           (with the marker, into the status hash: first_token_at and backend, for the dashboard's open streams)
+ARGV[5]    the call's time to first chunk (ms, from when it was sent)   ARGV[6]  the call's backend
+           (with the marker, into the status hash: first_token_ms and backend, for the dashboard's open streams)
 ARGV[7..]  per chunk: its entry id, its field ('c' or 'u'), its data
 Returns 1 when written (a chunk whose id is there already, resent after a lost reply, is skipped), 0 when
 refused, 2 when the call is to stop.
@@ -25,7 +25,7 @@ if first then
 else
   redis.call('XADD', stream, ARGV[4], 'w', token)
   if redis.call('EXISTS', KEYS[2]) == 1 then
-    redis.call('HSET', KEYS[2], 'first_token_at', ARGV[5], 'backend', ARGV[6])
+    redis.call('HSET', KEYS[2], 'first_token_ms', ARGV[5], 'backend', ARGV[6])
   end
 end
 for i = 7, #ARGV, 3 do

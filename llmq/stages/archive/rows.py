@@ -65,7 +65,7 @@ def copy_row(o: Outcome, *, store_bodies: bool) -> bytes:
     """One outcome's row, its line ending included."""
     m = o.message
     model = m.request.get("model")
-    started, first = o.started_at, o.first_token_at
+    started = o.started_at
     return (
         b"\t".join(
             (
@@ -88,7 +88,7 @@ def copy_row(o: Outcome, *, store_bodies: bool) -> bytes:
                 NULL if started is None else repr((started - m.enqueued_at) * 1000).encode(),
                 NULL if started is None else repr((o.finished_at - started) * 1000).encode(),
                 _json_text(m.errors) if m.errors else NULL,
-                NULL if started is None or first is None else repr((first - started) * 1000).encode(),
+                NULL if o.first_token_ms is None else repr(o.first_token_ms).encode(),
             )
         )
         + b"\n"

@@ -394,7 +394,7 @@ class Dispatch(Stage):
             response=result.response,
             error=result.error,
             started_at=started,
-            first_token_at=result.first_token_at,
+            first_token_ms=result.first_token_ms,
             finished_at=now,
             prompt_tokens=token_count(usage.get("prompt_tokens")),
             completion_tokens=token_count(usage.get("completion_tokens")),

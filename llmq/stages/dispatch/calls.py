@@ -68,8 +68,8 @@ class CallResult(msgspec.Struct, kw_only=True):
     acquired_at: float | None = None
     """When the backend's slot was taken: the minute its rpm and tpm counted the call in (None when this
     attempt counted nothing: the slot was held already)."""
-    first_token_at: float | None = None
-    """When a streamed call's first chunk came (Unix seconds)."""
+    first_token_ms: float | None = None
+    """A streamed call's time from being sent to its first chunk."""
 
 
 TOKENS_MAX = 2**63 - 1
@@ -319,7 +319,7 @@ class Caller:
         self.windows.sent(backend.name, sent_at)
         timed_out = False
         relay = (
-            Relay(self._relay, self.keys.events(msg.id), self.keys.msg(msg.id), backend.name)
+            Relay(self._relay, self.keys.events(msg.id), self.keys.msg(msg.id), backend=backend.name, sent_at=sent_at)
             if is_streamed(msg)
             else None
         )
@@ -368,7 +368,7 @@ class Caller:
             log.warning("message %s was taken over while this dispatcher streamed it", msg.id)
             return None
         result.acquired_at = acquired_at
-        result.first_token_at = relay.first_at if relay is not None else None
+        result.first_token_ms = relay.first_token_ms if relay is not None else None
         # "Full" while running none of our calls is no capacity signal but a fault (a proxy's "no healthy
         # upstream"): counted toward the circuit, so a backend that only answers 503 is taken out.
         self.router.record(backend.name, result, busy=self.local_inflight[backend.name] > 0)

@@ -24,17 +24,20 @@ log = logging.getLogger("llmq.dispatch")
 
 
 class Relay:
-    def __init__(self, script: Coalesced, key: str, status_key: str, backend: str) -> None:
+    def __init__(self, script: Coalesced, key: str, status_key: str, *, backend: str, sent_at: float) -> None:
         self.key = key
         self.backend = backend
+        self.sent_at = sent_at
+        """When the call was sent (Unix seconds): its time to first token counts from there, not from the
+        message's dispatch (which may have waited for a backend slot)."""
         self.status_key = status_key
         self._script = script
         self.token = os.urandom(8).hex()
         self.base_ms = int(time.time() * 1000)
         self.written = 0
         """Chunks handed to the relay: once one is, the client may have seen it."""
-        self.first_at: float | None = None
-        """When the first chunk came (Unix seconds): the call's time to first token."""
+        self.first_token_ms: float | None = None
+        """The call's time from being sent to its first chunk."""
         self.refused = False
         """Another call owns the stream (this one's message was taken over), or it has ended."""
         self.aborted = False
@@ -45,8 +48,8 @@ class Relay:
     def add(self, data: bytes, *, usage_only: bool = False) -> None:
         """One chunk as the backend sent it (a ``usage``-only chunk apart: relayed to clients that asked)."""
         self.written += 1
-        if self.first_at is None:
-            self.first_at = time.time()
+        if self.first_token_ms is None:
+            self.first_token_ms = max(0.0, (time.time() - self.sent_at) * 1000)
         self._waiting += [f"{self.base_ms}-{self.written}", USAGE if usage_only else CHUNK, data]
         if self._task is None:
             self._task = asyncio.create_task(self._flush())
@@ -63,7 +66,7 @@ class Relay:
             while self._waiting and not (self.refused or self.aborted):
                 batch, self._waiting = self._waiting, []
                 marker = f"{self.base_ms}-0"
-                args = [self.token, LIVE_TTL_S, MAX_EVENTS, marker, self.first_at or 0, self.backend, *batch]
+                args = [self.token, LIVE_TTL_S, MAX_EVENTS, marker, self.first_token_ms or 0, self.backend, *batch]
                 written = await self._script([self.key, self.status_key], args)
                 self.refused, self.aborted = written == 0, written == 2
         except Exception:  # a boundary: the call goes on; clients miss chunks, the outcome has them all

@@ -49,5 +49,5 @@ async def read_archived(pool: AsyncConnectionPool, message_id: str) -> schema.Me
         result=msgspec.Raw(response.encode()) if response is not None else None,
         error=error,
         errors=schema.error_lines(errors),
-        first_token_at=float(started) + first_token_ms / 1000 if started and first_token_ms is not None else None,
+        first_token_ms=first_token_ms,
     )

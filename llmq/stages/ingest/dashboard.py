@@ -7,7 +7,8 @@ whether its engine holds it and each dispatcher's view of its circuit (``llmq.pi
 streams open now with their time to first token (the status hashes of the in-flight messages), every
 consumer group's consumers, pending entries and lag (XINFO), and, from the archive, the last ``WINDOW_S``
 of finished messages: each level's queue wait and time to first token (p50, p99) and throughput, each
-backend's latency and error rate, each tenant's tokens (its share), and the newest messages. Without
+backend's latency and error rate (its messages that ended dead, or failed but not by a 4xx: the request's
+fault), each tenant's tokens (its share of all), and the newest messages. Without
 PostgreSQL those are null and the page says so.
 
 It shows every tenant's messages: a tenant's key is refused (``operator_only``).
@@ -56,11 +57,13 @@ FROM messages WHERE finished_at > now() - make_interval(secs => %s) GROUP BY lev
 """
 _BACKENDS_SQL = """
 SELECT backend, count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms),
-       percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms), count(*) FILTER (WHERE status <> 'completed')
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms),
+       count(*) FILTER (WHERE status = 'dead' OR (status = 'failed' AND error NOT LIKE '%% answered 4__%%'))
 FROM messages WHERE finished_at > now() - make_interval(secs => %s) AND backend IS NOT NULL GROUP BY backend
 """
 _TENANTS_SQL = """
-SELECT tenant, count(*), sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0))
+SELECT tenant, count(*), sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)),
+       sum(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0))) OVER ()
 FROM messages WHERE finished_at > now() - make_interval(secs => %s) GROUP BY tenant ORDER BY 3 DESC LIMIT 50
 """
 _RECENT_SQL = """
@@ -103,12 +106,14 @@ class Dashboard:
     async def document(self, request: Request) -> Response:
         operator_only(request)
         levels = await level_status(self.redis, self.keys, self.config)
+        streams, streams_total = await self._streams()
         doc: dict[str, Any] = {
             "at": time.time(),
             "window_s": WINDOW_S,
             "levels": [msgspec.structs.asdict(lv) | {"max_concurrent": self.caps.get(lv.level)} for lv in levels],
             "backends": await self._backends(),
-            "streams": await self._streams(),
+            "streams": streams,
+            "streams_total": streams_total,
             "groups": await self._groups(),
             "dead_letters": int(await self.redis.xlen(self.keys.dlq)),
             "archive": None,
@@ -146,14 +151,15 @@ class Dashboard:
             )
         return out
 
-    async def _streams(self) -> list[dict[str, Any]]:
-        """The streamed messages in a call now, the longest running first: since when, on which backend, when
-        their first chunk came (None: not yet) and how many chunks they sent."""
+    async def _streams(self) -> tuple[list[dict[str, Any]], int]:
+        """The streamed messages being dispatched now, the longest running first (``OPEN_STREAMS`` of them) and
+        how many there are: since when, on which backend, their call's time to first chunk (None: none yet,
+        or no call yet: waiting for a backend slot) and how many chunks they sent."""
         pipe = self.redis.pipeline(transaction=False)
         for lv in self.config.queue.levels:
             pipe.zrange(self.keys.inflight(lv.name), 0, -1)
         ids = [as_str(m) for members in await pipe.execute() for m in members]
-        fields = ("status", "streamed", "level", "backend", "started_at", "first_token_at")
+        fields = ("status", "streamed", "level", "backend", "started_at", "first_token_ms")
         for mid in ids:
             pipe.hmget(self.keys.msg(mid), fields)
             pipe.xlen(self.keys.events(mid))
@@ -161,7 +167,7 @@ class Dashboard:
         now = time.time()
         out: list[dict[str, Any]] = []
         for mid, values, entries in zip(ids, replies[0::2], replies[1::2], strict=True):
-            status, streamed, level, backend, started, first = (as_str(v) if v is not None else None for v in values)
+            status, streamed, level, backend, started, ttft = (as_str(v) if v is not None else None for v in values)
             if status != Status.DISPATCHING.value or streamed != "1" or started is None:
                 continue
             start = float(started)
@@ -171,12 +177,12 @@ class Dashboard:
                     "level": level,
                     "backend": backend,
                     "running_s": max(0.0, now - start),
-                    "ttft_ms": (float(first) - start) * 1000 if first else None,
+                    "ttft_ms": float(ttft) if ttft else None,
                     "chunks": max(0, int(entries) - 1),  # the first entry is the writer's marker
                 }
             )
         out.sort(key=lambda s: -s["running_s"])
-        return out[:OPEN_STREAMS]
+        return out[:OPEN_STREAMS], len(out)
 
     async def _groups(self) -> list[dict[str, Any]]:
         streams = [(self.keys.level(lv.name), Group.SCHEDULE.value) for lv in self.config.queue.levels]
@@ -230,8 +236,10 @@ class Dashboard:
                     "tokens": int(tokens or 0),
                     "weight": self.config.tenant(tenant).weight,
                 }
-                for tenant, n, tokens in tenants
+                for tenant, n, tokens, _ in tenants
             ],
+            # of every tenant: the list holds the 50 that used most
+            "tokens_total": int(tenants[0][3] or 0) if tenants else 0,
             "recent": [
                 {
                     "id": mid,

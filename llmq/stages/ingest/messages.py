@@ -367,7 +367,7 @@ def _from_hash(message_id: str, fields: dict[bytes, bytes]) -> schema.MessageVie
         result=result,
         error=doc.get("error") or None,
         errors=schema.error_lines(raw_errors),
-        first_token_at=_time(doc, "first_token_at"),
+        first_token_ms=_time(doc, "first_token_ms"),
         enqueued_at=_time(doc, "enqueued_at"),
         scheduled_at=_time(doc, "scheduled_at"),
         started_at=_time(doc, "started_at"),

@@ -71,8 +71,8 @@ class MessageView(msgspec.Struct):
     started_at: float | None = None
     finished_at: float | None = None
     retry_at: float | None = None
-    first_token_at: float | None = None
-    """A streamed message: when its first chunk came."""
+    first_token_ms: float | None = None
+    """A streamed message: its call's time from being sent to the backend's first chunk."""
     position: int | None = None
     """While queued: messages waiting ahead of it in its level."""
     eta_s: float | None = None

@@ -37,13 +37,16 @@ function cell(text, cls) {
 
 function fill(table, rows) {
   const body = $(`${table} tbody`);
-  // A keyboard user's focus on a row's button survives the refresh: the same button gets it back.
-  const focused = body.contains(document.activeElement) ? document.activeElement.getAttribute("aria-label") : null;
-  body.replaceChildren(...rows.map((cells) => {
+  const fresh = rows.map((cells) => {
     const tr = document.createElement("tr");
     tr.append(...cells);
     return tr;
-  }));
+  });
+  // Rows that did not change stay as they are: a keyboard user's focus, a screen reader's place, kept.
+  if (fresh.map((tr) => tr.outerHTML).join("") === body.innerHTML) return;
+  // Rows that did: the focused row's button (its label names it alone) gets the focus back.
+  const focused = body.contains(document.activeElement) ? document.activeElement.getAttribute("aria-label") : null;
+  body.replaceChildren(...fresh);
   if (focused) [...body.querySelectorAll("button")].find((b) => b.getAttribute("aria-label") === focused)?.focus();
 }
 
@@ -107,9 +110,10 @@ function render(doc) {
     idButton(st.id), cell(st.level), cell(st.backend), cell(secs(st.running_s), "num"),
     cell(st.ttft_ms === null ? "waiting" : ms(st.ttft_ms), "num ttft"), cell(st.chunks, "num chunks"),
   ]));
-  $("#streams-count").textContent = `(${doc.streams.length})`;
+  const shown = doc.streams.length < doc.streams_total ? `, the ${doc.streams.length} oldest shown` : "";
+  $("#streams-count").textContent = `(${doc.streams_total}${shown})`;
   const tenants = archive ? archive.tenants : [];
-  const allTokens = tenants.reduce((sum, t) => sum + t.tokens, 0);
+  const allTokens = archive ? archive.tokens_total : 0;
   fill("#tenants", tenants.map((t) => [
     cell(t.tenant === null ? "(none)" : t.tenant), cell(t.weight, "num"), cell(t.finished, "num"),
     cell(t.tokens, "num"), cell(allTokens ? `${((100 * t.tokens) / allTokens).toFixed(1)}%` : null, "num share"),
@@ -137,7 +141,8 @@ async function renderDeadLetters() {
     const button = document.createElement("button");
     button.type = "button";
     button.textContent = "Replay";
-    button.setAttribute("aria-label", `replay message ${dl.message_id}`);
+    // (the entry id makes the label unique: one message may have several letters, a letter no readable message)
+    button.setAttribute("aria-label", `replay message ${dl.message_id ?? "(unreadable)"}, dead letter ${dl.entry_id}`);
     button.addEventListener("click", async () => {
       if (!(await confirmed(`Replay message ${dl.message_id}? It is queued again in ${dl.level}.`))) return;
       await act_(() => api(`/api/v1/dlq/${encodeURIComponent(dl.entry_id)}/replay`, { method: "POST" }));
@@ -194,10 +199,10 @@ async function show(id) {
     add("backend", m.backend);
     add("tenant", d.tenant);
     add("model", d.model);
-    for (const k of ["enqueued_at", "scheduled_at", "started_at", "first_token_at", "finished_at", "retry_at"]) {
+    for (const k of ["enqueued_at", "scheduled_at", "started_at", "finished_at", "retry_at"]) {
       if (m[k]) add(k.replace("_at", "").replace("_", " "), new Date(m[k] * 1000).toISOString());
     }
-    if (m.first_token_at && m.started_at) add("time to first token", ms((m.first_token_at - m.started_at) * 1000));
+    add("time to first token", ms(m.first_token_ms));
     add("position", m.position);
     add("error", m.error);
     if (m.errors) {
