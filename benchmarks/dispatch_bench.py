@@ -29,7 +29,7 @@ from benchmarks.plots import plot_scaling
 from llmq.pipeline.config import load_config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import encode, new_id
-from llmq.stages.ingest.submit import Submission, Submitter, new_message
+from llmq.pipeline.submit import Submission, Submitter, new_message
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 200}], "max_tokens": 16}
 PER_PROCESS = 16

@@ -30,7 +30,7 @@ from benchmarks.e2e_bench import archived
 from llmq.pipeline.config import load_config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import encode, new_id
-from llmq.stages.ingest.submit import Submission, Submitter, idempotency_record, new_message
+from llmq.pipeline.submit import Submission, Submitter, idempotency_record, new_message
 
 REQUEST = {
     "model": "meta-llama/Llama-3.1-8B-Instruct",

@@ -31,7 +31,7 @@ from llmq.pipeline.config import load_config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import encode, new_id
 from llmq.pipeline.notify import Waiter
-from llmq.stages.ingest.submit import Submission, Submitter, new_message
+from llmq.pipeline.submit import Submission, Submitter, new_message
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 200}], "max_tokens": 16}
 MIX = (("realtime", 0.05), ("high", 0.15), ("normal", 0.40), ("low", 0.40))

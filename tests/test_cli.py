@@ -425,7 +425,7 @@ def test_up_binds_loopback_unless_told_otherwise(
         "LLMQ_METRICS__PORT": str(ops_port),
         "LLMQ_BACKENDS": '[{name: echo, url: "echo://local/v1"}]',
     }
-    scale = [arg for stage in ("dispatch", "retry", "archive") for arg in ("--scale", f"{stage}=0")]
+    scale = [arg for stage in ("dispatch", "retry", "archive", "batch") for arg in ("--scale", f"{stage}=0")]
     # When it starts, with or without a host in the environment or on the command line
     proc = llmq_stage(env, "up", *scale, *args)
     try:

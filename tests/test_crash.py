@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from llmq.pipeline.config import load_config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import encode
-from llmq.stages.ingest.submit import Submission, Submitter, new_message
+from llmq.pipeline.submit import Submission, Submitter, new_message
 from tests.conftest import eventually, free_port
 from tests.support.harness import CHAT
 from tests.support.procs import Proc, llmq_stage, stop_all

@@ -21,13 +21,13 @@ from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.effects import Commit
 from llmq.pipeline.runtime.ops_server import OpsServer
 from llmq.pipeline.runtime.streams import ensure_group, parse_entries
+from llmq.pipeline.submit import new_message
 from llmq.pipeline.tokens import MAX_ESTIMATE, estimate_tokens
 from llmq.stages.dispatch import Dispatch, calls
 from llmq.stages.dispatch.calls import classify, retry_after
 from llmq.stages.dispatch.http_pool import Answer, HTTPError, Pool
 from llmq.stages.dispatch.limits import BackendLimits
 from llmq.stages.dispatch.routing import BackendView, Balancer, Circuit
-from llmq.stages.ingest.submit import new_message
 from llmq.stages.mock_backend import MockBackend, MockSettings
 from tests.conftest import eventually, free_port
 from tests.support.harness import CHAT, Harness

@@ -16,7 +16,7 @@ from llmq.pipeline.dlq import DeadLetters, dead_letter
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, Message, encode, new_id
 from llmq.pipeline.runtime.effects import Commit
-from llmq.stages.ingest.submit import new_message
+from llmq.pipeline.submit import new_message
 from llmq.stages.mock_backend import MockSettings
 from tests.conftest import eventually
 from tests.support.archive import status_in_db

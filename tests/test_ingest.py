@@ -24,8 +24,8 @@ from llmq.pipeline.db import make_pool
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, decode_message, encode, new_id
 from llmq.pipeline.redis import make_redis
+from llmq.pipeline.submit import Submission, Submitted, Submitter, Verdict, new_message
 from llmq.stages.ingest import create_app
-from llmq.stages.ingest.submit import Submission, Submitted, Submitter, Verdict, new_message
 from tests.conftest import free_port
 from tests.support.clients import QUEUEING, client_for
 from tests.support.harness import CHAT

@@ -503,7 +503,7 @@ def test_kubernetes_images_are_the_release_never_latest() -> None:
         for doc in yaml_docs(path)
         for c in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
     ]
-    assert len(containers) == 6  # five stages and the migration
+    assert len(containers) == 7  # six stages and the migration
     assert {(c["image"], c["imagePullPolicy"]) for c in containers} == {(f"llmq:{version}", "IfNotPresent")}
 
 
@@ -588,7 +588,7 @@ def test_a_stopping_stage_finishes_its_longest_call_before_it_is_killed(tmp_path
     grace = cluster.queue.worker.shutdown_grace.seconds
     assert cluster.scheduler.timeout.seconds <= grace
     deployments = [doc for path in K8S.glob("*.yaml") for doc in yaml_docs(path) if doc["kind"] == "Deployment"]
-    assert len(deployments) == 5
+    assert len(deployments) == 6
     for doc in deployments:
         assert doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace, doc["metadata"]["name"]
     # Compose: the example config (compose mounts a copy) and every stage's stop_grace_period

@@ -17,8 +17,8 @@ from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, Status, decode_outcome, encode, new_id
 from llmq.pipeline.runtime.effects import Commit, xadd
 from llmq.pipeline.runtime.runner import Runner
+from llmq.pipeline.submit import new_message
 from llmq.stages.dispatch import attempt_line
-from llmq.stages.ingest.submit import new_message
 from llmq.stages.mock_backend import MockSettings
 from llmq.stages.retry import Retry, reason_of
 from tests.conftest import eventually
@@ -211,3 +211,4 @@ def test_retry_reasons(error: str, reason: str) -> None:
     # as the retry stage reads it: the last line of the message's errors (timeouts were labelled "other")
     assert reason_of(attempt_line(2, "a", 0.0, error)) == reason
     assert reason_of(attempt_line(2, "-", 0.0, error)) == reason
+    assert reason_of(attempt_line(2, "gpu: east", 0.0, error)) == reason  # (a backend name may hold ": ")

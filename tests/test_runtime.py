@@ -19,7 +19,7 @@ from llmq.pipeline.models import FIELD, Outcome, Status, decode_outcome, new_id
 from llmq.pipeline.runtime.effects import Commit, xadd
 from llmq.pipeline.runtime.runner import Runner
 from llmq.pipeline.runtime.streams import ensure_group, parse_entries
-from llmq.stages.ingest.submit import new_message
+from llmq.pipeline.submit import new_message
 from tests.conftest import eventually
 from tests.support.harness import CHAT
 from tests.support.procs import worker

@@ -20,7 +20,7 @@ from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import Lua
 from llmq.pipeline.models import FIELD, decode_message, encode, new_id
 from llmq.pipeline.runtime.streams import Entry
-from llmq.stages.ingest.submit import Submission, Submitter, new_message
+from llmq.pipeline.submit import Submission, Submitter, new_message
 from llmq.stages.mock_backend import MockSettings
 from llmq.stages.schedule.arbiter import Candidate, Decisions
 from llmq.stages.schedule.fair import LevelQueue

@@ -14,6 +14,7 @@ import typer
 import uvicorn
 
 from llmq.cli import beside_up, loop
+from llmq.cli.batches import batches_app
 from llmq.cli.common import ConfigOption, load_beside_up, load_or_exit, on_redis, read_or_exit
 from llmq.cli.consume import consume
 from llmq.cli.dlq import dlq_app
@@ -56,6 +57,7 @@ db_app.command(
     epilog="Examples:\n\n  llmq-stage db purge --older-than 30d\n\n  llmq-stage db purge --older-than 90d --dry-run",
 )(purge)
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(batches_app, name="batches")
 app.command(epilog="Examples:\n\n  llmq-stage pause low\n\n  llmq-stage pause --all --reason 'Redis upgrade'")(pause)
 app.command(epilog="Examples:\n\n  llmq-stage resume low\n\n  llmq-stage resume --all")(resume)
 

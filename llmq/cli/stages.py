@@ -10,6 +10,7 @@ from llmq.cli.consume import StageFactory
 from llmq.pipeline.config import Config, PostgresConfig
 from llmq.pipeline.db import make_pool
 from llmq.stages.archive import Archive
+from llmq.stages.batch import BatchStage
 from llmq.stages.dispatch import Dispatch
 from llmq.stages.retry import Retry
 from llmq.stages.schedule import make_stages as make_schedule
@@ -25,6 +26,11 @@ def postgres_of(config: Config) -> PostgresConfig:
 def make_archive(*, config: Config, **clients: Any) -> Archive:
     pg = postgres_of(config)
     return Archive(config=config, pool=make_pool(pg), conninfo=pg.conninfo, **clients)
+
+
+def make_batch(*, config: Config, **clients: Any) -> BatchStage:
+    pg = postgres_of(config)
+    return BatchStage(config=config, pool=make_pool(pg), conninfo=pg.conninfo, **clients)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +77,13 @@ STAGES: dict[str, StageSpec] = {
             summary="writes outcomes to PostgreSQL and trims acked stream entries (ops port metrics.port + 3)",
             default_port=lambda c: c.metrics.port + 3,
             factory=make_archive,
+            needs_postgres=True,
+        ),
+        StageSpec(
+            name="batch",
+            summary="runs the Batch API's batches: feeds their lines, writes their output (ops port metrics.port + 4)",
+            default_port=lambda c: c.metrics.port + 4,
+            factory=make_batch,
             needs_postgres=True,
         ),
         StageSpec(

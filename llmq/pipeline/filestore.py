@@ -49,15 +49,21 @@ class FileStore(Protocol):
         tenant: str | None,
         pieces: AsyncIterable[bytes],
         facts: Callable[[], Facts],
+        file_id: str | None = None,
     ) -> StoredFile:
         """Store the file ``pieces`` make, whole or not at all (an exception from ``pieces`` stores nothing);
-        ``facts()`` is asked once they are all in."""
+        ``facts()`` is asked once they are all in. With ``file_id``, the file of that id is replaced (a batch's
+        output written again after a restart)."""
         ...
 
     async def get(self, file_id: str) -> StoredFile | None: ...
 
     def read(self, file: StoredFile) -> AsyncIterator[bytes]:
         """The file's bytes, a chunk at a time."""
+        ...
+
+    async def chunk(self, file_id: str, seq: int) -> bytes | None:
+        """The file's ``seq``-th chunk (from 0), None past its end."""
         ...
 
     async def list(
@@ -93,9 +99,13 @@ class PostgresFileStore:
         tenant: str | None,
         pieces: AsyncIterable[bytes],
         facts: Callable[[], Facts],
+        file_id: str | None = None,
     ) -> StoredFile:
-        file_id = new_file_id()
         async with self.pool.connection() as conn, conn.transaction():
+            if file_id is None:
+                file_id = new_file_id()
+            else:
+                await conn.execute("DELETE FROM files WHERE id = %s", (file_id,))
             await conn.execute(
                 "INSERT INTO files (id, purpose, filename, bytes, chunks, tenant) VALUES (%s, %s, %s, 0, 0, %s)",
                 (file_id, purpose, filename, tenant),
@@ -134,14 +144,15 @@ class PostgresFileStore:
 
     async def read(self, file: StoredFile) -> AsyncIterator[bytes]:
         seq = 0
-        while True:
-            async with self.pool.connection() as conn:
-                cur = await conn.execute("SELECT data FROM file_chunks WHERE file_id = %s AND seq = %s", (file.id, seq))
-                row = await cur.fetchone()
-            if row is None:
-                return
-            yield bytes(row[0])
+        while (data := await self.chunk(file.id, seq)) is not None:
+            yield data
             seq += 1
+
+    async def chunk(self, file_id: str, seq: int) -> bytes | None:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT data FROM file_chunks WHERE file_id = %s AND seq = %s", (file_id, seq))
+            row = await cur.fetchone()
+        return bytes(row[0]) if row is not None else None
 
     async def list(
         self,

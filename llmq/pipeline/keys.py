@@ -19,12 +19,15 @@ class Group(enum.StrEnum):
     RETRY = "retry"
     ARCHIVE = "archive"
     """Reads ``done``."""
+    BATCH = "batch"
+    """Reads ``batches``: notices that a batch was created or is to be cancelled."""
 
 
 class Keys:
     """Key names for one deployment (one prefix)."""
 
     __slots__ = (
+        "batches",
         "dispatch",
         "dlq",
         "dlq_index",
@@ -57,6 +60,9 @@ class Keys:
         self.slots = f"{prefix}:slots"
         """Pub/Sub channel: an in-flight slot was released without the message finishing (retry)."""
         self.stagger = f"{prefix}:stagger"
+        self.batches = f"{prefix}:batches"
+        """Stream of notices to the batch stage (a batch was created, or is to be cancelled): it acts at once
+        instead of at its next look at the batches table."""
         """When the next staggered admission may happen (``llmq.stages.schedule.stagger``), shared by all schedulers."""
 
     def level(self, name: str) -> str:

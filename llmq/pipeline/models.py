@@ -61,6 +61,10 @@ class Message(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The backend of the last failed attempt: the next attempt tries every other usable one first."""
     history: list[str] = []
     """Operator actions on the message (dead-letter replays), oldest first."""
+    batch_id: str | None = None
+    """The batch (``/v1/batches``) whose input line this message is."""
+    custom_id: str | None = None
+    """That line's ``custom_id``: the key of its result in the batch's output."""
 
 
 class Outcome(msgspec.Struct, kw_only=True, omit_defaults=True):

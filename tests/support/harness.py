@@ -15,7 +15,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from llmq.cli.consume import runner_settings
-from llmq.cli.stages import make_archive
+from llmq.cli.stages import make_archive, make_batch
 from llmq.pipeline.config import Config, load_config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.runtime.ops_server import OpsServer
@@ -91,6 +91,8 @@ class Harness:
             built.append(Retry(config=self.config, redis=self.redis, keys=self.keys))
         if "archive" in self.stage_names:
             built.append(make_archive(config=self.config, redis=self.redis, keys=self.keys))
+        if "batch" in self.stage_names:
+            built.append(make_batch(config=self.config, redis=self.redis, keys=self.keys))
         self.stages = built
         for stage in built:
             await stage.start()

@@ -7,7 +7,7 @@ import redis.asyncio as aioredis
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import FIELD, encode, new_id
 from llmq.pipeline.runtime.streams import ensure_group, parse_entries
-from llmq.stages.ingest.submit import new_message
+from llmq.pipeline.submit import new_message
 from llmq.stages.schedule.arbiter import Candidate, Decisions
 from tests.support.harness import CHAT
 

@@ -377,6 +377,9 @@ class BatchesConfig(_Section, frozen=True):
     """Largest input file accepted (OpenAI's limit: 200 MB); past it, 413."""
     max_lines: Positive = 50_000
     """Most requests in one input file (OpenAI's limit); past it, 422 naming the line."""
+    feed_depth: Positive = 1000
+    """Most messages waiting in the batches' level that the batch stage keeps queued: it feeds a batch's lines
+    as the level drains, so a batch of 50,000 never fills Redis (nor the level's max_size) at once."""
 
 
 class Config(_Section, frozen=True, dict=True):

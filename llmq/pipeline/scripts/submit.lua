@@ -19,7 +19,7 @@ status hashes, left by status.lua's ends) at max_queued, or a rate limit (rpm, t
 allowed at once) that this message would pass. A repeated call counts nothing twice: it finds the hash.
 
 KEYS       per message: its level stream, its status hash, its idempotency record, the record an earlier
-           release kept for the same key (the same record again when none; see llmq/stages/ingest/submit.py),
+           release kept for the same key (the same record again when none; see llmq/pipeline/submit.py),
            its tenant's open messages, its tenant's rates.
            A message without an idempotency key names a record it never reads (keys share one hash tag).
            With direct admission, then: every level's stream, every level's in-flight set (both in the

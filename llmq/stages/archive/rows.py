@@ -44,6 +44,8 @@ COLUMNS = (
     "latency_ms",
     "errors",
     "first_token_ms",
+    "batch_id",
+    "custom_id",
 )
 
 NULL = b"\\N"
@@ -89,6 +91,8 @@ def copy_row(o: Outcome, *, store_bodies: bool) -> bytes:
                 NULL if started is None else repr((o.finished_at - started) * 1000).encode(),
                 _json_text(m.errors) if m.errors else NULL,
                 NULL if o.first_token_ms is None else repr(o.first_token_ms).encode(),
+                _text(m.batch_id),
+                _text(m.custom_id),
             )
         )
         + b"\n"

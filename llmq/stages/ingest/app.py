@@ -23,6 +23,7 @@ from starlette.routing import Route
 from llmq.pipeline.config import Config
 from llmq.pipeline.keys import Keys
 from llmq.stages.ingest.admin import Admin
+from llmq.stages.ingest.batches import Batches
 from llmq.stages.ingest.dashboard import Dashboard
 from llmq.stages.ingest.files import Files
 from llmq.stages.ingest.http_api import ApiKeyMiddleware, handled, http_error, server_error
@@ -38,6 +39,7 @@ def create_app(
     admin = Admin(config, redis=redis, keys=keys, pool=pool)
     openai = OpenAIFacade(messages, config)
     files = Files(config, pool=pool)
+    batch_api = Batches(config, redis=redis, keys=keys, pool=pool)
     dashboard = Dashboard(config, redis=redis, keys=keys, pool=pool, view=messages.view)
     ring = KeyRing(config.keys_with_tenants, config.server.api_keys_file)
     routes = [
@@ -54,6 +56,10 @@ def create_app(
         ("/v1/files/{id}", files.retrieve, ["GET"]),
         ("/v1/files/{id}", files.delete, ["DELETE"]),
         ("/v1/files/{id}/content", files.content, ["GET"]),
+        ("/v1/batches", batch_api.create, ["POST"]),
+        ("/v1/batches", batch_api.list, ["GET"]),
+        ("/v1/batches/{id}", batch_api.retrieve, ["GET"]),
+        ("/v1/batches/{id}/cancel", batch_api.cancel, ["POST"]),
         ("/api/v1/health", admin.health, ["GET"]),
         ("/api/v1/queues/status", admin.queues_status, ["GET"]),
         ("/api/v1/dlq", admin.dlq_list, ["GET"]),

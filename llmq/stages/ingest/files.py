@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Message, Receive
 
+from llmq.pipeline import batches
 from llmq.pipeline.batch_input import BadLine, LineChecker
 from llmq.pipeline.config import Config
 from llmq.pipeline.filestore import CHUNK, Facts, FileStore, PostgresFileStore, StoredFile
@@ -59,6 +60,7 @@ class _TooLarge(Exception):
 class Files:
     def __init__(self, config: Config, *, pool: AsyncConnectionPool | None, store: FileStore | None = None) -> None:
         self.config = config
+        self.pool = pool
         self.store = store or (PostgresFileStore(pool) if pool is not None else None)
         self.max_bytes = config.batches.max_file_bytes
         self.max_lines = config.batches.max_lines
@@ -142,6 +144,8 @@ class Files:
     async def delete(self, request: Request) -> Response:
         found = await self._visible(request)
         try:
+            if self.pool is not None and await batches.uses_file(self.pool, found.id):
+                raise BadInput(409, f"file {found.id} is the input of a batch still running", "file_id")
             await self._files().delete(found.id)
         except (psycopg.Error, OSError, TimeoutError):
             raise ArchiveUnavailable from None

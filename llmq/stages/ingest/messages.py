@@ -1,6 +1,6 @@
 """The native message API: submit one or a batch, read (long-polling for the outcome), cancel.
 
-Submissions go through ``llmq.stages.ingest.submit`` (backpressure, idempotency, XADD and status hash in
+Submissions go through ``llmq.pipeline.submit`` (backpressure, idempotency, XADD and status hash in
 one atomic script). Reads long-poll on the ``finished`` channel and fall back to the PostgreSQL archive
 (``archived``) once the status hash has expired. ``Messages`` is also what the OpenAI facade queues
 through: ``enqueue`` and ``wait_result``.
@@ -24,6 +24,16 @@ from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import Message, Status, new_id
 from llmq.pipeline.notify import Waiter
 from llmq.pipeline.streamed import valid_event_id
+from llmq.pipeline.submit import (
+    Quota,
+    Submission,
+    Submitted,
+    Submitter,
+    Verdict,
+    new_message,
+    over_tpm,
+    request_digest,
+)
 from llmq.stages.ingest import schema, sse
 from llmq.stages.ingest.archived import read_archived
 from llmq.stages.ingest.drain import DrainMeter
@@ -44,16 +54,6 @@ from llmq.stages.ingest.http_api import (
     tenant_of,
 )
 from llmq.stages.ingest.sse import Item, life
-from llmq.stages.ingest.submit import (
-    Quota,
-    Submission,
-    Submitted,
-    Submitter,
-    Verdict,
-    new_message,
-    over_tpm,
-    request_digest,
-)
 
 RESUMES = Counter("llmq_stream_resumes_total", "Event streams opened after an event id (a client resuming)")
 DISCONNECT_CANCELS = Counter(

@@ -18,6 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from llmq.pipeline.chunks import Assembler
 from llmq.pipeline.config import Config
 from llmq.pipeline.models import Status, new_id
+from llmq.pipeline.submit import Quota, Submission, Submitted, Verdict, new_message, over_tpm, request_digest
 from llmq.pipeline.tokens import CHAT, prompt_chars
 from llmq.stages.ingest import schema, sse
 from llmq.stages.ingest.http_api import (
@@ -33,7 +34,6 @@ from llmq.stages.ingest.http_api import (
     tenant_of,
 )
 from llmq.stages.ingest.sse import OPEN_STREAMS, SSE_HEADERS, Item
-from llmq.stages.ingest.submit import Quota, Submission, Submitted, Verdict, new_message, over_tpm, request_digest
 
 _answered = re.compile(r"answered (\d{3}):")
 _any_decoder = msgspec.json.Decoder()

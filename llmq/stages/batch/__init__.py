@@ -1,0 +1,296 @@
+"""batch: runs the Batch API's batches (``llmq.pipeline.batches``), from PostgreSQL, restartable at any point.
+
+Each batch that is open moves on at every look (each ``TICK_S``, and at once on a notice from the ingest on
+the ``batches`` stream, which this stage consumes), under a row lock taken with SKIP LOCKED, so several
+processes share the batches and never work one together:
+
+- ``validating`` -> ``in_progress``: its input file is still there (checked line by line when uploaded).
+- ``in_progress``: its lines are queued into its level as the level drains (the level's waiting messages
+  kept under ``batches.feed_depth``), each an ordinary message whose id and idempotency key follow from the
+  batch and the line: a line fed again after a crash (Redis took it, PostgreSQL did not record it) queues
+  nothing twice. Each carries the batch's deadline, so what has not run when the window ends expires. Its
+  outcomes are counted in the archive; all ended, or the window over, it goes on to ``finalizing``.
+- ``cancelling``: its queued and retrying messages are cancelled (those in a call finish), then
+  ``finalizing``.
+- ``finalizing``: once every message fed has its archived outcome, the output and error files are written
+  (``output``: OpenAI's line format; ids of their own, replaced if written again after a crash) and the batch
+  ends ``completed``, ``expired`` or ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import psycopg
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Gauge
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from llmq.pipeline import background, batches
+from llmq.pipeline.batch_input import URLS, InputLine
+from llmq.pipeline.config import Config
+from llmq.pipeline.db import migrate
+from llmq.pipeline.filestore import CHUNK, Facts, PostgresFileStore
+from llmq.pipeline.keys import Group, Keys
+from llmq.pipeline.level_status import level_status
+from llmq.pipeline.models import encode
+from llmq.pipeline.redis import UNAVAILABLE
+from llmq.pipeline.runtime.batch import Batch
+from llmq.pipeline.runtime.stage import Stage
+from llmq.pipeline.submit import Submission, Submitter, Verdict, new_message, request_digest
+from llmq.stages.batch.lines import Position, lines_from
+from llmq.stages.batch.output import error_line, result_line
+
+log = logging.getLogger("llmq.batch")
+
+TICK_S = 1.0
+FEED_MAX = 500
+"""Lines queued per batch per look."""
+CANCEL_AT_ONCE = 500
+
+OPEN_BATCHES = Gauge("llmq_batches_open", "Batches not yet ended, by status", ["status"])
+ENDED = Counter("llmq_batches_ended_total", "Batches ended, by final status", ["status"])
+FED = Counter("llmq_batch_lines_fed_total", "Lines of batches queued into their level", ["level"])
+
+_line = msgspec.json.Decoder(InputLine)
+_ACCEPTED = (Verdict.QUEUED, Verdict.DUPLICATE, Verdict.CONFLICT)
+"""A line whose message exists (a conflict too: its key was taken by an earlier feed of the line)."""
+_UNREACHABLE = (*UNAVAILABLE, psycopg.OperationalError, OSError, TimeoutError)
+
+
+class BatchStage(Stage):
+    def __init__(
+        self, *, config: Config, redis: aioredis.Redis, keys: Keys, pool: AsyncConnectionPool, conninfo: str
+    ) -> None:
+        self.name = Group.BATCH.value
+        self.stream = keys.batches
+        self.config = config
+        self.redis = redis
+        self.keys = keys
+        self.pool = pool
+        self.conninfo = conninfo
+        self.files = PostgresFileStore(pool)
+        self.submitter = Submitter(config, redis=redis, keys=keys)
+        self.feed_depth = config.batches.feed_depth
+        self.wake = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.pool.open(wait=False)
+        await migrate(self.conninfo)
+        self._loop = asyncio.create_task(self._run(), name="batches")
+
+    async def close(self) -> None:
+        await background.cancel(self._loop)
+        await self.pool.close()
+
+    async def handle(self, batch: Batch) -> None:
+        """A notice: look at the batches now."""
+        for entry in batch.entries:
+            batch.ack(entry)
+        self.wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), TICK_S)
+            self.wake.clear()
+            try:
+                await self.look()
+            except _UNREACHABLE as exc:
+                log.warning("batches paused: %s", exc)
+            except Exception:  # a loop boundary: batches must go on being run
+                log.error("running the batches failed", exc_info=True)
+
+    async def look(self) -> None:
+        """Move every open batch on by one step."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, status FROM batches WHERE status = ANY(%s) ORDER BY created_at", (list(batches.OPEN),)
+            )
+            open_now = await cur.fetchall()
+        for status in batches.OPEN:
+            OPEN_BATCHES.labels(status=status).set(sum(1 for _, s in open_now if s == status))
+        if not open_now:
+            return
+        room = {lv.level: self.feed_depth - lv.depth for lv in await level_status(self.redis, self.keys, self.config)}
+        for batch_id, _ in open_now:
+            await self.step(batch_id, room)
+
+    async def step(self, batch_id: str, room: dict[str, int]) -> None:
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "SELECT " + ", ".join(f.name for f in batches.COLUMNS) + " FROM batches WHERE id = %s"
+                " AND status = ANY(%s) FOR UPDATE SKIP LOCKED",
+                (batch_id, list(batches.OPEN)),
+            )
+            row = await cur.fetchone()
+            if row is None:  # another process has it now, or it ended
+                return
+            b = batches.row_to_batch(row)
+            if b.status == "validating":
+                await self._validate(conn, b)
+            elif b.status == "in_progress":
+                await self._progress(conn, b, room)
+            elif b.status == "cancelling":
+                await self._cancel(conn, b)
+            else:
+                await self._finalize(conn, b)
+
+    async def _validate(self, conn: Any, b: batches.Batch) -> None:
+        if await self.files.get(b.input_file_id) is None:
+            error = {"code": "file_not_found", "message": f"input file {b.input_file_id} was deleted", "param": None}
+            await conn.execute(
+                "UPDATE batches SET status = 'failed', failed_at = now(), errors = %s WHERE id = %s",
+                (Jsonb([error | {"line": None}]), b.id),
+            )
+            ENDED.labels(status="failed").inc()
+            return
+        await conn.execute("UPDATE batches SET status = 'in_progress', in_progress_at = now() WHERE id = %s", (b.id,))
+        self.wake.set()  # its first lines go now, not a tick later
+
+    async def _progress(self, conn: Any, b: batches.Batch, room: dict[str, int]) -> None:
+        completed, failed = await _counts(conn, b.id)
+        if datetime.now(UTC) >= b.expires_at:
+            await conn.execute(
+                "UPDATE batches SET status = 'finalizing', finalizing_at = now(), expired_at = now(),"
+                " completed = %s, failed = %s WHERE id = %s",
+                (completed, failed, b.id),
+            )
+            log.info("batch %s: its completion window ended with %d of %d lines fed", b.id, b.fed, b.total)
+            return
+        fed, at = b.fed, Position(b.feed_chunk, b.feed_offset)
+        if fed < b.total:
+            fed, at = await self._feed(b, room)
+        done = fed == b.total and completed + failed >= b.total
+        await conn.execute(
+            "UPDATE batches SET fed = %s, feed_chunk = %s, feed_offset = %s, completed = %s, failed = %s,"
+            " status = CASE WHEN %s THEN 'finalizing' ELSE status END,"
+            " finalizing_at = CASE WHEN %s THEN now() ELSE finalizing_at END WHERE id = %s",
+            (fed, at.chunk, at.offset, completed, failed, done, done, b.id),
+        )
+        if done:
+            self.wake.set()
+
+    async def _feed(self, b: batches.Batch, room: dict[str, int]) -> tuple[int, Position]:
+        """Queue the batch's next lines, as many as its level has room for; how far it got."""
+        at = Position(b.feed_chunk, b.feed_offset)
+        space = min(room.get(b.level, 0), FEED_MAX)
+        if space <= 0:
+            return b.fed, at
+        subs: list[Submission] = []
+        ends: list[Position] = []
+        deadline = b.expires_at.timestamp()
+        async for line in lines_from(self.files, b.input_file_id, at):
+            index = b.fed + len(subs)
+            item = _line.decode(line.data)  # checked when uploaded
+            msg = new_message(
+                message_id=batches.message_id(b.id, index),
+                level=b.level,
+                request=item.body,
+                tenant=b.tenant,
+                idempotency_key=f"{b.id}:{index}",
+                endpoint=URLS[item.url],
+            )
+            msg = msgspec.structs.replace(msg, deadline=deadline, batch_id=b.id, custom_id=item.custom_id)
+            subs.append(Submission(message=msg, payload=encode(msg), caller="batch", digest=request_digest(item.body)))
+            ends.append(line.after)
+            if len(subs) >= space:
+                break
+        accepted = 0
+        for verdict in await self.submitter.submit_many(subs):
+            if verdict.verdict not in _ACCEPTED:  # the level is full, or the tenant over a quota: later
+                break
+            accepted += 1
+        room[b.level] = room.get(b.level, 0) - accepted
+        FED.labels(level=b.level).inc(accepted)
+        return b.fed + accepted, ends[accepted - 1] if accepted else at
+
+    async def _cancel(self, conn: Any, b: batches.Batch) -> None:
+        """Cancel what it queued and has not reached a backend; what has ends as it does."""
+        for start in range(0, b.fed, CANCEL_AT_ONCE):
+            ids = [batches.message_id(b.id, i) for i in range(start, min(b.fed, start + CANCEL_AT_ONCE))]
+            await asyncio.gather(*(self.submitter.cancel(mid) for mid in ids))
+        await conn.execute("UPDATE batches SET status = 'finalizing', finalizing_at = now() WHERE id = %s", (b.id,))
+        log.info("batch %s cancelled after %d of %d lines fed", b.id, b.fed, b.total)
+
+    async def _finalize(self, conn: Any, b: batches.Batch) -> None:
+        completed, failed = await _counts(conn, b.id)
+        if completed + failed < b.fed:  # outcomes still on their way (running, retrying, or not archived yet)
+            await conn.execute(
+                "UPDATE batches SET completed = %s, failed = %s WHERE id = %s", (completed, failed, b.id)
+            )
+            return
+        final = "cancelled" if b.cancelling_at else "expired" if b.expired_at else "completed"
+        output_id = await self._write(b, "output") if completed else None
+        error_id = await self._write(b, "error", unfed=final) if completed < b.total else None
+        await conn.execute(
+            f"UPDATE batches SET status = %s, {final}_at = coalesce({final}_at, now()), completed = %s, failed = %s,"
+            " output_file_id = %s, error_file_id = %s WHERE id = %s",
+            (final, completed, b.total - completed, output_id, error_id, b.id),
+        )
+        ENDED.labels(status=final).inc()
+        log.info("batch %s %s: %d of %d lines completed", b.id, final, completed, b.total)
+
+    async def _write(self, b: batches.Batch, kind: str, *, unfed: str = "") -> str:
+        """Write the batch's output (``kind`` output) or error file; its id."""
+        stored = await self.files.put(
+            purpose="batch_output",
+            filename=f"{b.id}_{kind}.jsonl",
+            tenant=b.tenant,
+            pieces=self._pieces(b, kind, unfed),
+            facts=Facts,
+            file_id=f"file-{b.id.removeprefix('batch_')}-{kind}",
+        )
+        return stored.id
+
+    async def _pieces(self, b: batches.Batch, kind: str, unfed: str) -> AsyncIterator[bytes]:
+        held = bytearray()
+        sql = (
+            "SELECT custom_id, id::text, status, response::text, error FROM messages WHERE batch_id = %s AND "
+            + ("status = 'completed'" if kind == "output" else "status <> 'completed'")
+            + " ORDER BY custom_id"
+        )
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = conn.cursor(name=f"batch_{kind}")  # on the server: the rows come a page at a time
+            await cursor.execute(sql, (b.id,))
+            async for custom_id, mid, status, response, error in cursor:
+                if kind == "output":
+                    held += result_line(custom_id, mid, response or "null")
+                else:
+                    held += error_line(custom_id, mid, status, error or status)
+                if len(held) >= CHUNK:
+                    yield bytes(held)
+                    held.clear()
+        if unfed in ("cancelled", "expired"):
+            index = b.fed
+            async for line in lines_from(self.files, b.input_file_id, Position(b.feed_chunk, b.feed_offset)):
+                why = "cancelled" if unfed == "cancelled" else "reached the end of its completion window"
+                custom_id = _line.decode(line.data).custom_id
+                held += error_line(
+                    custom_id, batches.message_id(b.id, index), f"batch_{unfed}", f"the batch {why} before this ran"
+                )
+                index += 1
+                if len(held) >= CHUNK:
+                    yield bytes(held)
+                    held.clear()
+        if held:
+            yield bytes(held)
+
+
+async def _counts(conn: Any, batch_id: str) -> tuple[int, int]:
+    """The batch's requests archived completed, and archived otherwise."""
+    cur = await conn.execute(
+        "SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status <> 'completed')"
+        " FROM messages WHERE batch_id = %s",
+        (batch_id,),
+    )
+    row = await cur.fetchone()
+    return int(row[0]), int(row[1])

@@ -1,0 +1,203 @@
+"""OpenAI's Batch API on llmq (``/v1/batches``), run by the batch stage: the official SDK end to end, every
+``custom_id`` exactly once in the output whatever happens (a cancel, the window's end), and a batch's lines
+queued only as fast as its level drains."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import psycopg
+import redis.asyncio as aioredis
+
+from llmq.pipeline.db import make_pool
+from llmq.pipeline.keys import Keys
+from llmq.pipeline.level_status import level_status
+from llmq.pipeline.runtime.ops_server import OpsServer
+from llmq.stages.ingest import create_app
+from llmq.stages.mock_backend import MockSettings
+from tests.conftest import eventually
+from tests.support.harness import Harness
+
+ENDED = ("completed", "failed", "expired", "cancelled")
+
+
+@contextlib.asynccontextmanager
+async def pipeline(
+    redis: aioredis.Redis,
+    keys: Keys,
+    database_url: str,
+    backend: MockSettings,
+    env: dict[str, str] | None = None,
+    max_concurrent: int = 8,
+) -> AsyncIterator[tuple[Harness, openai.AsyncOpenAI]]:
+    """Every stage, the batch stage with them, and the ingest API on a real port with its PostgreSQL pool."""
+    stages = ("schedule", "dispatch", "retry", "batch")
+    config = {"a": {"max_concurrent": max_concurrent}}
+    async with Harness(
+        redis, keys, backends={"a": backend}, env=env, database_url=database_url, stages=stages, backend_config=config
+    ) as h:
+        pool = make_pool(h.config.database.postgres)  # type: ignore[arg-type]
+        server = OpsServer(
+            create_app(h.config, redis=redis, keys=keys, pool=pool), host="127.0.0.1", port=0, lifespan=True
+        )
+        server.start()
+        try:
+            yield h, openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="-", max_retries=0)
+        finally:
+            await server.stop()
+
+
+def requests(n: int, url: str = "/v1/chat/completions") -> bytes:
+    lines = []
+    for i in range(n):
+        body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": f"question {i}"}]}
+        if url == "/v1/embeddings":
+            body = {"model": "m", "input": f"text {i}"}
+        lines.append(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": url, "body": body}))
+    return ("\n".join(lines) + "\n").encode()
+
+
+async def ended(client: openai.AsyncOpenAI, batch_id: str, within: float = 60) -> Any:
+    async def done() -> bool:
+        return (await client.batches.retrieve(batch_id)).status in ENDED
+
+    await eventually(done, within=within, interval=0.2, what=f"batch {batch_id} ended")
+    return await client.batches.retrieve(batch_id)
+
+
+async def lines_of(client: openai.AsyncOpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    content = (await client.files.content(file_id)).content
+    return [json.loads(line) for line in content.splitlines()]
+
+
+async def test_the_openai_sdk_runs_a_batch_end_to_end(redis: aioredis.Redis, keys: Keys, database_url: str) -> None:
+    async with pipeline(redis, keys, database_url, MockSettings(latency_ms=5)) as (_, client):
+        # Given an input file uploaded with the SDK
+        uploaded = await client.files.create(file=("in.jsonl", requests(40)), purpose="batch")
+        # When a batch is created of it, as OpenAI's guide does
+        batch = await client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"description": "nightly eval job"},
+        )
+        assert batch.status == "validating" and batch.request_counts and batch.request_counts.total == 40
+        # Then it completes, every request answered once in the output, keyed by custom_id
+        done = await ended(client, batch.id)
+        assert done.status == "completed", done
+        assert done.request_counts is not None and (done.request_counts.completed, done.request_counts.failed) == (
+            40,
+            0,
+        )
+        assert done.metadata == {"description": "nightly eval job"} and done.error_file_id is None
+        assert done.in_progress_at and done.finalizing_at and done.completed_at
+        out = await lines_of(client, done.output_file_id)
+        assert sorted(line["custom_id"] for line in out) == sorted(f"req-{i}" for i in range(40))
+        first = next(line for line in out if line["custom_id"] == "req-7")
+        assert first["response"]["status_code"] == 200 and first["error"] is None
+        assert first["response"]["body"]["object"] == "chat.completion"
+        assert first["id"].startswith("batch_req_")
+        # and it is listed; its input file cannot be deleted while it runs, and can once it ended
+        assert [b.id for b in (await client.batches.list()).data] == [batch.id]
+        assert (await client.files.delete(uploaded.id)).deleted
+    # and the operator sees it from the command line
+    listed = await _cli(database_url, "list")
+    assert listed.returncode == 0 and batch.id in listed.stdout and "completed" in listed.stdout, listed.stderr
+    shown = await _cli(database_url, "show", batch.id)
+    assert json.loads(shown.stdout)["request_counts"] == {"total": 40, "completed": 40, "failed": 0}
+    refused = await _cli(database_url, "cancel", batch.id)
+    assert refused.returncode == 1 and "has ended (completed)" in refused.stderr
+    unknown = await _cli(database_url, "show", "batch_nope")
+    assert unknown.returncode == 1 and "no such batch" in unknown.stderr
+
+
+async def _cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``llmq-stage batches <args>`` against the test's database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMQ_")} | {"LLMQ_DATABASE_URL": database_url}
+    argv = [sys.executable, "-m", "llmq.cli", "batches", *args]
+    return await asyncio.to_thread(subprocess.run, argv, env=env, capture_output=True, text=True, timeout=60)
+
+
+async def test_a_cancelled_batch_keeps_what_finished_and_names_every_other_line(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    # Given a batch of 200 on a slow backend (2 calls at once, 100 ms each)
+    backend = MockSettings(latency_ms=100)
+    async with pipeline(redis, keys, database_url, backend, max_concurrent=2) as (_, client):
+        uploaded = await client.files.create(file=("in.jsonl", requests(200)), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+
+        async def some_done() -> bool:
+            counts = (await client.batches.retrieve(batch.id)).request_counts
+            return counts is not None and counts.completed >= 4
+
+        await eventually(some_done, within=30, what="a few lines completed")
+        # When it is cancelled
+        cancelling = await client.batches.cancel(batch.id)
+        assert cancelling.status == "cancelling"
+        done = await ended(client, batch.id)
+        out, errors = await lines_of(client, done.output_file_id), await lines_of(client, done.error_file_id)
+    # Then it ends cancelled, with what completed in the output and every other line in the error file, each
+    # custom_id exactly once across the two
+    assert done.status == "cancelled" and done.cancelled_at
+    ids = [line["custom_id"] for line in out + errors]
+    assert sorted(ids) == sorted(f"req-{i}" for i in range(200))
+    assert done.request_counts is not None and done.request_counts.completed == len(out) >= 4
+    assert {line["error"]["code"] for line in errors} <= {"cancelled", "batch_cancelled"}
+    assert len(errors) > 100
+
+
+async def test_a_batch_past_its_window_expires_keeping_what_finished(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    backend = MockSettings(latency_ms=100)
+    async with pipeline(redis, keys, database_url, backend, max_concurrent=2) as (_, client):
+        uploaded = await client.files.create(file=("in.jsonl", requests(300, "/v1/embeddings")), purpose="batch")
+        # When a batch's window (3 s) ends before its 300 requests can run (about 20 a second)
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="3s"
+        )
+        done = await ended(client, batch.id, within=60)
+        out, errors = await lines_of(client, done.output_file_id), await lines_of(client, done.error_file_id)
+    # Then it is expired, what finished is in the output, and every other line is in the error file once
+    assert done.status == "expired" and done.expired_at
+    assert sorted(line["custom_id"] for line in out + errors) == sorted(f"req-{i}" for i in range(300))
+    assert 10 <= len(out) < 300 and out[0]["response"]["body"]["object"] == "list"
+    assert {line["error"]["code"] for line in errors} <= {"expired", "batch_expired"}
+
+
+async def test_a_batch_is_fed_as_its_level_drains(redis: aioredis.Redis, keys: Keys, database_url: str) -> None:
+    # Given a batch of 400 on a slow backend, with at most 30 of the level's messages waiting
+    env = {"LLMQ_BATCHES__FEED_DEPTH": "30"}
+    async with pipeline(redis, keys, database_url, MockSettings(latency_ms=20), env, max_concurrent=4) as (h, client):
+        uploaded = await client.files.create(file=("in.jsonl", requests(400)), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        # When it runs, the level never holds more than that waiting
+        deepest = 0
+        while (await client.batches.retrieve(batch.id)).status not in ENDED:
+            low = next(lv for lv in await level_status(redis, keys, h.config) if lv.level == "low")
+            deepest = max(deepest, low.depth)
+            await asyncio.sleep(0.05)
+        done = await client.batches.retrieve(batch.id)
+    # Then it completes all the same
+    assert done.status == "completed" and done.request_counts and done.request_counts.completed == 400
+    assert 0 < deepest <= 30, deepest
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute(
+            "SELECT count(DISTINCT custom_id), count(*) FROM messages WHERE batch_id = %s", (batch.id,)
+        )
+        assert await cur.fetchone() == (400, 400)
