@@ -13,10 +13,12 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import openai
 import psycopg
 import redis.asyncio as aioredis
 
+from llmq.pipeline import batches
 from llmq.pipeline.db import make_pool
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.level_status import level_status
@@ -201,3 +203,35 @@ async def test_a_batch_is_fed_as_its_level_drains(redis: aioredis.Redis, keys: K
             "SELECT count(DISTINCT custom_id), count(*) FROM messages WHERE batch_id = %s", (batch.id,)
         )
         assert await cur.fetchone() == (400, 400)
+
+
+async def test_lines_fed_again_after_their_messages_ended_and_left_redis_do_not_run_again(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    async with pipeline(redis, keys, database_url, MockSettings(latency_ms=5)) as (h, client):
+        # Given a batch of 30 that completed, its messages' status hashes gone from Redis since (archived a
+        # while ago)
+        uploaded = await client.files.create(file=("in.jsonl", requests(30)), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        first = await ended(client, batch.id)
+        assert first.status == "completed"
+        # (and no idempotency record per line holds Redis memory for a day)
+        assert [k async for k in redis.scan_iter(match=f"{keys.prefix}:idem:*")] == []
+        for i in range(30):
+            await redis.delete(keys.msg(batches.message_id(batch.id, i)))
+        # When the batch stage finds it as a crash would leave it: nothing recorded as fed
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await conn.execute(
+                "UPDATE batches SET status = 'in_progress', fed = 0, feed_chunk = 0, feed_offset = 0 WHERE id = %s",
+                (batch.id,),
+            )
+        again = await ended(client, batch.id)
+        out = await lines_of(client, again.output_file_id)
+        async with httpx.AsyncClient() as http:
+            calls = (await http.get(f"http://127.0.0.1:{h.servers['a'].port}/stats")).json()["calls"]
+    # Then it ends completed again, each line once in the same output file, and no line ran twice
+    assert again.status == "completed" and again.output_file_id == first.output_file_id
+    assert sorted(line["custom_id"] for line in out) == sorted(f"req-{i}" for i in range(30))
+    assert calls == 30

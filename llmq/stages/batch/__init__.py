@@ -6,10 +6,13 @@ processes share the batches and never work one together:
 
 - ``validating`` -> ``in_progress``: its input file is still there (checked line by line when uploaded).
 - ``in_progress``: its lines are queued into its level as the level drains (the level's waiting messages
-  kept under ``batches.feed_depth``), each an ordinary message whose id and idempotency key follow from the
-  batch and the line: a line fed again after a crash (Redis took it, PostgreSQL did not record it) queues
-  nothing twice. Each carries the batch's deadline, so what has not run when the window ends expires. Its
-  outcomes are counted in the archive; all ended, or the window over, it goes on to ``finalizing``.
+  kept under ``batches.feed_depth``), each an ordinary message whose id follows from the batch and the line.
+  A line fed again after a crash (Redis took it, PostgreSQL did not record how far feeding got) queues
+  nothing twice: a message of that id whose status hash is in Redis is not queued again (the submit
+  script), and one archived already is not submitted (its hash is kept until its row is committed, so one
+  of the two holds). No idempotency record is kept per line: 50,000 of them would hold Redis memory for a
+  day. Each carries the batch's deadline, so what has not run when the window ends expires. Its outcomes are
+  counted in the archive; all ended, or the window over, it goes on to ``finalizing``.
 - ``cancelling``: its queued and retrying messages are cancelled (those in a call finish), then
   ``finalizing``.
 - ``finalizing``: once every message fed has its archived outcome, the output and error files are written
@@ -44,7 +47,7 @@ from llmq.pipeline.models import encode
 from llmq.pipeline.redis import UNAVAILABLE
 from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.stage import Stage
-from llmq.pipeline.submit import Submission, Submitter, Verdict, new_message, request_digest
+from llmq.pipeline.submit import Submission, Submitter, Verdict, new_message
 from llmq.stages.batch.lines import Position, lines_from
 from llmq.stages.batch.output import error_line, result_line
 
@@ -60,8 +63,6 @@ ENDED = Counter("llmq_batches_ended_total", "Batches ended, by final status", ["
 FED = Counter("llmq_batch_lines_fed_total", "Lines of batches queued into their level", ["level"])
 
 _line = msgspec.json.Decoder(InputLine)
-_ACCEPTED = (Verdict.QUEUED, Verdict.DUPLICATE, Verdict.CONFLICT)
-"""A line whose message exists (a conflict too: its key was taken by an earlier feed of the line)."""
 _UNREACHABLE = (*UNAVAILABLE, psycopg.OperationalError, OSError, TimeoutError)
 
 
@@ -196,22 +197,30 @@ class BatchStage(Stage):
                 level=b.level,
                 request=item.body,
                 tenant=b.tenant,
-                idempotency_key=f"{b.id}:{index}",
                 endpoint=URLS[item.url],
             )
             msg = msgspec.structs.replace(msg, deadline=deadline, batch_id=b.id, custom_id=item.custom_id)
-            subs.append(Submission(message=msg, payload=encode(msg), caller="batch", digest=request_digest(item.body)))
+            subs.append(Submission(message=msg, payload=encode(msg)))
             ends.append(line.after)
             if len(subs) >= space:
                 break
+        archived = await self._archived([s.message.id for s in subs])
+        verdicts = iter(await self.submitter.submit_many([s for s in subs if s.message.id not in archived]))
         accepted = 0
-        for verdict in await self.submitter.submit_many(subs):
-            if verdict.verdict not in _ACCEPTED:  # the level is full, or the tenant over a quota: later
+        for sub in subs:
+            # the level is full, or the tenant over a quota: the rest waits for a later look
+            if sub.message.id not in archived and next(verdicts).verdict is not Verdict.QUEUED:
                 break
             accepted += 1
         room[b.level] = room.get(b.level, 0) - accepted
         FED.labels(level=b.level).inc(accepted)
         return b.fed + accepted, ends[accepted - 1] if accepted else at
+
+    async def _archived(self, ids: list[str]) -> set[str]:
+        """Of these messages, those with an archived row (they ran: a line fed again must not run again)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT id::text FROM messages WHERE id = ANY(%s::uuid[])", (ids,))
+            return {row[0] for row in await cur.fetchall()}
 
     async def _cancel(self, conn: Any, b: batches.Batch) -> None:
         """Cancel what it queued and has not reached a backend; what has ends as it does."""
