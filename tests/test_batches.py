@@ -109,6 +109,13 @@ async def test_the_openai_sdk_runs_a_batch_end_to_end(redis: aioredis.Redis, key
         assert first["response"]["status_code"] == 200 and first["error"] is None
         assert first["response"]["body"]["object"] == "chat.completion"
         assert first["id"].startswith("batch_req_")
+
+        # and its messages leave Redis a second after they are archived (not the minute others stay: a batch's
+        # results are read from its output file, and 50,000 kept a minute would grow Redis with the batch)
+        async def gone() -> bool:
+            return not any([await redis.exists(keys.msg(batches.message_id(batch.id, i))) for i in range(40)])
+
+        await eventually(gone, within=10, what="the batch's status hashes gone")
         # and it is listed; its input file cannot be deleted while it runs, and can once it ended
         assert [b.id for b in (await client.batches.list()).data] == [batch.id]
         assert (await client.files.delete(uploaded.id)).deleted

@@ -59,6 +59,9 @@ BATCH_SECONDS = Histogram(
 _COLS = ", ".join(COLUMNS)
 _UPDATE = ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS if c != "id")
 IN_FLIGHT_BATCHES = 3
+BATCH_WINDOW_S = 1.0
+"""How long a batch's archived message keeps its status hash: 50,000 results kept a minute each would make
+Redis memory grow with the batch instead of with what is in flight."""
 DB_ERRORS = (psycopg.OperationalError, psycopg.errors.AdminShutdown, PoolTimeout)
 REFUSED_SQLSTATE_CLASSES = ("22", "23", "54")
 """SQLSTATE classes of errors about what the rows hold, which no retry cures: data exception (a value out
@@ -168,8 +171,11 @@ class Archive(Stage):
             for status, n in collections.Counter(r.outcome.status for r in rows).items():
                 ARCHIVED.labels(status=status.value).inc(n)
             for row in rows:
-                # PostgreSQL has it now: Redis keeps the status only for a short window (reads fall back)
-                batch.ack(row.entry, transitions.shortened(self.keys, row.outcome.message, self.window_s))
+                # PostgreSQL has it now: Redis keeps the status only for a short window (reads fall back); a
+                # batch's message for a second (its result goes to the batch's output file, from the archive)
+                msg = row.outcome.message
+                window_s = min(self.window_s, BATCH_WINDOW_S) if msg.batch_id else self.window_s
+                batch.ack(row.entry, transitions.shortened(self.keys, msg, window_s))
         for row in rows:
             for entry in row.superseded:
                 batch.ack(entry)
