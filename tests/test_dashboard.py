@@ -454,3 +454,46 @@ async def served_app(redis: aioredis.Redis, keys: Keys) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{server.port}"
     finally:
         await server.stop()
+
+
+async def test_the_page_shows_a_batchs_progress_as_it_runs(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    # Given the whole pipeline with the batch stage, a backend doing 2 calls at once, and the page open
+    await migrate(database_url)
+    stages = ("schedule", "dispatch", "retry", "batch")
+    config = {"a": {"max_concurrent": 2}}
+    async with (
+        Harness(
+            redis, keys, backends={"a": MockSettings(latency_ms=50)}, database_url=database_url, stages=stages,
+            backend_config=config,
+        ) as h,
+        served(h, redis, keys) as url,
+        browser_page() as (page, errors),
+    ):  # fmt: skip
+        await page.goto(url + "/")
+        await page.wait_for_selector("#levels tbody tr")
+        # When a batch of 60 lines is uploaded and created
+        lines = [
+            msgspec.json.encode({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": CHAT})
+            for i in range(60)
+        ]
+        async with httpx.AsyncClient(base_url=url) as http:
+            files = {"file": ("in.jsonl", b"\n".join(lines))}
+            fid = (await http.post("/v1/files", data={"purpose": "batch"}, files=files)).json()["id"]
+            body = {"input_file_id": fid, "endpoint": "/v1/chat/completions", "completion_window": "1h"}
+            bid = (await http.post("/v1/batches", json=body)).json()["id"]
+        # Then the page lists it in progress, its completed count moving, and then completed
+        row = page.locator(f"#batches tr:has-text('{bid}')")
+        await eventually(lambda: _text_is(row.locator("td.status"), "in_progress"), within=15, what="in progress")
+        completed = row.locator("td.completed")
+        first = int(await completed.inner_text())
+        await eventually(lambda: _count_above(completed, first), within=15, what="its completed count moving")
+        await eventually(lambda: _text_is(row.locator("td.status"), "completed"), within=30, what="completed")
+        assert await row.locator("td.completed").inner_text() == "60"
+        assert await row.locator("progress").evaluate("p => p.value === p.max")
+    assert errors == []
+
+
+async def _text_is(locator: Any, text: str) -> bool:
+    return await locator.count() == 1 and (await locator.inner_text()) == text

@@ -8,7 +8,8 @@ streams open now with their time to first token (the status hashes of the in-fli
 consumer group's consumers, pending entries and lag (XINFO), and, from the archive, the last ``WINDOW_S``
 of finished messages: each level's queue wait and time to first token (p50, p99) and throughput, each
 backend's latency and error rate (its messages that ended dead, or failed but not by a 4xx: the request's
-fault), each tenant's tokens (its share of all), and the newest messages. Without
+fault), each tenant's tokens (its share of all), the newest messages, and the batches (``/v1/batches``) open
+or of the last day with their progress. Without
 PostgreSQL those are null and the page says so.
 
 It shows every tenant's messages: a tenant's key is refused (``operator_only``).
@@ -31,7 +32,7 @@ from redis.exceptions import ResponseError
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 
-from llmq.pipeline import circuits, window
+from llmq.pipeline import batches, circuits, window
 from llmq.pipeline.config import Config
 from llmq.pipeline.keys import Group, Keys
 from llmq.pipeline.level_status import level_status
@@ -43,6 +44,8 @@ from llmq.stages.ingest.http_api import BadInput, operator_only, respond
 WINDOW_S = 300
 """The span of the archive the page's rates and percentiles cover."""
 RECENT = 25
+BATCHES = 20
+"""The batches the page lists at most: the open ones and those of the last day, the newest first."""
 OPEN_STREAMS = 50
 """The open streams the page lists at most (the oldest first)."""
 UI = Path(str(resources.files("llmq.stages.ingest") / "ui"))
@@ -69,6 +72,11 @@ FROM messages WHERE finished_at > now() - make_interval(secs => %s) GROUP BY ten
 _RECENT_SQL = """
 SELECT id::text, level, status, tenant, backend, extract(epoch FROM finished_at), queue_wait_ms, latency_ms
 FROM messages ORDER BY finished_at DESC LIMIT %s
+"""
+_BATCHES_SQL = """
+SELECT id, status, level, tenant, total, fed, completed, failed, extract(epoch FROM created_at),
+       extract(epoch FROM expires_at)
+FROM batches WHERE status = ANY(%s) OR created_at > now() - interval '1 day' ORDER BY created_at DESC LIMIT %s
 """
 _REQUEST_SQL = "SELECT request::text, tenant, model, session_id FROM messages WHERE id = %s"
 
@@ -213,7 +221,23 @@ class Dashboard:
             backends = await (await conn.execute(_BACKENDS_SQL, (WINDOW_S,))).fetchall()
             tenants = await (await conn.execute(_TENANTS_SQL, (WINDOW_S,))).fetchall()
             recent = await (await conn.execute(_RECENT_SQL, (RECENT,))).fetchall()
+            found = await (await conn.execute(_BATCHES_SQL, (list(batches.OPEN), BATCHES))).fetchall()
         return {
+            "batches": [
+                {
+                    "id": batch_id,
+                    "status": status,
+                    "level": level,
+                    "tenant": tenant,
+                    "total": total,
+                    "fed": fed,
+                    "completed": completed,
+                    "failed": failed,
+                    "created_at": float(created),
+                    "expires_at": float(expires),
+                }
+                for batch_id, status, level, tenant, total, fed, completed, failed, created, expires in found
+            ],
             "levels": {
                 level: {
                     "finished": n,

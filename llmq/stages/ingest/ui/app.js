@@ -112,6 +112,21 @@ function render(doc) {
   ]));
   const shown = doc.streams.length < doc.streams_total ? `, the ${doc.streams.length} oldest shown` : "";
   $("#streams-count").textContent = `(${doc.streams_total}${shown})`;
+  fill("#batches", archive ? archive.batches.map((b) => {
+    const done = b.completed + b.failed;
+    const progress = document.createElement("td");
+    const bar = document.createElement("progress");
+    bar.max = b.total;
+    bar.value = done;
+    bar.setAttribute("aria-label", `batch ${b.id}: ${done} of ${b.total} lines ended`);
+    progress.append(bar);
+    const ended = ["completed", "failed", "expired", "cancelled"].includes(b.status);
+    const cls = b.status === "completed" ? "ok" : ended ? "warn" : "";
+    return [
+      cell(b.id), cell(b.status, `status ${cls}`), cell(b.level), cell(b.tenant), progress, cell(b.fed, "num"),
+      cell(b.completed, "num completed"), cell(b.failed, "num"), cell(b.total, "num"), cell(when(b.expires_at)),
+    ];
+  }) : []);
   const tenants = archive ? archive.tenants : [];
   const allTokens = archive ? archive.tokens_total : 0;
   fill("#tenants", tenants.map((t) => [
