@@ -190,7 +190,7 @@ def test_a_bad_environment_value_names_the_variable() -> None:
         load_config(None, env={"LLMQ_SERVER__PORT": "eighty", "LLMQ_NOSUCH__THING": "1"})
     assert info.value.problems == [
         "nosuch: unknown field (expected one of: api_keys, backends, batches, database, loadbalancer, logging, "
-        "metrics, queue, scheduler, server, tenant_defaults, tenants) (from LLMQ_NOSUCH__THING)",
+        "metrics, queue, scheduler, server, tenant_defaults, tenants, webhooks) (from LLMQ_NOSUCH__THING)",
         'server.port: expected an integer, got str "eighty" (from LLMQ_SERVER__PORT)',
     ]
 
@@ -452,3 +452,19 @@ def test_a_batchs_level_is_the_lowest_unless_named_and_a_named_one_must_exist() 
     assert info.value.problems == [
         "batches.level: 'bulk' is no level of queue.levels (realtime, high, normal, low) (from LLMQ_BATCHES__LEVEL)"
     ]
+
+
+def test_webhook_endpoints_name_their_secret_by_variable_and_tenants_stay_within_them() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            None,
+            env={
+                "LLMQ_WEBHOOKS__ENDPOINTS": '[{url: "ftp://x/", secret_env: "whsec_c2VjcmV0"}]',
+                "LLMQ_TENANTS": '[{name: a, webhook_url: "http://169.254.169.254/"}]',
+            },
+        )
+    problems = "\n".join(info.value.problems)
+    assert "webhooks.endpoints[0].url: must be an http(s) URL" in problems
+    assert "webhooks.endpoints[0].secret_env: must be the name of the environment variable" in problems
+    assert "tenants[0].webhook_url: starts with none of webhooks.endpoints[].url" in problems
+    assert "c2VjcmV0" not in problems  # (a secret given by mistake is never shown)

@@ -9,11 +9,13 @@ from typing import Any
 from llmq.cli.consume import StageFactory
 from llmq.pipeline.config import Config, PostgresConfig
 from llmq.pipeline.db import make_pool
+from llmq.pipeline.runtime.stage import Stage
 from llmq.stages.archive import Archive
 from llmq.stages.batch import BatchStage
 from llmq.stages.dispatch import Dispatch
 from llmq.stages.retry import Retry
 from llmq.stages.schedule import make_stages as make_schedule
+from llmq.stages.webhooks import WebhookSender
 
 MOCK_BACKEND_PORT = 8090
 
@@ -26,6 +28,11 @@ def postgres_of(config: Config) -> PostgresConfig:
 def make_archive(*, config: Config, **clients: Any) -> Archive:
     pg = postgres_of(config)
     return Archive(config=config, pool=make_pool(pg), conninfo=pg.conninfo, **clients)
+
+
+def make_retry(**clients: Any) -> list[Stage]:
+    """The retry stage, and the webhook deliveries it retries likewise (the retry group, on its own stream)."""
+    return [Retry(**clients), WebhookSender(**clients)]
 
 
 def make_batch(*, config: Config, **clients: Any) -> BatchStage:
@@ -70,7 +77,7 @@ STAGES: dict[str, StageSpec] = {
             name="retry",
             summary="backs off failed messages and dead-letters exhausted ones (ops port metrics.port + 2)",
             default_port=lambda c: c.metrics.port + 2,
-            factory=Retry,
+            factory=make_retry,
         ),
         StageSpec(
             name="archive",

@@ -20,6 +20,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from llmq.pipeline import webhooks
 from llmq.pipeline.config import Config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.lua import Lua
@@ -192,6 +193,11 @@ class DeadLetters:
             counted = now + UNENDED_TTL_S if self.config.tenant(msg.tenant).max_queued else ""
             args: list[str | bytes | float] = [dl.entry_id, encode(replayed), Status.QUEUED.value, now, msg.id]
             args += [streamed, counted]
+        elif dl.source == self.keys.webhooks:
+            # a webhook delivery that failed its attempts: delivered again, its attempts counted from 0
+            payload = webhooks.encode(msgspec.structs.replace(webhooks.decode(dl.payload), attempts=0))
+            keys = [self.keys.dlq, self.keys.webhooks, self.keys.dlq, self.keys.dlq_index, self.keys.dlq, self.keys.dlq]
+            args = [dl.entry_id, payload, "", now, "", "", ""]
         else:
             # an outcome the archive could not take: back to done as it was
             keys = [self.keys.dlq, self.keys.done, self.keys.dlq, self.keys.dlq_index, self.keys.dlq, self.keys.dlq]

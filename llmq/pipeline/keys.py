@@ -17,6 +17,7 @@ class Group(enum.StrEnum):
     """Reads every level stream."""
     DISPATCH = "dispatch"
     RETRY = "retry"
+    """Reads ``retry``, and ``webhooks``: the events to deliver."""
     ARCHIVE = "archive"
     """Reads ``done``."""
     BATCH = "batch"
@@ -40,6 +41,9 @@ class Keys:
         "retry_payloads",
         "slots",
         "stagger",
+        "webhooks",
+        "webhooks_due",
+        "webhooks_payloads",
     )
 
     def __init__(self, prefix: str = "{llmq}") -> None:
@@ -60,6 +64,12 @@ class Keys:
         self.slots = f"{prefix}:slots"
         """Pub/Sub channel: an in-flight slot was released without the message finishing (retry)."""
         self.stagger = f"{prefix}:stagger"
+        self.webhooks = f"{prefix}:webhooks"
+        """Stream of webhook deliveries (``llmq.pipeline.webhooks``): events of ended messages and batches."""
+        self.webhooks_due = f"{prefix}:webhooks:due"
+        """Sorted set of deliveries waiting out their backoff, by when they are due."""
+        self.webhooks_payloads = f"{prefix}:webhooks:payloads"
+        """Hash of the deliveries of ``webhooks_due``."""
         self.batches = f"{prefix}:batches"
         """Stream of notices to the batch stage (a batch was created, or is to be cancelled): it acts at once
         instead of at its next look at the batches table."""

@@ -15,7 +15,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from llmq.cli.consume import runner_settings
-from llmq.cli.stages import make_archive, make_batch
+from llmq.cli.stages import make_archive, make_batch, make_retry
 from llmq.pipeline.config import Config, load_config
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.runtime.ops_server import OpsServer
@@ -24,7 +24,6 @@ from llmq.pipeline.runtime.stage import Stage
 from llmq.stages.dispatch import Dispatch
 from llmq.stages.ingest import create_app
 from llmq.stages.mock_backend import MockBackend, MockSettings
-from llmq.stages.retry import Retry
 from llmq.stages.schedule import make_stages
 from tests.support.clients import QUEUEING
 
@@ -88,7 +87,7 @@ class Harness:
         if "dispatch" in self.stage_names:
             built.append(Dispatch(config=self.config, redis=self.redis, keys=self.keys))
         if "retry" in self.stage_names:
-            built.append(Retry(config=self.config, redis=self.redis, keys=self.keys))
+            built += make_retry(config=self.config, redis=self.redis, keys=self.keys)
         if "archive" in self.stage_names:
             built.append(make_archive(config=self.config, redis=self.redis, keys=self.keys))
         if "batch" in self.stage_names:

@@ -365,6 +365,9 @@ class TenantConfig(TenantLimits, frozen=True):
     """Required: what requests name in ``tenant`` (``X-LLMQ-Tenant``), what the archive's rows carry."""
     api_keys: list[str] = msgspec.field(default_factory=list)
     """API keys that are this tenant's: a request with one of them is the tenant's, whatever it claims."""
+    webhook_url: str | None = None
+    """Where the events of this tenant's messages and batches go (one may name its own in
+    ``metadata.webhook_url``); within ``webhooks.endpoints``."""
 
 
 class BatchesConfig(_Section, frozen=True):
@@ -382,6 +385,34 @@ class BatchesConfig(_Section, frozen=True):
     as the level drains, so a batch of 50,000 never fills Redis (nor the level's max_size) at once."""
 
 
+class WebhookEndpoint(_Section, frozen=True):
+    """Where webhooks may go, and how they are signed there."""
+
+    url: str = ""
+    """Required: a URL prefix (``https://hooks.example.com/llmq/``): any URL starting with it may be named
+    (``metadata.webhook_url``, ``tenants[].webhook_url``); no other URL ever gets a request from llmq."""
+    secret_env: str = ""
+    """Required: the environment variable holding this endpoint's signing secret (``whsec_`` and base64, as
+    the Standard Webhooks libraries make it), never the secret itself."""
+
+
+class WebhooksConfig(_Section, frozen=True):
+    """Events POSTed when a message or a batch ends, signed as the Standard Webhooks spec says."""
+
+    endpoints: list[WebhookEndpoint] = msgspec.field(default_factory=list)
+    """The allow-list: a webhook URL that starts with none of these is refused (422 when it is named)."""
+    max_attempts: Positive = 8
+    """Deliveries of one event before it is dead-lettered (replayable like any dead letter)."""
+    initial_backoff: Duration = Duration("1s")
+    max_backoff: Duration = Duration("10m")
+    timeout: Duration = Duration("10s")
+    """Longest a delivery may take; past it, it is retried."""
+
+    def endpoint(self, url: str) -> WebhookEndpoint | None:
+        """The allowed endpoint ``url`` falls under, if any."""
+        return next((e for e in self.endpoints if e.url and url.startswith(e.url)), None)
+
+
 class Config(_Section, frozen=True, dict=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
@@ -392,6 +423,7 @@ class Config(_Section, frozen=True, dict=True):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     backends: list[BackendConfig] = msgspec.field(default_factory=list)
     batches: BatchesConfig = msgspec.field(default_factory=BatchesConfig)
+    webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
     api_keys: list[str] = msgspec.field(default_factory=list)
     """Accepted API keys for the HTTP API; empty means the API is open. These keys belong to no tenant: a
     request with one names its tenant itself (``tenant``, ``X-LLMQ-Tenant``)."""

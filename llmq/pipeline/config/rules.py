@@ -233,6 +233,17 @@ def semantic_problems(config: Config) -> list[str]:
         if not key.strip():
             problems.append(f"api_keys[{i}]: an empty key would let in every request that sends none")
     problems += _tenant_problems(config)
+    for i, endpoint in enumerate(config.webhooks.endpoints):
+        if not _is_http_url(endpoint.url):
+            problems.append(f"webhooks.endpoints[{i}].url: must be an http(s) URL (a prefix of the URLs allowed)")
+        if not _ENV_NAME.fullmatch(endpoint.secret_env) or endpoint.secret_env.startswith("whsec_"):
+            problems.append(
+                f"webhooks.endpoints[{i}].secret_env: must be the name of the environment variable that holds the "
+                "signing secret (letters, digits, '_'), never the secret itself"
+            )
+    for i, tenant in enumerate(config.tenants):
+        if tenant.webhook_url is not None and config.webhooks.endpoint(tenant.webhook_url) is None:
+            problems.append(f"tenants[{i}].webhook_url: starts with none of webhooks.endpoints[].url")
     if config.batches.level is not None and q.level(config.batches.level) is None:
         problems.append(
             f"batches.level: {config.batches.level!r} is no level of queue.levels "

@@ -35,12 +35,13 @@ from prometheus_client import Counter, Histogram
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
-from llmq.pipeline import background, dlq, metrics, transitions
+from llmq.pipeline import background, dlq, metrics, transitions, webhooks
 from llmq.pipeline.config import Config
 from llmq.pipeline.db import migrate
 from llmq.pipeline.errors import GiveBack
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.models import Outcome, decode_outcome
+from llmq.pipeline.runtime import effects
 from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.stage import Stage
 from llmq.pipeline.runtime.streams import Entry
@@ -175,10 +176,20 @@ class Archive(Stage):
                 # batch's message for a second (its result goes to the batch's output file, from the archive)
                 msg = row.outcome.message
                 window_s = min(self.window_s, BATCH_WINDOW_S) if msg.batch_id else self.window_s
-                batch.ack(row.entry, transitions.shortened(self.keys, msg, window_s))
+                batch.ack(row.entry, transitions.shortened(self.keys, msg, window_s), *self._webhook(row.outcome))
         for row in rows:
             for entry in row.superseded:
                 batch.ack(entry)
+
+    def _webhook(self, outcome: Outcome) -> list[effects.Effect]:
+        """The event of a message that ended, for its webhook if it has one (a batch's lines have their batch's)."""
+        msg = outcome.message
+        if not self.config.webhooks.endpoints or msg.batch_id:
+            return []
+        url = webhooks.url_of(self.config, msg.metadata, msg.tenant)
+        if url is None:
+            return []
+        return [effects.xadd(self.keys.webhooks, webhooks.encode(webhooks.message_event(outcome, url)))]
 
     async def _write(self, rows: bytes) -> None:
         """COPY the rows straight into ``messages``, each row written once. When an id is there already (a

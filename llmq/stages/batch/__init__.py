@@ -37,14 +37,14 @@ from prometheus_client import Counter, Gauge
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from llmq.pipeline import background, batches
+from llmq.pipeline import background, batches, webhooks
 from llmq.pipeline.batch_input import URLS, InputLine
 from llmq.pipeline.config import Config
 from llmq.pipeline.db import migrate
 from llmq.pipeline.filestore import CHUNK, Facts, PostgresFileStore
 from llmq.pipeline.keys import Group, Keys
 from llmq.pipeline.level_status import level_status
-from llmq.pipeline.models import encode
+from llmq.pipeline.models import FIELD, encode
 from llmq.pipeline.redis import UNAVAILABLE
 from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.stage import Stage
@@ -164,6 +164,7 @@ class BatchStage(Stage):
                 (Jsonb([error | {"line": None}]), b.id),
             )
             ENDED.labels(status="failed").inc()
+            await self._announce(b, "failed", 0, 0, None, None)
             return
         await conn.execute("UPDATE batches SET status = 'in_progress', in_progress_at = now() WHERE id = %s", (b.id,))
         self.wake.set()  # its first lines go now, not a tick later
@@ -264,7 +265,27 @@ class BatchStage(Stage):
             (final, completed, b.total - completed, output_id, error_id, b.id),
         )
         ENDED.labels(status=final).inc()
+        await self._announce(b, final, completed, b.total - completed, output_id, error_id)
         log.info("batch %s %s: %d of %d lines completed", b.id, final, completed, b.total)
+
+    async def _announce(
+        self, b: batches.Batch, status: str, completed: int, failed: int, output: str | None, errors: str | None
+    ) -> None:
+        """The batch's event for its webhook, if it has one: before its end is committed, so a crash between
+        sends it again (the same webhook-id: a receiver drops the repeat) rather than never."""
+        url = webhooks.url_of(self.config, b.metadata, b.tenant) if self.config.webhooks.endpoints else None
+        if url is None:
+            return
+        data = {
+            "id": b.id,
+            "status": status,
+            "request_counts": {"total": b.total, "completed": completed, "failed": failed},
+            "output_file_id": output,
+            "error_file_id": errors,
+            "metadata": b.metadata,
+        }
+        delivery = webhooks.event("batch", b.id, f"batch.{status}", data, url)
+        await self.redis.xadd(self.keys.webhooks, {FIELD: webhooks.encode(delivery)})
 
     async def _write(self, b: batches.Batch, kind: str, *, unfed: str = "") -> str:
         """Write the batch's output (``kind`` output) or error file; its id."""

@@ -23,7 +23,15 @@ from llmq.pipeline.config.durations import parse_duration
 from llmq.pipeline.filestore import PostgresFileStore
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.redis import UNAVAILABLE
-from llmq.stages.ingest.http_api import ArchiveUnavailable, BadInput, decode_json, read_body, respond, tenant_of
+from llmq.stages.ingest.http_api import (
+    ArchiveUnavailable,
+    BadInput,
+    check_webhook_url,
+    decode_json,
+    read_body,
+    respond,
+    tenant_of,
+)
 
 WINDOW_MIN_S = 1.0
 WINDOW_MAX_S = 7 * 86400.0
@@ -68,6 +76,7 @@ class Batches:
         assert self.files is not None
         tenant = tenant_of(request, request.headers.get("x-llmq-tenant"), "X-LLMQ-Tenant")
         body = decode_json(_create, await read_body(request, limit=self.max_body))
+        check_webhook_url(self.config, body.metadata, "metadata.webhook_url")
         if body.endpoint not in URLS:
             raise BadInput(400, f"endpoint must be one of {', '.join(URLS)}", "endpoint")
         try:

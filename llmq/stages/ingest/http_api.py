@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from llmq.pipeline.config import Config
 from llmq.pipeline.models import Message, encode
 from llmq.pipeline.redis import UNAVAILABLE
 from llmq.stages.ingest import schema
@@ -115,6 +116,17 @@ def tenant_of(request: Request, claimed: str | None, field: str) -> str | None:
     if claimed is not None and claimed != owner:
         raise BadInput(403, f"this API key is tenant {owner!r}'s; it cannot submit as {claimed!r}", field)
     return str(owner)
+
+
+def check_webhook_url(config: Config, metadata: dict[str, Any] | None, field: str) -> None:
+    """BadInput 422 when ``metadata.webhook_url`` is given and falls under no ``webhooks.endpoints``: llmq
+    sends no request to an address the operator has not allowed."""
+    url = (metadata or {}).get("webhook_url")
+    if url is None:
+        return
+    if not isinstance(url, str) or config.webhooks.endpoint(url) is None:
+        allowed = ", ".join(e.url for e in config.webhooks.endpoints) or "none are configured"
+        raise BadInput(422, f"webhook_url must start with one of webhooks.endpoints[].url ({allowed})", field)
 
 
 def operator_only(request: Request) -> None:

@@ -44,6 +44,7 @@ from llmq.stages.ingest.http_api import (
     ArchiveUnavailable,
     BadInput,
     caller,
+    check_webhook_url,
     decode_json,
     encode_message,
     field_of,
@@ -115,6 +116,7 @@ class Messages:
                 raise BadInput(422, "each chat message must be an object", f"{where}request.messages[{i}]")
         if not isinstance(sub.request.get("stream", False), bool):
             raise BadInput(422, "request.stream must be true or false", f"{where}request.stream")
+        check_webhook_url(self.config, sub.metadata, f"{where}metadata.webhook_url")
         msg = new_message(
             message_id=new_id(),
             level=sub.level,
