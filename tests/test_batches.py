@@ -18,8 +18,9 @@ import openai
 import psycopg
 import redis.asyncio as aioredis
 
+from llmq.cli.stages import make_batch
 from llmq.pipeline import batches
-from llmq.pipeline.db import make_pool
+from llmq.pipeline.db import make_pool, migrate
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.level_status import level_status
 from llmq.pipeline.runtime.ops_server import OpsServer
@@ -242,3 +243,129 @@ async def test_lines_fed_again_after_their_messages_ended_and_left_redis_do_not_
     assert again.status == "completed" and again.output_file_id == first.output_file_id
     assert sorted(line["custom_id"] for line in out) == sorted(f"req-{i}" for i in range(30))
     assert calls == 30
+
+
+async def test_a_line_over_its_tenants_tpm_fails_at_once_and_the_lines_after_it_run_once(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    # Given tenant a's tpm of 100,000 and a batch of 10 lines whose second asks for 500,000 tokens (the API
+    # refuses such a request with 422: it can never pass)
+    env = {"LLMQ_TENANTS": "[{name: a, tpm: 100000}]"}
+    async with pipeline(redis, keys, database_url, MockSettings(latency_ms=5), env) as (_, client):
+        lines = requests(10).decode().splitlines()
+        big = json.loads(lines[1])
+        big["body"]["max_tokens"] = 500_000
+        lines[1] = json.dumps(big)
+        uploaded = await client.files.create(file=("in.jsonl", "\n".join(lines).encode()), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="1h",
+            extra_headers={"X-LLMQ-Tenant": "a"},
+        )
+        # Then the batch completes (the line does not hold it until its window ends), that line failed with
+        # why, and every other line ran once and is in the output
+        done = await ended(client, batch.id, within=30)
+        out, errors = await lines_of(client, done.output_file_id), await lines_of(client, done.error_file_id)
+    assert done.status == "completed" and done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (9, 1)
+    assert sorted(line["custom_id"] for line in out) == sorted(f"req-{i}" for i in range(10) if i != 1)
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("req-1", "failed")]
+    assert "tpm of 100000" in errors[0]["error"]["message"]
+
+
+async def test_lines_queued_by_a_look_that_was_not_recorded_are_cancelled_or_kept_not_lost(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    # Given a batch whose stage queued its 10 lines and crashed before recording it (the look's transaction
+    # never committed), the lines then running and completing
+    await migrate(database_url)
+    async with (
+        Harness(redis, keys, backends={"a": MockSettings(latency_ms=5)}, database_url=database_url) as h,
+        _api(h, redis, keys) as client,
+    ):
+        stage = make_batch(config=h.config, redis=redis, keys=keys)
+        await stage.pool.open()
+        try:
+            uploaded = await client.files.create(file=("in.jsonl", requests(10)), purpose="batch")
+            batch = await client.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="1h"
+            )
+            await stage.look()  # validating -> in_progress
+            row = await batches.get(stage.pool, batch.id)
+            assert row is not None and row.status == "in_progress"
+            await stage._feed(row, {row.level: 100})  # queued, never recorded
+
+            async def all_archived() -> bool:
+                return len(await stage._archived([batches.message_id(batch.id, i) for i in range(10)])) == 10
+
+            await eventually(all_archived, within=20, what="the unrecorded lines run and archived")
+            # When the batch is cancelled, and its stage goes on
+            assert (await client.batches.cancel(batch.id)).status == "cancelling"
+            seen = []
+            while (now := await client.batches.retrieve(batch.id)).status not in ENDED:
+                seen.append(now.status)
+                await stage.look()
+            out, errors = await lines_of(client, now.output_file_id), await lines_of(client, now.error_file_id)
+        finally:
+            await stage.pool.close()
+    # Then it went from cancelling to cancelled (as OpenAI's API does), and the ten lines that ran are in the
+    # output, none of them listed as never run
+    assert set(seen) == {"cancelling"} and now.status == "cancelled"
+    assert sorted(line["custom_id"] for line in out) == sorted(f"req-{i}" for i in range(10)) and errors == []
+    assert now.request_counts is not None and now.request_counts.completed == 10
+
+
+@contextlib.asynccontextmanager
+async def _api(h: Harness, redis: aioredis.Redis, keys: Keys) -> AsyncIterator[openai.AsyncOpenAI]:
+    pool = make_pool(h.config.database.postgres)  # type: ignore[arg-type]
+    server = OpsServer(create_app(h.config, redis=redis, keys=keys, pool=pool), host="127.0.0.1", port=0, lifespan=True)
+    server.start()
+    try:
+        yield openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="-", max_retries=0)
+    finally:
+        await server.stop()
+
+
+async def test_a_file_deleted_while_a_batch_of_it_is_created_leaves_no_batch_without_its_file(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    await migrate(database_url)
+    async with (
+        Harness(redis, keys, backends={"a": MockSettings()}, database_url=database_url, stages=()) as h,
+        _api(h, redis, keys) as client,
+    ):
+        for first in ("delete", "create"):
+            uploaded = await client.files.create(file=("in.jsonl", requests(3)), purpose="batch")
+            # Given the file's row held (widening the gap between a check and a write), a delete and a batch's
+            # creation both waiting on it, one of them first
+            async with await psycopg.AsyncConnection.connect(database_url) as holder:
+                await holder.execute("SELECT 1 FROM files WHERE id = %s FOR UPDATE", (uploaded.id,))
+                fid = uploaded.id
+                calls = {
+                    "delete": lambda fid=fid: _outcome(client.files.delete(fid)),
+                    "create": lambda fid=fid: _outcome(
+                        client.batches.create(
+                            input_file_id=fid, endpoint="/v1/chat/completions", completion_window="1h"
+                        )
+                    ),
+                }
+                then = "create" if first == "delete" else "delete"
+                waiting = {first: asyncio.create_task(calls[first]())}
+                await asyncio.sleep(0.3)  # (it waits on the row: a lock wait has nothing to await)
+                waiting[then] = asyncio.create_task(calls[then]())
+                await asyncio.sleep(0.3)
+                await holder.commit()
+                deleted, created = await waiting["delete"], await waiting["create"]
+            # Then never both: the file is gone and no batch was made of it, or the batch is there and the
+            # delete was refused
+            assert not (deleted == 200 and created == 200), (first, deleted, created)
+            assert {deleted, created} in ({200, 404}, {200, 409}), (first, deleted, created)
+
+
+async def _outcome(call: Any) -> int:
+    try:
+        await call
+    except openai.APIStatusError as exc:
+        return exc.status_code
+    return 200

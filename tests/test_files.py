@@ -107,9 +107,9 @@ async def test_a_file_of_many_chunks_reads_back_whole(redis: aioredis.Redis, key
         created = await http.post("/v1/files", data={"purpose": "batch"}, files={"file": ("big.jsonl", body)})
         assert created.status_code == 200, created.text
         fid = created.json()["id"]
-        # Then it is kept in 4 chunks and reads back whole, its lines counted
+        # Then it is kept in 4 chunks and reads back whole (its length declared), its lines counted
         content = await http.get(f"/v1/files/{fid}/content")
-    assert content.content == body
+    assert content.content == body and content.headers["content-length"] == str(len(body))
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         row = await (await conn.execute("SELECT chunks, lines, urls FROM files WHERE id = %s", (fid,))).fetchone()
     assert row == (4, body.count(b"\n"), ["/v1/chat/completions"])
@@ -140,6 +140,7 @@ async def test_a_file_of_many_chunks_reads_back_whole(redis: aioredis.Redis, key
         (("", "  "), 422, "the file holds no request", None),
         ((line("a"), line("b"), line("c"), line("d")), 422, "line 4: the file holds more than 3 requests", None),
         ((line("a", "y" * 3000),), 422, "line 1: the line is over 2048 bytes", None),
+        ((line("a\x00b"),), 422, "line 1: custom_id must not hold a NUL character", "custom_id"),
     ],
 )
 async def test_a_bad_input_file_is_refused_naming_the_line_and_field_and_nothing_is_stored(
@@ -239,3 +240,28 @@ async def test_without_postgres_the_files_api_says_what_it_needs(redis: aioredis
         with pytest.raises(openai.APIStatusError) as refused:
             await client.files.list()
     assert refused.value.status_code == 503 and "database.postgres" in str(refused.value.body)
+
+
+async def test_what_postgresql_cannot_store_is_a_400_not_an_outage(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    async with served(redis, keys, database_url) as url, httpx.AsyncClient(base_url=url) as http:
+        created = await http.post("/v1/files", data={"purpose": "batch"}, files={"file": ("a.jsonl", jsonl(line("x")))})
+        fid = created.json()["id"]
+        for method, path, body in [
+            ("GET", "/v1/files/a%00b", None),
+            ("GET", "/v1/files?after=%00", None),
+            ("DELETE", "/v1/files/%00", None),
+            ("GET", "/v1/batches/%00", None),
+            (
+                "POST",
+                "/v1/batches",
+                {"input_file_id": fid, "endpoint": "/v1/chat/completions", "metadata": {"k": "v\u0000"}},
+            ),
+        ]:
+            answer = await http.request(method, path, json=body)
+            # (a 503 would tell the client to retry, for ever, what can never be stored)
+            assert answer.status_code == 400 and "cannot store" in answer.json()["error"]["message"], (
+                path,
+                answer.text,
+            )

@@ -90,6 +90,8 @@ class LineChecker:
             raise BadLine(number, message, where.rstrip("`").lstrip(".") or None) from None
         except msgspec.DecodeError as exc:
             raise BadLine(number, f"malformed JSON: {exc}") from None
+        if "\x00" in item.custom_id:  # PostgreSQL's text cannot hold it: it would come back changed
+            raise BadLine(number, "custom_id must not hold a NUL character", "custom_id")
         first = self._seen.setdefault(item.custom_id, number)
         if first != number:
             raise BadLine(number, f"duplicate custom_id {item.custom_id!r} (first on line {first})", "custom_id")

@@ -55,6 +55,8 @@ class Batch(msgspec.Struct, kw_only=True):
     feed_offset: int
     completed: int
     failed: int
+    cancel_pass: bool
+    """A cancelling batch's queued messages were cancelled: it waits for the rest to end."""
     output_file_id: str | None
     error_file_id: str | None
     errors: list[dict[str, Any]] | None
@@ -177,10 +179,9 @@ async def request_cancel(pool: AsyncConnectionPool, batch_id: str) -> Batch | No
     return row_to_batch(row) if row else None
 
 
-async def uses_file(pool: AsyncConnectionPool, file_id: str) -> bool:
+async def uses_file(conn: AsyncConnection[Any], file_id: str) -> bool:
     """Whether an open batch reads the file (it may not be deleted meanwhile)."""
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT 1 FROM batches WHERE input_file_id = %s AND status = ANY(%s) LIMIT 1", (file_id, list(OPEN))
-        )
-        return await cur.fetchone() is not None
+    cur = await conn.execute(
+        "SELECT 1 FROM batches WHERE input_file_id = %s AND status = ANY(%s) LIMIT 1", (file_id, list(OPEN))
+    )
+    return await cur.fetchone() is not None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 from psycopg_pool import AsyncConnectionPool
@@ -187,6 +187,14 @@ class PostgresFileStore:
         async with self.pool.connection() as conn:
             cur = await conn.execute("DELETE FROM files WHERE id = %s", (file_id,))
             return cur.rowcount > 0
+
+
+async def share_locked(conn: Any, file_id: str) -> StoredFile | None:
+    """The file, its row share-locked in ``conn``'s transaction: it cannot be deleted until that ends (a batch
+    created of it is recorded first, and the delete then sees it)."""
+    cur = await conn.execute(f"SELECT {_COLUMNS} FROM files WHERE id = %s FOR SHARE", (file_id,))
+    row = await cur.fetchone()
+    return _file(row) if row else None
 
 
 def _file(row: tuple[object, ...]) -> StoredFile:

@@ -23,6 +23,7 @@ CREATE TABLE batches (
     feed_offset       integer     NOT NULL DEFAULT 0,
     completed         integer     NOT NULL DEFAULT 0,
     failed            integer     NOT NULL DEFAULT 0,
+    cancel_pass       boolean     NOT NULL DEFAULT false,
     output_file_id    text,
     error_file_id     text,
     errors            jsonb,

@@ -13,8 +13,8 @@ processes share the batches and never work one together:
   of the two holds). No idempotency record is kept per line: 50,000 of them would hold Redis memory for a
   day. Each carries the batch's deadline, so what has not run when the window ends expires. Its outcomes are
   counted in the archive; all ended, or the window over, it goes on to ``finalizing``.
-- ``cancelling``: its queued and retrying messages are cancelled (those in a call finish), then
-  ``finalizing``.
+- ``cancelling``: its queued and retrying messages are cancelled (those in a call finish); it stays
+  ``cancelling`` until it is finalized.
 - ``finalizing``: once every message fed has its archived outcome, the output and error files are written
   (``output``: OpenAI's line format; ids of their own, replaced if written again after a crash) and the batch
   ends ``completed``, ``expired`` or ``cancelled``.
@@ -44,11 +44,11 @@ from llmq.pipeline.db import migrate
 from llmq.pipeline.filestore import CHUNK, Facts, PostgresFileStore
 from llmq.pipeline.keys import Group, Keys
 from llmq.pipeline.level_status import level_status
-from llmq.pipeline.models import FIELD, encode
+from llmq.pipeline.models import FIELD, Message, Outcome, Status, encode
 from llmq.pipeline.redis import UNAVAILABLE
 from llmq.pipeline.runtime.batch import Batch
 from llmq.pipeline.runtime.stage import Stage
-from llmq.pipeline.submit import Submission, Submitter, Verdict, new_message
+from llmq.pipeline.submit import Submission, Submitter, Verdict, new_message, over_tpm
 from llmq.stages.batch.lines import Position, lines_from
 from llmq.stages.batch.output import error_line, result_line
 
@@ -151,9 +151,9 @@ class BatchStage(Stage):
                 await self._validate(conn, b)
             elif b.status == "in_progress":
                 await self._progress(conn, b, room)
-            elif b.status == "cancelling":
+            elif b.status == "cancelling" and not b.cancel_pass:
                 await self._cancel(conn, b)
-            else:
+            else:  # finalizing, or cancelling once its queued messages were cancelled
                 await self._finalize(conn, b)
 
     async def _validate(self, conn: Any, b: batches.Batch) -> None:
@@ -200,40 +200,76 @@ class BatchStage(Stage):
             self.wake.set()
 
     async def _feed(self, b: batches.Batch, room: dict[str, int]) -> tuple[int, Position]:
-        """Queue the batch's next lines, as many as its level has room for; how far it got."""
+        """Queue the batch's next lines, as many as its level has room for, in order; how far it got. What is
+        queued is always the lines before ``fed`` (and, after a crash, lines of the look that was not
+        recorded, at most ``FEED_MAX`` past it: cancel and finalize look there too)."""
         at = Position(b.feed_chunk, b.feed_offset)
         space = min(room.get(b.level, 0), FEED_MAX)
         if space <= 0:
             return b.fed, at
-        subs: list[Submission] = []
-        ends: list[Position] = []
+        lines: list[tuple[Message, Position]] = []
         deadline = b.expires_at.timestamp()
         async for line in lines_from(self.files, b.input_file_id, at):
-            index = b.fed + len(subs)
             item = _line.decode(line.data)  # checked when uploaded
             msg = new_message(
-                message_id=batches.message_id(b.id, index),
+                message_id=batches.message_id(b.id, b.fed + len(lines)),
                 level=b.level,
                 request=item.body,
                 tenant=b.tenant,
                 endpoint=URLS[item.url],
             )
-            msg = msgspec.structs.replace(msg, deadline=deadline, batch_id=b.id, custom_id=item.custom_id)
-            subs.append(Submission(message=msg, payload=encode(msg)))
-            ends.append(line.after)
-            if len(subs) >= space:
+            lines.append(
+                (msgspec.structs.replace(msg, deadline=deadline, batch_id=b.id, custom_id=item.custom_id), line.after)
+            )
+            if len(lines) >= space:
                 break
-        archived = await self._archived([s.message.id for s in subs])
-        verdicts = iter(await self.submitter.submit_many([s for s in subs if s.message.id not in archived]))
+        archived = await self._archived([m.id for m, _ in lines])
+        taken = await self._queue([m for m, _ in lines if m.id not in archived], b.tenant)
         accepted = 0
-        for sub in subs:
-            # the level is full, or the tenant over a quota: the rest waits for a later look
-            if sub.message.id not in archived and next(verdicts).verdict is not Verdict.QUEUED:
+        for msg, _ in lines:
+            if msg.id not in archived and msg.id not in taken:  # the level is full or the tenant over a quota
                 break
             accepted += 1
         room[b.level] = room.get(b.level, 0) - accepted
         FED.labels(level=b.level).inc(accepted)
-        return b.fed + accepted, ends[accepted - 1] if accepted else at
+        return b.fed + accepted, lines[accepted - 1][1] if accepted else at
+
+    async def _queue(self, messages: list[Message], tenant: str | None) -> set[str]:
+        """Queue ``messages`` in order up to the first one refused (the level full, the tenant over a quota);
+        the ids queued. One that can never pass its tenant's tpm (its estimate alone is more) ends failed
+        now, as the API refuses it, instead of holding the batch until its window ends."""
+        taken: set[str] = set()
+        one_by_one = self.config.tenant(tenant).tpm is not None
+        # Without a tpm quota a refusal holds for every later message of the call (the level's depth, the
+        # tenant's max_queued and rpm only grow within it): one call, its refused ones the tail. A tpm
+        # quota refuses by size, so a smaller message could pass one refused before it: one at a time.
+        pending: list[Message] = []
+        for msg in messages:
+            if why := over_tpm(self.config, msg):
+                if pending and not await self._submit(pending, taken):
+                    return taken
+                pending = []
+                failed = Outcome(message=msg, status=Status.FAILED, error=why, finished_at=time.time())
+                await self.redis.xadd(self.keys.done, {FIELD: encode(failed)})
+                taken.add(msg.id)
+                continue
+            pending.append(msg)
+            if one_by_one:
+                if not await self._submit(pending, taken):
+                    return taken
+                pending = []
+        if pending:
+            await self._submit(pending, taken)
+        return taken
+
+    async def _submit(self, messages: list[Message], taken: set[str]) -> bool:
+        """Submit ``messages``; add those queued to ``taken``; whether all were."""
+        verdicts = await self.submitter.submit_many([Submission(message=m, payload=encode(m)) for m in messages])
+        for msg, verdict in zip(messages, verdicts, strict=True):
+            if verdict.verdict is not Verdict.QUEUED:
+                return False
+            taken.add(msg.id)
+        return True
 
     async def _archived(self, ids: list[str]) -> set[str]:
         """Of these messages, those with an archived row (they ran: a line fed again must not run again)."""
@@ -241,24 +277,39 @@ class BatchStage(Stage):
             cur = await conn.execute("SELECT id::text FROM messages WHERE id = ANY(%s::uuid[])", (ids,))
             return {row[0] for row in await cur.fetchall()}
 
+    def _unrecorded(self, b: batches.Batch) -> list[str]:
+        """The ids of the lines a look may have queued without recording it (it crashed before its commit)."""
+        return [batches.message_id(b.id, i) for i in range(b.fed, min(b.total, b.fed + FEED_MAX))]
+
     async def _cancel(self, conn: Any, b: batches.Batch) -> None:
         """Cancel what it queued and has not reached a backend; what has ends as it does."""
-        for start in range(0, b.fed, CANCEL_AT_ONCE):
-            ids = [batches.message_id(b.id, i) for i in range(start, min(b.fed, start + CANCEL_AT_ONCE))]
-            await asyncio.gather(*(self.submitter.cancel(mid) for mid in ids))
-        await conn.execute("UPDATE batches SET status = 'finalizing', finalizing_at = now() WHERE id = %s", (b.id,))
+        ids = [batches.message_id(b.id, i) for i in range(b.fed)] + self._unrecorded(b)
+        for start in range(0, len(ids), CANCEL_AT_ONCE):
+            await asyncio.gather(*(self.submitter.cancel(mid) for mid in ids[start : start + CANCEL_AT_ONCE]))
+        await conn.execute("UPDATE batches SET cancel_pass = true WHERE id = %s", (b.id,))
         log.info("batch %s cancelled after %d of %d lines fed", b.id, b.fed, b.total)
+        self.wake.set()
 
     async def _finalize(self, conn: Any, b: batches.Batch) -> None:
+        """Once every message of the batch has ended and has its row: write its files and end it."""
         completed, failed = await _counts(conn, b.id)
-        if completed + failed < b.fed:  # outcomes still on their way (running, retrying, or not archived yet)
+        unrecorded = self._unrecorded(b)
+        pipe = self.redis.pipeline(transaction=False)
+        for mid in unrecorded:
+            pipe.hget(self.keys.msg(mid), "status")
+        live = {mid for mid, status in zip(unrecorded, await pipe.execute(), strict=True) if status is not None}
+        fed_ids = [batches.message_id(b.id, i) for i in range(b.fed)]
+        archived = await self._archived(fed_ids + unrecorded)
+        if not archived.issuperset(fed_ids) or live - archived:
+            # outcomes still on their way (running, retrying, or not archived yet)
             await conn.execute(
                 "UPDATE batches SET completed = %s, failed = %s WHERE id = %s", (completed, failed, b.id)
             )
             return
         final = "cancelled" if b.cancelling_at else "expired" if b.expired_at else "completed"
+        ran = archived.intersection(unrecorded)
         output_id = await self._write(b, "output") if completed else None
-        error_id = await self._write(b, "error", unfed=final) if completed < b.total else None
+        error_id = await self._write(b, "error", unfed=final, ran=ran) if completed < b.total else None
         await conn.execute(
             f"UPDATE batches SET status = %s, {final}_at = coalesce({final}_at, now()), completed = %s, failed = %s,"
             " output_file_id = %s, error_file_id = %s WHERE id = %s",
@@ -287,19 +338,20 @@ class BatchStage(Stage):
         delivery = webhooks.event("batch", b.id, f"batch.{status}", data, url)
         await self.redis.xadd(self.keys.webhooks, {FIELD: webhooks.encode(delivery)})
 
-    async def _write(self, b: batches.Batch, kind: str, *, unfed: str = "") -> str:
-        """Write the batch's output (``kind`` output) or error file; its id."""
+    async def _write(self, b: batches.Batch, kind: str, *, unfed: str = "", ran: set[str] | None = None) -> str:
+        """Write the batch's output (``kind`` output) or error file; its id. Lines from ``fed`` on are
+        listed as never run (``unfed``: cancelled, expired), but those of ``ran`` (their row is there)."""
         stored = await self.files.put(
             purpose="batch_output",
             filename=f"{b.id}_{kind}.jsonl",
             tenant=b.tenant,
-            pieces=self._pieces(b, kind, unfed),
+            pieces=self._pieces(b, kind, unfed, ran or set()),
             facts=Facts,
             file_id=f"file-{b.id.removeprefix('batch_')}-{kind}",
         )
         return stored.id
 
-    async def _pieces(self, b: batches.Batch, kind: str, unfed: str) -> AsyncIterator[bytes]:
+    async def _pieces(self, b: batches.Batch, kind: str, unfed: str, ran: set[str]) -> AsyncIterator[bytes]:
         held = bytearray()
         sql = (
             "SELECT custom_id, id::text, status, response::text, error FROM messages WHERE batch_id = %s AND "
@@ -321,11 +373,12 @@ class BatchStage(Stage):
             index = b.fed
             async for line in lines_from(self.files, b.input_file_id, Position(b.feed_chunk, b.feed_offset)):
                 why = "cancelled" if unfed == "cancelled" else "reached the end of its completion window"
-                custom_id = _line.decode(line.data).custom_id
-                held += error_line(
-                    custom_id, batches.message_id(b.id, index), f"batch_{unfed}", f"the batch {why} before this ran"
-                )
+                mid = batches.message_id(b.id, index)
                 index += 1
+                if mid in ran:  # queued by a look not recorded, and ran: its row is listed above
+                    continue
+                custom_id = _line.decode(line.data).custom_id
+                held += error_line(custom_id, mid, f"batch_{unfed}", f"the batch {why} before this ran")
                 if len(held) >= CHUNK:
                     yield bytes(held)
                     held.clear()

@@ -20,10 +20,11 @@ from llmq.pipeline import batches
 from llmq.pipeline.batch_input import URLS
 from llmq.pipeline.config import Config
 from llmq.pipeline.config.durations import parse_duration
-from llmq.pipeline.filestore import PostgresFileStore
+from llmq.pipeline.filestore import PostgresFileStore, StoredFile, share_locked
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.redis import UNAVAILABLE
 from llmq.stages.ingest.http_api import (
+    NOT_STORABLE,
     ArchiveUnavailable,
     BadInput,
     check_webhook_url,
@@ -87,34 +88,47 @@ class Batches:
             raise BadInput(400, "completion_window must be a duration from 1s to 7d, e.g. 24h", "completion_window")
         owner = request.scope.get("state", {}).get("tenant")
         try:
-            found = await self.files.get(body.input_file_id)
-            if found is None or (owner is not None and found.tenant != owner):
-                raise BadInput(404, f"no such file: {body.input_file_id!r}", "input_file_id")
-            if found.purpose != "batch":
-                raise BadInput(
-                    400, f"file {found.id!r} is not a batch input (purpose {found.purpose!r})", "input_file_id"
-                )
-            if found.urls != [body.endpoint]:
-                named = ", ".join(found.urls)
-                raise BadInput(
-                    400, f"the input file's lines go to {named}; every line must go to {body.endpoint}", "endpoint"
-                )
-            async with pool.connection() as conn:
-                batch = await batches.insert(
-                    conn,
-                    endpoint=body.endpoint,
-                    input_file_id=found.id,
-                    completion_window=body.completion_window,
-                    window_s=window_s,
-                    level=self.level,
-                    tenant=tenant if tenant is not None else found.tenant,
-                    metadata=body.metadata,
-                    total=found.lines,
-                )
+            async with pool.connection() as conn, conn.transaction():
+                # the file's row share-locked until the batch is recorded: a delete waits, then sees it
+                found = await share_locked(conn, body.input_file_id)
+                batch = await self._insert(conn, body, window_s, found, owner, tenant)
+        except psycopg.DataError:
+            raise BadInput(400, NOT_STORABLE) from None
         except _UNREACHABLE:
             raise ArchiveUnavailable from None
         await self._notify(batch.id)
         return respond(batches.batch_object(batch))
+
+    async def _insert(
+        self,
+        conn: Any,
+        body: CreateBatch,
+        window_s: float,
+        found: StoredFile | None,
+        owner: str | None,
+        tenant: str | None,
+    ) -> batches.Batch:
+        """The batch recorded, once its input file is checked (BadInput naming what is wrong)."""
+        if found is None or (owner is not None and found.tenant != owner):
+            raise BadInput(404, f"no such file: {body.input_file_id!r}", "input_file_id")
+        if found.purpose != "batch":
+            why = f"file {found.id!r} is not a batch input (purpose {found.purpose!r})"
+            raise BadInput(400, why, "input_file_id")
+        if found.urls != [body.endpoint]:
+            named = ", ".join(found.urls)
+            why = f"the input file's lines go to {named}; every line must go to {body.endpoint}"
+            raise BadInput(400, why, "endpoint")
+        return await batches.insert(
+            conn,
+            endpoint=body.endpoint,
+            input_file_id=found.id,
+            completion_window=body.completion_window,
+            window_s=window_s,
+            level=self.level,
+            tenant=tenant if tenant is not None else found.tenant,
+            metadata=body.metadata,
+            total=found.lines,
+        )
 
     async def _notify(self, batch_id: str) -> None:
         """Tell the batch stage to look now; without the notice it looks within a second anyway."""
@@ -125,6 +139,8 @@ class Batches:
         pool = self._pool()
         try:
             found = await batches.get(pool, request.path_params["id"])
+        except psycopg.DataError:
+            raise BadInput(400, NOT_STORABLE) from None
         except _UNREACHABLE:
             raise ArchiveUnavailable from None
         owner = request.scope.get("state", {}).get("tenant")
@@ -141,6 +157,8 @@ class Batches:
             raise BadInput(409, f"batch {found.id} has ended ({found.status}): there is nothing to cancel", "batch_id")
         try:
             cancelling = await batches.request_cancel(self._pool(), found.id)
+        except psycopg.DataError:
+            raise BadInput(400, NOT_STORABLE) from None
         except _UNREACHABLE:
             raise ArchiveUnavailable from None
         assert cancelling is not None
@@ -159,6 +177,8 @@ class Batches:
             found = await batches.page(
                 pool, tenant=owner, every_tenant=owner is None, after=q.get("after"), limit=limit + 1
             )
+        except psycopg.DataError:
+            raise BadInput(400, NOT_STORABLE) from None
         except _UNREACHABLE:
             raise ArchiveUnavailable from None
         data: list[dict[str, Any]] = [batches.batch_object(b) for b in found[:limit]]

@@ -26,7 +26,7 @@ from llmq.pipeline import batches
 from llmq.pipeline.batch_input import BadLine, LineChecker
 from llmq.pipeline.config import Config
 from llmq.pipeline.filestore import CHUNK, Facts, FileStore, PostgresFileStore, StoredFile
-from llmq.stages.ingest.http_api import ArchiveUnavailable, BadInput, respond, tenant_of
+from llmq.stages.ingest.http_api import NOT_STORABLE, ArchiveUnavailable, BadInput, respond, tenant_of
 
 PURPOSES = ("batch",)
 FORM_OVERHEAD = 64 * 1024
@@ -119,6 +119,8 @@ class Files:
             )
         except BadLine as exc:
             raise BadInput(422, str(exc), exc.field) from None
+        except psycopg.DataError:
+            raise BadInput(400, NOT_STORABLE) from None
         except (psycopg.Error, OSError, TimeoutError):
             raise ArchiveUnavailable from None
 
@@ -127,6 +129,8 @@ class Files:
         store = self._files()
         try:
             found = await store.get(request.path_params["id"])
+        except psycopg.DataError:
+            raise BadInput(400, NOT_STORABLE) from None
         except (psycopg.Error, OSError, TimeoutError):
             raise ArchiveUnavailable from None
         owner = request.scope.get("state", {}).get("tenant")
@@ -139,14 +143,19 @@ class Files:
 
     async def content(self, request: Request) -> Response:
         found = await self._visible(request)
-        return StreamingResponse(self._files().read(found), media_type="application/jsonl")
+        # its length declared: a download cut short (the file deleted meanwhile) is seen as cut, not as whole
+        headers = {"Content-Length": str(found.bytes)}
+        return StreamingResponse(self._files().read(found), media_type="application/jsonl", headers=headers)
 
     async def delete(self, request: Request) -> Response:
         found = await self._visible(request)
         try:
-            if self.pool is not None and await batches.uses_file(self.pool, found.id):
-                raise BadInput(409, f"file {found.id} is the input of a batch still running", "file_id")
-            await self._files().delete(found.id)
+            if self.pool is not None:
+                await _delete_unless_used(self.pool, found.id)
+            else:
+                await self._files().delete(found.id)
+        except psycopg.DataError:
+            raise BadInput(400, NOT_STORABLE) from None
         except (psycopg.Error, OSError, TimeoutError):
             raise ArchiveUnavailable from None
         return respond({"id": found.id, "object": "file", "deleted": True})
@@ -171,6 +180,8 @@ class Files:
                 limit=limit + 1,
                 newest_first=order == "desc",
             )
+        except psycopg.DataError:
+            raise BadInput(400, NOT_STORABLE) from None
         except (psycopg.Error, OSError, TimeoutError):
             raise ArchiveUnavailable from None
         page = [file_object(f) for f in found[:limit]]
@@ -183,6 +194,16 @@ class Files:
                 "has_more": len(found) > limit,
             }
         )
+
+
+async def _delete_unless_used(pool: AsyncConnectionPool, file_id: str) -> None:
+    """Delete the file unless an open batch reads it (409): its row locked first, so a batch being created of
+    it (which share-locks it) is either recorded before (and seen here) or finds it gone."""
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM files WHERE id = %s FOR UPDATE", (file_id,))
+        if await batches.uses_file(conn, file_id):
+            raise BadInput(409, f"file {file_id} is the input of a batch still running", "file_id")
+        await conn.execute("DELETE FROM files WHERE id = %s", (file_id,))
 
 
 def _capped(receive: Receive, limit: int) -> Receive:

@@ -78,6 +78,10 @@ def _openai_reject(
 _OPENAI_KINDS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 503: "api_error"}
 
 
+NOT_STORABLE = "the request holds a value PostgreSQL cannot store (a NUL character, say)"
+"""A 400 for what PostgreSQL refuses as data, never a 503 that a client would retry for ever."""
+
+
 class ArchiveUnavailable(Exception):
     """PostgreSQL could not be asked (a message whose Redis status has expired): 503, not "no such message"."""
 
