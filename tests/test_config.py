@@ -466,5 +466,5 @@ def test_webhook_endpoints_name_their_secret_by_variable_and_tenants_stay_within
     problems = "\n".join(info.value.problems)
     assert "webhooks.endpoints[0].url: must be an http(s) URL" in problems
     assert "webhooks.endpoints[0].secret_env: must be the name of the environment variable" in problems
-    assert "tenants[0].webhook_url: starts with none of webhooks.endpoints[].url" in problems
+    assert "tenants[0].webhook_url: is under none of webhooks.endpoints[].url open to it" in problems
     assert "c2VjcmV0" not in problems  # (a secret given by mistake is never shown)

@@ -4,6 +4,7 @@ limit and replayable, and never sent to an address outside the allow-list."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -18,8 +19,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from llmq.pipeline import webhooks
+from llmq.pipeline.config.urls import within
 from llmq.pipeline.keys import Keys
+from llmq.pipeline.models import FIELD
 from llmq.pipeline.runtime.ops_server import OpsServer
+from llmq.stages.archive.cleanup import Cleanup
 from llmq.stages.mock_backend import MockSettings
 from tests.conftest import eventually
 from tests.support.harness import CHAT, Harness
@@ -173,3 +178,116 @@ async def test_a_batch_announces_its_end(redis: aioredis.Redis, keys: Keys, data
     # (its lines send no event of their own)
     assert len(receiver.received) == 1
     assert json.loads(receiver.received[0][1])["data"]["output_file_id"]
+
+
+@pytest.mark.parametrize(
+    ("prefix", "url", "inside"),
+    [
+        ("https://hooks.example.com/llmq/", "https://hooks.example.com/llmq/a", True),
+        ("https://hooks.example.com/llmq/", "https://HOOKS.example.com:443/llmq/a", True),
+        ("https://hooks.example.com", "https://hooks.example.com/", True),
+        ("https://hooks.example.com/hooks", "https://hooks.example.com/hooks/a", True),
+        ("https://hooks.example.com/hooks", "https://hooks.example.com/hooksx", False),
+        ("https://hooks.example.com", "https://hooks.example.com@evil.test/", False),
+        ("https://hooks.example.com", "https://hooks.example.com:x@169.254.169.254/", False),
+        ("https://hooks.example.com", "https://hooks.example.com.evil.test/", False),
+        ("http://10.0.0.1", "http://10.0.0.10/", False),
+        ("http://127.0.0.1:80", "http://127.0.0.1:8000/", False),
+        ("https://hooks.example.com/llmq/", "https://hooks.example.com/llmq/../admin/reset", False),
+        ("https://hooks.example.com/llmq/", "https://hooks.example.com/llmq/%2e%2e/admin", False),
+        ("https://hooks.example.com/llmq/", "https://hooks.example.com/llmq/\\..\\admin", False),
+        ("https://hooks.example.com/llmq/", "http://hooks.example.com/llmq/a", False),
+        ("https://hooks.example.com/llmq/", "https://hooks.example.com/llmq/a b", False),
+    ],
+)
+def test_a_url_is_under_an_allowed_prefix_by_its_parts_not_its_text(prefix: str, url: str, inside: bool) -> None:
+    # (text comparison let each of the False ones pass, and the HTTP client then called another host or path)
+    assert within(prefix, url) is inside
+
+
+async def test_endpoints_are_named_to_nobody_and_bound_to_their_tenants(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    env = {
+        "LLMQ_WEBHOOKS__ENDPOINTS": (
+            '[{url: "https://hooks.acme.test/", secret_env: LLMQ_TEST_WEBHOOK_SECRET, tenants: [acme]},'
+            ' {url: "https://hooks.globex.test/?token=s3cr3t", secret_env: LLMQ_TEST_WEBHOOK_SECRET,'
+            " tenants: [globex]}]"
+        )
+    }
+    async with Harness(redis, keys, backends={"a": MockSettings()}, env=env, database_url=database_url) as h:
+        body = {"request": CHAT, "tenant": "acme", "metadata": {"webhook_url": "https://hooks.globex.test/orders"}}
+        refused = await h.http.post("/api/v1/messages", json=body)
+        # acme cannot have its events signed with globex's secret, and the error names no endpoint
+        assert refused.status_code == 422 and "s3cr3t" not in refused.text and "globex" not in refused.text
+        body["metadata"] = {"webhook_url": "https://hooks.acme.test/orders"}
+        assert (await h.http.post("/api/v1/messages", json=body)).status_code == 202
+
+
+async def test_a_hanging_receiver_holds_only_its_own_deliveries(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    hanging = asyncio.Event()
+    seen: list[str] = []
+
+    async def hang(request: Request) -> Response:
+        seen.append("hang")
+        await hanging.wait()
+        return Response(status_code=200)
+
+    server = OpsServer(Starlette(routes=[Route("/hang", hang, methods=["POST"])]), host="127.0.0.1", port=0)
+    server.start()
+    try:
+        async with receiving([]) as (receiver, base):
+            env = hooks_env(base) | {
+                "LLMQ_WEBHOOKS__ENDPOINTS": f'[{{url: "{base}", secret_env: LLMQ_TEST_WEBHOOK_SECRET}},'
+                f' {{url: "http://127.0.0.1:{server.port}/hang", secret_env: LLMQ_TEST_WEBHOOK_SECRET}}]',
+                "LLMQ_WEBHOOKS__TIMEOUT": "20s",
+                "LLMQ_QUEUE__WORKER__MAX_BATCH_SIZE": "8",
+            }
+            async with Harness(redis, keys, backends={"a": MockSettings()}, env=env, database_url=database_url):
+                # Given 8 deliveries to a receiver that hangs (a batch's worth)
+                for i in range(8):
+                    d = webhooks.event(
+                        "message", f"m{i}", "message.completed", {}, f"http://127.0.0.1:{server.port}/hang"
+                    )
+                    await redis.xadd(keys.webhooks, {FIELD: webhooks.encode(d)})
+                await eventually(lambda: _has(lambda: seen, 8), within=10, what="the 8 hanging deliveries")
+                # When one more goes to a healthy receiver, then it is delivered while they hang
+                d = webhooks.event("message", "ok", "message.completed", {}, base + "ok")
+                await redis.xadd(keys.webhooks, {FIELD: webhooks.encode(d)})
+                await eventually(lambda: _has(receiver.verified, 1), within=5, what="the healthy delivery")
+                hanging.set()
+    finally:
+        hanging.set()
+        await server.stop()
+
+
+async def test_delivered_events_leave_redis_and_an_unreadable_letter_does_not_block_replays(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    async with (
+        receiving([]) as (receiver, base),
+        Harness(
+            redis, keys, backends={"a": MockSettings(latency_ms=5)}, env=hooks_env(base), database_url=database_url
+        ) as h,
+    ):
+        mid = await h.submit(metadata={"webhook_url": base + "x"})
+        await h.wait_terminal([mid])
+        await eventually(lambda: _has(receiver.verified, 1), within=15, what="the event delivered")
+        await _idle(h, keys)
+        # Then the cleanup trims the webhooks stream as it trims the others
+        await Cleanup(config=h.config, redis=redis, keys=keys).cleanup()
+        assert await redis.xlen(keys.webhooks) == 0
+        # and a webhook dead letter that holds no delivery is refused a replay (422), never a 500
+        await redis.xadd(keys.dlq, {FIELD: b"\x07", "reason": "poison", "stream": keys.webhooks})
+        letter = (await h.http.get("/api/v1/dlq")).json()[0]
+        replayed = await h.http.post(f"/api/v1/dlq/{letter['entry_id']}/replay")
+        assert replayed.status_code == 422 and "holds no webhook delivery" in replayed.json()["error"]
+
+
+def test_a_message_that_ends_again_is_a_new_event_and_a_redelivery_the_same() -> None:
+    first = webhooks.event("message", "m1", "message.failed", {"error": "a"}, "https://h/", end="1.0")
+    again = webhooks.event("message", "m1", "message.failed", {"error": "a"}, "https://h/", end="1.0")
+    replayed = webhooks.event("message", "m1", "message.failed", {"error": "b"}, "https://h/", end="2.0")
+    assert first.id == again.id != replayed.id

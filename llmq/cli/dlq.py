@@ -14,7 +14,7 @@ import typer
 from llmq.cli.common import ConfigOption, load_beside_up, on_redis
 from llmq.cli.exit_codes import ExitCode
 from llmq.pipeline.config.durations import parse_duration
-from llmq.pipeline.dlq import DeadLetter, DeadLetters
+from llmq.pipeline.dlq import DeadLetter, DeadLetters, NotReplayable
 
 dlq_app = typer.Typer(help="Inspect, replay and purge dead letters.", no_args_is_help=True)
 
@@ -92,7 +92,12 @@ def replay(
         targets = [x for x in [await d.find(ident)] if x] if ident else await d.list(limit=1_000_000)
         replayed = 0
         for dl in targets:
-            replayed += await d.replay(dl, level=level)
+            try:
+                replayed += await d.replay(dl, level=level)
+            except NotReplayable as exc:
+                if ident:
+                    raise
+                typer.echo(f"skipped: {exc}", err=True)  # (--all goes on past it)
         return replayed, len(targets)
 
     try:

@@ -38,6 +38,10 @@ message id is empty."""
 _ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}", re.ASCII)
 
 
+class NotReplayable(ValueError):
+    """A dead letter that holds nothing to put back (what it holds cannot be read)."""
+
+
 def dead_letter(
     keys: Keys,
     *,
@@ -195,7 +199,10 @@ class DeadLetters:
             args += [streamed, counted]
         elif dl.source == self.keys.webhooks:
             # a webhook delivery that failed its attempts: delivered again, its attempts counted from 0
-            payload = webhooks.encode(msgspec.structs.replace(webhooks.decode(dl.payload), attempts=0))
+            try:
+                payload = webhooks.encode(msgspec.structs.replace(webhooks.decode(dl.payload), attempts=0))
+            except msgspec.DecodeError:
+                raise NotReplayable(f"dead letter {dl.entry_id} holds no webhook delivery: purge it") from None
             keys = [self.keys.dlq, self.keys.webhooks, self.keys.dlq, self.keys.dlq_index, self.keys.dlq, self.keys.dlq]
             args = [dl.entry_id, payload, "", now, "", "", ""]
         else:

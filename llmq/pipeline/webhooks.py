@@ -69,12 +69,14 @@ def url_of(config: Config, metadata: dict[str, Any] | None, tenant: str | None) 
     url = named if isinstance(named, str) else None
     if url is None and tenant is not None:
         url = getattr(config.tenant(tenant), "webhook_url", None)  # a listed tenant's (TenantConfig)
-    return url if url is not None and config.webhooks.endpoint(url) is not None else None
+    return url if url is not None and config.webhooks.endpoint(url, tenant) is not None else None
 
 
-def event(kind: str, subject: str, event_type: str, data: dict[str, Any], url: str) -> Delivery:
-    """The delivery of ``event_type`` about ``subject`` (a message or batch id) to ``url``."""
-    event_id = "evt_" + uuid.uuid5(_IDS, f"{kind}:{subject}:{event_type}:{url}").hex
+def event(kind: str, subject: str, event_type: str, data: dict[str, Any], url: str, *, end: str = "") -> Delivery:
+    """The delivery of ``event_type`` about ``subject`` (a message or batch id) to ``url``; ``end`` tells one
+    end of the subject from another (a message replayed from the dead letters ends again: a new event, not a
+    repeat a receiver would drop)."""
+    event_id = "evt_" + uuid.uuid5(_IDS, f"{kind}:{subject}:{event_type}:{url}:{end}").hex
     at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return Delivery(id=event_id, url=url, body=_json.encode({"type": event_type, "timestamp": at, "data": data}))
 
@@ -91,7 +93,7 @@ def message_event(outcome: Outcome, url: str) -> Delivery:
         "error": outcome.error,
         "finished_at": outcome.finished_at,
     }
-    return event("message", msg.id, MESSAGE_EVENTS[outcome.status], data, url)
+    return event("message", msg.id, MESSAGE_EVENTS[outcome.status], data, url, end=repr(outcome.finished_at))
 
 
 def sign(secret: str, event_id: str, timestamp: int, body: bytes) -> str:

@@ -23,6 +23,7 @@ from prometheus_client import Counter
 from llmq.pipeline import background, webhooks
 from llmq.pipeline.backoff import retry_delay
 from llmq.pipeline.config import Config
+from llmq.pipeline.config.urls import within
 from llmq.pipeline.dlq import dead_letter
 from llmq.pipeline.keys import Group, Keys
 from llmq.pipeline.lua import Lua
@@ -36,6 +37,10 @@ log = logging.getLogger("llmq.webhooks")
 
 DELIVERED = Counter("llmq_webhooks_total", "Webhook deliveries, by outcome", ["outcome"])
 MOVE_EVERY_S = 0.25
+IN_HAND = 256
+"""Deliveries in progress at once: a receiver that hangs until the timeout holds its own, not the others'."""
+REPLY_READ_MAX = 64 * 1024
+"""What is read of a receiver's answer (its status is what counts): a huge body is not held in memory."""
 
 
 class WebhookSender(Stage):
@@ -46,6 +51,7 @@ class WebhookSender(Stage):
         self.redis = redis
         self.keys = keys
         self.hooks = config.webhooks
+        self.max_in_hand = IN_HAND
         self._move = Lua(redis, "webhook_due")
         self._session: aiohttp.ClientSession | None = None
         self._timer: asyncio.Task[None] | None = None
@@ -68,7 +74,7 @@ class WebhookSender(Stage):
         except Exception as exc:  # a boundary: what cannot be read is kept, never retried
             batch.ack(entry, self._dead(entry.data, None, f"not a webhook delivery: {exc}"))
             return
-        endpoint = self.hooks.endpoint(delivery.url)
+        endpoint = next((e for e in self.hooks.endpoints if within(e.url, delivery.url)), None)
         secret = os.environ.get(endpoint.secret_env, "").strip() if endpoint is not None else ""
         if endpoint is None or not secret:
             why = "its URL is under no webhooks.endpoints" if endpoint is None else f"${endpoint.secret_env} is unset"
@@ -80,7 +86,7 @@ class WebhookSender(Stage):
             async with self._session.post(
                 delivery.url, data=delivery.body, headers=headers, allow_redirects=False
             ) as reply:
-                await reply.read()
+                await reply.content.read(REPLY_READ_MAX)
                 ok, why = 200 <= reply.status < 300, f"answered {reply.status}"
         except ValueError as exc:  # the secret is no base64
             batch.ack(entry, self._dead(entry.data, delivery, f"webhook to {delivery.url}: bad secret: {exc}"))

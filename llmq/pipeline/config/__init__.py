@@ -21,6 +21,7 @@ import yaml
 from llmq.pipeline.config.check import check
 from llmq.pipeline.config.durations import parse_duration
 from llmq.pipeline.config.rules import SECRET_FIELDS, config_warnings, holds_secret, semantic_problems
+from llmq.pipeline.config.urls import within
 from llmq.pipeline.errors import ConfigError
 
 
@@ -394,6 +395,9 @@ class WebhookEndpoint(_Section, frozen=True):
     secret_env: str = ""
     """Required: the environment variable holding this endpoint's signing secret (``whsec_`` and base64, as
     the Standard Webhooks libraries make it), never the secret itself."""
+    tenants: list[str] = msgspec.field(default_factory=list)
+    """The tenants whose messages and batches may name it (their events are signed with its secret, which its
+    receiver trusts); empty: any tenant's, and requests of no tenant."""
 
 
 class WebhooksConfig(_Section, frozen=True):
@@ -408,9 +412,10 @@ class WebhooksConfig(_Section, frozen=True):
     timeout: Duration = Duration("10s")
     """Longest a delivery may take; past it, it is retried."""
 
-    def endpoint(self, url: str) -> WebhookEndpoint | None:
-        """The allowed endpoint ``url`` falls under, if any."""
-        return next((e for e in self.endpoints if e.url and url.startswith(e.url)), None)
+    def endpoint(self, url: str, tenant: str | None = None) -> WebhookEndpoint | None:
+        """The allowed endpoint ``url`` falls under for ``tenant`` (``llmq.pipeline.config.urls.within``), if
+        any."""
+        return next((e for e in self.endpoints if within(e.url, url) and (not e.tenants or tenant in e.tenants)), None)
 
 
 class Config(_Section, frozen=True, dict=True):

@@ -242,8 +242,8 @@ def semantic_problems(config: Config) -> list[str]:
                 "signing secret (letters, digits, '_'), never the secret itself"
             )
     for i, tenant in enumerate(config.tenants):
-        if tenant.webhook_url is not None and config.webhooks.endpoint(tenant.webhook_url) is None:
-            problems.append(f"tenants[{i}].webhook_url: starts with none of webhooks.endpoints[].url")
+        if tenant.webhook_url is not None and config.webhooks.endpoint(tenant.webhook_url, tenant.name) is None:
+            problems.append(f"tenants[{i}].webhook_url: is under none of webhooks.endpoints[].url open to it")
     if config.batches.level is not None and q.level(config.batches.level) is None:
         problems.append(
             f"batches.level: {config.batches.level!r} is no level of queue.levels "

@@ -96,7 +96,7 @@ class Cleanup:
     async def cleanup(self) -> dict[str, int]:
         """Trim every stream of the pipeline below what all its groups acked (the DLQ has bounds of its own)."""
         streams = [self.keys.level(lv.name) for lv in self.config.queue.levels]
-        streams += [self.keys.dispatch, self.keys.retry, self.keys.done]
+        streams += [self.keys.dispatch, self.keys.retry, self.keys.done, self.keys.webhooks]
         trimmed = {}
         for stream in streams:
             n = await trim_acked(self.redis, stream)

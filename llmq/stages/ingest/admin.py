@@ -15,7 +15,7 @@ from starlette.responses import HTMLResponse, Response
 
 from llmq.pipeline.config import Config
 from llmq.pipeline.config.durations import parse_duration
-from llmq.pipeline.dlq import DeadLetters
+from llmq.pipeline.dlq import DeadLetters, NotReplayable
 from llmq.pipeline.keys import Keys
 from llmq.pipeline.level_status import level_status
 from llmq.pipeline.redis import CONNECTION_ERRORS, UNAVAILABLE
@@ -91,7 +91,10 @@ class Admin:
         level = request.query_params.get("level")
         if level is not None and level not in self.levels:
             raise BadInput(422, f"unknown level {level!r}; valid levels: {', '.join(self.levels)}", "level")
-        replayed = await self.dead.replay(dl, level=level)
+        try:
+            replayed = await self.dead.replay(dl, level=level)
+        except NotReplayable as exc:
+            raise BadInput(422, str(exc)) from None
         if not replayed:
             raise BadInput(409, "already replayed")
         return respond({"replayed": dl.entry_id, "message_id": dl.message_id})

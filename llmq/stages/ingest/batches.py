@@ -77,7 +77,7 @@ class Batches:
         assert self.files is not None
         tenant = tenant_of(request, request.headers.get("x-llmq-tenant"), "X-LLMQ-Tenant")
         body = decode_json(_create, await read_body(request, limit=self.max_body))
-        check_webhook_url(self.config, body.metadata, "metadata.webhook_url")
+
         if body.endpoint not in URLS:
             raise BadInput(400, f"endpoint must be one of {', '.join(URLS)}", "endpoint")
         try:
@@ -87,6 +87,7 @@ class Batches:
         if not WINDOW_MIN_S <= window_s <= WINDOW_MAX_S:
             raise BadInput(400, "completion_window must be a duration from 1s to 7d, e.g. 24h", "completion_window")
         owner = request.scope.get("state", {}).get("tenant")
+        check_webhook_url(self.config, body.metadata, tenant, "metadata.webhook_url")
         try:
             async with pool.connection() as conn, conn.transaction():
                 # the file's row share-locked until the batch is recorded: a delete waits, then sees it

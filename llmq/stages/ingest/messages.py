@@ -116,13 +116,14 @@ class Messages:
                 raise BadInput(422, "each chat message must be an object", f"{where}request.messages[{i}]")
         if not isinstance(sub.request.get("stream", False), bool):
             raise BadInput(422, "request.stream must be true or false", f"{where}request.stream")
-        check_webhook_url(self.config, sub.metadata, f"{where}metadata.webhook_url")
+        tenant = tenant_of(request, sub.tenant, f"{where}tenant")
+        check_webhook_url(self.config, sub.metadata, tenant, f"{where}metadata.webhook_url")
         msg = new_message(
             message_id=new_id(),
             level=sub.level,
             request=sub.request,
             session_id=sub.session_id,
-            tenant=tenant_of(request, sub.tenant, f"{where}tenant"),
+            tenant=tenant,
             idempotency_key=sub.idempotency_key,
             deadline_ms=sub.deadline_ms,
             metadata=sub.metadata,
