@@ -369,3 +369,24 @@ async def _outcome(call: Any) -> int:
     except openai.APIStatusError as exc:
         return exc.status_code
     return 200
+
+
+async def test_a_batch_that_cannot_move_on_holds_up_no_other(
+    redis: aioredis.Redis, keys: Keys, database_url: str
+) -> None:
+    async with pipeline(redis, keys, database_url, MockSettings(latency_ms=5)) as (_, client):
+        # Given a batch whose stored input was damaged after its upload (a line no longer JSON), created first
+        damaged = await client.files.create(file=("a.jsonl", requests(5)), purpose="batch")
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await conn.execute("UPDATE file_chunks SET data = %s WHERE file_id = %s", (b"{not json\n" * 5, damaged.id))
+        stuck = await client.batches.create(
+            input_file_id=damaged.id, endpoint="/v1/chat/completions", completion_window="1h"
+        )
+        # When another batch is created after it
+        healthy = await client.files.create(file=("b.jsonl", requests(5)), purpose="batch")
+        other = await client.batches.create(
+            input_file_id=healthy.id, endpoint="/v1/chat/completions", completion_window="1h"
+        )
+        # Then the other completes, while the damaged one stays where it is (its error logged each look)
+        assert (await ended(client, other.id, within=30)).status == "completed"
+        assert (await client.batches.retrieve(stuck.id)).status == "in_progress"

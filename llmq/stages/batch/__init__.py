@@ -95,7 +95,6 @@ class BatchStage(Stage):
 
     async def start(self) -> None:
         await self.pool.open(wait=False)
-        await migrate(self.conninfo)
         self._loop = asyncio.create_task(self._run(), name="batches")
 
     async def close(self) -> None:
@@ -109,16 +108,20 @@ class BatchStage(Stage):
         self.wake.set()
 
     async def _run(self) -> None:
+        migrated = False
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), FEEDING_TICK_S if self._feeding else TICK_S)
-            self.wake.clear()
             try:
+                if not migrated:  # (PostgreSQL down at start: tried again each tick, as the archive does)
+                    await migrate(self.conninfo)
+                    migrated = True
                 await self.look()
             except _UNREACHABLE as exc:
                 log.warning("batches paused: %s", exc)
             except Exception:  # a loop boundary: batches must go on being run
                 log.error("running the batches failed", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), FEEDING_TICK_S if self._feeding else TICK_S)
+            self.wake.clear()
 
     async def look(self) -> None:
         """Move every open batch on by one step."""
@@ -134,7 +137,12 @@ class BatchStage(Stage):
             return
         room = {lv.level: self.feed_depth - lv.depth for lv in await level_status(self.redis, self.keys, self.config)}
         for batch_id, _ in open_now:
-            await self.step(batch_id, room)
+            try:
+                await self.step(batch_id, room)
+            except _UNREACHABLE:
+                raise
+            except Exception:  # a boundary per batch: one that cannot move on holds up no other
+                log.error("batch %s could not move on", batch_id, exc_info=True)
 
     async def step(self, batch_id: str, room: dict[str, int]) -> None:
         async with self.pool.connection() as conn, conn.transaction():
