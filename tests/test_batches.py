@@ -33,6 +33,18 @@ ENDED = ("completed", "failed", "expired", "cancelled")
 
 
 @contextlib.asynccontextmanager
+async def _api(h: Harness, redis: aioredis.Redis, keys: Keys) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The ingest API of ``h``'s config on a real port (as `llmq-stage run ingest`), with its PostgreSQL pool."""
+    pool = make_pool(h.config.database.postgres)  # type: ignore[arg-type]
+    server = OpsServer(create_app(h.config, redis=redis, keys=keys, pool=pool), host="127.0.0.1", port=0, lifespan=True)
+    server.start()
+    try:
+        yield openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="-", max_retries=0)
+    finally:
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
 async def pipeline(
     redis: aioredis.Redis,
     keys: Keys,
@@ -44,18 +56,14 @@ async def pipeline(
     """Every stage, the batch stage with them, and the ingest API on a real port with its PostgreSQL pool."""
     stages = ("schedule", "dispatch", "retry", "batch")
     config = {"a": {"max_concurrent": max_concurrent}}
-    async with Harness(
-        redis, keys, backends={"a": backend}, env=env, database_url=database_url, stages=stages, backend_config=config
-    ) as h:
-        pool = make_pool(h.config.database.postgres)  # type: ignore[arg-type]
-        server = OpsServer(
-            create_app(h.config, redis=redis, keys=keys, pool=pool), host="127.0.0.1", port=0, lifespan=True
-        )
-        server.start()
-        try:
-            yield h, openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="-", max_retries=0)
-        finally:
-            await server.stop()
+    async with (
+        Harness(
+            redis, keys, backends={"a": backend}, env=env, database_url=database_url, stages=stages,
+            backend_config=config,
+        ) as h,
+        _api(h, redis, keys) as client,
+    ):  # fmt: skip
+        yield h, client
 
 
 def requests(n: int, url: str = "/v1/chat/completions") -> bytes:
@@ -314,17 +322,6 @@ async def test_lines_queued_by_a_look_that_was_not_recorded_are_cancelled_or_kep
     assert set(seen) == {"cancelling"} and now.status == "cancelled"
     assert sorted(line["custom_id"] for line in out) == sorted(f"req-{i}" for i in range(10)) and errors == []
     assert now.request_counts is not None and now.request_counts.completed == 10
-
-
-@contextlib.asynccontextmanager
-async def _api(h: Harness, redis: aioredis.Redis, keys: Keys) -> AsyncIterator[openai.AsyncOpenAI]:
-    pool = make_pool(h.config.database.postgres)  # type: ignore[arg-type]
-    server = OpsServer(create_app(h.config, redis=redis, keys=keys, pool=pool), host="127.0.0.1", port=0, lifespan=True)
-    server.start()
-    try:
-        yield openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="-", max_retries=0)
-    finally:
-        await server.stop()
 
 
 async def test_a_file_deleted_while_a_batch_of_it_is_created_leaves_no_batch_without_its_file(

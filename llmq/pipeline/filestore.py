@@ -77,8 +77,6 @@ class FileStore(Protocol):
         newest_first: bool,
     ) -> list[StoredFile]: ...
 
-    async def delete(self, file_id: str) -> bool: ...
-
 
 def new_file_id() -> str:
     return "file-" + os.urandom(12).hex()
@@ -182,11 +180,6 @@ class PostgresFileStore:
         async with self.pool.connection() as conn:
             cur = await conn.execute(sql.encode(), (*args, limit))
             return [_file(row) for row in await cur.fetchall()]
-
-    async def delete(self, file_id: str) -> bool:
-        async with self.pool.connection() as conn:
-            cur = await conn.execute("DELETE FROM files WHERE id = %s", (file_id,))
-            return cur.rowcount > 0
 
 
 async def share_locked(conn: Any, file_id: str) -> StoredFile | None:

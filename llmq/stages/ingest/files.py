@@ -58,10 +58,10 @@ class _TooLarge(Exception):
 
 
 class Files:
-    def __init__(self, config: Config, *, pool: AsyncConnectionPool | None, store: FileStore | None = None) -> None:
+    def __init__(self, config: Config, *, pool: AsyncConnectionPool | None) -> None:
         self.config = config
         self.pool = pool
-        self.store = store or (PostgresFileStore(pool) if pool is not None else None)
+        self.store = PostgresFileStore(pool) if pool is not None else None
         self.max_bytes = config.batches.max_file_bytes
         self.max_lines = config.batches.max_lines
         self.max_line_bytes = config.server.max_body_bytes
@@ -150,10 +150,8 @@ class Files:
     async def delete(self, request: Request) -> Response:
         found = await self._visible(request)
         try:
-            if self.pool is not None:
-                await _delete_unless_used(self.pool, found.id)
-            else:
-                await self._files().delete(found.id)
+            assert self.pool is not None  # (_visible answered 503 without one)
+            await _delete_unless_used(self.pool, found.id)
         except psycopg.DataError:
             raise BadInput(400, NOT_STORABLE) from None
         except (psycopg.Error, OSError, TimeoutError):
